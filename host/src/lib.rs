@@ -1,0 +1,20 @@
+//! Warren: a RabbitMQ consumer host with a durable outage spool and
+//! sandboxed WebAssembly handler plugins.
+//!
+//! One process owns resilient AMQP connections, a Redis Sentinel–backed
+//! spool that keeps outputs safe while the broker is down, and plugins that
+//! are instantiated afresh for every delivery. See `DESIGN.md` and
+//! `ARCHITECTURE.md` at the repository root.
+//!
+//! # Layout
+//! - [`message`]: the outbound message type shared by every subsystem (leaf).
+//! - [`plugins`]: the wasmtime engine, plugin loading, limits, host imports,
+//!   and per-delivery invocation.
+//! - [`amqp`]: connection supervisor, topology registry, consumers,
+//!   confirmed publisher.
+//! - [`buffer`]: Sentinel discovery, the Redis Stream spool and its drainer.
+
+pub mod amqp;
+pub mod buffer;
+pub mod message;
+pub mod plugins;
