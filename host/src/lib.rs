@@ -13,8 +13,12 @@
 //! - [`amqp`]: connection supervisor, topology registry, consumers,
 //!   confirmed publisher.
 //! - [`buffer`]: Sentinel discovery, the Redis Stream spool and its drainer.
+//! - [`cli`]: the offline commands `warren check` and `warren invoke`.
+//! - [`telemetry`]: logging setup (leaf).
 
 pub mod amqp;
 pub mod buffer;
+pub mod cli;
 pub mod message;
 pub mod plugins;
+pub mod telemetry;

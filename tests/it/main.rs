@@ -1,1 +1,7 @@
-fn main(){}
+//! Warren's integration tests: one binary, a module per area, real
+//! services only (see `warren_it` for the harness).
+
+// Test code: failing loudly is the point.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod plugins;

@@ -1,1 +1,27 @@
-//! The plugin runtime.
+//! The plugin runtime: one wasmtime engine, plugins loaded once and
+//! instantiated afresh for every delivery, with memory limits, deadlines and
+//! concurrency permits.
+//!
+//! Knows nothing of AMQP or the spool: a [`Delivery`] goes in, an
+//! [`Outcome`] (with the collected outputs) comes out. `dispatch` decides
+//! what an outcome means for the broker.
+//!
+//! - `bindings`: the one `bindgen!` of the host.
+//! - [`runtime`]: engine, linker, epoch ticker.
+//! - [`plugin`]: loading and invoking one plugin.
+//! - `instance`: one invocation's store and the `host` imports.
+//! - [`manifest`], [`limits`], [`outcome`]: plain data and validation.
+
+mod bindings;
+mod instance;
+pub mod limits;
+pub mod manifest;
+pub mod outcome;
+pub mod plugin;
+pub mod runtime;
+
+pub use limits::{Limits, LimitsOverride};
+pub use manifest::Manifest;
+pub use outcome::{LoadError, Outcome, TrapKind};
+pub use plugin::{Delivery, Plugin, PluginSettings};
+pub use runtime::{PluginRuntime, RuntimeConfig, RuntimeError};

@@ -1,0 +1,296 @@
+//! One invocation: a fresh `Store` with limits and a deadline, the call,
+//! and the drop. Also the host side of the `host` interface.
+//!
+//! Owns the per-invocation state (outputs collected from `publish`, the
+//! captured stderr, the memory limiter). Nothing here outlives one call.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use wasmtime::component::ResourceTable;
+use wasmtime::{ResourceLimiter, Store, Trap, UpdateDeadline};
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use super::bindings as wit;
+use super::limits::Limits;
+use super::outcome::TrapKind;
+use super::runtime::RuntimeInner;
+use crate::message::{HeaderValue, MessageProperties, OutboundMessage};
+
+/// How much of a guest's stderr is kept per invocation (panic messages).
+const STDERR_CAPACITY: usize = 64 << 10;
+/// How much of it goes into a trap message.
+const STDERR_IN_MESSAGE: usize = 1024;
+/// Largest table a guest may grow.
+const MAX_TABLE_ELEMENTS: usize = 100_000;
+
+/// Who is running, for log fields.
+#[derive(Debug)]
+pub(crate) struct Ident {
+    pub(crate) name: String,
+    pub(crate) version: String,
+}
+
+/// Store data of one invocation.
+pub(crate) struct State {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limiter: MemoryLimiter,
+    ident: Arc<Ident>,
+    config: Arc<BTreeMap<String, String>>,
+    outputs: Vec<OutboundMessage>,
+    output_bytes: usize,
+    max_outputs: usize,
+    max_output_bytes: usize,
+    deadline: Instant,
+    deadline_limit: std::time::Duration,
+}
+
+impl WasiView for State {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// Fails memory growth past the plugin's limit with a recognisable error,
+/// so exhaustion is told apart from other traps.
+struct MemoryLimiter {
+    limit: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("memory limit of {limit} bytes exceeded (asked for {desired})")]
+pub(crate) struct MemoryLimitExceeded {
+    limit: usize,
+    desired: usize,
+}
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.limit {
+            return Err(MemoryLimitExceeded {
+                limit: self.limit,
+                desired,
+            }
+            .into());
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+}
+
+/// A fresh store, ready for one instantiation and call.
+pub(crate) struct Invocation {
+    pub(crate) store: Store<State>,
+    stderr: MemoryOutputPipe,
+}
+
+impl Invocation {
+    pub(crate) fn new(
+        rt: &RuntimeInner,
+        ident: Arc<Ident>,
+        config: Arc<BTreeMap<String, String>>,
+        limits: &Limits,
+    ) -> Self {
+        let stderr = MemoryOutputPipe::new(STDERR_CAPACITY);
+        // Defaults of the builder: no env, no args, no preopens, stdin
+        // closed, stdout discarded, TCP/UDP with every address denied, no
+        // name lookup. Only stderr is captured, for panic messages.
+        let wasi = WasiCtxBuilder::new()
+            .stderr(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        let state = State {
+            wasi,
+            table: ResourceTable::new(),
+            limiter: MemoryLimiter {
+                limit: usize::try_from(limits.memory_bytes).unwrap_or(usize::MAX),
+            },
+            ident,
+            config,
+            outputs: Vec::new(),
+            output_bytes: 0,
+            max_outputs: rt.config.max_outputs,
+            max_output_bytes: rt.config.max_output_bytes,
+            deadline: Instant::now() + limits.deadline,
+            deadline_limit: limits.deadline,
+        };
+        let mut store = Store::new(&rt.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        store.set_epoch_deadline(1);
+        // At every tick: trap once past the deadline, otherwise yield to the
+        // executor so a busy guest never starves other tasks.
+        store.epoch_deadline_callback(|ctx| {
+            if Instant::now() >= ctx.data().deadline {
+                Ok(UpdateDeadline::Interrupt)
+            } else {
+                Ok(UpdateDeadline::Yield(1))
+            }
+        });
+        Self { store, stderr }
+    }
+
+    /// The messages `publish` collected.
+    pub(crate) fn take_outputs(&mut self) -> Vec<OutboundMessage> {
+        std::mem::take(&mut self.store.data_mut().outputs)
+    }
+
+    /// Classify a failed instantiation or call.
+    pub(crate) fn classify(&self, err: &wasmtime::Error) -> (TrapKind, String) {
+        let stderr = self.stderr.contents();
+        let stderr = String::from_utf8_lossy(&stderr);
+        let stderr = stderr.trim();
+        if let Some(e) = err.downcast_ref::<MemoryLimitExceeded>() {
+            return (TrapKind::Memory, e.to_string());
+        }
+        match err.downcast_ref::<Trap>() {
+            Some(Trap::Interrupt) => (
+                TrapKind::Deadline,
+                format!(
+                    "deadline of {} ms exceeded",
+                    self.store.data().deadline_limit.as_millis()
+                ),
+            ),
+            Some(Trap::UnreachableCodeReached) => {
+                let msg = if stderr.is_empty() {
+                    "guest panicked or aborted (wasm unreachable executed)".to_string()
+                } else {
+                    format!("guest panicked: {}", truncate(stderr, STDERR_IN_MESSAGE))
+                };
+                (TrapKind::Panic, msg)
+            }
+            Some(trap) => (TrapKind::Other, format!("guest trapped: {trap}")),
+            None => (TrapKind::Other, format!("{err:#}")),
+        }
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+impl wit::TypesHost for State {}
+
+impl wit::Host for State {
+    fn log(&mut self, level: wit::LogLevel, text: String) {
+        let (plugin, version) = (&self.ident.name, &self.ident.version);
+        match level {
+            wit::LogLevel::Trace => tracing::trace!(plugin, version, "{text}"),
+            wit::LogLevel::Debug => tracing::debug!(plugin, version, "{text}"),
+            wit::LogLevel::Info => tracing::info!(plugin, version, "{text}"),
+            wit::LogLevel::Warn => tracing::warn!(plugin, version, "{text}"),
+            wit::LogLevel::Error => tracing::error!(plugin, version, "{text}"),
+        }
+    }
+
+    fn publish(&mut self, msg: wit::Message) -> Result<(), wit::PublishError> {
+        if msg.exchange.len() > super::manifest::MAX_SHORTSTR {
+            return Err(wit::PublishError::Invalid(format!(
+                "exchange name is {} bytes; the limit is 255",
+                msg.exchange.len()
+            )));
+        }
+        if msg.routing_key.len() > super::manifest::MAX_SHORTSTR {
+            return Err(wit::PublishError::Invalid(format!(
+                "routing key is {} bytes; the limit is 255",
+                msg.routing_key.len()
+            )));
+        }
+        if self.outputs.len() >= self.max_outputs {
+            return Err(wit::PublishError::LimitExceeded(format!(
+                "at most {} messages per delivery",
+                self.max_outputs
+            )));
+        }
+        if self.output_bytes + msg.body.len() > self.max_output_bytes {
+            return Err(wit::PublishError::LimitExceeded(format!(
+                "at most {} body bytes per delivery",
+                self.max_output_bytes
+            )));
+        }
+        self.output_bytes += msg.body.len();
+        self.outputs.push(outbound_from_wit(msg));
+        Ok(())
+    }
+
+    fn config(&mut self, key: String) -> Option<String> {
+        self.config.get(&key).cloned()
+    }
+}
+
+fn outbound_from_wit(msg: wit::Message) -> OutboundMessage {
+    let mut properties = MessageProperties::persistent();
+    properties.content_type = msg.content_type;
+    properties.correlation_id = msg.correlation_id;
+    properties.message_id = msg.message_id;
+    for h in msg.headers {
+        properties.set_header(h.key, header_from_wit(h.value));
+    }
+    OutboundMessage {
+        exchange: msg.exchange,
+        routing_key: msg.routing_key,
+        properties,
+        body: Bytes::from(msg.body),
+    }
+}
+
+fn header_from_wit(v: wit::HeaderValue) -> HeaderValue {
+    match v {
+        wit::HeaderValue::Text(s) => HeaderValue::String(s),
+        wit::HeaderValue::Bytes(b) => HeaderValue::Bytes(Bytes::from(b)),
+        wit::HeaderValue::Boolean(b) => HeaderValue::Bool(b),
+        wit::HeaderValue::Int(i) => HeaderValue::I64(i),
+        wit::HeaderValue::Float(f) => HeaderValue::F64(f),
+        wit::HeaderValue::Timestamp(t) => HeaderValue::Timestamp(t),
+        wit::HeaderValue::Void => HeaderValue::Void,
+    }
+}
+
+/// Host header to the WIT form; tables and arrays become their JSON text.
+pub(crate) fn header_to_wit(v: &HeaderValue) -> wit::HeaderValue {
+    match v {
+        HeaderValue::Bool(b) => wit::HeaderValue::Boolean(*b),
+        HeaderValue::F32(f) => wit::HeaderValue::Float(f64::from(*f)),
+        HeaderValue::F64(f) => wit::HeaderValue::Float(*f),
+        HeaderValue::Decimal { scale, value } => {
+            wit::HeaderValue::Float(f64::from(*value) / 10f64.powi(i32::from(*scale)))
+        }
+        HeaderValue::String(s) => wit::HeaderValue::Text(s.clone()),
+        HeaderValue::Bytes(b) => wit::HeaderValue::Bytes(b.to_vec()),
+        HeaderValue::Timestamp(t) => wit::HeaderValue::Timestamp(*t),
+        HeaderValue::Void => wit::HeaderValue::Void,
+        HeaderValue::U64(u) if i64::try_from(*u).is_err() => wit::HeaderValue::Text(u.to_string()),
+        HeaderValue::Array(_) | HeaderValue::Table(_) => {
+            wit::HeaderValue::Text(serde_json::to_string(v).unwrap_or_default())
+        }
+        other => wit::HeaderValue::Int(other.as_i64().unwrap_or_default()),
+    }
+}

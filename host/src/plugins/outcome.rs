@@ -1,0 +1,114 @@
+//! How one invocation ended, and why a file is not a plugin.
+//!
+//! Three kinds of failure are kept apart (STYLE.md): a `handle-error` the
+//! guest returned is an ordinary [`Outcome`] (`Retry`, `Reject`); a trap is a
+//! fault ([`Outcome::Trapped`]) and its store is dropped; a file that cannot
+//! be loaded at all is a [`LoadError`].
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use crate::message::OutboundMessage;
+
+/// The result of handling one delivery.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Outcome {
+    /// `handle` returned `ok`: publish `outputs`, then acknowledge.
+    Ack { outputs: Vec<OutboundMessage> },
+    /// A transient failure: deliver again later (bounded by attempts).
+    Retry { reason: String },
+    /// A permanent failure: dead-letter now.
+    Reject { reason: String },
+    /// The guest faulted; any outputs were discarded.
+    Trapped { kind: TrapKind, message: String },
+}
+
+impl Outcome {
+    /// A short label for metrics and logs.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Ack { .. } => "ack",
+            Outcome::Retry { .. } => "retry",
+            Outcome::Reject { .. } => "reject",
+            Outcome::Trapped { .. } => "trap",
+        }
+    }
+}
+
+/// Why a guest faulted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrapKind {
+    /// Ran past its wall-clock deadline.
+    Deadline,
+    /// Tried to grow memory past its limit.
+    Memory,
+    /// Panicked, aborted, or hit `unreachable`.
+    Panic,
+    /// Any other trap: out-of-bounds access, stack overflow, a host import
+    /// failure, ...
+    Other,
+}
+
+impl TrapKind {
+    /// A short label for metrics and dead-letter headers.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TrapKind::Deadline => "deadline",
+            TrapKind::Memory => "memory",
+            TrapKind::Panic => "panic",
+            TrapKind::Other => "other",
+        }
+    }
+}
+
+impl std::fmt::Display for TrapKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a file could not be loaded as a plugin. The `Display` text is one
+/// line naming the file and the problem.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{path}: cannot read file: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: not a WebAssembly file (no \\0asm header)")]
+    NotWasm { path: PathBuf },
+    #[error(
+        "{path}: a core WebAssembly module, not a component; build the plugin for wasm32-wasip2 (or run `wasm-tools component new`)"
+    )]
+    CoreModule { path: PathBuf },
+    #[error("{path}: invalid component: {message}")]
+    Compile { path: PathBuf, message: String },
+    #[error("{path}: not a warren:plugin@0.1.0 component: {message}")]
+    WrongWorld { path: PathBuf, message: String },
+    #[error("{path}: manifest() failed: {message}")]
+    ManifestCall { path: PathBuf, message: String },
+    #[error("{path}: invalid manifest: {}", problems.join("; "))]
+    InvalidManifest {
+        path: PathBuf,
+        problems: Vec<String>,
+    },
+}
+
+impl LoadError {
+    /// The file the error is about.
+    pub fn path(&self) -> &std::path::Path {
+        match self {
+            LoadError::Read { path, .. }
+            | LoadError::NotWasm { path }
+            | LoadError::CoreModule { path }
+            | LoadError::Compile { path, .. }
+            | LoadError::WrongWorld { path, .. }
+            | LoadError::ManifestCall { path, .. }
+            | LoadError::InvalidManifest { path, .. } => path,
+        }
+    }
+}

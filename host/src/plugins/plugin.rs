@@ -1,0 +1,363 @@
+//! A loaded plugin: compiled and pre-instantiated once, invoked afresh for
+//! every delivery.
+//!
+//! Owns: checking a file is a `warren:plugin` component, compiling it off
+//! the async threads, calling `manifest()` once, the resolved limits and the
+//! per-plugin concurrency permits. Does not own the plugins directory or
+//! hot swap.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
+use wasmtime::component::Component;
+
+use super::bindings::{self as wit, PluginWorldPre};
+use super::instance::{Ident, Invocation, header_to_wit};
+use super::limits::{Limits, LimitsOverride};
+use super::manifest::Manifest;
+use super::outcome::{LoadError, Outcome};
+use super::runtime::PluginRuntime;
+use crate::message::MessageProperties;
+
+/// A delivery as the runtime hands it to a plugin.
+#[derive(Debug, Clone, Default)]
+pub struct Delivery {
+    pub body: Bytes,
+    pub exchange: String,
+    pub routing_key: String,
+    pub queue: String,
+    pub properties: MessageProperties,
+    pub redelivered: bool,
+    /// 1 on the first delivery.
+    pub attempt: u32,
+}
+
+/// Host-side settings for one plugin: limits overrides and the values its
+/// `config(key)` import returns.
+#[derive(Debug, Clone, Default)]
+pub struct PluginSettings {
+    pub limits: LimitsOverride,
+    pub config: BTreeMap<String, String>,
+}
+
+/// A loaded, checked plugin. Cheap to clone; clones share permits.
+#[derive(Clone)]
+pub struct Plugin {
+    inner: Arc<PluginInner>,
+}
+
+struct PluginInner {
+    runtime: PluginRuntime,
+    pre: PluginWorldPre<super::instance::State>,
+    path: PathBuf,
+    manifest: Manifest,
+    ident: Arc<Ident>,
+    limits: Limits,
+    config: Arc<BTreeMap<String, String>>,
+    permits: Arc<Semaphore>,
+}
+
+impl std::fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugin")
+            .field("path", &self.inner.path)
+            .field("name", &self.inner.manifest.name)
+            .field("version", &self.inner.manifest.version)
+            .field("limits", &self.inner.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The first bytes of a component (layer 1) and of a core module (layer 0).
+const WASM_MAGIC: &[u8; 4] = b"\0asm";
+
+impl PluginRuntime {
+    /// Load the plugin in `path` with `settings`.
+    pub async fn load_file(
+        &self,
+        path: &Path,
+        settings: &PluginSettings,
+    ) -> Result<Plugin, LoadError> {
+        let bytes = tokio::fs::read(path)
+            .await
+            .map_err(|source| LoadError::Read {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        self.load_bytes(path, bytes, settings).await
+    }
+
+    /// Load a plugin from `bytes`; `path` names it in errors.
+    pub async fn load_bytes(
+        &self,
+        path: &Path,
+        bytes: Vec<u8>,
+        settings: &PluginSettings,
+    ) -> Result<Plugin, LoadError> {
+        let path = path.to_path_buf();
+        if bytes.len() < 8 || &bytes[..4] != WASM_MAGIC {
+            return Err(LoadError::NotWasm { path });
+        }
+        // Bytes 4..8: version and layer; layer 1 is a component.
+        if bytes[6..8] != [1, 0] {
+            return Err(LoadError::CoreModule { path });
+        }
+        let engine = self.inner().engine.clone();
+        let compiled = tokio::task::spawn_blocking(move || Component::from_binary(&engine, &bytes))
+            .await
+            .map_err(|e| LoadError::Compile {
+                path: path.clone(),
+                message: format!("compiler task failed: {e}"),
+            })?;
+        let component = compiled.map_err(|e| LoadError::Compile {
+            path: path.clone(),
+            message: format!("{e:#}"),
+        })?;
+        let pre = self
+            .inner()
+            .linker
+            .instantiate_pre(&component)
+            .and_then(PluginWorldPre::new)
+            .map_err(|e| LoadError::WrongWorld {
+                path: path.clone(),
+                message: format!("{e:#}"),
+            })?;
+
+        let manifest = self.call_manifest(&path, &pre).await?;
+        let problems = manifest.problems();
+        if !problems.is_empty() {
+            return Err(LoadError::InvalidManifest { path, problems });
+        }
+        let limits = Limits::resolve(
+            self.config().default_limits(),
+            self.config().caps(),
+            manifest.limits,
+            settings.limits,
+        );
+        Ok(Plugin {
+            inner: Arc::new(PluginInner {
+                runtime: self.clone(),
+                pre,
+                path,
+                ident: Arc::new(Ident {
+                    name: manifest.name.clone(),
+                    version: manifest.version.clone(),
+                }),
+                manifest,
+                permits: Arc::new(Semaphore::new(limits.max_concurrency as usize)),
+                limits,
+                config: Arc::new(settings.config.clone()),
+            }),
+        })
+    }
+
+    async fn call_manifest(
+        &self,
+        path: &Path,
+        pre: &PluginWorldPre<super::instance::State>,
+    ) -> Result<Manifest, LoadError> {
+        let fail = |message: String| LoadError::ManifestCall {
+            path: path.to_path_buf(),
+            message,
+        };
+        let _slot = self
+            .inner()
+            .instances
+            .acquire()
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let ident = Arc::new(Ident {
+            name: file_stem(path),
+            version: "?".into(),
+        });
+        let limits = self.config().default_limits();
+        let mut inv = Invocation::new(self.inner(), ident, Arc::default(), &limits);
+        let result = async {
+            let world = pre.instantiate_async(&mut inv.store).await?;
+            world
+                .warren_plugin_handler()
+                .call_manifest(&mut inv.store)
+                .await
+        }
+        .await;
+        match result {
+            Ok(m) => Ok(Manifest::from(m)),
+            Err(e) => {
+                let (kind, message) = inv.classify(&e);
+                Err(fail(format!("{kind} trap: {message}")))
+            }
+        }
+    }
+}
+
+fn file_stem(path: &Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+impl Plugin {
+    /// The validated manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.inner.manifest
+    }
+
+    /// `manifest().name`.
+    pub fn name(&self) -> &str {
+        &self.inner.manifest.name
+    }
+
+    /// `manifest().version`.
+    pub fn version(&self) -> &str {
+        &self.inner.manifest.version
+    }
+
+    /// The file it was loaded from.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// The limits it runs under.
+    pub fn limits(&self) -> &Limits {
+        &self.inner.limits
+    }
+
+    /// The same compiled plugin with other host settings (new limits, new
+    /// config values, fresh permits). No recompilation.
+    pub fn with_settings(&self, settings: &PluginSettings) -> Plugin {
+        let rt = &self.inner.runtime;
+        let limits = Limits::resolve(
+            rt.config().default_limits(),
+            rt.config().caps(),
+            self.inner.manifest.limits,
+            settings.limits,
+        );
+        Plugin {
+            inner: Arc::new(PluginInner {
+                runtime: rt.clone(),
+                pre: self.inner.pre.clone(),
+                path: self.inner.path.clone(),
+                manifest: self.inner.manifest.clone(),
+                ident: self.inner.ident.clone(),
+                permits: Arc::new(Semaphore::new(limits.max_concurrency as usize)),
+                limits,
+                config: Arc::new(settings.config.clone()),
+            }),
+        }
+    }
+
+    /// Wait for one of this plugin's concurrency permits. Dispatch holds it
+    /// from before instantiation until the delivery is acknowledged.
+    pub async fn acquire(&self) -> Result<OwnedSemaphorePermit, AcquireError> {
+        self.inner.permits.clone().acquire_owned().await
+    }
+
+    /// Handle one delivery in a fresh instance. Never fails: every fault is
+    /// an [`Outcome::Trapped`].
+    pub async fn invoke(&self, delivery: &Delivery) -> Outcome {
+        let inner = &*self.inner;
+        let rt = inner.runtime.inner();
+        let Ok(_slot) = rt.instances.acquire().await else {
+            return Outcome::Trapped {
+                kind: super::outcome::TrapKind::Other,
+                message: "plugin runtime is shutting down".into(),
+            };
+        };
+        let mut inv = Invocation::new(rt, inner.ident.clone(), inner.config.clone(), &inner.limits);
+        let input = delivery_to_wit(delivery);
+        let result = async {
+            let world = inner.pre.instantiate_async(&mut inv.store).await?;
+            world
+                .warren_plugin_handler()
+                .call_handle(&mut inv.store, &input)
+                .await
+        }
+        .await;
+        match result {
+            Ok(Ok(())) => Outcome::Ack {
+                outputs: inv.take_outputs(),
+            },
+            Ok(Err(wit::HandleError::Retry(reason))) => Outcome::Retry { reason },
+            Ok(Err(wit::HandleError::Reject(reason))) => Outcome::Reject { reason },
+            Err(e) => {
+                let (kind, message) = inv.classify(&e);
+                Outcome::Trapped { kind, message }
+            }
+        }
+    }
+}
+
+/// One instance kept alive and called again and again. Only the sandbox
+/// benchmark uses it, as the lower bound a fresh instance is compared with:
+/// state leaks between calls, so Warren never serves deliveries this way.
+#[doc(hidden)]
+pub struct ReusedInstance {
+    inv: Invocation,
+    world: wit::PluginWorld,
+}
+
+impl Plugin {
+    #[doc(hidden)]
+    pub async fn reused_instance(&self) -> Result<ReusedInstance, String> {
+        let inner = &*self.inner;
+        let mut limits = inner.limits;
+        limits.deadline = std::time::Duration::from_secs(3600);
+        let mut inv = Invocation::new(
+            inner.runtime.inner(),
+            inner.ident.clone(),
+            inner.config.clone(),
+            &limits,
+        );
+        let world = inner
+            .pre
+            .instantiate_async(&mut inv.store)
+            .await
+            .map_err(|e| format!("{e:#}"))?;
+        Ok(ReusedInstance { inv, world })
+    }
+}
+
+impl ReusedInstance {
+    #[doc(hidden)]
+    pub async fn call(&mut self, delivery: &Delivery) -> bool {
+        let input = delivery_to_wit(delivery);
+        let ok = matches!(
+            self.world
+                .warren_plugin_handler()
+                .call_handle(&mut self.inv.store, &input)
+                .await,
+            Ok(Ok(()))
+        );
+        drop(self.inv.take_outputs());
+        ok
+    }
+}
+
+fn delivery_to_wit(d: &Delivery) -> wit::Delivery {
+    let p = &d.properties;
+    wit::Delivery {
+        body: d.body.to_vec(),
+        exchange: d.exchange.clone(),
+        routing_key: d.routing_key.clone(),
+        queue: d.queue.clone(),
+        content_type: p.content_type.clone(),
+        content_encoding: p.content_encoding.clone(),
+        message_id: p.message_id.clone(),
+        correlation_id: p.correlation_id.clone(),
+        reply_to: p.reply_to.clone(),
+        timestamp: p.timestamp,
+        headers: p
+            .headers
+            .iter()
+            .map(|(k, v)| wit::Header {
+                key: k.clone(),
+                value: header_to_wit(v),
+            })
+            .collect(),
+        redelivered: d.redelivered,
+        attempt: d.attempt.max(1),
+    }
+}

@@ -1,0 +1,255 @@
+//! The one wasmtime `Engine` and `Linker` of the process, and the epoch
+//! ticker that enforces deadlines.
+//!
+//! Owns: engine configuration (component model, pooling allocator, epoch
+//! interruption), the linker with WASI (no filesystem, network or
+//! environment) and Warren's `host` imports, and a global cap on live
+//! instances so the pool can never be exhausted by dispatch. Does not own
+//! plugins (see [`super::plugin`]) or decide what happens to an outcome.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::sync::Semaphore;
+use wasmtime::component::{HasSelf, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+use super::bindings::PluginWorld;
+use super::instance::State;
+use super::limits::Limits;
+
+/// Engine-wide settings (the `[plugins.runtime]` config section).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct RuntimeConfig {
+    /// Most plugin instances alive at once across all plugins (the size of
+    /// the pooling allocator).
+    pub max_instances: u32,
+    /// Largest memory any plugin may be given; also the pool's slot size.
+    pub max_memory_bytes: u64,
+    /// Longest deadline any plugin may be given, in milliseconds.
+    pub max_deadline_ms: u32,
+    /// Largest per-plugin concurrency.
+    pub max_concurrency: u32,
+    /// Limits for plugins that ask for none.
+    pub default_memory_bytes: u64,
+    pub default_deadline_ms: u32,
+    pub default_max_concurrency: u32,
+    /// Most messages one invocation may `publish`.
+    pub max_outputs: usize,
+    /// Most body bytes one invocation may `publish` in total.
+    pub max_output_bytes: usize,
+    /// How often the epoch advances; deadlines are enforced to within one tick.
+    pub epoch_tick_ms: u32,
+    /// Bytes of each linear memory kept mapped between instances and reset
+    /// with `memset` instead of `madvise` (see docs/wasm-instantiation).
+    pub memory_keep_resident: usize,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        let d = Limits::default();
+        Self {
+            max_instances: 256,
+            max_memory_bytes: 256 << 20,
+            max_deadline_ms: 60_000,
+            max_concurrency: 256,
+            default_memory_bytes: d.memory_bytes,
+            default_deadline_ms: u32::try_from(d.deadline.as_millis()).unwrap_or(u32::MAX),
+            default_max_concurrency: d.max_concurrency,
+            max_outputs: 100_000,
+            max_output_bytes: 64 << 20,
+            epoch_tick_ms: 5,
+            memory_keep_resident: 128 << 10,
+        }
+    }
+}
+
+impl RuntimeConfig {
+    /// Every problem with these settings.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.max_instances == 0 {
+            out.push("plugins.runtime.max-instances must be at least 1".into());
+        }
+        if self.max_memory_bytes < super::limits::MIN_MEMORY_BYTES {
+            out.push("plugins.runtime.max-memory-bytes must be at least 1048576".into());
+        }
+        if self.default_memory_bytes > self.max_memory_bytes {
+            out.push("plugins.runtime.default-memory-bytes exceeds max-memory-bytes".into());
+        }
+        if self.max_deadline_ms == 0 || self.default_deadline_ms == 0 {
+            out.push("plugins.runtime deadlines must be at least 1 ms".into());
+        }
+        if self.default_deadline_ms > self.max_deadline_ms {
+            out.push("plugins.runtime.default-deadline-ms exceeds max-deadline-ms".into());
+        }
+        if self.max_concurrency == 0 || self.default_max_concurrency == 0 {
+            out.push("plugins.runtime concurrency limits must be at least 1".into());
+        }
+        if self.epoch_tick_ms == 0 || self.epoch_tick_ms > 1000 {
+            out.push("plugins.runtime.epoch-tick-ms must be between 1 and 1000".into());
+        }
+        out
+    }
+
+    /// Limits for a plugin that asks for none.
+    pub fn default_limits(&self) -> Limits {
+        Limits {
+            memory_bytes: self.default_memory_bytes,
+            deadline: Duration::from_millis(self.default_deadline_ms.into()),
+            max_concurrency: self.default_max_concurrency,
+        }
+    }
+
+    /// The largest limits any plugin may get.
+    pub fn caps(&self) -> Limits {
+        Limits {
+            memory_bytes: self.max_memory_bytes,
+            deadline: Duration::from_millis(self.max_deadline_ms.into()),
+            max_concurrency: self.max_concurrency,
+        }
+    }
+}
+
+/// Why the runtime could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("invalid plugin runtime settings: {}", .0.join("; "))]
+    InvalidConfig(Vec<String>),
+    #[error("failed to create the wasmtime engine: {0}")]
+    Engine(String),
+    #[error("failed to link host imports: {0}")]
+    Link(String),
+    #[error("failed to start the epoch ticker thread: {0}")]
+    Ticker(std::io::Error),
+}
+
+/// The shared plugin runtime. Cheap to clone.
+#[derive(Clone)]
+pub struct PluginRuntime {
+    inner: Arc<RuntimeInner>,
+}
+
+pub(super) struct RuntimeInner {
+    pub(super) engine: Engine,
+    pub(super) linker: Linker<State>,
+    pub(super) config: RuntimeConfig,
+    /// One permit per pool slot: taken before instantiating, so the pool
+    /// never refuses an instance.
+    pub(super) instances: Arc<Semaphore>,
+    _ticker: EpochTicker,
+}
+
+impl std::fmt::Debug for PluginRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginRuntime")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PluginRuntime {
+    /// Build the engine, the linker and start the epoch ticker.
+    pub fn new(config: RuntimeConfig) -> Result<Self, RuntimeError> {
+        let problems = config.problems();
+        if !problems.is_empty() {
+            return Err(RuntimeError::InvalidConfig(problems));
+        }
+        let engine = Engine::new(&engine_config(&config))
+            .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        let mut linker = Linker::<State>::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .map_err(|e| RuntimeError::Link(format!("{e:#}")))?;
+        PluginWorld::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s)
+            .map_err(|e| RuntimeError::Link(format!("{e:#}")))?;
+        let ticker = EpochTicker::start(
+            engine.clone(),
+            Duration::from_millis(config.epoch_tick_ms.into()),
+        )
+        .map_err(RuntimeError::Ticker)?;
+        let instances = Arc::new(Semaphore::new(config.max_instances as usize));
+        Ok(Self {
+            inner: Arc::new(RuntimeInner {
+                engine,
+                linker,
+                config,
+                instances,
+                _ticker: ticker,
+            }),
+        })
+    }
+
+    /// The settings the runtime was built with.
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.inner.config
+    }
+
+    pub(super) fn inner(&self) -> &RuntimeInner {
+        &self.inner
+    }
+}
+
+fn engine_config(rc: &RuntimeConfig) -> Config {
+    let mut pool = PoolingAllocationConfig::new();
+    let n = rc.max_instances;
+    pool.total_component_instances(n)
+        // A Rust wasip2 component is one core module plus a few shims.
+        .total_core_instances(n.saturating_mul(8))
+        .total_memories(n.saturating_mul(2))
+        .total_tables(n.saturating_mul(4))
+        .total_stacks(n)
+        .max_memory_size(usize::try_from(rc.max_memory_bytes).unwrap_or(usize::MAX))
+        // Reset the first pages of each memory and table with memset rather
+        // than unmapping them: a small handler's whole working set stays
+        // resident between deliveries (docs/wasm-instantiation).
+        .linear_memory_keep_resident(rc.memory_keep_resident)
+        .table_keep_resident(64 << 10);
+    let mut cfg = Config::new();
+    cfg.wasm_component_model(true)
+        .epoch_interruption(true)
+        // No component-model async: its per-store bookkeeping costs ~30% of
+        // a fresh invocation and Warren's contract does not use it.
+        .concurrency_support(false)
+        .memory_init_cow(true)
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    cfg
+}
+
+/// Advances the engine's epoch on a plain thread, so deadlines hold even if
+/// every tokio worker is busy. Stopped and joined on drop.
+struct EpochTicker {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EpochTicker {
+    fn start(engine: Engine, tick: Duration) -> std::io::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("warren-epoch".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(tick);
+                    engine.increment_epoch();
+                }
+            })?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! The `warren` binary's offline commands, run as a user would: exit codes,
+//! one-line errors naming the file and the problem, JSON on stdout.
+
+// Test code: failing loudly is the point.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use warren_it::plugins::wasm;
+
+fn warren(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_warren"))
+        .args(args)
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("run warren")
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// `warren check` fails with exactly one stderr line that names `file` and
+/// contains `problem`.
+fn assert_check_fails(file: &Path, problem: &str) {
+    let out = warren(&["check", path(file)]);
+    assert!(
+        !out.status.success(),
+        "check of {} succeeded",
+        file.display()
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "expected one line, got: {stderr}");
+    assert!(lines[0].contains(path(file)), "file not named: {stderr}");
+    assert!(
+        lines[0].contains(problem),
+        "expected {problem:?} in: {stderr}"
+    );
+}
+
+#[test]
+fn help_lists_the_commands() {
+    let out = warren(&["--help"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("check"), "{text}");
+    assert!(text.contains("invoke"), "{text}");
+}
+
+#[test]
+fn check_prints_the_manifest_of_a_valid_plugin() {
+    let file = wasm("router").unwrap();
+    let out = warren(&["check", path(&file)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["manifest"]["name"], "router");
+    assert_eq!(v["manifest"]["subscriptions"][0]["queue"], "orders.in");
+    assert_eq!(v["limits"]["deadline"], 1000);
+}
+
+#[test]
+fn check_refuses_every_kind_of_invalid_file() {
+    let dir = tempfile::tempdir().unwrap();
+
+    let text = dir.path().join("notes.wasm");
+    std::fs::write(&text, "this is not wasm").unwrap();
+    assert_check_fails(&text, "not a WebAssembly file");
+
+    let core = dir.path().join("core.wasm");
+    std::fs::write(&core, b"\0asm\x01\0\0\0").unwrap();
+    assert_check_fails(&core, "core WebAssembly module, not a component");
+
+    let truncated = dir.path().join("truncated.wasm");
+    let echo = std::fs::read(wasm("echo").unwrap()).unwrap();
+    std::fs::write(&truncated, &echo[..echo.len() / 2]).unwrap();
+    assert_check_fails(&truncated, "invalid component");
+
+    assert_check_fails(
+        &wasm("not-a-plugin").unwrap(),
+        "not a warren:plugin@0.1.0 component",
+    );
+
+    let bad = wasm("bad-manifest").unwrap();
+    assert_check_fails(&bad, "invalid manifest");
+    let stderr = String::from_utf8_lossy(&warren(&["check", path(&bad)]).stderr).to_string();
+    assert!(stderr.contains("name \"Bad Name!\""), "{stderr}");
+    assert!(stderr.contains("prefetch must be at least 1"), "{stderr}");
+
+    assert_check_fails(&dir.path().join("missing.wasm"), "cannot read file");
+}
+
+#[test]
+fn check_of_several_files_reports_each_bad_one_and_fails() {
+    let good = wasm("echo").unwrap();
+    let bad = wasm("not-a-plugin").unwrap();
+    let out = warren(&["check", path(&good), path(&bad)]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(path(&bad)), "{stderr}");
+    assert!(!stderr.contains(path(&good)), "{stderr}");
+}
+
+#[test]
+fn invoke_runs_one_delivery_and_prints_outcome_and_outputs() {
+    let file = wasm("echo").unwrap();
+    let out = warren(&[
+        "invoke",
+        path(&file),
+        "--body",
+        "{\"hello\":1}",
+        "--header",
+        "x-tenant=acme",
+        "--config",
+        "routing-key=replies",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["outcome"], "ack");
+    assert_eq!(v["plugin"], "echo");
+    let o = &v["outputs"][0];
+    assert_eq!(o["body"], "{\"hello\":1}");
+    assert_eq!(o["routing_key"], "replies");
+    assert_eq!(o["properties"]["headers"][0][0], "x-tenant");
+}
+
+#[test]
+fn invoke_reports_a_trap_and_exits_non_zero() {
+    let file = wasm("spin-loop").unwrap();
+    let out = warren(&["invoke", path(&file), "--deadline-ms", "100"]);
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["outcome"], "trapped");
+    assert_eq!(v["trap"], "deadline");
+}
+
+#[test]
+fn invoke_rejects_a_malformed_pair() {
+    let file = wasm("echo").unwrap();
+    let out = warren(&["invoke", path(&file), "--header", "no-equals-sign"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected KEY=VALUE"));
+}

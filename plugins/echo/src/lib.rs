@@ -1,0 +1,28 @@
+//! `echo`: republishes each delivery's body, content type, correlation id
+//! and headers to the exchange and routing key set in the host config
+//! (`exchange`, default "" = the default exchange; `routing-key`, default
+//! `echo.out`). The simplest useful plugin, and the one the end-to-end and
+//! chaos tests push load through.
+
+use warren_sdk::{Delivery, HandleError, Manifest, Message, Plugin, Subscription};
+
+struct Echo;
+
+impl Plugin for Echo {
+    fn manifest() -> Manifest {
+        Manifest::new("echo", env!("CARGO_PKG_VERSION")).subscribe(Subscription::queue("echo.in"))
+    }
+
+    fn handle(d: Delivery) -> Result<(), HandleError> {
+        let exchange = warren_sdk::config("exchange").unwrap_or_default();
+        let routing_key = warren_sdk::config("routing-key").unwrap_or_else(|| "echo.out".into());
+        let mut out = Message::new(&exchange, &routing_key, d.body);
+        out.content_type = d.content_type;
+        out.correlation_id = d.correlation_id;
+        out.headers = d.headers;
+        warren_sdk::publish(out)?;
+        Ok(())
+    }
+}
+
+warren_sdk::export_plugin!(Echo);

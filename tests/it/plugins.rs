@@ -1,0 +1,309 @@
+//! The plugin runtime against the example plugins built from source: every
+//! outcome kind, every trap kind, the sandbox, and that nothing a plugin
+//! does hurts the runtime or other plugins.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use warren::message::{HeaderValue, MessageProperties};
+use warren::plugins::{
+    Delivery, LimitsOverride, Outcome, Plugin, PluginRuntime, PluginSettings, RuntimeConfig,
+    TrapKind,
+};
+use warren_it::plugins::wasm;
+
+fn runtime() -> PluginRuntime {
+    PluginRuntime::new(RuntimeConfig::default()).expect("runtime")
+}
+
+fn settings(pairs: &[(&str, &str)]) -> PluginSettings {
+    PluginSettings {
+        limits: LimitsOverride::default(),
+        config: pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<BTreeMap<_, _>>(),
+    }
+}
+
+async fn load(rt: &PluginRuntime, name: &str, s: PluginSettings) -> Plugin {
+    rt.load_file(&wasm(name).expect("plugin build"), &s)
+        .await
+        .unwrap_or_else(|e| panic!("loading {name}: {e}"))
+}
+
+fn delivery(body: &str) -> Delivery {
+    Delivery {
+        body: Bytes::from(body.to_string()),
+        exchange: "in".into(),
+        routing_key: "in.key".into(),
+        queue: "q".into(),
+        properties: MessageProperties::default(),
+        redelivered: false,
+        attempt: 1,
+    }
+}
+
+fn outputs(o: Outcome) -> Vec<warren::message::OutboundMessage> {
+    match o {
+        Outcome::Ack { outputs } => outputs,
+        other => panic!("expected ack, got {other:?}"),
+    }
+}
+
+fn trap(o: Outcome) -> (TrapKind, String) {
+    match o {
+        Outcome::Trapped { kind, message } => (kind, message),
+        other => panic!("expected a trap, got {other:?}"),
+    }
+}
+
+/// Echo still answers correctly: the check made after every fault.
+async fn assert_echo_serves(echo: &Plugin) {
+    let out = outputs(echo.invoke(&delivery("still alive")).await);
+    assert_eq!(out.len(), 1);
+    assert_eq!(&out[0].body[..], b"still alive");
+}
+
+#[tokio::test]
+async fn echo_outputs_match_input() {
+    let rt = runtime();
+    let echo = load(
+        &rt,
+        "echo",
+        settings(&[("exchange", "out-ex"), ("routing-key", "out.key")]),
+    )
+    .await;
+    assert_eq!(echo.name(), "echo");
+    let mut d = delivery("hello, warren");
+    d.properties.content_type = Some("text/plain".into());
+    d.properties.correlation_id = Some("corr-1".into());
+    d.properties
+        .set_header("x-tenant", HeaderValue::String("acme".into()));
+    d.properties.set_header("x-count", HeaderValue::I32(7));
+    let out = outputs(echo.invoke(&d).await);
+    assert_eq!(out.len(), 1);
+    let m = &out[0];
+    assert_eq!(m.exchange, "out-ex");
+    assert_eq!(m.routing_key, "out.key");
+    assert_eq!(m.body, d.body);
+    assert_eq!(m.properties.content_type.as_deref(), Some("text/plain"));
+    assert_eq!(m.properties.correlation_id.as_deref(), Some("corr-1"));
+    assert_eq!(
+        m.properties.delivery_mode,
+        Some(2),
+        "outputs are persistent"
+    );
+    assert_eq!(
+        m.header("x-tenant").and_then(HeaderValue::as_str),
+        Some("acme")
+    );
+    assert_eq!(m.header("x-count").and_then(HeaderValue::as_i64), Some(7));
+}
+
+#[tokio::test]
+async fn router_routes_by_json_field_and_rejects_bad_orders() {
+    let rt = runtime();
+    let router = load(&rt, "router", PluginSettings::default()).await;
+    for region in ["eu", "us", "apac"] {
+        let body = format!(r#"{{"id":1,"region":"{region}"}}"#);
+        let out = outputs(router.invoke(&delivery(&body)).await);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].exchange, "orders.routed");
+        assert_eq!(out[0].routing_key, format!("orders.{region}"));
+        assert_eq!(&out[0].body[..], body.as_bytes());
+    }
+    match router.invoke(&delivery(r#"{"id":2}"#)).await {
+        Outcome::Reject { reason } => assert!(reason.contains("region"), "{reason}"),
+        other => panic!("expected reject, got {other:?}"),
+    }
+    match router.invoke(&delivery("not json")).await {
+        Outcome::Reject { .. } => {}
+        other => panic!("expected reject, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn spin_loop_ends_as_deadline_trap_within_twice_the_deadline() {
+    let rt = runtime();
+    let echo = load(&rt, "echo", PluginSettings::default()).await;
+    let deadline = Duration::from_millis(500);
+    let spin = load(
+        &rt,
+        "spin-loop",
+        PluginSettings {
+            limits: LimitsOverride {
+                deadline_ms: Some(500),
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    )
+    .await;
+    let started = Instant::now();
+    let (kind, message) = trap(spin.invoke(&delivery("x")).await);
+    let took = started.elapsed();
+    assert_eq!(kind, TrapKind::Deadline, "{message}");
+    assert!(took >= deadline, "trapped early, after {took:?}");
+    assert!(
+        took < deadline * 2,
+        "took {took:?} for a {deadline:?} deadline"
+    );
+    assert_echo_serves(&echo).await;
+}
+
+#[tokio::test]
+async fn slow_plugin_calling_the_clock_ends_as_deadline_trap() {
+    let rt = runtime();
+    let echo = load(&rt, "echo", PluginSettings::default()).await;
+    let slow = load(&rt, "slow", settings(&[("millis", "5000")])).await;
+    let (kind, message) = trap(slow.invoke(&delivery("x")).await);
+    assert_eq!(kind, TrapKind::Deadline, "{message}");
+    assert!(message.contains("200 ms"), "{message}");
+    // Below its deadline the same plugin succeeds.
+    let quick = slow.with_settings(&settings(&[("millis", "1")]));
+    assert!(matches!(
+        quick.invoke(&delivery("x")).await,
+        Outcome::Ack { .. }
+    ));
+    assert_echo_serves(&echo).await;
+}
+
+#[tokio::test]
+async fn mem_hog_ends_as_memory_trap() {
+    let rt = runtime();
+    let echo = load(&rt, "echo", PluginSettings::default()).await;
+    let hog = load(&rt, "mem-hog", PluginSettings::default()).await;
+    assert_eq!(hog.limits().memory_bytes, 16 << 20);
+    let (kind, message) = trap(hog.invoke(&delivery("x")).await);
+    assert_eq!(kind, TrapKind::Memory, "{message}");
+    assert!(message.contains("memory limit"), "{message}");
+    assert_echo_serves(&echo).await;
+}
+
+#[tokio::test]
+async fn panic_ends_as_trap_carrying_the_panic_message() {
+    let rt = runtime();
+    let echo = load(&rt, "echo", PluginSettings::default()).await;
+    let p = load(&rt, "panic", PluginSettings::default()).await;
+    let (kind, message) = trap(p.invoke(&delivery("order 42")).await);
+    assert_eq!(kind, TrapKind::Panic, "{message}");
+    assert!(message.contains("boom: order 42"), "{message}");
+    assert_echo_serves(&echo).await;
+}
+
+#[tokio::test]
+async fn chatty_returns_ten_thousand_outputs() {
+    let rt = runtime();
+    let chatty = load(&rt, "chatty", settings(&[("count", "10000")])).await;
+    let out = outputs(chatty.invoke(&delivery("x")).await);
+    assert_eq!(out.len(), 10_000);
+    assert_eq!(&out[0].body[..], b"0");
+    assert_eq!(&out[9_999].body[..], b"9999");
+}
+
+#[tokio::test]
+async fn outputs_past_the_limit_are_refused_and_discarded() {
+    let rt = PluginRuntime::new(RuntimeConfig {
+        max_outputs: 100,
+        ..RuntimeConfig::default()
+    })
+    .expect("runtime");
+    let chatty = load(&rt, "chatty", settings(&[("count", "101")])).await;
+    match chatty.invoke(&delivery("x")).await {
+        Outcome::Reject { reason } => assert!(reason.contains("at most 100"), "{reason}"),
+        other => panic!("expected reject, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn retry_outcome_reports_the_attempt() {
+    let rt = runtime();
+    let flaky = load(&rt, "flaky", settings(&[("fail-attempts", "2")])).await;
+    let mut d = delivery("x");
+    for attempt in 1..=2 {
+        d.attempt = attempt;
+        match flaky.invoke(&d).await {
+            Outcome::Retry { reason } => assert!(reason.contains(&format!("attempt {attempt}"))),
+            other => panic!("expected retry, got {other:?}"),
+        }
+    }
+    d.attempt = 3;
+    assert_eq!(outputs(flaky.invoke(&d).await).len(), 1);
+}
+
+#[tokio::test]
+async fn sandbox_denies_files_environment_and_network() {
+    let rt = runtime();
+    let echo = load(&rt, "echo", PluginSettings::default()).await;
+    let probe = load(&rt, "sandbox-probe", PluginSettings::default()).await;
+    let out = outputs(probe.invoke(&delivery("x")).await);
+    let report: serde_json::Value = serde_json::from_slice(&out[0].body).expect("json report");
+    for key in ["file", "dir", "env", "tcp", "dns"] {
+        let v = report[key].as_str().unwrap_or_default();
+        assert!(v.starts_with("error"), "{key} was not denied: {report}");
+    }
+    assert_eq!(report["env_count"], 0, "{report}");
+    assert_echo_serves(&echo).await;
+}
+
+#[tokio::test]
+async fn faults_in_one_plugin_do_not_disturb_concurrent_deliveries_of_another() {
+    let rt = runtime();
+    let echo = load(&rt, "echo", PluginSettings::default()).await;
+    let spin = load(&rt, "spin-loop", PluginSettings::default()).await;
+    let hog = load(&rt, "mem-hog", PluginSettings::default()).await;
+    let spin_task = tokio::spawn({
+        let spin = spin.clone();
+        async move { spin.invoke(&delivery("x")).await }
+    });
+    let hog_task = tokio::spawn({
+        let hog = hog.clone();
+        async move { hog.invoke(&delivery("x")).await }
+    });
+    let mut echoes = tokio::task::JoinSet::new();
+    for i in 0..200 {
+        let echo = echo.clone();
+        echoes.spawn(async move {
+            let body = format!("message {i}");
+            let out = outputs(echo.invoke(&delivery(&body)).await);
+            assert_eq!(&out[0].body[..], body.as_bytes());
+        });
+    }
+    while let Some(r) = echoes.join_next().await {
+        r.expect("echo task");
+    }
+    assert_eq!(trap(spin_task.await.expect("spin")).0, TrapKind::Deadline);
+    assert_eq!(trap(hog_task.await.expect("hog")).0, TrapKind::Memory);
+}
+
+#[tokio::test]
+async fn concurrency_permits_follow_the_limit() {
+    let rt = runtime();
+    let echo = load(
+        &rt,
+        "echo",
+        PluginSettings {
+            limits: LimitsOverride {
+                max_concurrency: Some(2),
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    )
+    .await;
+    let a = echo.acquire().await.expect("permit");
+    let _b = echo.acquire().await.expect("permit");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), echo.acquire())
+            .await
+            .is_err(),
+        "a third permit was granted"
+    );
+    drop(a);
+    let _c = tokio::time::timeout(Duration::from_secs(5), echo.acquire())
+        .await
+        .expect("permit after release")
+        .expect("permit");
+}
