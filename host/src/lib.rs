@@ -13,12 +13,14 @@
 //! - [`amqp`]: connection supervisor, topology registry, consumers,
 //!   confirmed publisher.
 //! - [`buffer`]: Sentinel discovery, the Redis Stream spool and its drainer.
+//! - [`config`]: `warren.toml`, env overrides, validation (leaf).
 //! - [`cli`]: the offline commands `warren check` and `warren invoke`.
 //! - [`telemetry`]: logging setup (leaf).
 
 pub mod amqp;
 pub mod buffer;
 pub mod cli;
+pub mod config;
 pub mod message;
 pub mod plugins;
 pub mod telemetry;

@@ -35,7 +35,7 @@ impl Default for Limits {
 /// Limits set in the host config for one plugin (or for all); each field
 /// wins over what the manifest asks for.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+#[serde(rename_all = "kebab-case")]
 pub struct LimitsOverride {
     pub memory_bytes: Option<u64>,
     pub deadline_ms: Option<u32>,

@@ -20,7 +20,7 @@ pub struct Manifest {
 
 /// A queue the plugin consumes and how to declare it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(rename_all = "kebab-case")]
 pub struct Subscription {
     pub queue: String,
     #[serde(default)]
@@ -53,7 +53,7 @@ pub enum QueueKind {
 
 /// An exchange and the keys to bind a queue with.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(rename_all = "kebab-case")]
 pub struct Binding {
     pub exchange: String,
     #[serde(default)]
@@ -87,7 +87,7 @@ impl ExchangeKind {
 
 /// Limits as the plugin asked for them; `None` leaves the host default.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(rename_all = "kebab-case")]
 pub struct RequestedLimits {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_bytes: Option<u64>,

@@ -23,7 +23,7 @@ use super::limits::Limits;
 
 /// Engine-wide settings (the `[plugins.runtime]` config section).
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+#[serde(rename_all = "kebab-case", default)]
 pub struct RuntimeConfig {
     /// Most plugin instances alive at once across all plugins (the size of
     /// the pooling allocator).

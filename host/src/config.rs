@@ -1,0 +1,743 @@
+//! `warren.toml`: one serde tree, every key optional with a working
+//! default, environment overrides, and validation that reports every problem
+//! at once.
+//!
+//! This module is a leaf: it is plain data. `main` loads it once and
+//! hands each subsystem its section by value; nothing else reads files or
+//! the environment for settings.
+//!
+//! Environment overrides are named `WARREN_<SECTION>_<KEY>` with the key's
+//! dashes written as underscores: `WARREN_AMQP_URL`, `WARREN_ADMIN_TOKEN`,
+//! `WARREN_PLUGINS_DIR`, `WARREN_SPOOL_SENTINELS` (a TOML array or a
+//! comma-separated list).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use crate::plugins::manifest::Subscription;
+use crate::plugins::{LimitsOverride, RuntimeConfig};
+
+/// Exit code for a configuration error (EX_USAGE).
+pub const EXIT_CONFIG: u8 = 64;
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default)]
+pub struct Config {
+    pub amqp: AmqpSection,
+    pub spool: SpoolSection,
+    pub plugins: PluginsSection,
+    /// Per-plugin overrides, by manifest name (`[plugin.<name>]`).
+    pub plugin: BTreeMap<String, PluginOverride>,
+    pub dispatch: DispatchSection,
+    pub admin: AdminSection,
+    pub telemetry: TelemetrySection,
+    pub shutdown: ShutdownSection,
+}
+
+/// `[amqp]`: the broker connection.
+#[derive(Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", default)]
+pub struct AmqpSection {
+    /// `amqp://` or `amqps://` URL; the password is redacted in logs.
+    pub url: String,
+    /// Requested heartbeat, seconds.
+    pub heartbeat_secs: u16,
+    /// Limit on one connection attempt, ms.
+    pub connect_timeout_ms: u64,
+    /// Limit on every publisher confirm, ms.
+    pub confirm_timeout_ms: u64,
+    /// First reconnect delay ceiling, ms.
+    pub backoff_initial_ms: u64,
+    /// Largest reconnect delay, ms.
+    pub backoff_max_ms: u64,
+    /// How often consumers compare broker-side consumer counts, ms.
+    pub consumer_check_ms: u64,
+}
+
+impl Default for AmqpSection {
+    fn default() -> Self {
+        Self {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            heartbeat_secs: 10,
+            connect_timeout_ms: 5_000,
+            confirm_timeout_ms: 5_000,
+            backoff_initial_ms: 100,
+            backoff_max_ms: 5_000,
+            consumer_check_ms: 5_000,
+        }
+    }
+}
+
+impl std::fmt::Debug for AmqpSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpSection")
+            .field("url", &redact_url(&self.url))
+            .field("heartbeat_secs", &self.heartbeat_secs)
+            .field("confirm_timeout_ms", &self.confirm_timeout_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `[spool]`: where outputs wait while the broker is down.
+#[derive(Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", default)]
+pub struct SpoolSection {
+    /// Sentinel addresses (`redis://host:port`). When empty, `url` is used.
+    pub sentinels: Vec<String>,
+    /// Sentinel master name.
+    pub master_name: String,
+    /// A single Redis for development: not highly available.
+    pub url: String,
+    /// This host's id, part of the spool stream key; default: host name.
+    pub host_id: Option<String>,
+    /// Stream key; default `warren:spool:<host-id>`.
+    pub stream_key: Option<String>,
+    /// Replicas that must confirm an append (default 1 with sentinels, 0
+    /// with a plain URL).
+    pub min_replicas: Option<u32>,
+    /// `WAIT` timeout, ms.
+    pub wait_timeout_ms: u64,
+    /// Most entries the spool may hold.
+    pub max_entries: u64,
+    /// Most payload bytes the spool may hold.
+    pub max_bytes: u64,
+}
+
+impl Default for SpoolSection {
+    fn default() -> Self {
+        Self {
+            sentinels: Vec::new(),
+            master_name: "mymaster".into(),
+            url: "redis://127.0.0.1:6379".into(),
+            host_id: None,
+            stream_key: None,
+            min_replicas: None,
+            wait_timeout_ms: 500,
+            max_entries: 1_000_000,
+            max_bytes: 512 << 20,
+        }
+    }
+}
+
+impl std::fmt::Debug for SpoolSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SpoolSection")
+            .field(
+                "sentinels",
+                &self
+                    .sentinels
+                    .iter()
+                    .map(|s| redact_url(s))
+                    .collect::<Vec<_>>(),
+            )
+            .field("master_name", &self.master_name)
+            .field("url", &redact_url(&self.url))
+            .field("stream_key", &self.stream_key)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `[plugins]`: where plugins come from and the engine settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", default)]
+pub struct PluginsSection {
+    /// Directory scanned for `*.wasm` components.
+    pub dir: PathBuf,
+    /// Engine-wide settings (`[plugins.runtime]`).
+    pub runtime: RuntimeConfig,
+}
+
+impl Default for PluginsSection {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("./plugins"),
+            runtime: RuntimeConfig::default(),
+        }
+    }
+}
+
+/// `[plugin.<name>]`: host-side settings of one plugin; each wins over the
+/// plugin's manifest.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", default)]
+pub struct PluginOverride {
+    /// Limits overrides.
+    pub limits: LimitsOverride,
+    /// Values for the plugin's `config(key)` import. Numbers and booleans
+    /// are passed as their text.
+    pub config: BTreeMap<String, toml::Value>,
+    /// Replaces the manifest's subscriptions when present.
+    pub subscriptions: Option<Vec<Subscription>>,
+}
+
+impl PluginOverride {
+    /// `config` as strings, the form the plugin sees.
+    pub fn config_strings(&self) -> BTreeMap<String, String> {
+        self.config
+            .iter()
+            .map(|(k, v)| {
+                let s = match v {
+                    toml::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                (k.clone(), s)
+            })
+            .collect()
+    }
+}
+
+/// `[dispatch]`: what happens to each outcome.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", default)]
+pub struct DispatchSection {
+    /// Attempts before a message is dead-lettered (a subscription's
+    /// `max-attempts` wins).
+    pub max_attempts: u32,
+    /// Delay before the first retry, ms; doubles per attempt.
+    pub retry_delay_ms: u64,
+    /// Longest retry delay, ms.
+    pub retry_delay_max_ms: u64,
+    /// Exchange (and queue prefix) Warren declares for delayed retries.
+    pub retry_exchange: String,
+    /// Dead-letter exchange Warren declares.
+    pub dead_letter_exchange: String,
+    /// Dead-letter queue bound to it.
+    pub dead_letter_queue: String,
+}
+
+impl Default for DispatchSection {
+    fn default() -> Self {
+        Self {
+            max_attempts: 5,
+            retry_delay_ms: 1_000,
+            retry_delay_max_ms: 60_000,
+            retry_exchange: "warren.retry".into(),
+            dead_letter_exchange: "warren.dlx".into(),
+            dead_letter_queue: "warren.dlq".into(),
+        }
+    }
+}
+
+/// `[admin]`: the admin HTTP API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", default)]
+pub struct AdminSection {
+    /// Listen address.
+    pub bind: String,
+    /// Bearer token required by mutating endpoints. Required when `bind`
+    /// is not a loopback address.
+    pub token: Option<Secret>,
+    /// Largest request body (plugin uploads), bytes.
+    pub max_body_bytes: usize,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        Self {
+            bind: "127.0.0.1:9090".into(),
+            token: None,
+            max_body_bytes: 32 << 20,
+        }
+    }
+}
+
+/// `[telemetry]`: logs (and, later, traces).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", default)]
+pub struct TelemetrySection {
+    /// `text` or `json`.
+    pub log_format: crate::telemetry::LogFormat,
+    /// Filter when `RUST_LOG` is unset, e.g. `info` or `warren=debug`.
+    pub log_level: String,
+}
+
+impl Default for TelemetrySection {
+    fn default() -> Self {
+        Self {
+            log_format: crate::telemetry::LogFormat::Text,
+            log_level: "info".into(),
+        }
+    }
+}
+
+/// `[shutdown]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", default)]
+pub struct ShutdownSection {
+    /// How long in-flight deliveries may take to finish after SIGTERM, ms.
+    pub grace_period_ms: u64,
+}
+
+impl Default for ShutdownSection {
+    fn default() -> Self {
+        Self {
+            grace_period_ms: 30_000,
+        }
+    }
+}
+
+/// A value that never appears in logs.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    /// The secret itself, for the one place that compares it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("\"<redacted>\"")
+    }
+}
+
+/// `scheme://user:password@host/...` with the password replaced.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            if userinfo.contains(':') {
+                format!("{scheme}://{user}:<redacted>@{host}{path}")
+            } else {
+                format!("{scheme}://{user}@{host}{path}")
+            }
+        }
+        None => url.to_string(),
+    }
+}
+
+/// Every problem found in a configuration, reported together.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration{}:\n  - {}", source_name(.source_path), .problems.join("\n  - "))]
+pub struct ConfigError {
+    pub source_path: Option<PathBuf>,
+    pub problems: Vec<String>,
+}
+
+fn source_name(p: &Option<PathBuf>) -> String {
+    p.as_ref()
+        .map(|p| format!(" in {}", p.display()))
+        .unwrap_or_default()
+}
+
+const SECTIONS: &[&str] = &[
+    "amqp",
+    "spool",
+    "plugins",
+    "plugin",
+    "dispatch",
+    "admin",
+    "telemetry",
+    "shutdown",
+];
+
+impl Config {
+    /// Load `path` (or only defaults when `None`), apply `env` overrides
+    /// (`WARREN_*` pairs), and validate.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let fail = |problems| ConfigError {
+            source_path: path.map(Path::to_path_buf),
+            problems,
+        };
+        let text = match path {
+            Some(p) => std::fs::read_to_string(p)
+                .map_err(|e| fail(vec![format!("cannot read {}: {e}", p.display())]))?,
+            None => String::new(),
+        };
+        Self::parse(&text, env).map_err(fail)
+    }
+
+    /// Parse TOML text with env overrides; every problem in the error.
+    pub fn parse(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, Vec<String>> {
+        let mut problems = Vec::new();
+        let mut root: toml::Table = match text.parse() {
+            Ok(t) => t,
+            Err(e) => return Err(vec![format!("not valid TOML: {e}")]),
+        };
+        apply_env(&mut root, env, &mut problems);
+        for key in root.keys() {
+            if !SECTIONS.contains(&key.as_str()) {
+                problems.push(format!(
+                    "unknown section [{key}] (known: {})",
+                    SECTIONS.join(", ")
+                ));
+            }
+        }
+        let mut cfg = Config {
+            amqp: section(&root, "amqp", &mut problems),
+            spool: section(&root, "spool", &mut problems),
+            plugins: section(&root, "plugins", &mut problems),
+            plugin: BTreeMap::new(),
+            dispatch: section(&root, "dispatch", &mut problems),
+            admin: section(&root, "admin", &mut problems),
+            telemetry: section(&root, "telemetry", &mut problems),
+            shutdown: section(&root, "shutdown", &mut problems),
+        };
+        match root.get("plugin") {
+            None => {}
+            Some(toml::Value::Table(t)) => {
+                for (name, v) in t {
+                    let what = format!("plugin.{name}");
+                    if let Some(o) = value::<PluginOverride>(v.clone(), &what, &mut problems) {
+                        cfg.plugin.insert(name.clone(), o);
+                    }
+                }
+            }
+            Some(_) => problems.push("[plugin] must be a table of [plugin.<name>] tables".into()),
+        }
+        problems.extend(cfg.problems());
+        if problems.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// Semantic problems (values of the right type but wrong).
+    fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let url = &self.amqp.url;
+        if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+            out.push(format!(
+                "amqp.url {:?} must start with amqp:// or amqps://",
+                redact_url(url)
+            ));
+        }
+        if self.amqp.heartbeat_secs == 0 {
+            out.push("amqp.heartbeat-secs must be at least 1".into());
+        }
+        if self.amqp.confirm_timeout_ms == 0 || self.amqp.connect_timeout_ms == 0 {
+            out.push("amqp timeouts must be at least 1 ms".into());
+        }
+        if self.amqp.backoff_initial_ms == 0
+            || self.amqp.backoff_initial_ms > self.amqp.backoff_max_ms
+        {
+            out.push(
+                "amqp.backoff-initial-ms must be at least 1 and at most backoff-max-ms".into(),
+            );
+        }
+        for s in self
+            .spool
+            .sentinels
+            .iter()
+            .chain(Some(&self.spool.url).filter(|_| self.spool.sentinels.is_empty()))
+        {
+            if !(s.starts_with("redis://") || s.starts_with("rediss://")) {
+                out.push(format!(
+                    "spool address {:?} must start with redis:// or rediss://",
+                    redact_url(s)
+                ));
+            }
+        }
+        if self.spool.max_entries == 0 || self.spool.max_bytes == 0 {
+            out.push("spool.max-entries and spool.max-bytes must be at least 1".into());
+        }
+        if self.spool.wait_timeout_ms == 0 {
+            out.push("spool.wait-timeout-ms must be at least 1".into());
+        }
+        out.extend(self.plugins.runtime.problems());
+        for (name, o) in &self.plugin {
+            if !crate::plugins::manifest::is_valid_name(name) {
+                out.push(format!(
+                    "[plugin.{name}]: {name:?} is not a valid plugin name"
+                ));
+            }
+            if let Some(subs) = &o.subscriptions {
+                for s in subs {
+                    out.extend(
+                        s.problems()
+                            .into_iter()
+                            .map(|p| format!("plugin.{name}: {p}")),
+                    );
+                }
+            }
+        }
+        if self.dispatch.max_attempts == 0 {
+            out.push("dispatch.max-attempts must be at least 1".into());
+        }
+        if self.dispatch.retry_delay_ms > self.dispatch.retry_delay_max_ms {
+            out.push("dispatch.retry-delay-ms exceeds retry-delay-max-ms".into());
+        }
+        for (key, name) in [
+            ("retry-exchange", &self.dispatch.retry_exchange),
+            ("dead-letter-exchange", &self.dispatch.dead_letter_exchange),
+            ("dead-letter-queue", &self.dispatch.dead_letter_queue),
+        ] {
+            if name.is_empty() || name.len() > 255 || name.starts_with("amq.") {
+                out.push(format!(
+                    "dispatch.{key} {name:?} must be 1 to 255 bytes and not start with 'amq.'"
+                ));
+            }
+        }
+        match self.admin.bind.parse::<SocketAddr>() {
+            Err(_) => out.push(format!(
+                "admin.bind {:?} is not an address like 127.0.0.1:9090",
+                self.admin.bind
+            )),
+            Ok(addr) if !addr.ip().is_loopback() && self.admin.token.is_none() => out.push(format!(
+                "admin.bind {addr} is not a loopback address: set admin.token (or WARREN_ADMIN_TOKEN) so mutating endpoints require it"
+            )),
+            Ok(_) => {}
+        }
+        if self
+            .admin
+            .token
+            .as_ref()
+            .is_some_and(|t| t.expose().len() < 16)
+        {
+            out.push("admin.token must be at least 16 characters".into());
+        }
+        if self.shutdown.grace_period_ms == 0 {
+            out.push("shutdown.grace-period-ms must be at least 1".into());
+        }
+        out
+    }
+
+    /// The admin listen address (validated by `load`).
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.bind.parse().ok()
+    }
+}
+
+/// Deserialize section `name` (absent: defaults), collecting type errors
+/// and unknown keys.
+fn section<T: DeserializeOwned + Default>(
+    root: &toml::Table,
+    name: &str,
+    problems: &mut Vec<String>,
+) -> T {
+    match root.get(name) {
+        None => T::default(),
+        Some(v @ toml::Value::Table(_)) => value(v.clone(), name, problems).unwrap_or_default(),
+        Some(_) => {
+            problems.push(format!("[{name}] must be a table"));
+            T::default()
+        }
+    }
+}
+
+fn value<T: DeserializeOwned>(v: toml::Value, what: &str, problems: &mut Vec<String>) -> Option<T> {
+    let mut unknown = Vec::new();
+    let result = serde_ignored::deserialize(v, |path| unknown.push(path.to_string()));
+    for key in unknown {
+        problems.push(format!("unknown key {what}.{key}"));
+    }
+    match result {
+        Ok(t) => Some(t),
+        Err(e) => {
+            problems.push(format!("{what}: {}", e.to_string().trim()));
+            None
+        }
+    }
+}
+
+/// Apply `WARREN_<SECTION>_<KEY>=value` pairs. A value is parsed as a TOML
+/// value when it is one (number, boolean, array), else taken as a string;
+/// `WARREN_SPOOL_SENTINELS` also accepts a comma-separated list.
+fn apply_env(
+    root: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+    problems: &mut Vec<String>,
+) {
+    for (name, raw) in env {
+        let Some(rest) = name.strip_prefix("WARREN_") else {
+            continue;
+        };
+        let lower = rest.to_ascii_lowercase();
+        let Some((section, key)) = SECTIONS
+            .iter()
+            .filter(|s| **s != "plugin")
+            .find_map(|s| lower.strip_prefix(&format!("{s}_")).map(|k| (*s, k)))
+        else {
+            problems.push(format!(
+                "environment variable {name}: unknown section (use WARREN_<SECTION>_<KEY>)"
+            ));
+            continue;
+        };
+        let key = key.replace('_', "-");
+        let value = parse_env_value(&key, &raw);
+        let table = root
+            .entry(section)
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        match table {
+            toml::Value::Table(t) => {
+                t.insert(key, value);
+            }
+            _ => problems.push(format!("[{section}] must be a table")),
+        }
+    }
+}
+
+fn parse_env_value(key: &str, raw: &str) -> toml::Value {
+    if key == "sentinels" && !raw.trim_start().starts_with('[') {
+        return toml::Value::Array(
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| toml::Value::String(s.to_string()))
+                .collect(),
+        );
+    }
+    // A scalar like `5000`, `true` or `["a"]` parses as TOML; text does not.
+    match format!("v = {raw}").parse::<toml::Table>() {
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.into())),
+        Err(_) => toml::Value::String(raw.to_string()),
+    }
+}
+
+/// The `WARREN_*` variables of this process.
+pub fn warren_env() -> Vec<(String, String)> {
+    std::env::vars()
+        .filter(|(k, _)| k.starts_with("WARREN_"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, Vec<String>> {
+        Config::parse(text, Vec::new())
+    }
+
+    #[test]
+    fn empty_file_gives_working_defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c.amqp.url, "amqp://guest:guest@127.0.0.1:5672/%2f");
+        assert_eq!(c.plugins.dir, PathBuf::from("./plugins"));
+        assert_eq!(c.admin.bind, "127.0.0.1:9090");
+        assert!(c.spool.sentinels.is_empty());
+        assert_eq!(c.spool.url, "redis://127.0.0.1:6379");
+    }
+
+    #[test]
+    fn every_mistake_is_reported_at_once() {
+        let text = r#"
+            [amqp]
+            url = "http://broker"
+            heartbeat-secs = "ten"
+            [spool]
+            sentinals = ["redis://x:1"]
+            [dispatch]
+            max-attempts = 0
+            [admin]
+            bind = "0.0.0.0:9090"
+            [bogus]
+            x = 1
+        "#;
+        let p = parse(text).unwrap_err();
+        let all = p.join("\n");
+        assert!(all.contains("amqp:"), "type error in [amqp]: {all}");
+        assert!(all.contains("unknown key spool.sentinals"), "{all}");
+        assert!(all.contains("dispatch.max-attempts"), "{all}");
+        assert!(all.contains("admin.bind 0.0.0.0:9090"), "{all}");
+        assert!(all.contains("unknown section [bogus]"), "{all}");
+        assert!(p.len() >= 5, "{all}");
+    }
+
+    #[test]
+    fn env_overrides_win_over_the_file() {
+        let env = vec![
+            (
+                "WARREN_AMQP_URL".to_string(),
+                "amqp://u:p@h:5673/v".to_string(),
+            ),
+            ("WARREN_ADMIN_BIND".to_string(), "0.0.0.0:9999".to_string()),
+            (
+                "WARREN_ADMIN_TOKEN".to_string(),
+                "0123456789abcdef-token".to_string(),
+            ),
+            ("WARREN_AMQP_HEARTBEAT_SECS".to_string(), "3".to_string()),
+            (
+                "WARREN_SPOOL_SENTINELS".to_string(),
+                "redis://a:1, redis://b:2".to_string(),
+            ),
+            ("PATH".to_string(), "/bin".to_string()),
+        ];
+        let c = Config::parse("[amqp]\nurl = \"amqp://x\"\n", env).unwrap();
+        assert_eq!(c.amqp.url, "amqp://u:p@h:5673/v");
+        assert_eq!(c.amqp.heartbeat_secs, 3);
+        assert_eq!(c.admin.bind, "0.0.0.0:9999");
+        assert_eq!(c.spool.sentinels, vec!["redis://a:1", "redis://b:2"]);
+    }
+
+    #[test]
+    fn unknown_env_section_is_a_problem() {
+        let env = vec![("WARREN_NOPE_X".to_string(), "1".to_string())];
+        let p = Config::parse("", env).unwrap_err();
+        assert!(p[0].contains("WARREN_NOPE_X"), "{p:?}");
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_debug() {
+        let env = vec![
+            (
+                "WARREN_AMQP_URL".to_string(),
+                "amqp://user:hunter2@h/v".to_string(),
+            ),
+            (
+                "WARREN_ADMIN_TOKEN".to_string(),
+                "supersecrettoken1234".to_string(),
+            ),
+        ];
+        let c = Config::parse("", env).unwrap();
+        let text = format!("{c:?}");
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(!text.contains("supersecrettoken1234"), "{text}");
+        assert!(text.contains("user:<redacted>@h/v"), "{text}");
+    }
+
+    #[test]
+    fn plugin_overrides_parse_with_config_values_as_text() {
+        let c = parse(
+            r#"
+            [plugin.echo]
+            limits = { deadline-ms = 250 }
+            config = { routing-key = "out", count = 3, loud = true }
+            subscriptions = [ { queue = "echo.custom", prefetch = 5 } ]
+        "#,
+        )
+        .unwrap();
+        let o = &c.plugin["echo"];
+        assert_eq!(o.limits.deadline_ms, Some(250));
+        let cfg = o.config_strings();
+        assert_eq!(cfg["routing-key"], "out");
+        assert_eq!(cfg["count"], "3");
+        assert_eq!(cfg["loud"], "true");
+        let subs = o.subscriptions.as_ref().unwrap();
+        assert_eq!(subs[0].queue, "echo.custom");
+        assert_eq!(subs[0].prefetch, 5);
+    }
+
+    #[test]
+    fn redact_url_keeps_everything_but_the_password() {
+        assert_eq!(redact_url("amqp://u:p@h:1/v"), "amqp://u:<redacted>@h:1/v");
+        assert_eq!(redact_url("amqp://h:1/v"), "amqp://h:1/v");
+        assert_eq!(redact_url("redis://:pw@h:1"), "redis://:<redacted>@h:1");
+    }
+}
