@@ -1,3 +1,42 @@
 //! The AMQP core: one supervisor per connection, the topology registry,
 //! consumers and the confirmed publisher. Knows nothing of plugins or the
 //! spool.
+//!
+//! Entry points: [`Amqp::new`] builds the supervisor and an [`AmqpHandle`];
+//! [`Amqp::run`] owns the connection until cancelled. Through the handle:
+//! [`AmqpHandle::status`] (a watch of [`AmqpStatus`]),
+//! [`AmqpHandle::publisher`] ([`Publisher::publish`] an
+//! [`crate::message::OutboundMessage`] with confirms),
+//! [`AmqpHandle::add_subscription`] / [`AmqpHandle::remove_subscription`]
+//! (a stream of [`Delivery`] with a [`DeliveryAcker`]), and
+//! [`AmqpHandle::consumers`] (per-queue [`SubscriptionStatus`]).
+//!
+//! Files: `supervisor` (connection owner, state, handle), `consumer`
+//! (subscriptions and deliveries), `ack` (ack coalescing), `publisher`
+//! (confirm channel), `topology` (registry and declarations), `failure`
+//! (classes and errors), `backoff`, `convert` (lapin property conversion),
+//! `metrics` (names).
+
+pub mod ack;
+pub mod backoff;
+pub mod consumer;
+pub mod convert;
+pub mod failure;
+pub mod metrics;
+pub mod publisher;
+pub mod supervisor;
+pub mod topology;
+
+pub use backoff::BackoffConfig;
+pub use consumer::{
+    AckOutcome, ConsumerState, Delivery, DeliveryAcker, SubscriptionConfig, SubscriptionStatus,
+};
+pub use convert::{from_basic_properties, to_basic_properties};
+pub use failure::{AmqpError, Failure, FailureClass};
+pub use publisher::{PublishError, Publisher};
+pub use supervisor::{
+    Amqp, AmqpConfig, AmqpHandle, AmqpStatus, ConnectionState, Subscription, redact,
+};
+pub use topology::{
+    BindingSpec, ExchangeSpec, ExchangeType, QueueSpec, QueueType, Topology, TopologyRegistry,
+};

@@ -1,0 +1,615 @@
+//! Consumers: one task and one channel per subscription per session.
+//!
+//! The task declares what its queue needs, sets the QoS, consumes with
+//! manual ack and hands each delivery to the subscriber as a [`Delivery`]
+//! with a [`DeliveryAcker`]. It owns the channel's [`AckBook`], so acks are
+//! sent in order, coalesced when asked. A consumer whose stream ends, that
+//! the broker cancels, whose channel closes, or that the periodic
+//! broker-side check finds missing (a zombie) is re-established on the live
+//! connection; only a connection-level failure is reported to the
+//! supervisor. It does not retry or dead-letter anything itself.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use futures::{FutureExt, StreamExt};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    BasicRejectOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use super::ack::{AckBook, AckFrame, AckKind, Finish};
+use super::backoff::{Backoff, BackoffConfig};
+use super::convert::{from_basic_properties, short};
+use super::failure::{AmqpError, Failure, FailureClass, classify, is_connection_level};
+use super::metrics;
+use super::supervisor::Shared;
+use super::topology;
+use crate::message::MessageProperties;
+
+/// What to consume and how.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SubscriptionConfig {
+    /// The queue.
+    pub queue: String,
+    /// `basic.qos` prefetch count.
+    pub prefetch: u16,
+    /// Coalesce acks into `multiple = true` frames.
+    pub coalesce_acks: bool,
+}
+
+impl SubscriptionConfig {
+    /// Prefetch 100, coalesced acks.
+    pub fn new(queue: impl Into<String>) -> Self {
+        Self {
+            queue: queue.into(),
+            prefetch: 100,
+            coalesce_acks: true,
+        }
+    }
+
+    /// With prefetch `n`.
+    pub fn prefetch(mut self, n: u16) -> Self {
+        self.prefetch = n;
+        self
+    }
+
+    /// With coalesced acks on or off.
+    pub fn coalesce_acks(mut self, on: bool) -> Self {
+        self.coalesce_acks = on;
+        self
+    }
+
+    pub(crate) fn buffer(&self) -> usize {
+        usize::from(self.prefetch.max(1)) * 2 + 16
+    }
+}
+
+/// The state of one subscription.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ConsumerState {
+    /// Not started yet (no session).
+    Idle,
+    /// Declaring and subscribing.
+    Starting,
+    /// Consuming.
+    Running,
+    /// Lost its consumer; being re-established.
+    Reestablishing,
+    /// Cannot subscribe; retrying (see `last_error`).
+    Failed,
+    /// Stopping (in-flight deliveries finishing).
+    Stopping,
+}
+
+/// What Warren knows about one subscription.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SubscriptionStatus {
+    /// The queue.
+    pub queue: String,
+    /// Prefetch.
+    pub prefetch: u16,
+    /// The state.
+    pub state: ConsumerState,
+    /// Consumers Warren believes it has on the queue (0 or 1).
+    pub believed_consumers: u32,
+    /// The broker's consumer count at the last check, and when.
+    pub broker_consumers: Option<(u32, SystemTime)>,
+    /// The broker's message count at the last check.
+    pub broker_messages: Option<u32>,
+    /// The generation of the session the consumer runs in.
+    pub generation: u64,
+    /// Times the consumer was re-established without a reconnect.
+    pub reestablished: u64,
+    /// Times the periodic check found the consumer missing on the broker.
+    pub zombies: u64,
+    /// Subscribe attempts (declare + consume) since start.
+    pub subscribe_attempts: u64,
+    /// The last subscribe error, cleared when running again.
+    pub last_error: Option<String>,
+    /// Its class.
+    pub last_error_class: Option<FailureClass>,
+    /// Acks for deliveries of an older channel or session (no-ops).
+    pub stale_acks: u64,
+}
+
+impl SubscriptionStatus {
+    pub(crate) fn new(queue: &str, prefetch: u16) -> Self {
+        Self {
+            queue: queue.to_owned(),
+            prefetch,
+            state: ConsumerState::Idle,
+            believed_consumers: 0,
+            broker_consumers: None,
+            broker_messages: None,
+            generation: 0,
+            reestablished: 0,
+            zombies: 0,
+            subscribe_attempts: 0,
+            last_error: None,
+            last_error_class: None,
+            stale_acks: 0,
+        }
+    }
+}
+
+/// One message from the broker, with everything a handler needs.
+#[derive(Debug)]
+pub struct Delivery {
+    /// The body.
+    pub body: Bytes,
+    /// The exchange it was published to.
+    pub exchange: String,
+    /// Its routing key.
+    pub routing_key: String,
+    /// The queue it came from.
+    pub queue: String,
+    /// Its properties and headers.
+    pub properties: MessageProperties,
+    /// The broker delivered it before (possibly to someone else).
+    pub redelivered: bool,
+    /// The delivery tag on its channel.
+    pub delivery_tag: u64,
+    /// The session generation it arrived in.
+    pub generation: u64,
+    /// Settles the delivery.
+    pub acker: DeliveryAcker,
+}
+
+/// What happened to an ack, nack or reject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckOutcome {
+    /// Queued on the channel the delivery came from.
+    Sent,
+    /// The delivery's channel or session is gone; the broker will redeliver
+    /// it. Counted, not an error.
+    Stale,
+}
+
+pub(crate) struct AckCmd {
+    epoch: u64,
+    tag: u64,
+    kind: AckKind,
+}
+
+/// Settles one delivery; single use. Dropping it unsettled nacks the
+/// delivery with requeue, so a lost delivery comes back.
+#[derive(Debug)]
+pub struct DeliveryAcker {
+    tx: mpsc::UnboundedSender<AckCmd>,
+    current: Arc<std::sync::atomic::AtomicU64>,
+    queue: Arc<str>,
+    epoch: u64,
+    tag: u64,
+    done: bool,
+}
+
+impl DeliveryAcker {
+    /// Acknowledge: the message is done.
+    pub fn ack(mut self) -> AckOutcome {
+        self.send(AckKind::Ack)
+    }
+
+    /// Negative acknowledgement; `requeue = false` dead-letters (if the
+    /// queue has a dead-letter exchange) or drops it.
+    pub fn nack(mut self, requeue: bool) -> AckOutcome {
+        self.send(AckKind::Nack { requeue })
+    }
+
+    /// Reject; like [`DeliveryAcker::nack`] for one message.
+    pub fn reject(mut self, requeue: bool) -> AckOutcome {
+        self.send(AckKind::Reject { requeue })
+    }
+
+    /// Whether the delivery's channel is still the live one.
+    pub fn is_current(&self) -> bool {
+        self.current.load(Ordering::Acquire) == self.epoch && !self.tx.is_closed()
+    }
+
+    fn send(&mut self, kind: AckKind) -> AckOutcome {
+        self.done = true;
+        if self.current.load(Ordering::Acquire) != self.epoch
+            || self
+                .tx
+                .send(AckCmd {
+                    epoch: self.epoch,
+                    tag: self.tag,
+                    kind,
+                })
+                .is_err()
+        {
+            metrics::stale_ack(&self.queue);
+            debug!(queue = %self.queue, tag = self.tag, "Ack for a delivery of an older channel ignored; the broker redelivers it.");
+            return AckOutcome::Stale;
+        }
+        AckOutcome::Sent
+    }
+}
+
+impl Drop for DeliveryAcker {
+    fn drop(&mut self) {
+        if !self.done {
+            self.done = true;
+            let _ = self.tx.send(AckCmd {
+                epoch: self.epoch,
+                tag: self.tag,
+                kind: AckKind::Nack { requeue: true },
+            });
+        }
+    }
+}
+
+pub(crate) struct ConsumerCtx {
+    pub(crate) conn: Arc<Connection>,
+    pub(crate) generation: u64,
+    pub(crate) queue: String,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) stop: CancellationToken,
+    pub(crate) abort: CancellationToken,
+    pub(crate) failures: mpsc::UnboundedSender<Failure>,
+    pub(crate) check_interval: Duration,
+    pub(crate) flush_interval: Duration,
+    pub(crate) drain_timeout: Duration,
+    pub(crate) backoff: BackoffConfig,
+}
+
+enum End {
+    /// Stopped on request (or the subscriber went away); done.
+    Stopped,
+    /// The session is over.
+    Aborted,
+    /// The consumer is gone but the connection may be fine.
+    Lost(String),
+}
+
+/// The consumer task; returns the queue name when it ends.
+pub(crate) async fn run(ctx: ConsumerCtx) -> String {
+    let queue = ctx.queue.clone();
+    let current = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<AckCmd>();
+    let mut backoff = Backoff::new(ctx.backoff);
+    let mut logged: Option<String> = None;
+    let mut first = true;
+    loop {
+        if ctx.stop.is_cancelled() || ctx.abort.is_cancelled() {
+            break;
+        }
+        let Some((config, tx)) = ctx.shared.sub(&queue) else {
+            break;
+        };
+        if tx.is_closed() {
+            break;
+        }
+        ctx.shared.update_sub(&queue, |s| {
+            s.state = if first {
+                ConsumerState::Starting
+            } else {
+                ConsumerState::Reestablishing
+            };
+            s.generation = ctx.generation;
+            s.believed_consumers = 0;
+            s.subscribe_attempts += 1;
+        });
+        let epoch = ctx.shared.epochs.fetch_add(1, Ordering::AcqRel) + 1;
+        let (channel, lapin_consumer) = match subscribe(&ctx, &config, epoch).await {
+            Ok(ok) => ok,
+            Err((e, conn_level)) => {
+                if conn_level || !ctx.conn.status().connected() {
+                    let _ = ctx.failures.send(Failure::new(
+                        e.class(),
+                        e.to_string(),
+                        Some(ctx.generation),
+                    ));
+                    break;
+                }
+                let text = e.to_string();
+                if logged.as_deref() != Some(text.as_str()) {
+                    if e.class().is_slow_retry() {
+                        error!(queue = %queue, class = %e.class(), error = %text, "Cannot subscribe; fix the declaration or the broker, retrying slowly.");
+                    } else {
+                        warn!(queue = %queue, class = %e.class(), error = %text, "Cannot subscribe; retrying.");
+                    }
+                    logged = Some(text.clone());
+                }
+                ctx.shared.update_sub(&queue, |s| {
+                    s.state = ConsumerState::Failed;
+                    s.last_error = Some(text);
+                    s.last_error_class = Some(e.class());
+                });
+                let delay = if e.class().is_slow_retry() {
+                    backoff.slow_delay()
+                } else {
+                    backoff.next_delay()
+                };
+                tokio::select! {
+                    biased;
+                    _ = ctx.abort.cancelled() => break,
+                    _ = ctx.stop.cancelled() => break,
+                    _ = tokio::time::sleep(delay) => continue,
+                }
+            }
+        };
+        if !first {
+            metrics::consumer_reestablished(&queue);
+            info!(queue = %queue, generation = ctx.generation, "Consumer re-established.");
+        }
+        first = false;
+        logged = None;
+        current.store(epoch, Ordering::Release);
+        ctx.shared.update_sub(&queue, |s| {
+            s.state = ConsumerState::Running;
+            s.believed_consumers = 1;
+            s.last_error = None;
+            s.last_error_class = None;
+        });
+        let end = pump(
+            &ctx,
+            &config,
+            &channel,
+            lapin_consumer,
+            &tx,
+            &ack_tx,
+            &mut ack_rx,
+            &current,
+            epoch,
+        )
+        .await;
+        ctx.shared.update_sub(&queue, |s| s.believed_consumers = 0);
+        // Anything still held for this channel is now stale.
+        current.store(0, Ordering::Release);
+        match end {
+            End::Stopped => {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    channel.close(200, "subscription stopped".into()),
+                )
+                .await;
+                break;
+            }
+            End::Aborted => break,
+            End::Lost(why) => {
+                if !ctx.conn.status().connected() {
+                    // The supervisor learns of this from the connection.
+                    break;
+                }
+                warn!(queue = %queue, generation = ctx.generation, reason = %why, "Consumer lost; re-establishing it on the live connection.");
+                ctx.shared.update_sub(&queue, |s| s.reestablished += 1);
+                if channel.status().connected() {
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        channel.close(200, "re-establishing consumer".into()),
+                    )
+                    .await;
+                }
+                let delay = backoff.next_delay();
+                tokio::select! {
+                    biased;
+                    _ = ctx.abort.cancelled() => break,
+                    _ = ctx.stop.cancelled() => break,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+    ctx.shared.update_sub(&queue, |s| {
+        s.believed_consumers = 0;
+        s.state = ConsumerState::Idle;
+    });
+    queue
+}
+
+async fn subscribe(
+    ctx: &ConsumerCtx,
+    config: &SubscriptionConfig,
+    epoch: u64,
+) -> Result<(Channel, lapin::Consumer), (AmqpError, bool)> {
+    let lapin_err = |op: &'static str, e: lapin::Error| {
+        let conn = is_connection_level(&e)
+            && !matches!(
+                classify(&e),
+                FailureClass::NotFound | FailureClass::PreconditionFailed
+            );
+        (AmqpError::channel(op, &e), conn)
+    };
+    let channel = ctx
+        .conn
+        .create_channel()
+        .await
+        .map_err(|e| lapin_err("channel.open", e))?;
+    let needs = ctx.shared.topology.snapshot().for_queue(&config.queue);
+    let counts = if needs.queues.is_empty() {
+        topology::inspect_queue(&channel, &config.queue).await
+    } else {
+        match topology::declare(&channel, &needs).await {
+            Ok(()) => Ok((0, 0)),
+            Err(e) => Err(e),
+        }
+    };
+    if let Err(e) = counts {
+        return Err((e, false));
+    }
+    channel
+        .basic_qos(config.prefetch, BasicQosOptions::default())
+        .await
+        .map_err(|e| lapin_err("basic.qos", e))?;
+    let tag = format!("warren.{}.{}.{}", config.queue, ctx.generation, epoch);
+    let consumer = channel
+        .basic_consume(
+            short(&config.queue),
+            short(&tag),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| lapin_err("basic.consume", e))?;
+    Ok((channel, consumer))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn pump(
+    ctx: &ConsumerCtx,
+    config: &SubscriptionConfig,
+    channel: &Channel,
+    mut consumer: lapin::Consumer,
+    tx: &mpsc::Sender<Delivery>,
+    ack_tx: &mpsc::UnboundedSender<AckCmd>,
+    ack_rx: &mut mpsc::UnboundedReceiver<AckCmd>,
+    current: &Arc<std::sync::atomic::AtomicU64>,
+    epoch: u64,
+) -> End {
+    let queue = config.queue.as_str();
+    let queue_arc: Arc<str> = Arc::from(queue);
+    let mut book = AckBook::new(config.coalesce_acks);
+    let batch = usize::from(config.prefetch / 2).max(1);
+    let mut flush = tokio::time::interval(ctx.flush_interval);
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut check = tokio::time::interval_at(
+        tokio::time::Instant::now() + ctx.check_interval,
+        ctx.check_interval,
+    );
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut stopping: Option<tokio::time::Instant> = None;
+    let consumer_tag = consumer.tag();
+    let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
+
+    let send = |frame: AckFrame| {
+        // Polled once: the frame is queued in order on the channel; the
+        // promise (written to the socket) is not awaited.
+        let res = match frame {
+            AckFrame::Ack { tag, multiple } => channel
+                .basic_ack(tag, BasicAckOptions { multiple })
+                .now_or_never(),
+            AckFrame::Nack { tag, requeue } => channel
+                .basic_nack(
+                    tag,
+                    BasicNackOptions {
+                        multiple: false,
+                        requeue,
+                    },
+                )
+                .now_or_never(),
+            AckFrame::Reject { tag, requeue } => channel
+                .basic_reject(tag, BasicRejectOptions { requeue })
+                .now_or_never(),
+        };
+        if let Some(Err(e)) = res {
+            debug!(queue, error = %e, "Ack not sent; the channel is gone and the broker redelivers.");
+        }
+    };
+
+    let end = loop {
+        tokio::select! {
+            biased;
+            _ = ctx.abort.cancelled() => break End::Aborted,
+            _ = ctx.stop.cancelled(), if stopping.is_none() => {
+                ctx.shared.update_sub(queue, |s| s.state = ConsumerState::Stopping);
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    channel.basic_cancel(consumer_tag.clone(), BasicCancelOptions::default()),
+                ).await;
+                stopping = Some(tokio::time::Instant::now() + ctx.drain_timeout);
+                if book.outstanding() == 0 {
+                    break End::Stopped;
+                }
+            }
+            _ = tokio::time::sleep_until(stopping.unwrap_or(far)), if stopping.is_some() => {
+                warn!(queue, outstanding = book.outstanding(), "Drain timeout; unfinished deliveries will be redelivered.");
+                break End::Stopped;
+            }
+            // Cancel-safe: a command taken here is handled before the next
+            // select.
+            Some(cmd) = ack_rx.recv() => {
+                if cmd.epoch != epoch {
+                    metrics::stale_ack(queue);
+                    ctx.shared.update_sub(queue, |s| s.stale_acks += 1);
+                    continue;
+                }
+                match book.finish(cmd.tag, cmd.kind, Instant::now()) {
+                    Finish::Send(frame) => send(frame),
+                    Finish::Held if book.held() >= batch => {
+                        for f in book.flush(Instant::now(), ctx.flush_interval) { send(f); }
+                    }
+                    Finish::Held | Finish::Unknown => {}
+                }
+                if stopping.is_some() && book.outstanding() == 0 {
+                    break End::Stopped;
+                }
+            }
+            _ = flush.tick(), if book.held() > 0 => {
+                for f in book.flush(Instant::now(), ctx.flush_interval * 4) { send(f); }
+            }
+            next = consumer.next(), if stopping.is_none() => match next {
+                Some(Ok(d)) => {
+                    book.delivered(d.delivery_tag);
+                    let delivery = Delivery {
+                        body: Bytes::from(d.data),
+                        exchange: d.exchange.as_str().to_owned(),
+                        routing_key: d.routing_key.as_str().to_owned(),
+                        queue: queue.to_owned(),
+                        properties: from_basic_properties(&d.properties),
+                        redelivered: d.redelivered,
+                        delivery_tag: d.delivery_tag,
+                        generation: ctx.generation,
+                        acker: DeliveryAcker {
+                            tx: ack_tx.clone(),
+                            current: current.clone(),
+                            queue: queue_arc.clone(),
+                            epoch,
+                            tag: d.delivery_tag,
+                            done: false,
+                        },
+                    };
+                    match tx.try_send(delivery) {
+                        Ok(()) => {}
+                        Err(mpsc::error::TrySendError::Full(delivery)) => {
+                            // Cancel-safe enough: on abort the delivery is
+                            // dropped and the broker redelivers it.
+                            tokio::select! {
+                                biased;
+                                _ = ctx.abort.cancelled() => break End::Aborted,
+                                r = tx.send(delivery) => if r.is_err() { break End::Stopped },
+                            }
+                        }
+                        Err(mpsc::error::TrySendError::Closed(_)) => {
+                            info!(queue, "Subscriber went away; cancelling the consumer.");
+                            break End::Stopped;
+                        }
+                    }
+                }
+                Some(Err(e)) => break End::Lost(format!("consumer error ({}): {e}", classify(&e))),
+                None => break End::Lost("consumer stream ended (cancelled by the broker or channel closed)".to_owned()),
+            },
+            _ = check.tick() => {
+                match tokio::time::timeout(Duration::from_secs(5), topology::inspect_queue(channel, queue)).await {
+                    Ok(Ok((consumers, messages))) => {
+                        ctx.shared.update_sub(queue, |s| {
+                            s.broker_consumers = Some((consumers, SystemTime::now()));
+                            s.broker_messages = Some(messages);
+                        });
+                        if consumers == 0 {
+                            metrics::zombie(queue);
+                            ctx.shared.update_sub(queue, |s| s.zombies += 1);
+                            break End::Lost("broker reports no consumer on the queue (zombie)".to_owned());
+                        }
+                    }
+                    Ok(Err(e)) => break End::Lost(format!("consumer check failed: {e}")),
+                    Err(_) => break End::Lost("consumer check timed out".to_owned()),
+                }
+            }
+        }
+    };
+    // Send what is finished before the channel goes.
+    if channel.status().connected() {
+        for f in book.flush(Instant::now(), Duration::ZERO) {
+            send(f);
+        }
+    }
+    end
+}

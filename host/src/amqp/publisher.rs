@@ -1,0 +1,292 @@
+//! The confirmed publisher: a dedicated confirm-mode channel per session,
+//! re-opened whenever it closes, and a cheap [`Publisher`] handle whose
+//! `publish` resolves only when the broker confirmed.
+//!
+//! Every publish is `mandatory` and has a deadline (the confirm timeout)
+//! covering the wait while the broker blocks publishing, the send, and the
+//! confirm. Many publishes may be in flight at once: confirms are
+//! pipelined on the one channel. It never buffers while disconnected; the
+//! caller decides (the outbox spools).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{Channel, Confirmation, Connection};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::convert::{short, to_basic_properties};
+use super::failure::{Failure, FailureClass, classify, is_connection_level};
+use super::metrics;
+use super::supervisor::{AmqpStatus, ConnectionState};
+use crate::message::OutboundMessage;
+
+/// Why a publish did not end confirmed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PublishError {
+    /// No live session (or its publish channel is being re-opened).
+    #[error("not connected to the broker")]
+    NotConnected,
+    /// The broker blocked publishing (resource alarm) for the whole
+    /// confirm timeout.
+    #[error("broker blocked publishing for {0:?}")]
+    Blocked(Duration),
+    /// No confirm arrived within the timeout; the message may or may not
+    /// have been routed.
+    #[error("no publisher confirm within {0:?}")]
+    ConfirmTimeout(Duration),
+    /// The broker refused the message (`basic.nack`).
+    #[error("broker nacked the message")]
+    Nacked,
+    /// No queue is bound for it (`basic.return` on a mandatory publish).
+    #[error(
+        "message to exchange '{exchange}' with key '{routing_key}' is unroutable: {reply_code} {reply_text}"
+    )]
+    Unroutable {
+        /// Exchange.
+        exchange: String,
+        /// Routing key.
+        routing_key: String,
+        /// AMQP reply code (312 NO_ROUTE).
+        reply_code: u16,
+        /// Broker text.
+        reply_text: String,
+    },
+    /// The channel or connection failed while the publish was in flight;
+    /// the outcome is unknown.
+    #[error("publish failed ({class}): {message}")]
+    ConnectionLost {
+        /// Failure class (`not_found` for a missing exchange).
+        class: FailureClass,
+        /// Error text.
+        message: String,
+    },
+}
+
+impl PublishError {
+    /// Trying again (or spooling) may succeed: everything but an
+    /// unroutable message or a missing exchange.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            PublishError::Unroutable { .. } => false,
+            PublishError::ConnectionLost { class, .. } => {
+                !matches!(class, FailureClass::NotFound | FailureClass::AccessRefused)
+            }
+            _ => true,
+        }
+    }
+
+    /// The broker may have the message even though no confirm arrived
+    /// (republishing may duplicate).
+    pub fn is_outcome_unknown(&self) -> bool {
+        matches!(
+            self,
+            PublishError::ConfirmTimeout(_) | PublishError::ConnectionLost { .. }
+        )
+    }
+
+    fn label(&self) -> &'static str {
+        match self {
+            PublishError::NotConnected => "not_connected",
+            PublishError::Blocked(_) => "blocked",
+            PublishError::ConfirmTimeout(_) => "timeout",
+            PublishError::Nacked => "nacked",
+            PublishError::Unroutable { .. } => "unroutable",
+            PublishError::ConnectionLost { .. } => "connection_lost",
+        }
+    }
+}
+
+/// The current confirm channel.
+#[derive(Clone)]
+pub(crate) struct PublisherLink {
+    pub(crate) generation: u64,
+    pub(crate) channel: Channel,
+}
+
+/// Publishes with confirms (cheap clone; share it freely).
+#[derive(Clone)]
+pub struct Publisher {
+    link: watch::Receiver<Option<PublisherLink>>,
+    status: watch::Receiver<AmqpStatus>,
+    confirm_timeout: Duration,
+}
+
+impl Publisher {
+    pub(crate) fn new(
+        link: watch::Receiver<Option<PublisherLink>>,
+        status: watch::Receiver<AmqpStatus>,
+        confirm_timeout: Duration,
+    ) -> Self {
+        Self {
+            link,
+            status,
+            confirm_timeout,
+        }
+    }
+
+    /// The confirm timeout.
+    pub fn confirm_timeout(&self) -> Duration {
+        self.confirm_timeout
+    }
+
+    /// Whether a confirm channel is up right now.
+    pub fn is_ready(&self) -> bool {
+        self.link
+            .borrow()
+            .as_ref()
+            .is_some_and(|l| l.channel.status().connected())
+    }
+
+    /// Publish `msg` (mandatory) and wait for the broker's confirm. Returns
+    /// the generation of the session that confirmed it.
+    pub async fn publish(&self, msg: &OutboundMessage) -> Result<u64, PublishError> {
+        let res = self.publish_inner(msg).await;
+        metrics::publish(match &res {
+            Ok(_) => "confirmed",
+            Err(e) => e.label(),
+        });
+        res
+    }
+
+    async fn publish_inner(&self, msg: &OutboundMessage) -> Result<u64, PublishError> {
+        let timeout = self.confirm_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut status = self.status.clone();
+        // While blocked, wait (bounded by the deadline) for unblocked.
+        loop {
+            let blocked = matches!(
+                status.borrow_and_update().state,
+                ConnectionState::Blocked { .. }
+            );
+            if !blocked {
+                break;
+            }
+            match tokio::time::timeout_at(deadline, status.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(PublishError::NotConnected),
+                Err(_) => return Err(PublishError::Blocked(timeout)),
+            }
+        }
+        let Some(link) = self.link.borrow().clone() else {
+            return Err(PublishError::NotConnected);
+        };
+        if !link.channel.status().connected() {
+            return Err(PublishError::NotConnected);
+        }
+        let lost = |e: lapin::Error| PublishError::ConnectionLost {
+            class: classify(&e),
+            message: e.to_string(),
+        };
+        let work = async {
+            let confirm = link
+                .channel
+                .basic_publish(
+                    short(&msg.exchange),
+                    short(&msg.routing_key),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        immediate: false,
+                    },
+                    &msg.body,
+                    to_basic_properties(&msg.properties),
+                )
+                .await
+                .map_err(lost)?;
+            match confirm.await.map_err(lost)? {
+                Confirmation::Ack(None) => Ok(link.generation),
+                Confirmation::Ack(Some(ret)) | Confirmation::Nack(Some(ret)) => {
+                    Err(PublishError::Unroutable {
+                        exchange: msg.exchange.clone(),
+                        routing_key: msg.routing_key.clone(),
+                        reply_code: ret.reply_code,
+                        reply_text: ret.reply_text.as_str().to_owned(),
+                    })
+                }
+                Confirmation::Nack(None) => Err(PublishError::Nacked),
+                Confirmation::NotRequested => Err(PublishError::ConnectionLost {
+                    class: FailureClass::Other,
+                    message: "channel is not in confirm mode".to_owned(),
+                }),
+            }
+        };
+        match tokio::time::timeout_at(deadline, work).await {
+            Ok(r) => r,
+            Err(_) => Err(PublishError::ConfirmTimeout(timeout)),
+        }
+    }
+}
+
+/// Keep a confirm channel open on `conn` for the session, re-opening it
+/// when it closes (a publish to a missing exchange closes it with 404).
+pub(crate) async fn keep_channel(
+    conn: Arc<Connection>,
+    generation: u64,
+    link: watch::Sender<Option<PublisherLink>>,
+    abort: CancellationToken,
+    failures: mpsc::UnboundedSender<Failure>,
+) {
+    let mut retry = Duration::from_millis(50);
+    loop {
+        let opened = async {
+            let ch = conn.create_channel().await?;
+            ch.confirm_select(ConfirmSelectOptions::default()).await?;
+            Ok::<_, lapin::Error>(ch)
+        };
+        let channel = tokio::select! {
+            biased;
+            _ = abort.cancelled() => break,
+            r = opened => match r {
+                Ok(ch) => ch,
+                Err(e) => {
+                    if is_connection_level(&e) || !conn.status().connected() {
+                        let _ = failures.send(Failure::from_lapin(&e, Some(generation)));
+                        break;
+                    }
+                    warn!(generation, error = %e, "Cannot open the publish channel; retrying.");
+                    tokio::select! {
+                        biased;
+                        _ = abort.cancelled() => break,
+                        _ = tokio::time::sleep(retry) => {}
+                    }
+                    retry = (retry * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+            },
+        };
+        retry = Duration::from_millis(50);
+        debug!(
+            generation,
+            channel = channel.id(),
+            "Publish channel open in confirm mode."
+        );
+        link.send_replace(Some(PublisherLink {
+            generation,
+            channel: channel.clone(),
+        }));
+        let mut poll = tokio::time::interval(Duration::from_millis(50));
+        loop {
+            tokio::select! {
+                biased;
+                _ = abort.cancelled() => {
+                    link.send_replace(None);
+                    let _ = tokio::time::timeout(Duration::from_secs(1), channel.close(200, "session over".into())).await;
+                    return;
+                }
+                _ = poll.tick() => {
+                    if !channel.status().connected() {
+                        break;
+                    }
+                }
+            }
+        }
+        link.send_replace(None);
+        if !conn.status().connected() {
+            break;
+        }
+        debug!(generation, "Publish channel closed; re-opening it.");
+    }
+    link.send_replace(None);
+}

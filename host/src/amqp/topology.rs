@@ -1,0 +1,447 @@
+//! The topology registry: the exchanges, queues and bindings Warren
+//! declares on every (re)connect, before any consumer starts, and that a
+//! consumer re-declares for its own queue when it is re-established.
+//!
+//! The registry is shared (`Arc<RwLock<…>>`) and updatable at run time;
+//! removing an entity only stops Warren from declaring it, it never deletes
+//! anything on the broker.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{Channel, ExchangeKind};
+
+use super::convert::{short, to_amqp_value};
+use super::failure::{AmqpError, FailureClass, classify, conflicting_argument};
+use crate::message::HeaderValue;
+
+/// An exchange type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExchangeType {
+    /// `direct`.
+    Direct,
+    /// `fanout`.
+    Fanout,
+    /// `topic`.
+    Topic,
+    /// `headers`.
+    Headers,
+    /// A plugin type such as `x-delayed-message`.
+    Custom(String),
+}
+
+impl ExchangeType {
+    fn to_lapin(&self) -> ExchangeKind {
+        match self {
+            ExchangeType::Direct => ExchangeKind::Direct,
+            ExchangeType::Fanout => ExchangeKind::Fanout,
+            ExchangeType::Topic => ExchangeKind::Topic,
+            ExchangeType::Headers => ExchangeKind::Headers,
+            ExchangeType::Custom(s) => ExchangeKind::Custom(s.clone()),
+        }
+    }
+}
+
+/// An exchange to declare.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExchangeSpec {
+    /// Name (never empty: the default exchange is not declared).
+    pub name: String,
+    /// Type.
+    pub kind: ExchangeType,
+    /// Survives a broker restart.
+    pub durable: bool,
+    /// Deleted when its last binding goes.
+    pub auto_delete: bool,
+    /// Extra arguments.
+    pub arguments: Vec<(String, HeaderValue)>,
+}
+
+impl ExchangeSpec {
+    /// A durable exchange of `kind`.
+    pub fn durable(name: impl Into<String>, kind: ExchangeType) -> Self {
+        Self {
+            name: name.into(),
+            kind,
+            durable: true,
+            auto_delete: false,
+            arguments: Vec::new(),
+        }
+    }
+}
+
+/// The queue type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QueueType {
+    /// A classic queue (no `x-queue-type` argument is sent).
+    #[default]
+    Classic,
+    /// A quorum queue (`x-queue-type = quorum`, always durable).
+    Quorum,
+}
+
+/// A queue to declare.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct QueueSpec {
+    /// Name.
+    pub name: String,
+    /// Survives a broker restart.
+    pub durable: bool,
+    /// Deleted when its last consumer goes.
+    pub auto_delete: bool,
+    /// Classic or quorum.
+    pub queue_type: QueueType,
+    /// `x-dead-letter-exchange`.
+    pub dead_letter_exchange: Option<String>,
+    /// `x-dead-letter-routing-key`.
+    pub dead_letter_routing_key: Option<String>,
+    /// `x-message-ttl`.
+    pub message_ttl: Option<Duration>,
+    /// `x-delivery-limit` (quorum queues).
+    pub delivery_limit: Option<u32>,
+    /// Any other arguments, sent as given.
+    pub arguments: Vec<(String, HeaderValue)>,
+}
+
+impl QueueSpec {
+    /// A durable classic queue.
+    pub fn durable(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            durable: true,
+            ..Self::default()
+        }
+    }
+
+    /// A quorum queue.
+    pub fn quorum(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            durable: true,
+            queue_type: QueueType::Quorum,
+            ..Self::default()
+        }
+    }
+
+    /// The declaration arguments.
+    pub fn field_table(&self) -> FieldTable {
+        let mut t = FieldTable::default();
+        if self.queue_type == QueueType::Quorum {
+            t.insert("x-queue-type".into(), long("quorum"));
+        }
+        if let Some(v) = &self.dead_letter_exchange {
+            t.insert("x-dead-letter-exchange".into(), long(v));
+        }
+        if let Some(v) = &self.dead_letter_routing_key {
+            t.insert("x-dead-letter-routing-key".into(), long(v));
+        }
+        if let Some(v) = self.message_ttl {
+            let ms = i64::try_from(v.as_millis()).unwrap_or(i64::MAX);
+            t.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ms));
+        }
+        if let Some(v) = self.delivery_limit {
+            t.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(v.into()));
+        }
+        for (k, v) in &self.arguments {
+            t.insert(short(k), to_amqp_value(v));
+        }
+        t
+    }
+}
+
+/// A binding of a queue to an exchange.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BindingSpec {
+    /// The queue.
+    pub queue: String,
+    /// The exchange.
+    pub exchange: String,
+    /// The binding key.
+    pub routing_key: String,
+    /// Binding arguments (headers exchanges).
+    pub arguments: Vec<(String, HeaderValue)>,
+}
+
+impl BindingSpec {
+    /// Bind `queue` to `exchange` with `routing_key`.
+    pub fn new(
+        queue: impl Into<String>,
+        exchange: impl Into<String>,
+        routing_key: impl Into<String>,
+    ) -> Self {
+        Self {
+            queue: queue.into(),
+            exchange: exchange.into(),
+            routing_key: routing_key.into(),
+            arguments: Vec::new(),
+        }
+    }
+}
+
+/// A set of declarations.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Topology {
+    /// Exchanges by name.
+    pub exchanges: BTreeMap<String, ExchangeSpec>,
+    /// Queues by name.
+    pub queues: BTreeMap<String, QueueSpec>,
+    /// Bindings.
+    pub bindings: Vec<BindingSpec>,
+}
+
+impl Topology {
+    /// Add or replace an exchange.
+    pub fn exchange(mut self, spec: ExchangeSpec) -> Self {
+        self.exchanges.insert(spec.name.clone(), spec);
+        self
+    }
+
+    /// Add or replace a queue.
+    pub fn queue(mut self, spec: QueueSpec) -> Self {
+        self.queues.insert(spec.name.clone(), spec);
+        self
+    }
+
+    /// Add a binding (duplicates are ignored).
+    pub fn binding(mut self, spec: BindingSpec) -> Self {
+        if !self.bindings.contains(&spec) {
+            self.bindings.push(spec);
+        }
+        self
+    }
+
+    /// Everything one queue needs: the queue, its bindings and the exchanges
+    /// they name.
+    pub fn for_queue(&self, queue: &str) -> Topology {
+        let bindings: Vec<BindingSpec> = self
+            .bindings
+            .iter()
+            .filter(|b| b.queue == queue)
+            .cloned()
+            .collect();
+        let exchanges = bindings
+            .iter()
+            .filter_map(|b| self.exchanges.get(&b.exchange))
+            .map(|e| (e.name.clone(), e.clone()))
+            .collect();
+        let queues = self
+            .queues
+            .get(queue)
+            .map(|q| (q.name.clone(), q.clone()))
+            .into_iter()
+            .collect();
+        Topology {
+            exchanges,
+            queues,
+            bindings,
+        }
+    }
+}
+
+/// The shared, updatable registry (cheap to clone).
+#[derive(Debug, Clone, Default)]
+pub struct TopologyRegistry {
+    inner: Arc<RwLock<Topology>>,
+}
+
+impl TopologyRegistry {
+    /// A registry holding `topology`.
+    pub fn new(topology: Topology) -> Self {
+        Self {
+            inner: Arc::new(RwLock::new(topology)),
+        }
+    }
+
+    /// A copy of the current topology.
+    pub fn snapshot(&self) -> Topology {
+        match self.inner.read() {
+            Ok(t) => t.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Merge `more` into the registry (same names replace).
+    pub fn merge(&self, more: Topology) {
+        self.update(|t| {
+            t.exchanges.extend(more.exchanges);
+            t.queues.extend(more.queues);
+            for b in more.bindings {
+                if !t.bindings.contains(&b) {
+                    t.bindings.push(b);
+                }
+            }
+        });
+    }
+
+    /// Stop declaring queue `name` and its bindings.
+    pub fn remove_queue(&self, name: &str) {
+        self.update(|t| {
+            t.queues.remove(name);
+            t.bindings.retain(|b| b.queue != name);
+        });
+    }
+
+    /// Stop declaring exchange `name` and bindings to it.
+    pub fn remove_exchange(&self, name: &str) {
+        self.update(|t| {
+            t.exchanges.remove(name);
+            t.bindings.retain(|b| b.exchange != name);
+        });
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Topology)) {
+        match self.inner.write() {
+            Ok(mut t) => f(&mut t),
+            Err(poisoned) => f(&mut poisoned.into_inner()),
+        }
+    }
+}
+
+/// Declare `topology` on `channel`: exchanges, then queues, then bindings.
+/// Stops at the first error, because a failed declaration closes the
+/// channel.
+pub async fn declare(channel: &Channel, topology: &Topology) -> Result<(), AmqpError> {
+    for e in topology.exchanges.values() {
+        declare_exchange(channel, e).await?;
+    }
+    for q in topology.queues.values() {
+        declare_queue(channel, q).await?;
+    }
+    for b in &topology.bindings {
+        declare_binding(channel, b).await?;
+    }
+    Ok(())
+}
+
+/// Declare one exchange.
+pub async fn declare_exchange(channel: &Channel, e: &ExchangeSpec) -> Result<(), AmqpError> {
+    let opts = ExchangeDeclareOptions {
+        durable: e.durable,
+        auto_delete: e.auto_delete,
+        ..ExchangeDeclareOptions::default()
+    };
+    channel
+        .exchange_declare(
+            short(&e.name),
+            e.kind.to_lapin(),
+            opts,
+            super::convert::to_field_table(&e.arguments),
+        )
+        .await
+        .map_err(|err| declaration_error(format!("exchange '{}'", e.name), &err))
+}
+
+/// Declare one queue; returns the broker's consumer and message counts.
+pub async fn declare_queue(channel: &Channel, q: &QueueSpec) -> Result<(u32, u32), AmqpError> {
+    let opts = QueueDeclareOptions {
+        durable: q.durable || q.queue_type == QueueType::Quorum,
+        auto_delete: q.auto_delete,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(short(&q.name), opts, q.field_table())
+        .await
+        .map(|ok| (ok.consumer_count(), ok.message_count()))
+        .map_err(|err| declaration_error(format!("queue '{}'", q.name), &err))
+}
+
+/// Check a queue exists without changing it; returns the broker's consumer
+/// and message counts.
+pub async fn inspect_queue(channel: &Channel, name: &str) -> Result<(u32, u32), AmqpError> {
+    let opts = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(short(name), opts, FieldTable::default())
+        .await
+        .map(|ok| (ok.consumer_count(), ok.message_count()))
+        .map_err(|err| declaration_error(format!("queue '{name}'"), &err))
+}
+
+/// Declare one binding.
+pub async fn declare_binding(channel: &Channel, b: &BindingSpec) -> Result<(), AmqpError> {
+    channel
+        .queue_bind(
+            short(&b.queue),
+            short(&b.exchange),
+            short(&b.routing_key),
+            QueueBindOptions::default(),
+            super::convert::to_field_table(&b.arguments),
+        )
+        .await
+        .map_err(|err| {
+            declaration_error(
+                format!(
+                    "binding of queue '{}' to exchange '{}' with key '{}'",
+                    b.queue, b.exchange, b.routing_key
+                ),
+                &err,
+            )
+        })
+}
+
+fn declaration_error(entity: String, err: &lapin::Error) -> AmqpError {
+    let class = classify(err);
+    let message = err.to_string();
+    if class == FailureClass::PreconditionFailed {
+        AmqpError::DeclarationConflict {
+            entity,
+            argument: conflicting_argument(&message).unwrap_or_else(|| "unknown".to_owned()),
+            message,
+        }
+    } else {
+        AmqpError::DeclarationFailed {
+            entity,
+            class,
+            message,
+        }
+    }
+}
+
+fn long(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quorum_queue_arguments() {
+        let mut q = QueueSpec::quorum("q");
+        q.dead_letter_exchange = Some("dlx".into());
+        q.message_ttl = Some(Duration::from_secs(2));
+        q.arguments
+            .push(("x-max-length".into(), HeaderValue::I64(10)));
+        let t = q.field_table();
+        assert!(t.contains_key("x-queue-type"));
+        assert!(t.contains_key("x-dead-letter-exchange"));
+        assert_eq!(
+            t.inner().get("x-message-ttl"),
+            Some(&AMQPValue::LongLongInt(2000))
+        );
+        assert!(t.contains_key("x-max-length"));
+    }
+
+    #[test]
+    fn for_queue_selects_its_bindings_and_exchanges() {
+        let t = Topology::default()
+            .exchange(ExchangeSpec::durable("ex", ExchangeType::Topic))
+            .exchange(ExchangeSpec::durable("other", ExchangeType::Fanout))
+            .queue(QueueSpec::durable("a"))
+            .queue(QueueSpec::durable("b"))
+            .binding(BindingSpec::new("a", "ex", "k.#"))
+            .binding(BindingSpec::new("b", "other", ""));
+        let a = t.for_queue("a");
+        assert_eq!(a.queues.len(), 1);
+        assert_eq!(a.bindings.len(), 1);
+        assert!(a.exchanges.contains_key("ex") && !a.exchanges.contains_key("other"));
+        let reg = TopologyRegistry::new(t);
+        reg.remove_queue("a");
+        assert!(reg.snapshot().for_queue("a").bindings.is_empty());
+    }
+}
