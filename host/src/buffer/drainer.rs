@@ -1,0 +1,615 @@
+//! The drainer: republishes spool entries in stream order through a
+//! publisher it is given, and deletes each entry only after its publish was
+//! confirmed.
+//!
+//! # One drainer per stream: a lease, not a consumer group
+//! Order needs a single reader that stops at the first failure. A consumer
+//! group would add a pending-entries list, `XACK`, and `XAUTOCLAIM` to take
+//! over a dead drainer's entries — and claiming reorders them. Instead the
+//! drainer holds a lease (`{stream}:drain-lock`, set with `NX PX`, renewed
+//! every third of its TTL by a compare-and-extend script) and always reads
+//! from the head of the stream. Entries are deleted strictly in stream
+//! order, so the stream is always "everything not yet confirmed": a drainer
+//! that crashes or is cancelled mid-way leaves its unconfirmed entries where
+//! they were, and the next lease holder republishes them (at least once).
+//! Before each publish the drainer checks that its lease is still valid, so
+//! two hosts do not publish the same entries concurrently (barring a Redis
+//! failover losing the lock key, or a drainer stalled longer than the TTL
+//! between that check and its publish).
+//!
+//! # A window of publishes in flight
+//! [`DrainPublisher::publish`] has two phases: its future resolves once the
+//! message is handed to the broker (sent in call order), and yields a
+//! confirm future that resolves at the broker's confirm. The drainer keeps
+//! up to `window` confirms outstanding and consumes them in order, deleting
+//! the confirmed prefix in batches (one script call: `XDEL` and the byte
+//! counter). On the first failed publish or confirm it stops sending,
+//! deletes the confirmed prefix before the failed entry, and pauses with
+//! exponential backoff (full jitter); the failed entry and everything after
+//! it stay in the stream and are republished from there. With a window
+//! larger than 1, entries after the failed one may already have reached the
+//! broker; they are published again after it (duplicates, carrying the same
+//! `message_id`). `window = 1` gives strict order even across failures.
+//!
+//! An entry that cannot be decoded is moved to `{stream}:corrupt` (logged at
+//! ERROR) rather than blocking the spool forever.
+//!
+//! Deliberately not done here: routing decisions (the outbox decides when to
+//! spool), and AMQP itself (the publisher is given).
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt as _;
+use futures::stream::FuturesOrdered;
+use redis::Value;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+use uuid::Uuid;
+
+use super::spool::{DrainerState, Shared, SpoolHandle, refresh_depth};
+use super::{DrainerConfig, SpoolError};
+use crate::message::OutboundMessage;
+
+/// Extends the lease if this drainer holds it or nobody does.
+const LEASE_SCRIPT: &str = r"
+local v = redis.call('GET', KEYS[1])
+if v == false then
+  redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
+  return 1
+elseif v == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+";
+
+/// Releases the lease if this drainer holds it.
+const RELEASE_SCRIPT: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+";
+
+/// Deletes confirmed entries (id, size pairs) and subtracts the sizes of
+/// those that still existed from the byte counter. Returns {deleted, bytes}.
+const DELETE_SCRIPT: &str = r"
+local n = 0
+local b = 0
+for i = 1, #ARGV, 2 do
+  if redis.call('XDEL', KEYS[1], ARGV[i]) == 1 then
+    n = n + 1
+    b = b + tonumber(ARGV[i + 1])
+  end
+end
+if b > 0 then redis.call('DECRBY', KEYS[2], b) end
+return {n, b}
+";
+
+/// Publishes a spooled message. Implemented by the confirmed AMQP publisher
+/// (plugged in by `dispatch`) and by [`FnPublisher`] for a plain async
+/// closure.
+pub trait DrainPublisher: Send + Sync + 'static {
+    /// Why a publish failed.
+    type Error: std::fmt::Display + Send + 'static;
+    /// Resolves when the broker confirmed (`Ok`) or refused/lost the message.
+    type Confirm: Future<Output = Result<(), Self::Error>> + Send + 'static;
+
+    /// Hand `message` to the broker. The drainer awaits these one at a time,
+    /// in stream order, so the returned future must resolve once the message
+    /// is sent (not confirmed); the confirm comes through
+    /// [`DrainPublisher::Confirm`].
+    fn publish(
+        &self,
+        message: OutboundMessage,
+    ) -> impl Future<Output = Result<Self::Confirm, Self::Error>> + Send;
+}
+
+/// Adapts an async closure `Fn(OutboundMessage) -> Future<Output =
+/// Result<(), E>>` whose future resolves at the confirm: one publish in
+/// flight at a time.
+pub struct FnPublisher<F>(pub F);
+
+impl<F, Fut, E> DrainPublisher for FnPublisher<F>
+where
+    F: Fn(OutboundMessage) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Display + Send + 'static,
+{
+    type Error = E;
+    type Confirm = std::future::Ready<Result<(), E>>;
+
+    fn publish(
+        &self,
+        message: OutboundMessage,
+    ) -> impl Future<Output = Result<Self::Confirm, E>> + Send {
+        let fut = (self.0)(message);
+        async move {
+            fut.await?;
+            Ok(std::future::ready(Ok(())))
+        }
+    }
+}
+
+/// Controls a running [`Drainer`].
+#[derive(Clone)]
+pub struct DrainerHandle {
+    enabled: watch::Sender<bool>,
+    shared: Arc<Shared>,
+}
+
+impl DrainerHandle {
+    /// Stop draining (e.g. while the broker is known to be down). Publishes
+    /// in flight finish; the lease is released.
+    pub fn pause(&self) {
+        self.enabled.send_replace(false);
+    }
+
+    /// Resume draining.
+    pub fn resume(&self) {
+        self.enabled.send_replace(true);
+        self.shared.appended_notify.notify_one();
+    }
+
+    /// Retry now instead of waiting out the current backoff (e.g. when the
+    /// broker connection came back).
+    pub fn kick(&self) {
+        self.shared.appended_notify.notify_one();
+    }
+
+    /// Whether draining is enabled.
+    pub fn is_enabled(&self) -> bool {
+        *self.enabled.borrow()
+    }
+}
+
+/// Owner of the drain loop. `drainer.run(cancel)`; control it through the
+/// [`DrainerHandle`].
+pub struct Drainer<P: DrainPublisher> {
+    cfg: DrainerConfig,
+    shared: Arc<Shared>,
+    publisher: P,
+    enabled: watch::Receiver<bool>,
+    lock_key: String,
+    corrupt_key: String,
+    token: String,
+}
+
+type ConfirmFuture<E> = Pin<Box<dyn Future<Output = (Entry, Result<(), E>)> + Send>>;
+
+struct Entry {
+    stream_id: String,
+    size: u64,
+}
+
+enum Stop {
+    Cancelled,
+    Disabled,
+    LeaseLost,
+    Idle,
+    Publish(String),
+    Redis(SpoolError, u64),
+}
+
+impl<P: DrainPublisher> Drainer<P> {
+    /// A drainer for `spool`'s stream publishing through `publisher`.
+    pub fn new(
+        cfg: DrainerConfig,
+        spool: &SpoolHandle,
+        publisher: P,
+    ) -> Result<(Drainer<P>, DrainerHandle), SpoolError> {
+        cfg.validate()?;
+        let shared = spool.shared.clone();
+        let (tx, rx) = watch::channel(true);
+        let key = shared.key.clone();
+        Ok((
+            Drainer {
+                cfg,
+                shared: shared.clone(),
+                publisher,
+                enabled: rx,
+                lock_key: format!("{key}:drain-lock"),
+                corrupt_key: format!("{key}:corrupt"),
+                token: Uuid::new_v4().to_string(),
+            },
+            DrainerHandle {
+                enabled: tx,
+                shared,
+            },
+        ))
+    }
+
+    fn ttl(&self) -> Duration {
+        Duration::from_millis(self.cfg.lease_ttl_ms)
+    }
+
+    /// Drain until `cancel`. Never returns early on errors: failures pause
+    /// and retry.
+    pub async fn run(mut self, cancel: CancellationToken) {
+        info!(stream = %self.shared.key, token = %self.token, "Drainer starting.");
+        let mut backoff = Duration::from_millis(self.cfg.backoff_min_ms);
+        loop {
+            if cancel.is_cancelled() {
+                break;
+            }
+            if !*self.enabled.borrow_and_update() {
+                self.shared.set_drainer_state(DrainerState::Disabled);
+                tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => break,
+                    r = self.enabled.changed() => if r.is_err() { break },
+                }
+                continue;
+            }
+            let stop = match self.extend_lease().await {
+                Ok(true) => {
+                    debug!(stream = %self.shared.key, "Drain lease held.");
+                    self.drain_leased(&cancel, &mut backoff).await
+                }
+                Ok(false) => {
+                    self.shared.set_drainer_state(DrainerState::Standby);
+                    tokio::select! {
+                        biased;
+                        _ = cancel.cancelled() => break,
+                        _ = tokio::time::sleep(self.ttl() / 3) => {}
+                    }
+                    continue;
+                }
+                Err((e, g)) => Stop::Redis(e, g),
+            };
+            let pause = match stop {
+                Stop::Cancelled => break,
+                Stop::Disabled => {
+                    self.release_lease().await;
+                    continue;
+                }
+                Stop::LeaseLost => {
+                    warn!(stream = %self.shared.key, "Drain lease lost; standing by.");
+                    continue;
+                }
+                Stop::Idle => continue,
+                Stop::Publish(e) => {
+                    warn!(stream = %self.shared.key, error = %e, "Republishing a spooled message failed; pausing the drainer.");
+                    e
+                }
+                Stop::Redis(e, generation) => {
+                    if e.is_failover() {
+                        self.shared.primary.invalidate(generation, &e).await;
+                    }
+                    debug!(stream = %self.shared.key, error = %e, "Drainer cannot reach Redis; pausing.");
+                    e.to_string()
+                }
+            };
+            let jittered = Duration::from_millis(rand::random_range(
+                self.cfg.backoff_min_ms.min(backoff.as_millis() as u64)
+                    ..=backoff.as_millis() as u64,
+            ));
+            self.shared.set_drainer_state(DrainerState::Paused {
+                error: pause,
+                retry_in_ms: jittered.as_millis() as u64,
+            });
+            metrics::counter!(super::metric::DRAIN_PAUSES).increment(1);
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                _ = tokio::time::sleep(jittered) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_millis(self.cfg.backoff_max_ms));
+        }
+        self.release_lease().await;
+        self.shared.set_drainer_state(DrainerState::NotRunning);
+        info!(stream = %self.shared.key, "Drainer stopped.");
+    }
+
+    /// Holding the lease: drain, idle, renew, until something stops us.
+    async fn drain_leased(&mut self, cancel: &CancellationToken, backoff: &mut Duration) -> Stop {
+        let mut lease_until = Instant::now() + self.ttl();
+        let mut renew = tokio::time::interval(self.ttl() / 3);
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        renew.tick().await;
+        loop {
+            match self.drain_pass(cancel, &mut renew, &mut lease_until).await {
+                Stop::Idle => {}
+                other => return other,
+            }
+            *backoff = Duration::from_millis(self.cfg.backoff_min_ms);
+            self.shared.set_drainer_state(DrainerState::Idle);
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return Stop::Cancelled,
+                r = self.enabled.changed() => {
+                    if r.is_err() || !*self.enabled.borrow_and_update() {
+                        return Stop::Disabled;
+                    }
+                }
+                _ = renew.tick() => {
+                    match self.extend_lease().await {
+                        Ok(true) => lease_until = Instant::now() + self.ttl(),
+                        Ok(false) => return Stop::LeaseLost,
+                        Err((e, g)) => return Stop::Redis(e, g),
+                    }
+                }
+                _ = self.shared.appended_notify.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(self.cfg.idle_poll_ms)) => {}
+            }
+        }
+    }
+
+    /// Publish from the head of the stream until it is empty or something
+    /// fails. Returns `Stop::Idle` when everything read was confirmed and
+    /// deleted and the stream had no more.
+    async fn drain_pass(
+        &mut self,
+        cancel: &CancellationToken,
+        renew: &mut tokio::time::Interval,
+        lease_until: &mut Instant,
+    ) -> Stop {
+        let mut queue: VecDeque<(Entry, Result<OutboundMessage, String>)> = VecDeque::new();
+        let mut inflight: FuturesOrdered<ConfirmFuture<P::Error>> = FuturesOrdered::new();
+        let mut confirmed: Vec<Entry> = Vec::new();
+        let mut last_read: Option<String> = None;
+        let mut at_end = false;
+        let mut sent_any = false;
+        loop {
+            // Fill the window, in stream order.
+            while inflight.len() < self.cfg.window && !cancel.is_cancelled() {
+                if queue.is_empty() && !at_end {
+                    match self.read(last_read.as_deref()).await {
+                        Ok(entries) => {
+                            if entries.len() < self.cfg.batch {
+                                at_end = true;
+                            }
+                            if let Some((e, _)) = entries.last() {
+                                last_read = Some(e.stream_id.clone());
+                            }
+                            queue.extend(entries);
+                        }
+                        Err((e, g)) => {
+                            return self.stop_with(Stop::Redis(e, g), &mut confirmed).await;
+                        }
+                    }
+                }
+                let Some((entry, msg)) = queue.pop_front() else {
+                    break;
+                };
+                if !sent_any {
+                    self.shared.set_drainer_state(DrainerState::Draining);
+                    sent_any = true;
+                }
+                if Instant::now() + Duration::from_millis(50) >= *lease_until {
+                    match self.extend_lease().await {
+                        Ok(true) => *lease_until = Instant::now() + self.ttl(),
+                        Ok(false) => return self.stop_with(Stop::LeaseLost, &mut confirmed).await,
+                        Err((e, g)) => {
+                            return self.stop_with(Stop::Redis(e, g), &mut confirmed).await;
+                        }
+                    }
+                }
+                match msg {
+                    Ok(msg) => match self.publisher.publish(msg).await {
+                        Ok(confirm) => {
+                            inflight.push_back(Box::pin(async move { (entry, confirm.await) }));
+                        }
+                        Err(e) => {
+                            return self
+                                .fail_after_inflight(e.to_string(), inflight, confirmed)
+                                .await;
+                        }
+                    },
+                    Err(detail) => {
+                        if let Err((e, g)) = self.park_corrupt(&entry, &detail).await {
+                            return self.stop_with(Stop::Redis(e, g), &mut confirmed).await;
+                        }
+                        inflight.push_back(Box::pin(async move { (entry, Ok(())) }));
+                    }
+                }
+            }
+            if inflight.is_empty() {
+                if let Err((e, g)) = self.delete(&mut confirmed).await {
+                    return Stop::Redis(e, g);
+                }
+                return if cancel.is_cancelled() {
+                    Stop::Cancelled
+                } else {
+                    Stop::Idle
+                };
+            }
+            // Cancel-safe: confirms left in `inflight` are simply dropped;
+            // their entries stay in the stream and are republished.
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => {
+                    return self.stop_with(Stop::Cancelled, &mut confirmed).await;
+                }
+                _ = renew.tick() => {
+                    match self.extend_lease().await {
+                        Ok(true) => *lease_until = Instant::now() + self.ttl(),
+                        Ok(false) => return self.stop_with(Stop::LeaseLost, &mut confirmed).await,
+                        Err((e, g)) => return self.stop_with(Stop::Redis(e, g), &mut confirmed).await,
+                    }
+                }
+                done = inflight.next() => {
+                    let Some((entry, result)) = done else { continue };
+                    match result {
+                        Ok(()) => confirmed.push(entry),
+                        Err(e) => {
+                            return self.stop_with(Stop::Publish(e.to_string()), &mut confirmed).await;
+                        }
+                    }
+                }
+            }
+            if confirmed.len() >= 128
+                && let Err((e, g)) = self.delete(&mut confirmed).await
+            {
+                return Stop::Redis(e, g);
+            }
+        }
+    }
+
+    /// A send failed: collect the confirms already in flight before it (in
+    /// order, up to the first failure), delete that prefix, then stop.
+    async fn fail_after_inflight(
+        &self,
+        error: String,
+        mut inflight: FuturesOrdered<ConfirmFuture<P::Error>>,
+        mut confirmed: Vec<Entry>,
+    ) -> Stop {
+        let wait = tokio::time::timeout(Duration::from_secs(5), async {
+            while let Some((entry, result)) = inflight.next().await {
+                match result {
+                    Ok(()) => confirmed.push(entry),
+                    Err(_) => break,
+                }
+            }
+        });
+        let _ = wait.await;
+        self.stop_with(Stop::Publish(error), &mut confirmed).await
+    }
+
+    /// Delete what was confirmed, then stop with `stop`.
+    async fn stop_with(&self, stop: Stop, confirmed: &mut Vec<Entry>) -> Stop {
+        match self.delete(confirmed).await {
+            Ok(()) => stop,
+            Err((e, g)) => match stop {
+                Stop::Cancelled => Stop::Cancelled,
+                _ => Stop::Redis(e, g),
+            },
+        }
+    }
+
+    /// Read up to `batch` entries after `after` (from the head if `None`).
+    async fn read(
+        &self,
+        after: Option<&str>,
+    ) -> Result<Vec<(Entry, Result<OutboundMessage, String>)>, (SpoolError, u64)> {
+        let link = self.shared.primary.get().await.map_err(|e| (e, 0))?;
+        let mut conn = link.conn();
+        let start = after.map_or_else(|| "-".to_owned(), |a| format!("({a}"));
+        let raw: Vec<(String, Vec<Vec<u8>>)> = redis::cmd("XRANGE")
+            .arg(&self.shared.key)
+            .arg(start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(self.cfg.batch)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| (SpoolError::from_redis(&link.addr, e), link.generation))?;
+        if raw.is_empty() && after.is_none() {
+            // Nothing at all: resynchronise the cheap depth counter.
+            refresh_depth(&self.shared, &link).await;
+        }
+        Ok(raw
+            .into_iter()
+            .map(|(stream_id, fields)| {
+                let mut m = None;
+                for kv in fields.chunks(2) {
+                    if let [k, v] = kv
+                        && k.as_slice() == b"m"
+                    {
+                        m = Some(v.clone());
+                    }
+                }
+                let size = m.as_ref().map_or(0, |v| v.len() as u64);
+                let msg = match m {
+                    Some(bytes) => serde_json::from_slice::<OutboundMessage>(&bytes)
+                        .map_err(|e| format!("undecodable message: {e}")),
+                    None => Err("no `m` field".to_owned()),
+                };
+                (Entry { stream_id, size }, msg)
+            })
+            .collect())
+    }
+
+    /// Delete the confirmed prefix.
+    async fn delete(&self, confirmed: &mut Vec<Entry>) -> Result<(), (SpoolError, u64)> {
+        if confirmed.is_empty() {
+            return Ok(());
+        }
+        let link = self.shared.primary.get().await.map_err(|e| (e, 0))?;
+        let mut conn = link.conn();
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(DELETE_SCRIPT)
+            .arg(2)
+            .arg(&self.shared.key)
+            .arg(&self.shared.bytes_key);
+        for e in confirmed.iter() {
+            cmd.arg(&e.stream_id).arg(e.size);
+        }
+        self.shared.begin_mutation();
+        let reply: Result<(u64, u64), _> = cmd.query_async(&mut conn).await;
+        let result = match reply {
+            Ok((deleted, bytes)) => {
+                self.shared
+                    .record_drained(confirmed.len() as u64, deleted, bytes);
+                confirmed.clear();
+                Ok(())
+            }
+            Err(e) => Err((SpoolError::from_redis(&link.addr, e), link.generation)),
+        };
+        self.shared.end_mutation();
+        result
+    }
+
+    /// Move an undecodable entry aside (it is deleted in order like a
+    /// confirmed one).
+    async fn park_corrupt(&self, entry: &Entry, detail: &str) -> Result<(), (SpoolError, u64)> {
+        error!(stream = %self.shared.key, id = %entry.stream_id, %detail, corrupt = %self.corrupt_key, "Spool entry cannot be decoded; moving it aside.");
+        let link = self.shared.primary.get().await.map_err(|e| (e, 0))?;
+        let mut conn = link.conn();
+        let script = r"
+local e = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
+if #e == 1 then
+  local args = {KEYS[2], '*', 'from', ARGV[1], 'error', ARGV[2]}
+  for _, v in ipairs(e[1][2]) do args[#args + 1] = v end
+  redis.call('XADD', unpack(args))
+end
+return 1
+";
+        let _: Value = redis::cmd("EVAL")
+            .arg(script)
+            .arg(2)
+            .arg(&self.shared.key)
+            .arg(&self.corrupt_key)
+            .arg(&entry.stream_id)
+            .arg(detail)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| (SpoolError::from_redis(&link.addr, e), link.generation))?;
+        Ok(())
+    }
+
+    async fn extend_lease(&self) -> Result<bool, (SpoolError, u64)> {
+        let link = self.shared.primary.get().await.map_err(|e| (e, 0))?;
+        let mut conn = link.conn();
+        let held: i64 = redis::cmd("EVAL")
+            .arg(LEASE_SCRIPT)
+            .arg(1)
+            .arg(&self.lock_key)
+            .arg(&self.token)
+            .arg(self.cfg.lease_ttl_ms)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| (SpoolError::from_redis(&link.addr, e), link.generation))?;
+        Ok(held == 1)
+    }
+
+    async fn release_lease(&self) {
+        let Some(link) = self.shared.primary.peek().await else {
+            return;
+        };
+        let mut conn = link.conn();
+        let released: Result<i64, _> = redis::cmd("EVAL")
+            .arg(RELEASE_SCRIPT)
+            .arg(1)
+            .arg(&self.lock_key)
+            .arg(&self.token)
+            .query_async(&mut conn)
+            .await;
+        if let Err(e) = released {
+            debug!(stream = %self.shared.key, error = %e, "Could not release the drain lease; it expires by itself.");
+        }
+    }
+}

@@ -1,0 +1,648 @@
+//! Finding and following the Redis primary: Sentinel discovery, the one
+//! live connection to the primary, and the `+switch-master` listener.
+//!
+//! # Why a custom resolver, not deadpool-redis's sentinel pool
+//!
+//! Measured (`/work/shared/reference/redis-rabbit-facts.md` §1.3–1.5):
+//! deadpool-redis's sentinel pool keeps writing to a demoted primary after a
+//! manual `SENTINEL FAILOVER` (its recycle only PINGs), and redis-rs resolves
+//! through `SENTINEL MASTERS`, which the failover leader keeps stale for up
+//! to `failover-timeout`. A pool also recycles connections that should be
+//! dropped. The spool needs one connection at a time (the writer batches,
+//! the drainer shares it), so this module owns a single
+//! [`redis::aio::MultiplexedConnection`] per primary *generation*: any error
+//! that may mean the primary changed invalidates that generation, the
+//! connection is dropped (never recycled), and the next caller resolves
+//! afresh.
+//!
+//! # How the primary is chosen
+//!
+//! 1. Every sentinel is asked, concurrently and each with a timeout,
+//!    `SENTINEL GET-MASTER-ADDR-BY-NAME` (the call the Sentinel client spec
+//!    prescribes, up to date on the failover leader), `SENTINEL MASTER` (for
+//!    its `config-epoch`) and `SENTINEL REPLICAS`.
+//! 2. The address from the sentinel with the highest `config-epoch` wins
+//!    (the failover leader bumps it exactly when it starts advertising the
+//!    promoted replica; ties go to the first sentinel in configured order).
+//! 3. `ROLE` on that node must say primary; `INFO replication` gives its
+//!    replication id and how many replicas are online.
+//! 4. Successor check: if another known node (a replica Sentinel lists, or an
+//!    address another sentinel named) is a primary whose `master_replid2` is
+//!    our candidate's replication id, it was promoted *from* the candidate:
+//!    a failover is under way and the candidate is about to be demoted.
+//!    Refused with [`SpoolError::FailoverInProgress`].
+//! 5. Fewer online replicas than required: [`SpoolError::NoReplicas`].
+//!
+//! # Why appends `WAIT` for every online replica
+//!
+//! During a manual failover the promoted replica leaves the old primary
+//! before Sentinel advertises it; the other replica still acknowledges the
+//! old primary's writes until it is re-pointed and full-resyncs, losing
+//! them. Waiting for *all* replicas that were online when the primary was
+//! resolved (at least `min_replicas`) makes that departure visible as a
+//! short `WAIT`, which invalidates the connection and re-runs the successor
+//! check above. The required count is only ever raised by the periodic
+//! refresh, lowered only by a full re-resolution.
+//!
+//! Deliberately not done here: connection pooling, TLS and AUTH to the data
+//! nodes (addresses from Sentinel are dialled as `redis://ip:port`).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use futures::future::join_all;
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Client, Role};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::{SpoolConfig, SpoolError};
+
+/// A connection to the current primary, tagged with its generation.
+pub(crate) struct Link {
+    /// Generation of this link; [`Primary::invalidate`] compares it.
+    pub(crate) generation: u64,
+    /// `ip:port` of the primary.
+    pub(crate) addr: String,
+    conn: MultiplexedConnection,
+    /// Replicas every append must reach (`WAIT n`).
+    wait_for: AtomicU32,
+    /// Start-up check findings for this primary.
+    pub(crate) warnings: Vec<String>,
+}
+
+impl Link {
+    /// A handle on the multiplexed connection (cheap clone).
+    pub(crate) fn conn(&self) -> MultiplexedConnection {
+        self.conn.clone()
+    }
+
+    /// Replicas each append must reach on this link.
+    pub(crate) fn wait_for(&self) -> u32 {
+        self.wait_for.load(Ordering::Relaxed)
+    }
+
+    /// Raise (never lower) the replica count appends wait for.
+    pub(crate) fn raise_wait_for(&self, n: u32) {
+        self.wait_for.fetch_max(n, Ordering::Relaxed);
+    }
+}
+
+enum Target {
+    Sentinel {
+        master: String,
+        sentinels: Vec<(String, Client)>,
+    },
+    Plain {
+        addr: String,
+        client: Client,
+    },
+}
+
+/// `GET-MASTER-ADDR-BY-NAME`, `MASTER` and `REPLICAS` replies.
+type SentinelReply = (Option<(String, u16)>, Vec<String>, Vec<Vec<String>>);
+
+/// What one sentinel said.
+struct SentinelAnswer {
+    index: usize,
+    addr: String,
+    epoch: u64,
+    replicas: Vec<String>,
+}
+
+/// What `INFO replication` on a data node says.
+#[derive(Debug, Default)]
+struct ReplInfo {
+    role: String,
+    replid: String,
+    replid2: String,
+    online_replicas: u32,
+}
+
+/// The current primary and how to find the next one.
+pub(crate) struct Primary {
+    target: Target,
+    min_replicas: u32,
+    node_cfg: AsyncConnectionConfig,
+    probe_cfg: AsyncConnectionConfig,
+    probe_timeout: Duration,
+    current: Mutex<Option<Arc<Link>>>,
+    generation: AtomicU64,
+    /// Last resolution failure, for status.
+    last_error: std::sync::Mutex<Option<String>>,
+}
+
+impl Primary {
+    pub(crate) fn new(cfg: &SpoolConfig) -> Result<Self, SpoolError> {
+        let target = match &cfg.url {
+            Some(url) => {
+                let client = Client::open(url.as_str())
+                    .map_err(|e| SpoolError::InvalidConfig(vec![format!("bad redis url: {e}")]))?;
+                let addr = client.get_connection_info().addr().to_string();
+                Target::Plain { addr, client }
+            }
+            None => {
+                let mut sentinels = Vec::new();
+                let mut problems = Vec::new();
+                for url in &cfg.sentinels {
+                    match Client::open(url.as_str()) {
+                        Ok(c) => sentinels.push((c.get_connection_info().addr().to_string(), c)),
+                        Err(e) => problems.push(format!("bad sentinel url: {e}")),
+                    }
+                }
+                if !problems.is_empty() {
+                    return Err(SpoolError::InvalidConfig(problems));
+                }
+                Target::Sentinel {
+                    master: cfg.master_name.clone(),
+                    sentinels,
+                }
+            }
+        };
+        let node_cfg = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(cfg.connect_timeout()))
+            .set_response_timeout(Some(cfg.response_timeout()));
+        let probe_cfg = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(cfg.connect_timeout()))
+            .set_response_timeout(Some(cfg.connect_timeout()));
+        Ok(Self {
+            target,
+            min_replicas: cfg.min_replicas(),
+            node_cfg,
+            probe_cfg,
+            probe_timeout: cfg.connect_timeout() * 2,
+            current: Mutex::new(None),
+            generation: AtomicU64::new(0),
+            last_error: std::sync::Mutex::new(None),
+        })
+    }
+
+    /// The Sentinel master name, if Sentinel is used.
+    pub(crate) fn master_name(&self) -> Option<&str> {
+        match &self.target {
+            Target::Sentinel { master, .. } => Some(master),
+            Target::Plain { .. } => None,
+        }
+    }
+
+    /// The current link, resolving the primary first if there is none.
+    /// Concurrent callers wait for one resolution.
+    pub(crate) async fn get(&self) -> Result<Arc<Link>, SpoolError> {
+        let mut current = self.current.lock().await;
+        if let Some(link) = current.as_ref() {
+            return Ok(link.clone());
+        }
+        match self.resolve().await {
+            Ok((addr, conn, wait_for, warnings)) => {
+                let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+                info!(%addr, generation, wait_for, "Connected to the Redis primary.");
+                for w in &warnings {
+                    warn!(%addr, check = %w, "Redis primary is configured unsafely for the spool.");
+                }
+                let link = Arc::new(Link {
+                    generation,
+                    addr,
+                    conn,
+                    wait_for: AtomicU32::new(wait_for),
+                    warnings,
+                });
+                *current = Some(link.clone());
+                self.set_last_error(None);
+                metrics::counter!(super::metric::PRIMARY_RESOLVED).increment(1);
+                Ok(link)
+            }
+            Err(e) => {
+                debug!(error = %e, "Could not resolve the Redis primary.");
+                self.set_last_error(Some(e.to_string()));
+                Err(e)
+            }
+        }
+    }
+
+    /// The current link without resolving.
+    pub(crate) async fn peek(&self) -> Option<Arc<Link>> {
+        self.current.lock().await.clone()
+    }
+
+    /// Drop the link of `generation` (if it is still current): its
+    /// connection is closed once in-flight users let go, and the next
+    /// [`Primary::get`] resolves again. A report about an older generation
+    /// does nothing, so one failure never triggers two repairs.
+    pub(crate) async fn invalidate(&self, generation: u64, why: &SpoolError) {
+        let mut current = self.current.lock().await;
+        if current.as_ref().is_some_and(|l| l.generation == generation) {
+            if let Some(old) = current.take() {
+                warn!(addr = %old.addr, generation, error = %why, "Dropping the Redis primary connection; re-resolving.");
+            }
+            self.set_last_error(Some(why.to_string()));
+        }
+    }
+
+    /// Drop whatever link is current (on `+switch-master`).
+    pub(crate) async fn invalidate_any(&self, why: &str) {
+        let mut current = self.current.lock().await;
+        if let Some(old) = current.take() {
+            info!(addr = %old.addr, generation = old.generation, reason = why, "Dropping the Redis primary connection; re-resolving.");
+        }
+    }
+
+    pub(crate) fn last_error(&self) -> Option<String> {
+        self.last_error.lock().ok().and_then(|g| g.clone())
+    }
+
+    fn set_last_error(&self, e: Option<String>) {
+        if let Ok(mut g) = self.last_error.lock() {
+            *g = e;
+        }
+    }
+
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
+    }
+
+    /// Re-check the current link: still a primary (else invalidate), and
+    /// raise the WAIT count if more replicas came online.
+    pub(crate) async fn refresh(&self) {
+        let Some(link) = self.peek().await else {
+            return;
+        };
+        let mut conn = link.conn();
+        match repl_info(&mut conn, &link.addr).await {
+            Ok(info) if info.role == "master" => {
+                link.raise_wait_for(info.online_replicas.max(self.min_replicas));
+            }
+            Ok(info) => {
+                let e = SpoolError::NotPrimary {
+                    addr: link.addr.clone(),
+                    role: info.role,
+                };
+                self.invalidate(link.generation, &e).await;
+            }
+            Err(e) if e.is_failover() => self.invalidate(link.generation, &e).await,
+            Err(_) => {}
+        }
+    }
+
+    async fn resolve(
+        &self,
+    ) -> Result<(String, MultiplexedConnection, u32, Vec<String>), SpoolError> {
+        match &self.target {
+            Target::Plain { addr, client } => {
+                let mut conn = self.connect(client, addr, &self.node_cfg).await?;
+                let info = check_primary(&mut conn, addr).await?;
+                if info.online_replicas < self.min_replicas {
+                    return Err(too_few(addr, info.online_replicas, self.min_replicas));
+                }
+                let warnings = startup_checks(&mut conn, addr).await;
+                Ok((addr.clone(), conn, self.min_replicas, warnings))
+            }
+            Target::Sentinel { master, sentinels } => {
+                let answers = join_all(
+                    sentinels
+                        .iter()
+                        .enumerate()
+                        .map(|(i, (addr, c))| self.ask_sentinel(i, addr, c, master)),
+                )
+                .await;
+                let mut errors = Vec::new();
+                let mut ok = Vec::new();
+                for a in answers {
+                    match a {
+                        Ok(a) => ok.push(a),
+                        Err(e) => errors.push(e.to_string()),
+                    }
+                }
+                // Highest config-epoch first; ties in configured order.
+                ok.sort_by(|a, b| b.epoch.cmp(&a.epoch).then(a.index.cmp(&b.index)));
+                let Some(best) = ok.first() else {
+                    return Err(SpoolError::NoPrimary {
+                        master: master.clone(),
+                        detail: errors.join("; "),
+                    });
+                };
+                let addr = best.addr.clone();
+                let client = Client::open(format!("redis://{addr}")).map_err(|e| {
+                    SpoolError::ConnectFailed {
+                        addr: addr.clone(),
+                        source: e,
+                    }
+                })?;
+                let mut conn = self.connect(&client, &addr, &self.node_cfg).await?;
+                let info = check_primary(&mut conn, &addr).await?;
+
+                let mut others: Vec<String> = Vec::new();
+                for a in &ok {
+                    for o in std::iter::once(&a.addr).chain(a.replicas.iter()) {
+                        if *o != addr && !others.contains(o) {
+                            others.push(o.clone());
+                        }
+                    }
+                }
+                let probes = join_all(others.iter().map(|o| self.probe(o))).await;
+                for (other, probe) in others.iter().zip(probes) {
+                    if let Some(p) = probe
+                        && p.role == "master"
+                        && !info.replid.is_empty()
+                        && p.replid2 == info.replid
+                    {
+                        return Err(SpoolError::FailoverInProgress {
+                            addr,
+                            successor: other.clone(),
+                        });
+                    }
+                }
+                if info.online_replicas < self.min_replicas {
+                    return Err(too_few(&addr, info.online_replicas, self.min_replicas));
+                }
+                let warnings = startup_checks(&mut conn, &addr).await;
+                let wait_for = info.online_replicas.max(self.min_replicas);
+                Ok((addr, conn, wait_for, warnings))
+            }
+        }
+    }
+
+    async fn connect(
+        &self,
+        client: &Client,
+        addr: &str,
+        cfg: &AsyncConnectionConfig,
+    ) -> Result<MultiplexedConnection, SpoolError> {
+        let fut = client.get_multiplexed_async_connection_with_config(cfg);
+        match tokio::time::timeout(self.probe_timeout, fut).await {
+            Ok(Ok(c)) => Ok(c),
+            Ok(Err(source)) => Err(SpoolError::ConnectFailed {
+                addr: addr.to_owned(),
+                source,
+            }),
+            Err(_) => Err(SpoolError::ConnectFailed {
+                addr: addr.to_owned(),
+                source: redis::RedisError::from((redis::ErrorKind::Io, "connect timed out")),
+            }),
+        }
+    }
+
+    async fn ask_sentinel(
+        &self,
+        index: usize,
+        sentinel: &str,
+        client: &Client,
+        master: &str,
+    ) -> Result<SentinelAnswer, SpoolError> {
+        let work = async {
+            let mut conn = self.connect(client, sentinel, &self.probe_cfg).await?;
+            let mut p = redis::pipe();
+            p.cmd("SENTINEL")
+                .arg("GET-MASTER-ADDR-BY-NAME")
+                .arg(master)
+                .cmd("SENTINEL")
+                .arg("MASTER")
+                .arg(master)
+                .cmd("SENTINEL")
+                .arg("REPLICAS")
+                .arg(master);
+            let (addr, fields, replicas): SentinelReply = p
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| SpoolError::from_redis(sentinel, e))?;
+            let (ip, port) = addr.ok_or_else(|| SpoolError::NoPrimary {
+                master: master.to_owned(),
+                detail: format!("sentinel {sentinel} does not know it"),
+            })?;
+            let epoch = field(&fields, "config-epoch")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            let replicas = replicas
+                .iter()
+                .filter_map(|r| Some(format!("{}:{}", field(r, "ip")?, field(r, "port")?)))
+                .collect();
+            Ok(SentinelAnswer {
+                index,
+                addr: format!("{ip}:{port}"),
+                epoch,
+                replicas,
+            })
+        };
+        match tokio::time::timeout(self.probe_timeout, work).await {
+            Ok(r) => r,
+            Err(_) => Err(SpoolError::NoPrimary {
+                master: master.to_owned(),
+                detail: format!("sentinel {sentinel} timed out"),
+            }),
+        }
+    }
+
+    /// `INFO replication` of another node, or `None` if it does not answer.
+    async fn probe(&self, addr: &str) -> Option<ReplInfo> {
+        let work = async {
+            let client = Client::open(format!("redis://{addr}")).ok()?;
+            let mut conn = self.connect(&client, addr, &self.probe_cfg).await.ok()?;
+            repl_info(&mut conn, addr).await.ok()
+        };
+        tokio::time::timeout(self.probe_timeout, work)
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Listen for `+switch-master` on the sentinels (one at a time, moving on
+    /// when one goes away) and drop the current link when it fires.
+    pub(crate) async fn watch_switch_master(self: Arc<Self>, cancel: CancellationToken) {
+        let Target::Sentinel { master, sentinels } = &self.target else {
+            return;
+        };
+        let mut i = 0usize;
+        loop {
+            let Some((addr, client)) = sentinels.get(i % sentinels.len().max(1)) else {
+                return;
+            };
+            i = i.wrapping_add(1);
+            let subscribed = async {
+                let mut ps =
+                    tokio::time::timeout(self.probe_timeout, client.get_async_pubsub()).await??;
+                ps.subscribe("+switch-master").await?;
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(ps)
+            };
+            let ps = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return,
+                r = subscribed => r,
+            };
+            match ps {
+                Ok(ps) => {
+                    debug!(sentinel = %addr, "Subscribed to +switch-master.");
+                    let mut stream = ps.into_on_message();
+                    loop {
+                        // Cancel-safe: a pub/sub message lost at shutdown
+                        // does not matter.
+                        let msg = tokio::select! {
+                            biased;
+                            _ = cancel.cancelled() => return,
+                            m = stream.next() => m,
+                        };
+                        let Some(msg) = msg else { break };
+                        let payload: String = msg.get_payload().unwrap_or_default();
+                        if payload.split(' ').next() == Some(master.as_str()) {
+                            info!(sentinel = %addr, %payload, "Sentinel switched the primary.");
+                            metrics::counter!(super::metric::SWITCH_MASTER).increment(1);
+                            self.invalidate_any("+switch-master").await;
+                        }
+                    }
+                    debug!(sentinel = %addr, "Sentinel subscription ended; trying the next.");
+                }
+                Err(e) => debug!(sentinel = %addr, error = %e, "Cannot subscribe on sentinel."),
+            }
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
+    }
+}
+
+fn too_few(addr: &str, online: u32, required: u32) -> SpoolError {
+    SpoolError::NoReplicas {
+        addr: addr.to_owned(),
+        detail: format!("{online} online, {required} required"),
+    }
+}
+
+/// Value of `name` in a flat `[name, value, ...]` reply.
+fn field<'a>(flat: &'a [String], name: &str) -> Option<&'a str> {
+    flat.chunks(2)
+        .find(|c| c.first().map(String::as_str) == Some(name))
+        .and_then(|c| c.get(1))
+        .map(String::as_str)
+}
+
+/// `ROLE` must say primary; then `INFO replication` for ids and replicas.
+async fn check_primary(
+    conn: &mut MultiplexedConnection,
+    addr: &str,
+) -> Result<ReplInfo, SpoolError> {
+    let role: Role = redis::cmd("ROLE")
+        .query_async(conn)
+        .await
+        .map_err(|e| SpoolError::from_redis(addr, e))?;
+    match role {
+        Role::Primary { .. } => repl_info(conn, addr).await,
+        Role::Replica { .. } => Err(SpoolError::NotPrimary {
+            addr: addr.to_owned(),
+            role: "replica".into(),
+        }),
+        _ => Err(SpoolError::NotPrimary {
+            addr: addr.to_owned(),
+            role: "sentinel".into(),
+        }),
+    }
+}
+
+async fn repl_info(conn: &mut MultiplexedConnection, addr: &str) -> Result<ReplInfo, SpoolError> {
+    let text: String = redis::cmd("INFO")
+        .arg("replication")
+        .query_async(conn)
+        .await
+        .map_err(|e| SpoolError::from_redis(addr, e))?;
+    Ok(parse_repl_info(&text))
+}
+
+fn parse_repl_info(text: &str) -> ReplInfo {
+    let mut info = ReplInfo::default();
+    for line in text.lines() {
+        let Some((k, v)) = line.trim().split_once(':') else {
+            continue;
+        };
+        match k {
+            "role" => info.role = v.to_owned(),
+            "master_replid" => info.replid = v.to_owned(),
+            "master_replid2" => info.replid2 = v.to_owned(),
+            k if k.starts_with("slave") && v.contains("state=online") => {
+                info.online_replicas += 1;
+            }
+            _ => {}
+        }
+    }
+    info
+}
+
+/// Start-up checks (CHECKLIST 20): findings are reported, not fatal.
+async fn startup_checks(conn: &mut MultiplexedConnection, addr: &str) -> Vec<String> {
+    let mut p = redis::pipe();
+    p.cmd("CONFIG")
+        .arg("GET")
+        .arg("appendonly")
+        .cmd("CONFIG")
+        .arg("GET")
+        .arg("min-replicas-to-write")
+        .cmd("CONFIG")
+        .arg("GET")
+        .arg("maxmemory-policy");
+    let replies: Result<(Vec<String>, Vec<String>, Vec<String>), _> = p.query_async(conn).await;
+    match replies {
+        Ok((aof, minrep, policy)) => check_findings(
+            field(&aof, "appendonly"),
+            field(&minrep, "min-replicas-to-write"),
+            field(&policy, "maxmemory-policy"),
+        ),
+        Err(e) => vec![format!("could not read the configuration of {addr}: {e}")],
+    }
+}
+
+fn check_findings(aof: Option<&str>, minrep: Option<&str>, policy: Option<&str>) -> Vec<String> {
+    let mut findings = Vec::new();
+    if aof != Some("yes") {
+        findings.push(format!(
+            "appendonly is {} (want yes: a restart loses the spool)",
+            aof.unwrap_or("unknown")
+        ));
+    }
+    if minrep.and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) == 0 {
+        findings.push(format!(
+            "min-replicas-to-write is {} (want >= 1: an isolated primary accepts writes a failover discards)",
+            minrep.unwrap_or("unknown")
+        ));
+    }
+    if policy != Some("noeviction") {
+        findings.push(format!(
+            "maxmemory-policy is {} (want noeviction: Redis may evict spooled messages)",
+            policy.unwrap_or("unknown")
+        ));
+    }
+    findings
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_info_replication() {
+        let text = "# Replication\r\nrole:master\r\nconnected_slaves:2\r\n\
+            slave0:ip=127.0.0.1,port=7001,state=online,offset=1,lag=0\r\n\
+            slave1:ip=127.0.0.1,port=7002,state=wait_bgsave,offset=0,lag=0\r\n\
+            master_failover_state:no-failover\r\nmaster_replid:abc\r\nmaster_replid2:def\r\n";
+        let i = parse_repl_info(text);
+        assert_eq!(i.role, "master");
+        assert_eq!(i.replid, "abc");
+        assert_eq!(i.replid2, "def");
+        assert_eq!(i.online_replicas, 1);
+    }
+
+    #[test]
+    fn findings_flag_unsafe_settings() {
+        assert!(check_findings(Some("yes"), Some("1"), Some("noeviction")).is_empty());
+        let f = check_findings(Some("no"), Some("0"), Some("allkeys-lru"));
+        assert_eq!(f.len(), 3, "{f:?}");
+        assert!(f[0].starts_with("appendonly is no"));
+    }
+
+    #[test]
+    fn field_reads_flat_maps() {
+        let flat: Vec<String> = ["ip", "1.2.3.4", "port", "7"].map(String::from).to_vec();
+        assert_eq!(field(&flat, "port"), Some("7"));
+        assert_eq!(field(&flat, "nope"), None);
+    }
+}
