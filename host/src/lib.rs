@@ -14,13 +14,20 @@
 //!   confirmed publisher.
 //! - [`buffer`]: Sentinel discovery, the Redis Stream spool and its drainer.
 //! - [`config`]: `warren.toml`, env overrides, validation (leaf).
+//! - [`dispatch`]: delivery → plugin → outcome → ack, retry or dead-letter;
+//!   the outbox (broker or spool).
+//! - [`app`]: `warren run` — builds, wires and stops everything.
+//! - [`shutdown`]: signals and the shutdown order.
 //! - [`cli`]: the offline commands `warren check` and `warren invoke`.
 //! - [`telemetry`]: logging setup (leaf).
 
 pub mod amqp;
+pub mod app;
 pub mod buffer;
 pub mod cli;
 pub mod config;
+pub mod dispatch;
 pub mod message;
 pub mod plugins;
+pub mod shutdown;
 pub mod telemetry;

@@ -5,7 +5,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use warren::app::App;
 use warren::cli::{self, InvokeArgs};
+use warren::config::{Config, EXIT_CONFIG};
+use warren::shutdown;
 
 /// Warren: a RabbitMQ consumer host for sandboxed WebAssembly handlers.
 #[derive(Parser)]
@@ -19,6 +22,16 @@ struct Cli {
 #[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
+    /// Run Warren: load the plugins directory, connect to RabbitMQ and the
+    /// spool, and consume until SIGTERM or SIGINT.
+    Run {
+        /// Configuration file (default: ./warren.toml if it exists).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Plugins directory (overrides `plugins.dir`).
+        #[arg(long)]
+        plugins: Option<PathBuf>,
+    },
     /// Load plugin files, check them against the warren:plugin world, and
     /// print their manifests as JSON. Exits 1 if any file is not a valid
     /// plugin.
@@ -35,6 +48,9 @@ enum Command {
 
 fn main() -> ExitCode {
     let args = Cli::parse();
+    if let Command::Run { config, plugins } = args.command {
+        return run(config, plugins);
+    }
     warren::telemetry::init_logging(warren::telemetry::LogFormat::Text, "warn");
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -50,6 +66,52 @@ fn main() -> ExitCode {
         match args.command {
             Command::Check { files } => cli::check(&files).await,
             Command::Invoke(args) => cli::invoke(args).await,
+            Command::Run { .. } => ExitCode::FAILURE,
+        }
+    })
+}
+
+fn run(config_path: Option<PathBuf>, plugins: Option<PathBuf>) -> ExitCode {
+    let default_path = PathBuf::from("warren.toml");
+    let path = config_path.or_else(|| default_path.exists().then_some(default_path));
+    let mut config = match Config::load(path.as_deref(), warren::config::warren_env()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("warren: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if let Some(dir) = plugins {
+        config.plugins.dir = dir;
+    }
+    warren::telemetry::init_logging(config.telemetry.log_format, &config.telemetry.log_level);
+    tracing::info!(config = ?path, "Starting Warren.");
+    tracing::debug!(?config, "Configuration.");
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("warren: failed to start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let app = match App::start(config).await {
+            Ok(app) => app,
+            Err(e) => {
+                tracing::error!(error = %e, "Cannot start.");
+                eprintln!("warren: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let signal = shutdown::wait_for_signal().await;
+        tracing::info!(?signal, "Stop requested.");
+        let stop = app.shutdown();
+        tokio::select! {
+            () = stop => ExitCode::SUCCESS,
+            () = shutdown::exit_on_second_signal() => ExitCode::from(130),
         }
     })
 }

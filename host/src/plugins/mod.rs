@@ -9,10 +9,12 @@
 //! - `bindings`: the one `bindgen!` of the host.
 //! - [`runtime`]: engine, linker, epoch ticker.
 //! - [`plugin`]: loading and invoking one plugin.
+//! - [`directory`]: loading every plugin in a directory.
 //! - `instance`: one invocation's store and the `host` imports.
 //! - [`manifest`], [`limits`], [`outcome`]: plain data and validation.
 
 mod bindings;
+pub mod directory;
 mod instance;
 pub mod limits;
 pub mod manifest;
@@ -20,6 +22,7 @@ pub mod outcome;
 pub mod plugin;
 pub mod runtime;
 
+pub use directory::{DirectoryError, DirectoryLoad};
 pub use limits::{Limits, LimitsOverride};
 pub use manifest::Manifest;
 pub use outcome::{LoadError, Outcome, TrapKind};

@@ -1,0 +1,319 @@
+//! `warren run`: builds every subsystem from the configuration, wires them,
+//! and runs until asked to stop, then stops in the order `shutdown.rs`
+//! describes.
+//!
+//! Start-up order: load and check every plugin (a broken file is reported
+//! and skipped) → start the AMQP supervisor, the spool and its drainer →
+//! register topology from manifests and config → start consumers → ready
+//! once the connection runs and every consumer is registered. A broker that
+//! is down at start only delays readiness: the supervisor keeps retrying.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use crate::amqp::{Amqp, AmqpConfig, AmqpHandle, BackoffConfig, ConsumerState};
+use crate::buffer::{Drainer, DrainerConfig, DrainerHandle, Spool, SpoolConfig, SpoolHandle};
+use crate::config::Config;
+use crate::dispatch::{DispatchConfig, Dispatcher, Outbox};
+use crate::plugins::{DirectoryError, PluginRuntime, PluginSettings, RuntimeError};
+
+/// Why Warren could not start at all. (A broker or Redis that is down is
+/// not one of these: Warren starts and keeps retrying.)
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error(transparent)]
+    PluginsDir(#[from] DirectoryError),
+    #[error("invalid AMQP settings: {0}")]
+    Amqp(#[from] crate::amqp::AmqpError),
+    #[error("invalid spool settings: {0}")]
+    Spool(#[from] crate::buffer::SpoolError),
+}
+
+/// Whether Warren should receive work, and if not, why.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Readiness {
+    pub ready: bool,
+    /// Empty when ready.
+    pub reasons: Vec<String>,
+}
+
+/// A plugin file that did not load.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FailedPlugin {
+    pub file: PathBuf,
+    pub error: String,
+}
+
+/// Read-only views of a running Warren, for the admin API and tests.
+#[derive(Clone)]
+pub struct AppHandle {
+    pub amqp: AmqpHandle,
+    pub spool: SpoolHandle,
+    pub drainer: DrainerHandle,
+    pub dispatcher: Arc<Dispatcher>,
+    pub runtime: PluginRuntime,
+    stopping: Arc<AtomicBool>,
+    failed: Arc<Vec<FailedPlugin>>,
+}
+
+impl AppHandle {
+    /// Ready when the connection runs and every route's consumer is
+    /// registered; never while stopping or with no plugin loaded.
+    pub fn readiness(&self) -> Readiness {
+        let mut reasons = Vec::new();
+        if self.stopping.load(Ordering::SeqCst) {
+            reasons.push("shutting down".to_string());
+        }
+        let status = self.amqp.status_now();
+        if !status.is_running() {
+            let mut r = format!("broker connection is {}", status.state.name());
+            if let Some(f) = &status.last_failure {
+                r.push_str(&format!(" (last failure, {}: {})", f.class, f.message));
+            }
+            reasons.push(r);
+        }
+        let routes = self.dispatcher.route_info();
+        if routes.is_empty() {
+            reasons.push("no plugin subscriptions are running".to_string());
+        }
+        for route in routes {
+            match self.amqp.consumer(&route.queue) {
+                Some(c) if c.state == ConsumerState::Running => {}
+                Some(c) => reasons.push(format!(
+                    "consumer for queue {:?} is {:?}",
+                    route.queue, c.state
+                )),
+                None => reasons.push(format!("no consumer for queue {:?}", route.queue)),
+            }
+        }
+        Readiness {
+            ready: reasons.is_empty(),
+            reasons,
+        }
+    }
+
+    /// Plugin files that failed to load at start.
+    pub fn failed_plugins(&self) -> &[FailedPlugin] {
+        &self.failed
+    }
+}
+
+/// A running Warren.
+pub struct App {
+    handle: AppHandle,
+    grace: Duration,
+    tasks: TaskTracker,
+    amqp_cancel: CancellationToken,
+    spool_cancel: CancellationToken,
+    drainer_cancel: CancellationToken,
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "warren".to_string())
+}
+
+/// The AMQP supervisor's settings from `[amqp]`.
+pub fn amqp_config(config: &Config) -> AmqpConfig {
+    let a = &config.amqp;
+    let mut c = AmqpConfig::new(a.url.clone(), "main");
+    c.heartbeat = Duration::from_secs(a.heartbeat_secs.into());
+    c.connect_timeout = Duration::from_millis(a.connect_timeout_ms);
+    c.confirm_timeout = Duration::from_millis(a.confirm_timeout_ms);
+    c.backoff = BackoffConfig {
+        initial: Duration::from_millis(a.backoff_initial_ms),
+        max: Duration::from_millis(a.backoff_max_ms),
+    };
+    c.consumer_check_interval = Duration::from_millis(a.consumer_check_ms);
+    c.drain_timeout = Duration::from_millis(config.shutdown.grace_period_ms);
+    c
+}
+
+/// The spool's settings from `[spool]`.
+pub fn spool_config(config: &Config) -> SpoolConfig {
+    let s = &config.spool;
+    let host_id = s.host_id.clone().unwrap_or_else(host_name);
+    let mut c = if s.sentinels.is_empty() {
+        SpoolConfig::plain(s.url.clone(), host_id)
+    } else {
+        SpoolConfig::sentinel(s.sentinels.clone(), s.master_name.clone(), host_id)
+    };
+    c.stream_key = s.stream_key.clone();
+    c.min_replicas = s.min_replicas;
+    c.wait_timeout_ms = s.wait_timeout_ms;
+    c.max_entries = s.max_entries;
+    c.max_bytes = s.max_bytes;
+    c
+}
+
+impl App {
+    /// Build and start everything. Fails only on what retrying cannot fix:
+    /// unusable settings or an unreadable plugins directory.
+    pub async fn start(config: Config) -> Result<App, StartError> {
+        let tasks = TaskTracker::new();
+        let runtime = PluginRuntime::new(config.plugins.runtime.clone())?;
+        let settings: BTreeMap<String, PluginSettings> = config
+            .plugin
+            .iter()
+            .map(|(name, o)| {
+                (
+                    name.clone(),
+                    PluginSettings {
+                        limits: o.limits,
+                        config: o.config_strings(),
+                    },
+                )
+            })
+            .collect();
+        let load = runtime
+            .load_directory(&config.plugins.dir, &settings)
+            .await?;
+        let failed: Vec<FailedPlugin> = load
+            .failed
+            .iter()
+            .map(|(file, e)| {
+                error!(file = %file.display(), error = %e, "Plugin not loaded; the others run.");
+                FailedPlugin {
+                    file: file.clone(),
+                    error: e.clone(),
+                }
+            })
+            .collect();
+        for p in load.loaded.values() {
+            info!(plugin = p.name(), version = p.version(), file = %p.path().display(), "Plugin loaded.");
+        }
+        if load.loaded.is_empty() {
+            warn!(dir = %config.plugins.dir.display(), "No plugins loaded; Warren stays unready until one is.");
+        }
+
+        let dispatch_config = DispatchConfig::from(&config.dispatch);
+        let mut amqp_cfg = amqp_config(&config);
+        amqp_cfg.topology = dispatch_config.base_topology();
+        let (amqp, amqp_handle) = Amqp::new(amqp_cfg)?;
+        let amqp_cancel = CancellationToken::new();
+        tasks.spawn(amqp.run(amqp_cancel.clone()));
+
+        let (spool, spool_handle) = Spool::new(spool_config(&config))?;
+        let spool_cancel = CancellationToken::new();
+        tasks.spawn(spool.run(spool_cancel.clone()));
+
+        let outbox = Outbox::new(
+            amqp_handle.publisher(),
+            spool_handle.clone(),
+            dispatch_config.dead_letter_exchange.clone(),
+        );
+        let (drainer, drainer_handle) = Drainer::new(
+            DrainerConfig::default(),
+            &spool_handle,
+            outbox.drain_publisher(),
+        )?;
+        let drainer_cancel = CancellationToken::new();
+        tasks.spawn(drainer.run(drainer_cancel.clone()));
+
+        let dispatcher = Arc::new(Dispatcher::new(
+            amqp_handle.clone(),
+            outbox,
+            dispatch_config,
+        ));
+        dispatcher.declare_base().await;
+        let mut failed = failed;
+        for (name, plugin) in &load.loaded {
+            let subs = config
+                .plugin
+                .get(name)
+                .and_then(|o| o.subscriptions.clone())
+                .unwrap_or_else(|| plugin.manifest().subscriptions.clone());
+            if subs.is_empty() {
+                warn!(plugin = %name, "Plugin has no subscriptions; configure some under [plugin.{name}].");
+            }
+            for sub in subs {
+                if let Err(e) = dispatcher.start_route(sub, plugin.clone()).await {
+                    error!(plugin = %name, error = %e, "Subscription not started.");
+                    failed.push(FailedPlugin {
+                        file: plugin.path().to_path_buf(),
+                        error: e.to_string(),
+                    });
+                }
+            }
+        }
+
+        let handle = AppHandle {
+            amqp: amqp_handle,
+            spool: spool_handle,
+            drainer: drainer_handle,
+            dispatcher,
+            runtime,
+            stopping: Arc::new(AtomicBool::new(false)),
+            failed: Arc::new(failed),
+        };
+        tasks.spawn(announce_ready(handle.clone(), amqp_cancel.clone()));
+        Ok(App {
+            handle,
+            grace: Duration::from_millis(config.shutdown.grace_period_ms),
+            tasks,
+            amqp_cancel,
+            spool_cancel,
+            drainer_cancel,
+        })
+    }
+
+    /// Views for the admin API and tests.
+    pub fn handle(&self) -> AppHandle {
+        self.handle.clone()
+    }
+
+    /// Run until `stop` resolves, then shut down in order.
+    pub async fn run_until(self, stop: impl Future<Output = ()>) {
+        stop.await;
+        self.shutdown().await;
+    }
+
+    /// The ordered shutdown (see `shutdown.rs`).
+    pub async fn shutdown(self) {
+        info!(grace = ?self.grace, "Shutting down: readiness off, consumers cancelled, finishing in-flight deliveries.");
+        self.handle.stopping.store(true, Ordering::SeqCst);
+        self.handle.dispatcher.stop_all(self.grace).await;
+        self.drainer_cancel.cancel();
+        self.spool_cancel.cancel();
+        self.amqp_cancel.cancel();
+        self.tasks.close();
+        if tokio::time::timeout(self.grace, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!("Some tasks did not stop within the grace period.");
+        }
+        info!("Stopped.");
+    }
+}
+
+/// Log once when Warren first becomes ready.
+async fn announce_ready(handle: AppHandle, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if handle.readiness().ready {
+            info!(
+                routes = handle.dispatcher.route_info().len(),
+                "Ready: consumers registered."
+            );
+            return;
+        }
+    }
+}

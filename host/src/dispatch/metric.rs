@@ -1,0 +1,50 @@
+//! Dispatch's metric names and labels, in one place. Labels are plugin
+//! names, queue names and fixed words: low cardinality.
+
+use std::time::Duration;
+
+use crate::plugins::Outcome;
+
+/// Counter: deliveries handled, by `plugin` and `outcome`
+/// (ack, retry, reject, trap).
+pub const DELIVERIES: &str = "warren_deliveries_total";
+/// Histogram: seconds in `handle`, by `plugin`.
+pub const HANDLE_SECONDS: &str = "warren_handle_seconds";
+/// Counter: traps, by `plugin` and `kind` (deadline, memory, panic, other).
+pub const TRAPS: &str = "warren_traps_total";
+/// Counter: messages dead-lettered, by `plugin` and `outcome`.
+pub const DEAD_LETTERED: &str = "warren_dead_lettered_total";
+/// Counter: retries scheduled, by `queue`.
+pub const RETRIED: &str = "warren_retries_total";
+/// Counter: deliveries whose channel went away before they were settled
+/// (the broker redelivers them), by `queue`.
+pub const STALE_SETTLES: &str = "warren_stale_settles_total";
+/// Counter: outbox publishes refused by both broker and spool.
+pub const OUTBOX_REFUSED: &str = "warren_outbox_refused_total";
+
+pub(crate) fn handled(plugin: &str, outcome: &Outcome, took: Duration) {
+    metrics::counter!(DELIVERIES, "plugin" => plugin.to_string(), "outcome" => outcome.label())
+        .increment(1);
+    metrics::histogram!(HANDLE_SECONDS, "plugin" => plugin.to_string()).record(took.as_secs_f64());
+    if let Outcome::Trapped { kind, .. } = outcome {
+        metrics::counter!(TRAPS, "plugin" => plugin.to_string(), "kind" => kind.as_str())
+            .increment(1);
+    }
+}
+
+pub(crate) fn dead_lettered(plugin: &str, outcome: &str) {
+    metrics::counter!(DEAD_LETTERED, "plugin" => plugin.to_string(), "outcome" => outcome.to_string())
+        .increment(1);
+}
+
+pub(crate) fn retried(queue: &str) {
+    metrics::counter!(RETRIED, "queue" => queue.to_string()).increment(1);
+}
+
+pub(crate) fn stale_settle(queue: &str) {
+    metrics::counter!(STALE_SETTLES, "queue" => queue.to_string()).increment(1);
+}
+
+pub(crate) fn outbox_refused() {
+    metrics::counter!(OUTBOX_REFUSED).increment(1);
+}

@@ -1,0 +1,247 @@
+//! One route: a subscription's deliveries, each handled by the plugin
+//! serving the route at that moment, and settled by its outcome.
+//!
+//! Per delivery: take the plugin's concurrency permit, invoke a fresh
+//! instance, then
+//! - `ack`: publish the outputs through the outbox, in order, then ack. If
+//!   neither the broker nor the spool takes an output, keep trying (the
+//!   permit stays held, so consumption pauses) until one does, or until the
+//!   delivery's channel is gone (the broker redelivers it);
+//! - `retry`: republish a copy with the next attempt number to the retry
+//!   queue, then ack; past the attempt limit, dead-letter;
+//! - `reject` or a trap: dead-letter with plugin, version, reason and
+//!   attempts, then ack. Outputs of a failed invocation are discarded.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{OwnedSemaphorePermit, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, warn};
+
+use super::headers;
+use super::metric;
+use super::outbox::Outbox;
+use super::topology::DispatchConfig;
+use crate::amqp::{self, AckOutcome};
+use crate::message::{HeaderValue, MessageProperties, OutboundMessage};
+use crate::plugins::{self, Outcome, Plugin};
+
+/// What a route's tasks share.
+pub(crate) struct RouteContext {
+    pub(crate) queue: String,
+    pub(crate) max_attempts: u32,
+    pub(crate) outbox: Outbox,
+    pub(crate) config: Arc<DispatchConfig>,
+}
+
+/// Pull deliveries until `stop`, handing each to a task on `inflight`.
+pub(crate) async fn run(
+    ctx: Arc<RouteContext>,
+    mut subscription: amqp::Subscription,
+    plugin: watch::Receiver<Plugin>,
+    inflight: TaskTracker,
+    stop: CancellationToken,
+) {
+    loop {
+        let delivery = tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            d = subscription.next() => match d {
+                Some(d) => d,
+                None => break,
+            },
+        };
+        let current = plugin.borrow().clone();
+        // Backpressure: the permit is taken before instantiating and held
+        // until the delivery is settled. Cancel-safe: a delivery dropped
+        // here unsettled is nacked with requeue by its acker.
+        let permit = tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            p = current.acquire() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        inflight.spawn(handle(ctx.clone(), current, permit, delivery));
+    }
+    debug!(queue = %ctx.queue, "Route stopped taking deliveries.");
+}
+
+async fn handle(
+    ctx: Arc<RouteContext>,
+    plugin: Plugin,
+    _permit: OwnedSemaphorePermit,
+    d: amqp::Delivery,
+) {
+    let span = tracing::debug_span!(
+        "delivery",
+        queue = %ctx.queue,
+        plugin = plugin.name(),
+        version = plugin.version(),
+        delivery_tag = d.delivery_tag,
+        outcome = tracing::field::Empty,
+    );
+    handle_in_span(&ctx, &plugin, d).instrument(span).await;
+}
+
+async fn handle_in_span(ctx: &RouteContext, plugin: &Plugin, d: amqp::Delivery) {
+    let attempt = headers::attempt(&d.properties);
+    let input = plugins::Delivery {
+        body: d.body.clone(),
+        exchange: d.exchange.clone(),
+        routing_key: d.routing_key.clone(),
+        queue: d.queue.clone(),
+        properties: d.properties.clone(),
+        redelivered: d.redelivered,
+        attempt,
+    };
+    let started = Instant::now();
+    let outcome = plugin.invoke(&input).await;
+    metric::handled(plugin.name(), &outcome, started.elapsed());
+    tracing::Span::current().record("outcome", outcome.label());
+
+    let settle: Vec<OutboundMessage> = match outcome {
+        Outcome::Ack { mut outputs } => {
+            for o in &mut outputs {
+                headers::propagate_trace(&d.properties, &mut o.properties);
+            }
+            outputs
+        }
+        Outcome::Retry { reason } if attempt < ctx.max_attempts => {
+            vec![retry_copy(ctx, &d, attempt + 1, &reason)]
+        }
+        Outcome::Retry { reason } => vec![dead_letter(
+            ctx,
+            plugin,
+            &d,
+            attempt,
+            "retries-exhausted",
+            None,
+            &format!("gave up after {attempt} attempts: {reason}"),
+        )],
+        Outcome::Reject { reason } => {
+            vec![dead_letter(
+                ctx, plugin, &d, attempt, "reject", None, &reason,
+            )]
+        }
+        Outcome::Trapped { kind, message } => {
+            warn!(queue = %ctx.queue, plugin = plugin.name(), trap = %kind, %message, "Plugin trapped; dead-lettering the delivery.");
+            vec![dead_letter(
+                ctx,
+                plugin,
+                &d,
+                attempt,
+                "trap",
+                Some(kind.as_str()),
+                &message,
+            )]
+        }
+    };
+    if publish_all(ctx, &settle, &d.acker).await {
+        if d.acker.ack() == AckOutcome::Stale {
+            metric::stale_settle(&ctx.queue);
+        }
+    } else {
+        // The channel the delivery came on is gone: the broker redelivers
+        // it. Dropping the acker unsettled is a counted no-op.
+        metric::stale_settle(&ctx.queue);
+    }
+}
+
+/// Publish `messages` in order through the outbox. Returns false if the
+/// delivery's channel went away first (then it will be redelivered).
+async fn publish_all(
+    ctx: &RouteContext,
+    messages: &[OutboundMessage],
+    acker: &amqp::DeliveryAcker,
+) -> bool {
+    for msg in messages {
+        let mut delay = Duration::from_millis(50);
+        let mut warned = false;
+        loop {
+            match ctx.outbox.publish(msg).await {
+                Ok(_) => break,
+                Err(e) => {
+                    if !acker.is_current() {
+                        return false;
+                    }
+                    if !warned {
+                        warn!(queue = %ctx.queue, error = %e, "Neither the broker nor the spool takes outputs; holding the delivery and retrying.");
+                        warned = true;
+                    }
+                    metric::outbox_refused();
+                    // Also during shutdown: keep trying until the grace
+                    // period ends; then the process exits and the broker
+                    // redelivers the delivery.
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+    true
+}
+
+fn retry_copy(
+    ctx: &RouteContext,
+    d: &amqp::Delivery,
+    next_attempt: u32,
+    reason: &str,
+) -> OutboundMessage {
+    let mut properties = d.properties.clone();
+    properties.set_header(headers::ATTEMPT, HeaderValue::I64(next_attempt.into()));
+    properties.set_header(headers::REASON, HeaderValue::String(reason.to_string()));
+    properties.set_header(headers::QUEUE, HeaderValue::String(ctx.queue.clone()));
+    properties.expiration = Some(
+        ctx.config
+            .retry_delay_for(next_attempt)
+            .as_millis()
+            .max(1)
+            .to_string(),
+    );
+    if properties.delivery_mode.is_none() {
+        properties.delivery_mode = Some(2);
+    }
+    metric::retried(&ctx.queue);
+    OutboundMessage {
+        exchange: ctx.config.retry_exchange.clone(),
+        routing_key: ctx.queue.clone(),
+        properties,
+        body: d.body.clone(),
+    }
+}
+
+fn dead_letter(
+    ctx: &RouteContext,
+    plugin: &Plugin,
+    d: &amqp::Delivery,
+    attempts: u32,
+    outcome: &str,
+    trap: Option<&str>,
+    reason: &str,
+) -> OutboundMessage {
+    let mut p: MessageProperties = d.properties.clone();
+    p.expiration = None;
+    let text = |s: &str| HeaderValue::String(s.to_string());
+    p.set_header(headers::PLUGIN, text(plugin.name()));
+    p.set_header(headers::VERSION, text(plugin.version()));
+    p.set_header(headers::OUTCOME, text(outcome));
+    p.set_header(headers::REASON, text(reason));
+    p.set_header(headers::ATTEMPTS, HeaderValue::I64(attempts.into()));
+    p.set_header(headers::QUEUE, text(&ctx.queue));
+    p.set_header(headers::ORIGINAL_EXCHANGE, text(&d.exchange));
+    p.set_header(headers::ORIGINAL_ROUTING_KEY, text(&d.routing_key));
+    if let Some(kind) = trap {
+        p.set_header(headers::TRAP, text(kind));
+    }
+    metric::dead_lettered(plugin.name(), outcome);
+    OutboundMessage {
+        exchange: ctx.config.dead_letter_exchange.clone(),
+        routing_key: ctx.queue.clone(),
+        properties: p,
+        body: d.body.clone(),
+    }
+}

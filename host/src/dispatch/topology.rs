@@ -1,0 +1,179 @@
+//! What dispatch asks the broker to declare: each subscription's queue and
+//! binding, a delayed-retry queue per subscription, and the dead-letter
+//! exchange and queue.
+//!
+//! Retries: a retried message is republished to the direct exchange
+//! `retry_exchange` with its queue name as routing key, into the classic
+//! queue `<retry_exchange>.<queue>`, with a per-message TTL (`expiration`)
+//! equal to the delay. That queue dead-letters expired messages through the
+//! default exchange back to `<queue>`. The delay doubles per attempt, so a
+//! message with a short delay can wait behind one with a longer delay (per
+//! message TTLs expire at the head): the delay is a lower bound.
+
+use std::time::Duration;
+
+use crate::amqp::{BindingSpec, ExchangeSpec, ExchangeType, QueueSpec, QueueType, Topology};
+use crate::plugins::manifest::{ExchangeKind, QueueKind, Subscription};
+
+/// Dispatch settings, from `[dispatch]`.
+#[derive(Debug, Clone)]
+pub struct DispatchConfig {
+    /// Attempts before dead-lettering, unless a subscription says otherwise.
+    pub max_attempts: u32,
+    /// First retry delay; doubles per attempt up to `retry_delay_max`.
+    pub retry_delay: Duration,
+    pub retry_delay_max: Duration,
+    pub retry_exchange: String,
+    pub dead_letter_exchange: String,
+    pub dead_letter_queue: String,
+}
+
+impl Default for DispatchConfig {
+    fn default() -> Self {
+        Self::from(&crate::config::DispatchSection::default())
+    }
+}
+
+impl From<&crate::config::DispatchSection> for DispatchConfig {
+    fn from(s: &crate::config::DispatchSection) -> Self {
+        Self {
+            max_attempts: s.max_attempts,
+            retry_delay: Duration::from_millis(s.retry_delay_ms),
+            retry_delay_max: Duration::from_millis(s.retry_delay_max_ms),
+            retry_exchange: s.retry_exchange.clone(),
+            dead_letter_exchange: s.dead_letter_exchange.clone(),
+            dead_letter_queue: s.dead_letter_queue.clone(),
+        }
+    }
+}
+
+impl DispatchConfig {
+    /// The delay before attempt `next` (2, 3, ...).
+    pub fn retry_delay_for(&self, next: u32) -> Duration {
+        let doublings = next.saturating_sub(2).min(30);
+        self.retry_delay
+            .saturating_mul(1u32 << doublings)
+            .min(self.retry_delay_max)
+    }
+
+    /// The retry queue of `queue`. Names past AMQP's 255 bytes are
+    /// shortened with a hash of the full name.
+    pub fn retry_queue(&self, queue: &str) -> String {
+        let name = format!("{}.{queue}", self.retry_exchange);
+        if name.len() <= 255 {
+            return name;
+        }
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in queue.bytes() {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        let mut prefix = name;
+        let mut cut = 255 - 17;
+        while !prefix.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        prefix.truncate(cut);
+        format!("{prefix}.{h:016x}")
+    }
+
+    /// The topology shared by all subscriptions: retry exchange, dead-letter
+    /// exchange and queue.
+    pub fn base_topology(&self) -> Topology {
+        Topology::default()
+            .exchange(ExchangeSpec::durable(
+                self.retry_exchange.clone(),
+                ExchangeType::Direct,
+            ))
+            .exchange(ExchangeSpec::durable(
+                self.dead_letter_exchange.clone(),
+                ExchangeType::Fanout,
+            ))
+            .queue(QueueSpec::quorum(self.dead_letter_queue.clone()))
+            .binding(BindingSpec::new(
+                self.dead_letter_queue.clone(),
+                self.dead_letter_exchange.clone(),
+                "",
+            ))
+    }
+
+    /// The topology one subscription needs: its queue (and exchange and
+    /// bindings) and its retry queue.
+    pub fn subscription_topology(&self, s: &Subscription) -> Topology {
+        let mut queue = match s.kind {
+            QueueKind::Quorum => QueueSpec::quorum(s.queue.clone()),
+            QueueKind::Classic => QueueSpec::durable(s.queue.clone()),
+        };
+        queue.message_ttl = s.message_ttl_ms.map(|ms| Duration::from_millis(ms.into()));
+        let mut retry = QueueSpec::durable(self.retry_queue(&s.queue));
+        retry.queue_type = QueueType::Classic;
+        retry.dead_letter_exchange = Some(String::new());
+        retry.dead_letter_routing_key = Some(s.queue.clone());
+        let mut t = Topology::default()
+            .exchange(ExchangeSpec::durable(
+                self.retry_exchange.clone(),
+                ExchangeType::Direct,
+            ))
+            .queue(queue)
+            .queue(retry.clone())
+            .binding(BindingSpec::new(
+                retry.name.clone(),
+                self.retry_exchange.clone(),
+                s.queue.clone(),
+            ));
+        if let Some(b) = &s.bind {
+            t = t.exchange(ExchangeSpec::durable(
+                b.exchange.clone(),
+                exchange_type(b.kind),
+            ));
+            if b.keys.is_empty() {
+                t = t.binding(BindingSpec::new(s.queue.clone(), b.exchange.clone(), ""));
+            }
+            for key in &b.keys {
+                t = t.binding(BindingSpec::new(
+                    s.queue.clone(),
+                    b.exchange.clone(),
+                    key.clone(),
+                ));
+            }
+        }
+        t
+    }
+}
+
+fn exchange_type(k: ExchangeKind) -> ExchangeType {
+    match k {
+        ExchangeKind::Direct => ExchangeType::Direct,
+        ExchangeKind::Fanout => ExchangeType::Fanout,
+        ExchangeKind::Topic => ExchangeType::Topic,
+        ExchangeKind::Headers => ExchangeType::Headers,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delay_doubles_up_to_the_cap() {
+        let c = DispatchConfig {
+            retry_delay: Duration::from_millis(100),
+            retry_delay_max: Duration::from_millis(500),
+            ..DispatchConfig::default()
+        };
+        assert_eq!(c.retry_delay_for(2), Duration::from_millis(100));
+        assert_eq!(c.retry_delay_for(3), Duration::from_millis(200));
+        assert_eq!(c.retry_delay_for(4), Duration::from_millis(400));
+        assert_eq!(c.retry_delay_for(5), Duration::from_millis(500));
+        assert_eq!(c.retry_delay_for(99), Duration::from_millis(500));
+    }
+
+    #[test]
+    fn retry_queue_names_fit_amqp() {
+        let c = DispatchConfig::default();
+        assert_eq!(c.retry_queue("orders"), "warren.retry.orders");
+        let long = "q".repeat(255);
+        let a = c.retry_queue(&long);
+        assert!(a.len() <= 255, "{}", a.len());
+        assert_ne!(a, c.retry_queue(&"r".repeat(255)));
+    }
+}

@@ -1,0 +1,49 @@
+//! Signals and the shutdown order.
+//!
+//! The order, carried out by `app::App::run` when the first SIGTERM or
+//! SIGINT arrives:
+//! 1. readiness goes false (load balancers stop sending work);
+//! 2. every consumer is cancelled (`basic.cancel`): no new deliveries;
+//! 3. in-flight deliveries finish, their outputs are confirmed or spooled,
+//!    and they are acked, all within the grace period; what does not finish
+//!    stays unacked and the broker redelivers it;
+//! 4. the spool drainer stops, and the spool writer finishes the appends
+//!    already queued;
+//! 5. channels and the connection close; the admin server stops last.
+//!
+//! A second signal exits at once with status 130.
+
+use tokio::signal::unix::{SignalKind, signal};
+
+/// Which signal asked us to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopSignal {
+    Terminate,
+    Interrupt,
+}
+
+/// Wait for SIGTERM or SIGINT. If the handlers cannot be installed, never
+/// resolves (and logs why): the process then only stops when killed.
+pub async fn wait_for_signal() -> StopSignal {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("Cannot install signal handlers; stop the process with SIGKILL.");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => StopSignal::Terminate,
+        _ = int.recv() => StopSignal::Interrupt,
+    }
+}
+
+/// After the first signal: a second one exits immediately.
+pub async fn exit_on_second_signal() {
+    let signal = wait_for_signal().await;
+    tracing::warn!(
+        ?signal,
+        "Second signal: exiting now without finishing in-flight work."
+    );
+    std::process::exit(130);
+}
