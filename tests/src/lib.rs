@@ -5,8 +5,10 @@
 //! # Layout
 //! - [`wait`]: polling with deadlines (the only way tests wait).
 //! - [`ports`]: free loopback ports.
+//! - [`broker`]: a plain lapin client to publish, count and collect.
 //! - [`plugins`]: builds `plugins/` for `wasm32-wasip2` once per process.
 
+pub mod broker;
 pub mod plugins;
 pub mod ports;
 pub mod wait;

@@ -1,0 +1,303 @@
+//! `warren run` in-process: plugins directory in, acknowledged deliveries
+//! and confirmed outputs out, against the shared RabbitMQ and Redis.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+
+use lapin::ExchangeKind;
+use warren::app::{App, AppHandle};
+use warren::config::Config;
+use warren_it::broker::{Broker, Got, unique};
+use warren_it::plugins::wasm;
+use warren_it::wait;
+
+/// A plugins directory holding copies of the named example plugins.
+fn plugins_dir(names: &[&str]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for name in names {
+        let src = wasm(name).unwrap();
+        std::fs::copy(&src, dir.path().join(format!("{name}.wasm"))).unwrap();
+    }
+    dir
+}
+
+/// Test-friendly settings: unique retry/dead-letter names and spool
+/// stream, short delays. `extra` is appended TOML.
+fn config(dir: &Path, dlq: &str, extra: &str) -> Config {
+    let text = format!(
+        r#"
+        [plugins]
+        dir = "{dir}"
+        [spool]
+        stream-key = "{stream}"
+        [amqp]
+        heartbeat-secs = 2
+        backoff-max-ms = 1000
+        [dispatch]
+        max-attempts = 3
+        retry-delay-ms = 50
+        retry-delay-max-ms = 200
+        retry-exchange = "{retry}"
+        dead-letter-exchange = "{dlx}"
+        dead-letter-queue = "{dlq}"
+        [shutdown]
+        grace-period-ms = 10000
+        {extra}
+        "#,
+        dir = dir.display(),
+        stream = unique("spool"),
+        retry = unique("retry"),
+        dlx = unique("dlx"),
+    );
+    Config::parse(&text, Vec::new()).unwrap_or_else(|p| panic!("test config: {p:?}"))
+}
+
+async fn start(config: Config) -> (App, AppHandle) {
+    let app = App::start(config).await.expect("warren starts");
+    let handle = app.handle();
+    wait::until_true("warren ready", Duration::from_secs(30), || {
+        let h = handle.clone();
+        async move { h.readiness().ready }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {:?}", handle.readiness()));
+    (app, handle)
+}
+
+fn ids(got: &[Got]) -> BTreeSet<String> {
+    got.iter()
+        .map(|g| String::from_utf8(g.body.clone()).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_messages_through_router_and_echo() {
+    let broker = Broker::shared().await.unwrap();
+    let (echo_in, echo_out, router_in, routed) = (
+        unique("echo-in"),
+        unique("echo-out"),
+        unique("router-in"),
+        unique("routed"),
+    );
+    let region = uuid_region();
+    broker.declare_queue(&echo_out).await.unwrap();
+    broker.declare_queue(&routed).await.unwrap();
+    broker
+        .declare_exchange("orders.routed", ExchangeKind::Topic)
+        .await
+        .unwrap();
+    broker
+        .bind(&routed, "orders.routed", &format!("orders.{region}"))
+        .await
+        .unwrap();
+    let dir = plugins_dir(&["echo", "router"]);
+    let dlq = unique("dlq");
+    let cfg = config(
+        dir.path(),
+        &dlq,
+        &format!(
+            r#"
+            [plugin.echo]
+            subscriptions = [{{ queue = "{echo_in}", prefetch = 200 }}]
+            config = {{ routing-key = "{echo_out}" }}
+            [plugin.router]
+            subscriptions = [{{ queue = "{router_in}", prefetch = 200 }}]
+            "#
+        ),
+    );
+    let (app, _handle) = start(cfg).await;
+
+    let n = 5_000;
+    let echo_bodies: Vec<String> = (0..n).map(|i| format!("echo-{i}")).collect();
+    let orders: Vec<String> = (0..n)
+        .map(|i| format!(r#"{{"id":{i},"region":"{region}"}}"#))
+        .collect();
+    let (a, b) = tokio::join!(
+        broker.publish_all("", &echo_in, &echo_bodies),
+        broker.publish_all("", &router_in, &orders),
+    );
+    a.unwrap();
+    b.unwrap();
+
+    let (echoed, routed_msgs) = tokio::join!(
+        broker.collect(&echo_out, n, Duration::from_secs(120)),
+        broker.collect(&routed, n, Duration::from_secs(120)),
+    );
+    let (echoed, routed_msgs) = (echoed.unwrap(), routed_msgs.unwrap());
+    assert_eq!(echoed.len(), n, "echo outputs");
+    assert_eq!(routed_msgs.len(), n, "router outputs");
+    assert_eq!(ids(&echoed), echo_bodies.iter().cloned().collect());
+    assert_eq!(ids(&routed_msgs), orders.iter().cloned().collect());
+    assert!(
+        routed_msgs
+            .iter()
+            .all(|g| g.routing_key == format!("orders.{region}"))
+    );
+
+    app.shutdown().await;
+    // Nothing left unacked: after the consumers are gone, unacked messages
+    // would be back in the queues.
+    assert_eq!(broker.message_count(&echo_in).await.unwrap(), 0);
+    assert_eq!(broker.message_count(&router_in).await.unwrap(), 0);
+    assert_eq!(
+        broker.message_count(&dlq).await.unwrap(),
+        0,
+        "nothing dead-lettered"
+    );
+}
+
+fn uuid_region() -> String {
+    unique("r").replace('.', "-")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_messages_end_in_the_dead_letter_queue_and_the_rest_keeps_flowing() {
+    let broker = Broker::shared().await.unwrap();
+    let q = |p: &str| unique(p);
+    let (panic_in, spin_in, flaky_in, echo_in, echo_out) = (
+        q("panic"),
+        q("spin"),
+        q("flaky"),
+        q("echo-in"),
+        q("echo-out"),
+    );
+    broker.declare_queue(&echo_out).await.unwrap();
+    let dir = plugins_dir(&["panic", "spin-loop", "flaky", "echo"]);
+    let dlq = unique("dlq");
+    let cfg = config(
+        dir.path(),
+        &dlq,
+        &format!(
+            r#"
+            [plugin.panic]
+            subscriptions = [{{ queue = "{panic_in}" }}]
+            [plugin.spin-loop]
+            subscriptions = [{{ queue = "{spin_in}" }}]
+            limits = {{ deadline-ms = 200 }}
+            [plugin.flaky]
+            subscriptions = [{{ queue = "{flaky_in}" }}]
+            [plugin.echo]
+            subscriptions = [{{ queue = "{echo_in}" }}]
+            config = {{ routing-key = "{echo_out}" }}
+            "#
+        ),
+    );
+    let (app, _handle) = start(cfg).await;
+
+    broker
+        .publish_all("", &panic_in, ["poison-1"])
+        .await
+        .unwrap();
+    broker
+        .publish_all("", &spin_in, ["poison-2"])
+        .await
+        .unwrap();
+    broker
+        .publish_all("", &flaky_in, ["poison-3"])
+        .await
+        .unwrap();
+    let bodies: Vec<String> = (0..100).map(|i| format!("ok-{i}")).collect();
+    broker.publish_all("", &echo_in, &bodies).await.unwrap();
+
+    let echoed = broker
+        .collect(&echo_out, 100, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(echoed.len(), 100, "healthy messages keep flowing");
+
+    let dead = broker
+        .collect(&dlq, 3, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), 3, "{dead:?}");
+    let by_body = |b: &str| {
+        dead.iter()
+            .find(|g| g.body == b.as_bytes())
+            .unwrap_or_else(|| panic!("{b} not dead-lettered"))
+    };
+
+    let p = by_body("poison-1");
+    assert_eq!(p.header_str("x-warren-plugin").as_deref(), Some("panic"));
+    assert_eq!(p.header_str("x-warren-version").as_deref(), Some("0.1.0"));
+    assert_eq!(p.header_str("x-warren-outcome").as_deref(), Some("trap"));
+    assert_eq!(p.header_str("x-warren-trap").as_deref(), Some("panic"));
+    assert!(
+        p.header_str("x-warren-reason")
+            .unwrap()
+            .contains("boom: poison-1")
+    );
+    assert_eq!(p.header_i64("x-warren-attempts"), Some(1));
+    assert_eq!(
+        p.header_str("x-warren-queue").as_deref(),
+        Some(panic_in.as_str())
+    );
+
+    let s = by_body("poison-2");
+    assert_eq!(
+        s.header_str("x-warren-plugin").as_deref(),
+        Some("spin-loop")
+    );
+    assert_eq!(s.header_str("x-warren-trap").as_deref(), Some("deadline"));
+
+    let f = by_body("poison-3");
+    assert_eq!(f.header_str("x-warren-plugin").as_deref(), Some("flaky"));
+    assert_eq!(
+        f.header_str("x-warren-outcome").as_deref(),
+        Some("retries-exhausted")
+    );
+    assert_eq!(
+        f.header_i64("x-warren-attempts"),
+        Some(3),
+        "configured attempts"
+    );
+    assert!(
+        f.header_str("x-warren-reason")
+            .unwrap()
+            .contains("attempt 3")
+    );
+
+    app.shutdown().await;
+    for q in [&panic_in, &spin_in, &flaky_in, &echo_in] {
+        assert_eq!(broker.message_count(q).await.unwrap(), 0, "{q} drained");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_plugin_file_is_reported_and_the_good_ones_run() {
+    let broker = Broker::shared().await.unwrap();
+    let (echo_in, echo_out) = (unique("echo-in"), unique("echo-out"));
+    broker.declare_queue(&echo_out).await.unwrap();
+    let dir = plugins_dir(&["echo"]);
+    std::fs::write(dir.path().join("broken.wasm"), b"\0asm\x0d\0\x01\0garbage").unwrap();
+    let dlq = unique("dlq");
+    let cfg = config(
+        dir.path(),
+        &dlq,
+        &format!(
+            r#"
+            [plugin.echo]
+            subscriptions = [{{ queue = "{echo_in}" }}]
+            config = {{ routing-key = "{echo_out}" }}
+            "#
+        ),
+    );
+    let (app, handle) = start(cfg).await;
+    let failed = handle.failed_plugins();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert!(failed[0].file.ends_with("broken.wasm"));
+    assert!(
+        failed[0].error.contains("invalid component"),
+        "{}",
+        failed[0].error
+    );
+
+    broker.publish_all("", &echo_in, ["hello"]).await.unwrap();
+    let got = broker
+        .collect(&echo_out, 1, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].body, b"hello");
+    app.shutdown().await;
+}

@@ -1,0 +1,262 @@
+//! A plain lapin client for tests: declare, publish with confirms, count
+//! and collect messages. It is the "outside world" the tests check Warren
+//! against, so it uses none of Warren's code.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use futures::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+
+/// The shared broker every machine of this project runs.
+pub const SHARED_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// A name no other test uses.
+pub fn unique(prefix: &str) -> String {
+    format!("it.{prefix}.{}", uuid::Uuid::new_v4().simple())
+}
+
+/// One message as a test sees it.
+#[derive(Debug, Clone)]
+pub struct Got {
+    pub body: Vec<u8>,
+    pub routing_key: String,
+    pub headers: FieldTable,
+    pub properties: BasicProperties,
+}
+
+impl Got {
+    /// Header `key` as text (long or short string), if present.
+    pub fn header_str(&self, key: &str) -> Option<String> {
+        match self.headers.inner().get(key)? {
+            AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+            AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
+            _ => None,
+        }
+    }
+
+    /// Header `key` as an integer of any width.
+    pub fn header_i64(&self, key: &str) -> Option<i64> {
+        match self.headers.inner().get(key)? {
+            AMQPValue::LongLongInt(v) => Some(*v),
+            AMQPValue::LongInt(v) => Some((*v).into()),
+            AMQPValue::ShortInt(v) => Some((*v).into()),
+            AMQPValue::LongUInt(v) => Some((*v).into()),
+            AMQPValue::ShortShortInt(v) => Some((*v).into()),
+            _ => None,
+        }
+    }
+}
+
+/// A connection with one confirm-mode channel.
+pub struct Broker {
+    _conn: Connection,
+    ch: Channel,
+}
+
+impl Broker {
+    pub async fn connect(url: &str) -> Result<Broker> {
+        let conn = Connection::connect(url, ConnectionProperties::default())
+            .await
+            .with_context(|| format!("test client cannot connect to {url}"))?;
+        let ch = conn.create_channel().await?;
+        ch.confirm_select(ConfirmSelectOptions::default()).await?;
+        Ok(Broker { _conn: conn, ch })
+    }
+
+    /// The shared broker on 5672.
+    pub async fn shared() -> Result<Broker> {
+        Self::connect(SHARED_URL).await
+    }
+
+    pub async fn declare_queue(&self, name: &str) -> Result<()> {
+        self.ch
+            .queue_declare(
+                name.into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub async fn declare_exchange(&self, name: &str, kind: ExchangeKind) -> Result<()> {
+        self.ch
+            .exchange_declare(
+                name.into(),
+                kind,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub async fn bind(&self, queue: &str, exchange: &str, key: &str) -> Result<()> {
+        self.ch
+            .queue_bind(
+                queue.into(),
+                exchange.into(),
+                key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub async fn delete_queue(&self, name: &str) -> Result<()> {
+        self.ch
+            .queue_delete(name.into(), QueueDeleteOptions::default())
+            .await?;
+        Ok(())
+    }
+
+    /// Publish persistent messages with confirms, pipelined; fails unless
+    /// every one was confirmed (and routed).
+    pub async fn publish_all<I, B>(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        bodies: I,
+    ) -> Result<usize>
+    where
+        I: IntoIterator<Item = B>,
+        B: AsRef<[u8]>,
+    {
+        self.publish_all_with(exchange, routing_key, bodies, FieldTable::default())
+            .await
+    }
+
+    /// Like [`Broker::publish_all`], with headers on every message.
+    pub async fn publish_all_with<I, B>(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        bodies: I,
+        headers: FieldTable,
+    ) -> Result<usize>
+    where
+        I: IntoIterator<Item = B>,
+        B: AsRef<[u8]>,
+    {
+        let props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_headers(headers);
+        let mut pending = Vec::new();
+        for body in bodies {
+            let confirm = self
+                .ch
+                .basic_publish(
+                    exchange.into(),
+                    routing_key.into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    body.as_ref(),
+                    props.clone(),
+                )
+                .await?;
+            pending.push(confirm);
+            if pending.len() >= 1000 {
+                Self::await_confirms(&mut pending).await?;
+            }
+        }
+        Self::await_confirms(&mut pending).await?;
+        Ok(pending.len())
+    }
+
+    async fn await_confirms(pending: &mut Vec<lapin::PublisherConfirm>) -> Result<()> {
+        for c in pending.drain(..) {
+            let confirmation = c.await?;
+            if !confirmation.is_ack() {
+                bail!("broker nacked a test message");
+            }
+            if let Some(ret) = confirmation.take_message() {
+                bail!("test message was unroutable: {:?}", ret.reply_text);
+            }
+        }
+        Ok(())
+    }
+
+    /// Ready messages in `queue` (passive declare).
+    pub async fn message_count(&self, queue: &str) -> Result<u32> {
+        Ok(self.inspect(queue).await?.0)
+    }
+
+    /// Consumers on `queue` (passive declare).
+    pub async fn consumer_count(&self, queue: &str) -> Result<u32> {
+        Ok(self.inspect(queue).await?.1)
+    }
+
+    async fn inspect(&self, queue: &str) -> Result<(u32, u32)> {
+        // A passive declare of a missing queue closes the channel: use a
+        // channel of its own.
+        let ch = self._conn.create_channel().await?;
+        let q = ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .with_context(|| format!("queue {queue} does not exist"))?;
+        let _ = ch.close(200, "done".into()).await;
+        Ok((q.message_count(), q.consumer_count()))
+    }
+
+    /// Consume (auto-ack) until `n` messages arrived or `timeout` passed;
+    /// returns what arrived.
+    pub async fn collect(&self, queue: &str, n: usize, timeout: Duration) -> Result<Vec<Got>> {
+        let ch = self._conn.create_channel().await?;
+        let mut consumer = ch
+            .basic_consume(
+                queue.into(),
+                ShortString::from(format!("it-collect-{}", uuid::Uuid::new_v4().simple())),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        let mut got = Vec::with_capacity(n);
+        let deadline = tokio::time::Instant::now() + timeout;
+        while got.len() < n {
+            match tokio::time::timeout_at(deadline, consumer.next()).await {
+                Ok(Some(Ok(d))) => got.push(Got {
+                    body: d.data.clone(),
+                    routing_key: d.routing_key.as_str().to_string(),
+                    headers: d.properties.headers().clone().unwrap_or_default(),
+                    properties: d.properties.clone(),
+                }),
+                Ok(Some(Err(e))) => return Err(e.into()),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let _ = ch.close(200, "done".into()).await;
+        Ok(got)
+    }
+}
+
+/// Headers with one text value.
+pub fn text_header(key: &str, value: &str) -> FieldTable {
+    let mut t = FieldTable::default();
+    t.insert(key.into(), AMQPValue::LongString(value.into()));
+    t
+}
