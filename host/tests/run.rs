@@ -1,0 +1,161 @@
+//! `warren run` as a process: configuration errors and SIGTERM under load.
+
+use std::collections::BTreeSet;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use warren_it::broker::{Broker, unique};
+use warren_it::plugins::wasm;
+use warren_it::wait;
+
+#[test]
+fn a_config_file_with_several_mistakes_reports_them_all_and_exits_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("warren.toml");
+    std::fs::write(
+        &cfg,
+        r#"
+        [amqp]
+        url = "http://not-amqp"
+        heartbeat-secs = "often"
+        [dispatch]
+        max-attempts = 0
+        [admin]
+        bind = "0.0.0.0:9090"
+        [nonsense]
+        key = 1
+        "#,
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_warren"))
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for expected in [
+        "amqp:",
+        "dispatch.max-attempts",
+        "admin.bind 0.0.0.0:9090",
+        "unknown section [nonsense]",
+    ] {
+        assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
+    }
+    assert!(
+        err.contains(cfg.to_str().unwrap()),
+        "file not named:\n{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_exits_zero_and_loses_nothing() {
+    let broker = Broker::shared().await.unwrap();
+    let (echo_in, echo_out) = (unique("term-in"), unique("term-out"));
+    broker.declare_queue(&echo_out).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(wasm("slow").unwrap(), dir.path().join("slow.wasm")).unwrap();
+    std::fs::copy(wasm("echo").unwrap(), dir.path().join("echo.wasm")).unwrap();
+    let cfg = dir.path().join("warren.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+            [plugins]
+            dir = "{dir}"
+            [spool]
+            stream-key = "{stream}"
+            [dispatch]
+            retry-exchange = "{retry}"
+            dead-letter-exchange = "{dlx}"
+            dead-letter-queue = "{dlq}"
+            [shutdown]
+            grace-period-ms = 10000
+            [plugin.echo]
+            subscriptions = [{{ queue = "{echo_in}", prefetch = 100 }}]
+            config = {{ routing-key = "{echo_out}" }}
+            [plugin.slow]
+            subscriptions = [{{ queue = "{slow_in}" }}]
+            "#,
+            dir = dir.path().display(),
+            stream = unique("spool"),
+            retry = unique("retry"),
+            dlx = unique("dlx"),
+            dlq = unique("dlq"),
+            slow_in = unique("slow-in"),
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_warren"))
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    wait::until_true("warren consuming", Duration::from_secs(30), || {
+        let b = &broker;
+        let q = &echo_in;
+        async move { b.consumer_count(q).await.unwrap_or(0) == 1 }
+    })
+    .await
+    .unwrap();
+
+    let n = 20_000;
+    let bodies: Vec<String> = (0..n).map(|i| format!("m-{i}")).collect();
+    broker.publish_all("", &echo_in, &bodies).await.unwrap();
+    // Stop while it is still working through them.
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "warren did not exit within the grace period"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status.code(), Some(0), "clean stop exits 0");
+
+    // Every input is either acked with its output confirmed, or still in
+    // its queue.
+    let remaining_count = broker.message_count(&echo_in).await.unwrap() as usize;
+    let remaining = broker
+        .collect(&echo_in, remaining_count, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let out_count = broker.message_count(&echo_out).await.unwrap() as usize;
+    let outputs = broker
+        .collect(&echo_out, out_count, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let seen: BTreeSet<Vec<u8>> = remaining
+        .iter()
+        .chain(outputs.iter())
+        .map(|g| g.body.clone())
+        .collect();
+    let missing: Vec<&String> = bodies
+        .iter()
+        .filter(|b| !seen.contains(b.as_bytes()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} lost, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+    eprintln!(
+        "sigterm: {} handled before the stop, {} left in the queue",
+        outputs.len(),
+        remaining.len()
+    );
+}
