@@ -120,7 +120,10 @@ pub enum HeaderValue {
     U64(u64),
     F32(f32),
     F64(f64),
-    Decimal { scale: u8, value: u32 },
+    Decimal {
+        scale: u8,
+        value: u32,
+    },
     /// Long or short string. AMQP strings are bytes; Warren keeps text as
     /// `String` and anything not UTF-8 as `Bytes`.
     String(String),
@@ -177,7 +180,10 @@ mod body_bytes {
     pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Bytes, D::Error> {
         if d.is_human_readable() {
             let text = String::deserialize(d)?;
-            STANDARD.decode(text).map(Bytes::from).map_err(D::Error::custom)
+            STANDARD
+                .decode(text)
+                .map(Bytes::from)
+                .map_err(D::Error::custom)
         } else {
             let raw: serde_bytes::ByteBuf = Deserialize::deserialize(d)?;
             Ok(Bytes::from(raw.into_vec()))

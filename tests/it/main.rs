@@ -1,1 +1,4 @@
-fn main(){}
+//! Warren's integration tests: one binary, a module per area, real
+//! services only.
+
+mod amqp;

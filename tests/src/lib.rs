@@ -6,7 +6,11 @@
 //! - [`wait`]: polling with deadlines (the only way tests wait).
 //! - [`ports`]: free loopback ports.
 //! - [`plugins`]: builds `plugins/` for `wasm32-wasip2` once per process.
+//! - [`proxy`]: a TCP fault proxy (pass, blackhole, refuse, cut).
+//! - [`rabbit`]: a private RabbitMQ node to stop, kill and restart.
 
 pub mod plugins;
 pub mod ports;
+pub mod proxy;
+pub mod rabbit;
 pub mod wait;
