@@ -142,6 +142,18 @@ impl RabbitNode {
         self.wait_accepting(Duration::from_secs(30)).await
     }
 
+    /// Wait until the node reports it has fully booted.
+    pub async fn wait_booted(&self) -> Result<()> {
+        self.ctl(&[
+            "wait",
+            "--timeout",
+            "120",
+            &self.pidfile().to_string_lossy(),
+        ])
+        .await
+        .map(|_| ())
+    }
+
     /// Wait until the AMQP port accepts TCP connections.
     pub async fn wait_accepting(&self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
