@@ -4,5 +4,6 @@
 // Test code: failing loudly is the point.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod amqp;
 mod plugins;
 mod run;

@@ -7,8 +7,12 @@
 //! - [`ports`]: free loopback ports.
 //! - [`broker`]: a plain lapin client to publish, count and collect.
 //! - [`plugins`]: builds `plugins/` for `wasm32-wasip2` once per process.
+//! - [`proxy`]: a TCP fault proxy (pass, blackhole, refuse, cut).
+//! - [`rabbit`]: a private RabbitMQ node to stop, kill and restart.
 
 pub mod broker;
 pub mod plugins;
 pub mod ports;
+pub mod proxy;
+pub mod rabbit;
 pub mod wait;

@@ -622,8 +622,9 @@ impl Amqp {
                         Ok(q) => q,
                         Err(e) => { error!(generation, error = %e, "Consumer task failed."); continue; }
                     };
-                    if let Some((stop, waiters)) = running.remove(&queue) {
-                        if stop.is_cancelled() {
+                    if let Some((_, waiters)) = running.remove(&queue) {
+                        // Only a removal request leaves waiters.
+                        if !waiters.is_empty() {
                             self.shared.remove_sub(&queue);
                             for w in waiters { let _ = w.send(()); }
                         } else if !abort.is_cancelled() && self.shared.sub(&queue).is_some() {
@@ -689,8 +690,8 @@ impl Amqp {
                 consumers.abort_all();
                 side.abort_all();
                 // Waiters of removals in progress: the subscription is gone.
-                for (queue, (stop, waiters)) in running {
-                    if stop.is_cancelled() {
+                for (queue, (_, waiters)) in running {
+                    if !waiters.is_empty() {
                         self.shared.remove_sub(&queue);
                         for w in waiters {
                             let _ = w.send(());

@@ -1,0 +1,145 @@
+//! Consumer repair and life cycle on the shared broker.
+
+use std::time::Duration;
+
+use warren::amqp::{AckOutcome, ConnectionState};
+use warren_it::wait;
+
+use super::*;
+
+/// The queue is deleted under a running consumer: the consumer is
+/// re-established on a redeclared queue without a reconnect, and messages
+/// published afterwards are consumed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_deleted_under_consumer_is_redeclared_and_consumed() -> Result<()> {
+    init_tracing();
+    let queue = qname("deleted");
+    let r = Running::start(config(SHARED_URL, queue_topology(&queue)))?;
+    r.until_running(1, Duration::from_secs(10)).await?;
+    let sub = subscribe(&r, &queue, 10);
+    r.until_consuming(&queue, Duration::from_secs(5)).await?;
+    let (seen, _task) = collect(sub);
+    r.publish_confirmed(&numbered(&queue, 1), Duration::from_secs(5))
+        .await?;
+    wait::until_true("first delivery", Duration::from_secs(5), || {
+        let ok = seen.lock().unwrap().contains(&1);
+        async move { ok }
+    })
+    .await?;
+
+    delete_queue(SHARED_URL, &queue).await?;
+    wait::until_true("consumer re-established", Duration::from_secs(10), || {
+        let ok = r
+            .handle
+            .consumer(&queue)
+            .is_some_and(|c| c.reestablished >= 1 && c.believed_consumers == 1);
+        async move { ok }
+    })
+    .await?;
+    assert_eq!(r.status().generation, 1, "no reconnect was needed");
+    for i in 2..=6 {
+        r.publish_confirmed(&numbered(&queue, i), Duration::from_secs(5))
+            .await?;
+    }
+    wait::until_true("deliveries after redeclare", Duration::from_secs(5), || {
+        let ok = (2..=6).all(|i| seen.lock().unwrap().contains(&i));
+        async move { ok }
+    })
+    .await?;
+    let (_conn, ch) = plain(SHARED_URL).await?;
+    assert_eq!(broker_consumers(&ch, &queue).await?, 1);
+    r.stop().await?;
+    delete_queue(SHARED_URL, &queue).await?;
+    Ok(())
+}
+
+/// Subscriptions are added and removed at run time; removal waits for the
+/// in-flight delivery's ack; a clean stop leaves no consumer behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_added_and_removed_at_runtime_and_clean_stop() -> Result<()> {
+    init_tracing();
+    let a = qname("runtime-a");
+    let b = qname("runtime-b");
+    let r = Running::start(config(SHARED_URL, queue_topology(&a)))?;
+    r.until_running(1, Duration::from_secs(10)).await?;
+    // `b` is added to the topology at run time.
+    r.handle.declare(queue_topology(&b)).await?;
+    let mut sub_a = subscribe(&r, &a, 10);
+    let sub_b = subscribe(&r, &b, 10);
+    r.until_consuming(&a, Duration::from_secs(5)).await?;
+    r.until_consuming(&b, Duration::from_secs(5)).await?;
+    assert!(
+        r.handle
+            .add_subscription(warren::amqp::SubscriptionConfig::new(&a))
+            .is_err()
+    );
+
+    r.publish_confirmed(&numbered(&a, 1), Duration::from_secs(5))
+        .await?;
+    let held = tokio::time::timeout(Duration::from_secs(5), sub_a.next())
+        .await?
+        .context("delivery on a")?;
+    // Removal waits for the held delivery.
+    let h = r.handle.clone();
+    let qa = a.clone();
+    let removal = tokio::spawn(async move { h.remove_subscription(&qa).await });
+    let (_conn, ch) = plain(SHARED_URL).await?;
+    wait::until_true(
+        "broker cancelled the consumer on a",
+        Duration::from_secs(5),
+        || {
+            let ch = ch.clone();
+            let q = a.clone();
+            async move { broker_consumers(&ch, &q).await.ok() == Some(0) }
+        },
+    )
+    .await?;
+    assert!(
+        !removal.is_finished(),
+        "removal waits for in-flight deliveries"
+    );
+    assert_eq!(held.acker.ack(), AckOutcome::Sent);
+    tokio::time::timeout(Duration::from_secs(5), removal).await???;
+    assert!(r.handle.consumer(&a).is_none());
+    // The ack reached the broker before the channel closed.
+    let q = ch
+        .queue_declare(
+            a.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await?;
+    assert_eq!(
+        q.message_count(),
+        0,
+        "held delivery was acked, not requeued"
+    );
+    assert!(sub_a.next().await.is_none(), "stream ends after removal");
+
+    // b still works.
+    let (seen_b, _task) = collect(sub_b);
+    r.publish_confirmed(&numbered(&b, 2), Duration::from_secs(5))
+        .await?;
+    wait::until_true("delivery on b", Duration::from_secs(5), || {
+        let ok = seen_b.lock().unwrap().contains(&2);
+        async move { ok }
+    })
+    .await?;
+
+    // Clean stop.
+    let mut status = r.handle.status();
+    r.stop().await?;
+    assert_eq!(status.borrow_and_update().state, ConnectionState::Stopped);
+    wait::until_true("no consumer left on b", Duration::from_secs(5), || {
+        let ch = ch.clone();
+        let q = b.clone();
+        async move { broker_consumers(&ch, &q).await.ok() == Some(0) }
+    })
+    .await?;
+    delete_queue(SHARED_URL, &a).await?;
+    delete_queue(SHARED_URL, &b).await?;
+    Ok(())
+}

@@ -1,0 +1,203 @@
+//! An in-repo TCP fault proxy for putting between Warren and a broker.
+//!
+//! Modes, switched from the test at any time:
+//! - [`Mode::Pass`]: forward both ways.
+//! - [`Mode::Blackhole`]: keep every socket open and forward nothing (a
+//!   partition: only heartbeats or timeouts notice).
+//! - [`Mode::Refuse`]: reset every live socket and reset new ones as soon
+//!   as they are accepted (a dead broker).
+//!
+//! [`Proxy::cut`] resets the live sockets once and keeps accepting. Sockets
+//! are closed with `SO_LINGER 0`, so the peer sees a TCP RST.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use anyhow::{Context, Result};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// What the proxy does with traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Forward.
+    Pass,
+    /// Hold sockets open, forward nothing.
+    Blackhole,
+    /// Reset live and new sockets.
+    Refuse,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Ctl {
+    mode: Mode,
+    cuts: u64,
+}
+
+/// A running proxy; stops when dropped.
+pub struct Proxy {
+    addr: SocketAddr,
+    ctl: watch::Sender<Ctl>,
+    accepted: Arc<AtomicU64>,
+    live: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Listen on a free loopback port and forward to `upstream`.
+    pub async fn start(upstream: SocketAddr) -> Result<Proxy> {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("failed to bind the proxy listener")?;
+        let addr = listener.local_addr()?;
+        let (ctl, ctl_rx) = watch::channel(Ctl {
+            mode: Mode::Pass,
+            cuts: 0,
+        });
+        let accepted = Arc::new(AtomicU64::new(0));
+        let live = Arc::new(AtomicUsize::new(0));
+        let task = tokio::spawn(accept_loop(
+            listener,
+            upstream,
+            ctl_rx,
+            accepted.clone(),
+            live.clone(),
+        ));
+        Ok(Proxy {
+            addr,
+            ctl,
+            accepted,
+            live,
+            task,
+        })
+    }
+
+    /// The address clients connect to.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// An `amqp://` URL through the proxy with guest credentials.
+    pub fn amqp_url(&self) -> String {
+        format!("amqp://guest:guest@{}/%2f", self.addr)
+    }
+
+    /// Switch mode; `Refuse` also resets every live socket.
+    pub fn set_mode(&self, mode: Mode) {
+        self.ctl.send_modify(|c| c.mode = mode);
+    }
+
+    /// The current mode.
+    pub fn mode(&self) -> Mode {
+        self.ctl.borrow().mode
+    }
+
+    /// Reset every live socket once; keep accepting in the current mode.
+    pub fn cut(&self) {
+        self.ctl.send_modify(|c| c.cuts += 1);
+    }
+
+    /// Connections accepted so far (connection attempts by clients).
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Connections open right now.
+    pub fn live(&self) -> usize {
+        self.live.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.cut();
+        self.task.abort();
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    upstream: SocketAddr,
+    ctl: watch::Receiver<Ctl>,
+    accepted: Arc<AtomicU64>,
+    live: Arc<AtomicUsize>,
+) {
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            r = listener.accept() => {
+                let Ok((client, _)) = r else { continue };
+                accepted.fetch_add(1, Ordering::SeqCst);
+                let _ = client.set_zero_linger();
+                if ctl.borrow().mode == Mode::Refuse {
+                    drop(client);
+                    continue;
+                }
+                conns.spawn(pipe(client, upstream, ctl.clone(), live.clone()));
+            }
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+}
+
+struct LiveGuard(Arc<AtomicUsize>);
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn pipe(
+    mut client: TcpStream,
+    upstream: SocketAddr,
+    mut ctl: watch::Receiver<Ctl>,
+    live: Arc<AtomicUsize>,
+) {
+    live.fetch_add(1, Ordering::SeqCst);
+    let _guard = LiveGuard(live);
+    let start = *ctl.borrow_and_update();
+    let mut server = match TcpStream::connect(upstream).await {
+        Ok(s) => s,
+        Err(_) => return, // client is reset on drop
+    };
+    let _ = server.set_zero_linger();
+    let _ = server.set_nodelay(true);
+    let _ = client.set_nodelay(true);
+    let (mut cr, mut cw) = client.split();
+    let (mut sr, mut sw) = server.split();
+    let mut cbuf = vec![0u8; 64 * 1024];
+    let mut sbuf = vec![0u8; 64 * 1024];
+    let mut client_open = true;
+    let mut server_open = true;
+    loop {
+        tokio::select! {
+            changed = ctl.changed() => {
+                if changed.is_err() { return; }
+                let now = *ctl.borrow_and_update();
+                if now.cuts != start.cuts || now.mode == Mode::Refuse {
+                    return; // both sockets reset on drop (linger 0)
+                }
+            }
+            n = cr.read(&mut cbuf), if client_open => match n {
+                Ok(0) | Err(_) => {
+                    client_open = false;
+                    if ctl.borrow().mode == Mode::Pass { let _ = sw.shutdown().await; return; }
+                }
+                Ok(n) => if ctl.borrow().mode == Mode::Pass && sw.write_all(&cbuf[..n]).await.is_err() { return; },
+            },
+            n = sr.read(&mut sbuf), if server_open => match n {
+                Ok(0) | Err(_) => {
+                    server_open = false;
+                    if ctl.borrow().mode == Mode::Pass { let _ = cw.shutdown().await; return; }
+                }
+                Ok(n) => if ctl.borrow().mode == Mode::Pass && cw.write_all(&sbuf[..n]).await.is_err() { return; },
+            },
+        }
+        if !client_open && !server_open {
+            return;
+        }
+    }
+}
