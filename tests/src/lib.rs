@@ -6,7 +6,10 @@
 //! - [`wait`]: polling with deadlines (the only way tests wait).
 //! - [`ports`]: free loopback ports.
 //! - [`plugins`]: builds `plugins/` for `wasm32-wasip2` once per process.
+//! - [`sentinel`]: a Redis primary, two replicas and three sentinels from
+//!   `sentinel-compose/local.sh`, with kill/stop/restart/failover.
 
 pub mod plugins;
 pub mod ports;
+pub mod sentinel;
 pub mod wait;
