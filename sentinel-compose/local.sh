@@ -5,6 +5,8 @@
 #
 #   local.sh start DIR [PRIMARY REPLICA1 REPLICA2 SENTINEL1 SENTINEL2 SENTINEL3]
 #   local.sh stop  DIR
+#   local.sh restart-node DIR PORT   (a killed data node, as a bare instance:
+#                                    Sentinel converts it into a replica)
 #
 # Ports default to 7000 7001 7002 27000 27001 27002. DIR must be absolute
 # (redis chdirs to --dir before opening the log file); each node gets
@@ -32,6 +34,11 @@ usage() { echo "usage: $0 start|stop DIR [primary r1 r2 s1 s2 s3]" >&2; exit 64;
 CMD=$1; DIR=$2; shift 2
 case "$DIR" in /*) ;; *) echo "DIR must be an absolute path" >&2; exit 64 ;; esac
 
+if [ "$CMD" = restart-node ]; then
+  [ $# -eq 1 ] || usage
+  RESTART_PORT=$1; shift
+fi
+
 if [ $# -eq 6 ]; then
   P=$1; R1=$2; R2=$3; S1=$4; S2=$5; S3=$6
 elif [ $# -eq 0 ]; then
@@ -43,7 +50,10 @@ fi
 data_node() { # port conf [replicaof-port]
   local port=$1 conf=$2
   mkdir -p "$DIR/$port"
-  local args=("$HERE/$conf"
+  # Sentinel sends CONFIG REWRITE when it reconfigures a node: run from a
+  # private copy so the shared file is never rewritten.
+  cp "$HERE/$conf" "$DIR/$port/redis.conf"
+  local args=("$DIR/$port/redis.conf"
     --port "$port" --bind 127.0.0.1 --dir "$DIR/$port" --daemonize yes
     --pidfile "$DIR/$port/redis.pid" --logfile "$DIR/$port/redis.log"
     --replica-announce-ip 127.0.0.1)
@@ -122,6 +132,7 @@ stop() {
 
 case "$CMD" in
   start) start ;;
+  restart-node) data_node "$RESTART_PORT" redis-primary.conf ;;
   stop) stop ;;
   *) usage ;;
 esac

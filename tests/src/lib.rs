@@ -9,10 +9,13 @@
 //! - [`plugins`]: builds `plugins/` for `wasm32-wasip2` once per process.
 //! - [`proxy`]: a TCP fault proxy (pass, blackhole, refuse, cut).
 //! - [`rabbit`]: a private RabbitMQ node to stop, kill and restart.
+//! - [`sentinel`]: a Redis primary, two replicas and three sentinels from
+//!   `sentinel-compose/local.sh`, with kill/stop/restart/failover.
 
 pub mod broker;
 pub mod plugins;
 pub mod ports;
 pub mod proxy;
 pub mod rabbit;
+pub mod sentinel;
 pub mod wait;

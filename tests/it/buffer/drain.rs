@@ -1,0 +1,322 @@
+//! The drainer: order, restart after a kill, failed publishes, and a
+//! message's round trip through the spool. Plain Redis on 6379, a stream per
+//! test.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use tokio_util::sync::CancellationToken;
+use warren::buffer::{
+    DrainPublisher, Drainer, DrainerConfig, DrainerState, FnPublisher, SpoolConfig,
+};
+use warren::message::{HeaderValue, MessageProperties, OutboundMessage};
+use warren_it::wait;
+
+use super::{PLAIN_URL, cleanup, host_id, message, seq_of, start, xlen};
+
+/// Records sends in order; confirms after `delay`, so a window is in flight.
+struct SlowConfirms {
+    sent: Arc<Mutex<Vec<u64>>>,
+    delay: Duration,
+}
+
+impl DrainPublisher for SlowConfirms {
+    type Error = String;
+    type Confirm = BoxFuture<'static, Result<(), String>>;
+
+    fn publish(
+        &self,
+        message: OutboundMessage,
+    ) -> impl Future<Output = Result<Self::Confirm, String>> + Send {
+        self.sent.lock().unwrap().push(seq_of(&message));
+        let delay = self.delay;
+        async move {
+            let confirm: BoxFuture<'static, Result<(), String>> = Box::pin(async move {
+                tokio::time::sleep(delay).await;
+                Ok(())
+            });
+            Ok(confirm)
+        }
+    }
+}
+
+fn drain_cfg() -> DrainerConfig {
+    DrainerConfig {
+        batch: 64,
+        window: 16,
+        lease_ttl_ms: 1000,
+        backoff_min_ms: 50,
+        backoff_max_ms: 200,
+        idle_poll_ms: 100,
+    }
+}
+
+fn plain_cfg(test: &str) -> SpoolConfig {
+    let mut cfg = SpoolConfig::plain(PLAIN_URL, host_id(test));
+    cfg.status_interval_ms = 100;
+    cfg
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_keeps_order_and_a_killed_drainer_is_resumed() {
+    const N: u64 = 400;
+    let run = start(plain_cfg("drain-order")).await;
+    let key = run.handle.stream_key().to_owned();
+    for n in 0..N {
+        run.handle.append(message(n)).await.unwrap();
+    }
+    assert_eq!(xlen(PLAIN_URL, &key).await, N);
+    assert!(!run.handle.is_empty());
+
+    // First drainer: killed (task aborted) half-way, confirms in flight.
+    let first = Arc::new(Mutex::new(Vec::new()));
+    let (d1, _c1) = Drainer::new(
+        drain_cfg(),
+        &run.handle,
+        SlowConfirms {
+            sent: first.clone(),
+            delay: Duration::from_millis(3),
+        },
+    )
+    .unwrap();
+    let t1 = tokio::spawn(d1.run(CancellationToken::new()));
+    wait::until_true(
+        "first drainer half-way",
+        Duration::from_secs(20),
+        || async { first.lock().unwrap().len() >= (N / 2) as usize },
+    )
+    .await
+    .unwrap();
+    t1.abort();
+    let _ = t1.await;
+    let left = xlen(PLAIN_URL, &key).await;
+    assert!(left > 0 && left < N, "the kill left {left} entries");
+
+    // Second drainer: waits out the dead one's lease, then drains the rest.
+    let second = Arc::new(Mutex::new(Vec::new()));
+    let (d2, _c2) = Drainer::new(
+        drain_cfg(),
+        &run.handle,
+        SlowConfirms {
+            sent: second.clone(),
+            delay: Duration::from_millis(1),
+        },
+    )
+    .unwrap();
+    let cancel = CancellationToken::new();
+    let t2 = tokio::spawn(d2.run(cancel.clone()));
+    wait::until_true("spool drained", Duration::from_secs(20), || async {
+        xlen(PLAIN_URL, &key).await == 0
+    })
+    .await
+    .unwrap();
+    wait::until_true("spool reports empty", Duration::from_secs(5), || async {
+        run.handle.is_empty()
+    })
+    .await
+    .unwrap();
+
+    let first = first.lock().unwrap().clone();
+    let second = second.lock().unwrap().clone();
+    assert!(
+        second.windows(2).all(|w| w[0] < w[1]),
+        "second drainer out of order"
+    );
+    assert!(
+        first.windows(2).all(|w| w[0] < w[1]),
+        "first drainer out of order"
+    );
+    // Every entry at least once, first publications in append order.
+    let mut firsts = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for s in first.iter().chain(second.iter()) {
+        if seen.insert(*s) {
+            firsts.push(*s);
+        }
+    }
+    assert_eq!(firsts, (0..N).collect::<Vec<_>>());
+    let status = run.handle.status().await;
+    assert_eq!(status.depth, 0);
+    assert!(status.drained >= N - left, "drained {}", status.drained);
+    assert_eq!(status.oldest_age_ms, None);
+
+    cancel.cancel();
+    t2.await.unwrap();
+    run.stop().await;
+    cleanup(&key).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_publish_keeps_the_entry_and_resumes() {
+    let run = start(plain_cfg("drain-fail")).await;
+    let key = run.handle.stream_key().to_owned();
+    for n in 0..10 {
+        run.handle.append(message(n)).await.unwrap();
+    }
+    let delivered = Arc::new(Mutex::new(Vec::new()));
+    let broken = Arc::new(AtomicBool::new(true));
+    let publisher = {
+        let (delivered, broken) = (delivered.clone(), broken.clone());
+        FnPublisher(move |m: OutboundMessage| {
+            let (delivered, broken) = (delivered.clone(), broken.clone());
+            async move {
+                let seq = seq_of(&m);
+                if seq == 5 && broken.load(Ordering::SeqCst) {
+                    return Err("broker unavailable".to_owned());
+                }
+                delivered.lock().unwrap().push(seq);
+                Ok(())
+            }
+        })
+    };
+    let (drainer, control) = Drainer::new(drain_cfg(), &run.handle, publisher).unwrap();
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(drainer.run(cancel.clone()));
+
+    wait::until_true(
+        "drainer paused on the failure",
+        Duration::from_secs(10),
+        || async {
+            matches!(
+                run.handle.status().await.drainer,
+                DrainerState::Paused { .. }
+            )
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(*delivered.lock().unwrap(), vec![0, 1, 2, 3, 4]);
+    assert_eq!(
+        xlen(PLAIN_URL, &key).await,
+        5,
+        "the failed entry and its successors stay"
+    );
+    assert!(!run.handle.is_empty());
+
+    broken.store(false, Ordering::SeqCst);
+    control.kick();
+    wait::until_true(
+        "drained after recovery",
+        Duration::from_secs(10),
+        || async { xlen(PLAIN_URL, &key).await == 0 },
+    )
+    .await
+    .unwrap();
+    assert_eq!(*delivered.lock().unwrap(), (0..10).collect::<Vec<_>>());
+
+    // Paused drainers leave new entries alone.
+    control.pause();
+    wait::until_true("drainer disabled", Duration::from_secs(5), || async {
+        run.handle.status().await.drainer == DrainerState::Disabled
+    })
+    .await
+    .unwrap();
+    run.handle.append(message(10)).await.unwrap();
+    assert_eq!(xlen(PLAIN_URL, &key).await, 1);
+    control.resume();
+    wait::until_true("drained after resume", Duration::from_secs(10), || async {
+        xlen(PLAIN_URL, &key).await == 0
+    })
+    .await
+    .unwrap();
+
+    cancel.cancel();
+    task.await.unwrap();
+    run.stop().await;
+    cleanup(&key).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spooled_message_comes_back_unchanged() {
+    let run = start(plain_cfg("roundtrip")).await;
+    let key = run.handle.stream_key().to_owned();
+    let mut full = OutboundMessage {
+        exchange: "orders".into(),
+        routing_key: "orders.created".into(),
+        properties: MessageProperties {
+            content_type: Some("application/json".into()),
+            content_encoding: Some("gzip".into()),
+            delivery_mode: Some(2),
+            priority: Some(7),
+            correlation_id: Some("corr-1".into()),
+            reply_to: Some("replies".into()),
+            expiration: Some("60000".into()),
+            message_id: Some("own-id".into()),
+            timestamp: Some(1_700_000_000),
+            kind: Some("order.created".into()),
+            user_id: Some("guest".into()),
+            app_id: Some("warren".into()),
+            headers: vec![],
+        },
+        body: Bytes::from_static(&[0, 1, 2, 255, 254, b'{', b'"']),
+    };
+    full.properties.set_header(
+        "traceparent",
+        HeaderValue::String("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+    );
+    full.properties.set_header(
+        "nested",
+        HeaderValue::Table(vec![
+            ("f".into(), HeaderValue::F64(-0.1)),
+            (
+                "d".into(),
+                HeaderValue::Decimal {
+                    scale: 2,
+                    value: 12345,
+                },
+            ),
+            (
+                "b".into(),
+                HeaderValue::Bytes(Bytes::from_static(&[0, 200])),
+            ),
+            (
+                "a".into(),
+                HeaderValue::Array(vec![HeaderValue::Void, HeaderValue::I8(-3)]),
+            ),
+        ]),
+    );
+    let mut anonymous = OutboundMessage::new("", "q", Bytes::from_static(b"no id"));
+    anonymous.properties.timestamp = Some(1);
+
+    run.handle.append(full.clone()).await.unwrap();
+    let anon_id = run.handle.append(anonymous.clone()).await.unwrap();
+
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let publisher = {
+        let got = got.clone();
+        FnPublisher(move |m: OutboundMessage| {
+            let got = got.clone();
+            async move {
+                got.lock().unwrap().push(m);
+                Ok::<(), String>(())
+            }
+        })
+    };
+    let (drainer, _control) = Drainer::new(drain_cfg(), &run.handle, publisher).unwrap();
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(drainer.run(cancel.clone()));
+    wait::until_true("both drained", Duration::from_secs(10), || async {
+        got.lock().unwrap().len() == 2
+    })
+    .await
+    .unwrap();
+    let got = got.lock().unwrap().clone();
+    assert_eq!(
+        got[0], full,
+        "every property, header and body byte comes back"
+    );
+    anonymous.properties.message_id = Some(anon_id.id.to_string());
+    assert_eq!(
+        got[1], anonymous,
+        "a message without id gets the entry id as message_id"
+    );
+
+    cancel.cancel();
+    task.await.unwrap();
+    run.stop().await;
+    cleanup(&key).await;
+}

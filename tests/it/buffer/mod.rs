@@ -1,0 +1,148 @@
+//! The spool against real Redis: a Sentinel topology per failover test
+//! (`warren_it::sentinel`), the shared plain Redis on 127.0.0.1:6379 with a
+//! random stream key per test otherwise.
+
+mod drain;
+mod failover;
+mod limits;
+
+use std::collections::HashSet;
+use std::sync::Once;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use warren::buffer::{Spool, SpoolConfig, SpoolHandle};
+use warren::message::{HeaderValue, OutboundMessage};
+use warren_it::wait;
+
+pub const PLAIN_URL: &str = "redis://127.0.0.1:6379";
+
+pub fn init_tracing() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "warn".into()),
+            )
+            .with_test_writer()
+            .try_init();
+    });
+}
+
+/// A message carrying `seq` in a header and the body, with a traceparent.
+pub fn message(seq: u64) -> OutboundMessage {
+    let mut m = OutboundMessage::new(
+        "warren.test",
+        "spool.rk",
+        Bytes::from(format!("body-{seq}")),
+    );
+    m.properties.set_header("seq", HeaderValue::U64(seq));
+    m.properties.set_header(
+        "traceparent",
+        HeaderValue::String("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
+    );
+    m
+}
+
+pub fn seq_of(m: &OutboundMessage) -> u64 {
+    match m.header("seq") {
+        Some(HeaderValue::U64(n)) => *n,
+        other => panic!("message without seq: {other:?}"),
+    }
+}
+
+/// A unique host id, so each test has its own stream.
+pub fn host_id(test: &str) -> String {
+    format!("it-{test}-{}", uuid::Uuid::new_v4().simple())
+}
+
+pub struct Running {
+    pub handle: SpoolHandle,
+    pub cancel: CancellationToken,
+    pub task: JoinHandle<()>,
+}
+
+impl Running {
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("spool stops within 10 s")
+            .expect("spool task did not panic");
+    }
+}
+
+pub async fn start(cfg: SpoolConfig) -> Running {
+    init_tracing();
+    let (spool, handle) = Spool::new(cfg).expect("valid config");
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(spool.run(cancel.clone()));
+    let h = handle.clone();
+    wait::until_true("spool connected", Duration::from_secs(10), || {
+        let h = h.clone();
+        async move { h.status().await.primary.is_some() }
+    })
+    .await
+    .expect("spool connects");
+    Running {
+        handle,
+        cancel,
+        task,
+    }
+}
+
+/// Every entry id (`id` field) in `key` on the node at `url`.
+pub async fn stream_ids(url: &str, key: &str) -> Vec<String> {
+    let client = redis::Client::open(url).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    type Entries = Vec<(String, Vec<(String, Vec<u8>)>)>;
+    let entries: Entries = redis::cmd("XRANGE")
+        .arg(key)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    entries
+        .into_iter()
+        .filter_map(|(_, fields)| {
+            fields
+                .into_iter()
+                .find(|(k, _)| k == "id")
+                .map(|(_, v)| String::from_utf8(v).unwrap())
+        })
+        .collect()
+}
+
+pub async fn xlen(url: &str, key: &str) -> u64 {
+    let client = redis::Client::open(url).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("XLEN")
+        .arg(key)
+        .query_async(&mut c)
+        .await
+        .unwrap()
+}
+
+/// Remove a test's keys from the shared Redis.
+pub async fn cleanup(key: &str) {
+    let client = redis::Client::open(PLAIN_URL).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(key)
+        .arg(format!("{key}:bytes"))
+        .arg(format!("{key}:drain-lock"))
+        .arg(format!("{key}:corrupt"))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+}
+
+/// Which acknowledged ids are missing from `present`.
+pub fn missing<'a>(acked: &'a [String], present: &[String]) -> Vec<&'a String> {
+    let present: HashSet<&String> = present.iter().collect();
+    acked.iter().filter(|id| !present.contains(id)).collect()
+}

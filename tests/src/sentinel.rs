@@ -1,0 +1,270 @@
+//! A Redis Sentinel topology (1 primary, 2 replicas, 3 sentinels) started
+//! through `sentinel-compose/local.sh` on free loopback ports in a temporary
+//! directory, with the faults tests need. Dropping it stops every process
+//! it started, by the PIDs in its own pidfiles.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use redis::AsyncConnectionConfig;
+
+use crate::{ports, wait};
+
+/// Sentinel timings used by tests (fast failovers).
+pub const DOWN_AFTER_MS: u64 = 1000;
+/// See [`DOWN_AFTER_MS`].
+pub const FAILOVER_TIMEOUT_MS: u64 = 5000;
+
+/// A running topology.
+pub struct Topology {
+    dir: tempfile::TempDir,
+    script: PathBuf,
+    /// The Sentinel master name.
+    pub master_name: String,
+    /// Ports of the three data nodes; `data_ports[0]` started as primary.
+    pub data_ports: [u16; 3],
+    /// Ports of the three sentinels.
+    pub sentinel_ports: [u16; 3],
+}
+
+fn script_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("sentinel-compose")
+        .join("local.sh")
+}
+
+fn distinct_ports<const N: usize>() -> Result<[u16; N]> {
+    let mut out: Vec<u16> = Vec::with_capacity(N);
+    while out.len() < N {
+        let p = ports::free_port()?;
+        if !out.contains(&p) {
+            out.push(p);
+        }
+    }
+    out.try_into()
+        .map_err(|_| anyhow::anyhow!("could not collect {N} ports"))
+}
+
+async fn conn(port: u16) -> Result<redis::aio::MultiplexedConnection> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}"))?;
+    let cfg = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(1)))
+        .set_response_timeout(Some(Duration::from_secs(2)));
+    Ok(client
+        .get_multiplexed_async_connection_with_config(&cfg)
+        .await?)
+}
+
+impl Topology {
+    /// Start the topology and return once every sentinel sees two replicas
+    /// and two other sentinels and CKQUORUM is OK (the script waits).
+    pub async fn start() -> Result<Topology> {
+        let dir = tempfile::Builder::new()
+            .prefix("warren-sentinel-")
+            .tempdir()?;
+        let all: [u16; 6] = distinct_ports()?;
+        let topo = Topology {
+            dir,
+            script: script_path(),
+            master_name: "mymaster".into(),
+            data_ports: [all[0], all[1], all[2]],
+            sentinel_ports: [all[3], all[4], all[5]],
+        };
+        let args: Vec<String> = all.iter().map(u16::to_string).collect();
+        topo.run_script("start", &args).await?;
+        Ok(topo)
+    }
+
+    async fn run_script(&self, cmd: &str, args: &[String]) -> Result<()> {
+        let mut c = tokio::process::Command::new("bash");
+        c.arg(&self.script)
+            .arg(cmd)
+            .arg(self.dir.path())
+            .args(args)
+            .env("MASTER_NAME", &self.master_name)
+            .env("DOWN_AFTER_MS", DOWN_AFTER_MS.to_string())
+            .env("FAILOVER_TIMEOUT_MS", FAILOVER_TIMEOUT_MS.to_string())
+            .env("MIN_REPLICAS_MAX_LAG", "2");
+        let out = tokio::time::timeout(Duration::from_secs(60), c.output())
+            .await
+            .context("local.sh timed out")??;
+        if !out.status.success() {
+            bail!(
+                "local.sh {cmd} failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    /// The temporary directory holding logs, AOFs and pidfiles.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// `redis://127.0.0.1:<port>` for each sentinel.
+    pub fn sentinel_urls(&self) -> Vec<String> {
+        self.sentinel_ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect()
+    }
+
+    /// A connection to a node of this topology.
+    pub async fn conn(&self, port: u16) -> Result<redis::aio::MultiplexedConnection> {
+        conn(port).await
+    }
+
+    /// The primary's port according to the first sentinel that answers.
+    pub async fn primary_port(&self) -> Result<u16> {
+        let mut last = None;
+        for s in self.sentinel_ports {
+            let r = async {
+                let mut c = conn(s).await?;
+                let addr: Option<(String, u16)> = redis::cmd("SENTINEL")
+                    .arg("GET-MASTER-ADDR-BY-NAME")
+                    .arg(&self.master_name)
+                    .query_async(&mut c)
+                    .await?;
+                addr.map(|(_, p)| p).context("sentinel knows no primary")
+            }
+            .await;
+            match r {
+                Ok(p) => return Ok(p),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("no sentinel answered")))
+    }
+
+    /// `ROLE` of a data node: "master", "slave", or an error if it is down.
+    pub async fn role(&self, port: u16) -> Result<String> {
+        let mut c = conn(port).await?;
+        let v: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut c).await?;
+        match v.first() {
+            Some(redis::Value::BulkString(b)) => Ok(String::from_utf8_lossy(b).into_owned()),
+            Some(redis::Value::SimpleString(s)) => Ok(s.clone()),
+            other => bail!("unexpected ROLE reply {other:?}"),
+        }
+    }
+
+    /// Replicas the node reports as online (`INFO replication`).
+    pub async fn online_replicas(&self, port: u16) -> Result<usize> {
+        let mut c = conn(port).await?;
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query_async(&mut c)
+            .await?;
+        Ok(info
+            .lines()
+            .filter(|l| l.starts_with("slave") && l.contains("state=online"))
+            .count())
+    }
+
+    fn pidfile(&self, port: u16) -> PathBuf {
+        self.dir.path().join(port.to_string()).join("redis.pid")
+    }
+
+    fn pid(&self, port: u16) -> Result<i32> {
+        let text = std::fs::read_to_string(self.pidfile(port))
+            .with_context(|| format!("no pidfile for node {port}"))?;
+        Ok(text.trim().parse()?)
+    }
+
+    fn signal(pid: i32, sig: &str) -> Result<()> {
+        let st = Command::new("kill")
+            .arg(sig)
+            .arg(pid.to_string())
+            .status()?;
+        if !st.success() {
+            bail!("kill {sig} {pid} failed");
+        }
+        Ok(())
+    }
+
+    fn alive(pid: i32) -> bool {
+        Command::new("kill")
+            .arg("-0")
+            .arg(pid.to_string())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    }
+
+    /// `kill -9` a data node (and forget its pidfile).
+    pub async fn kill9(&self, port: u16) -> Result<()> {
+        let pid = self.pid(port)?;
+        Self::signal(pid, "-9")?;
+        wait::until_true("killed node to exit", Duration::from_secs(5), || async {
+            !Self::alive(pid)
+        })
+        .await?;
+        let _ = std::fs::remove_file(self.pidfile(port));
+        Ok(())
+    }
+
+    /// Stop a data node cleanly (SIGTERM) and wait until it is gone.
+    pub async fn stop_node(&self, port: u16) -> Result<()> {
+        let pid = self.pid(port)?;
+        Self::signal(pid, "-TERM")?;
+        wait::until_true("stopped node to exit", Duration::from_secs(10), || async {
+            !Self::alive(pid)
+        })
+        .await?;
+        let _ = std::fs::remove_file(self.pidfile(port));
+        Ok(())
+    }
+
+    /// Start a stopped or killed data node again as a bare instance;
+    /// Sentinel turns it into a replica of the current primary.
+    pub async fn restart_node(&self, port: u16) -> Result<()> {
+        self.run_script("restart-node", &[port.to_string()]).await
+    }
+
+    /// `SENTINEL FAILOVER` on the first sentinel.
+    pub async fn failover(&self) -> Result<()> {
+        let mut c = conn(self.sentinel_ports[0]).await?;
+        let _: String = redis::cmd("SENTINEL")
+            .arg("FAILOVER")
+            .arg(&self.master_name)
+            .query_async(&mut c)
+            .await?;
+        Ok(())
+    }
+
+    /// Wait until Sentinel names a primary other than `old` and that node
+    /// says it is a primary.
+    pub async fn wait_new_primary(&self, old: u16, timeout: Duration) -> Result<u16> {
+        wait::until("a new primary", timeout, || async {
+            let p = self.primary_port().await.ok()?;
+            (p != old && self.role(p).await.ok()? == "master").then_some(p)
+        })
+        .await
+    }
+
+    /// Stop everything (also done on drop).
+    pub fn stop(&self) -> Result<()> {
+        let st = Command::new("bash")
+            .arg(&self.script)
+            .arg("stop")
+            .arg(self.dir.path())
+            .status()?;
+        if !st.success() {
+            bail!("local.sh stop failed");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop() {
+            tracing::warn!(error = %e, dir = %self.dir.path().display(), "Could not stop the Sentinel topology.");
+        }
+    }
+}
