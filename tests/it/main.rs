@@ -6,5 +6,6 @@
 
 mod amqp;
 mod buffer;
+mod outage;
 mod plugins;
 mod run;

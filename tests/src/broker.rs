@@ -7,8 +7,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use futures::StreamExt;
 use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
-    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -220,18 +221,18 @@ impl Broker {
         Ok((q.message_count(), q.consumer_count()))
     }
 
-    /// Consume (auto-ack) until `n` messages arrived or `timeout` passed;
-    /// returns what arrived.
+    /// Consume until `n` messages arrived or `timeout` passed; returns what
+    /// arrived. Each kept message is acked; anything the broker sent beyond
+    /// `n` is requeued when the channel closes (never lost to the test).
     pub async fn collect(&self, queue: &str, n: usize, timeout: Duration) -> Result<Vec<Got>> {
         let ch = self._conn.create_channel().await?;
+        let prefetch = u16::try_from(n.clamp(1, 1000)).unwrap_or(1000);
+        ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
         let mut consumer = ch
             .basic_consume(
                 queue.into(),
                 ShortString::from(format!("it-collect-{}", uuid::Uuid::new_v4().simple())),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
+                BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
             .await?;
@@ -239,12 +240,15 @@ impl Broker {
         let deadline = tokio::time::Instant::now() + timeout;
         while got.len() < n {
             match tokio::time::timeout_at(deadline, consumer.next()).await {
-                Ok(Some(Ok(d))) => got.push(Got {
-                    body: d.data.clone(),
-                    routing_key: d.routing_key.as_str().to_string(),
-                    headers: d.properties.headers().clone().unwrap_or_default(),
-                    properties: d.properties.clone(),
-                }),
+                Ok(Some(Ok(d))) => {
+                    d.ack(BasicAckOptions::default()).await?;
+                    got.push(Got {
+                        body: d.data.clone(),
+                        routing_key: d.routing_key.as_str().to_string(),
+                        headers: d.properties.headers().clone().unwrap_or_default(),
+                        properties: d.properties.clone(),
+                    });
+                }
                 Ok(Some(Err(e))) => return Err(e.into()),
                 Ok(None) | Err(_) => break,
             }
