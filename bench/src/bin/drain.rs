@@ -1,0 +1,242 @@
+//! Drain throughput of the whole of Warren (consumer → fresh sandbox
+//! instance of the `noop` plugin → coalesced ack) beside plain lapin
+//! consumers with per-message and batched acks, in one run, on the same
+//! pre-filled quorum queue type Warren declares by default.
+//!
+//! `cargo run --release -p warren-bench --bin drain [messages]` (default
+//! 200,000 × 256 bytes). Needs RabbitMQ on 127.0.0.1:5672 and Redis on
+//! 127.0.0.1:6379.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use warren::app::App;
+use warren::config::Config;
+
+const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+const BODY: usize = 256;
+const PREFETCH: u16 = 1000;
+/// Batched acks: `multiple = true` every this many deliveries.
+const BATCH: u64 = 100;
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    let n: u64 = std::env::args()
+        .nth(1)
+        .map(|a| a.parse())
+        .transpose()?
+        .unwrap_or(200_000);
+    let conn = Connection::connect(URL, ConnectionProperties::default())
+        .await
+        .context("RabbitMQ on 127.0.0.1:5672")?;
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .context("metrics recorder")?;
+
+    let mut rows = Vec::new();
+    for kind in ["lapin, ack per message", "lapin, batched acks", "Warren, noop plugin"] {
+        let queue = format!("bench.drain.{}", uuid::Uuid::new_v4().simple());
+        let ch = conn.create_channel().await?;
+        declare_quorum(&ch, &queue).await?;
+        eprintln!("{kind}: filling {queue} with {n} messages…");
+        fill(&ch, &queue, n).await?;
+        eprintln!("{kind}: draining…");
+        let secs = match kind {
+            "lapin, ack per message" => drain_lapin(&conn, &queue, n, 1).await?,
+            "lapin, batched acks" => drain_lapin(&conn, &queue, n, BATCH).await?,
+            _ => drain_warren(&queue, n, &recorder).await?,
+        };
+        let left = message_count(&conn, &queue).await?;
+        ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await?;
+        rows.push((kind, secs, left));
+    }
+
+    let rate = |secs: f64| n as f64 / secs;
+    let best_lapin = rows
+        .iter()
+        .filter(|r| r.0.starts_with("lapin"))
+        .map(|r| rate(r.1))
+        .fold(0.0, f64::max);
+    println!(
+        "## Drain of {n} pre-filled {BODY}-byte messages (quorum queue, prefetch {PREFETCH})\n"
+    );
+    println!("| consumer | seconds | msg/s | vs best lapin | left in queue |");
+    println!("|---|---:|---:|---:|---:|");
+    for (kind, secs, left) in &rows {
+        println!(
+            "| {kind} | {secs:.2} | {:.0} | {:.2}× | {left} |",
+            rate(*secs),
+            rate(*secs) / best_lapin
+        );
+    }
+    let warren = rows.last().map(|r| rate(r.1)).unwrap_or_default();
+    println!(
+        "\ntarget: Warren ≥ 0.9× best lapin — {}",
+        if warren >= 0.9 * best_lapin { "met" } else { "NOT met" }
+    );
+    Ok(())
+}
+
+async fn declare_quorum(ch: &Channel, queue: &str) -> Result<()> {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await?;
+    Ok(())
+}
+
+async fn fill(ch: &Channel, queue: &str, n: u64) -> Result<()> {
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let body = vec![b'x'; BODY];
+    let mut pending = Vec::with_capacity(2000);
+    for _ in 0..n {
+        pending.push(
+            ch.basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                &body,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await?,
+        );
+        if pending.len() == 2000 {
+            for c in pending.drain(..) {
+                c.await?;
+            }
+        }
+    }
+    for c in pending.drain(..) {
+        c.await?;
+    }
+    Ok(())
+}
+
+async fn message_count(conn: &Connection, queue: &str) -> Result<u32> {
+    let ch = conn.create_channel().await?;
+    let q = ch
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let _ = ch.close(200, "done".into()).await;
+    Ok(q.message_count())
+}
+
+/// Plain lapin: ack every `every`-th delivery with `multiple = true`.
+async fn drain_lapin(conn: &Connection, queue: &str, n: u64, every: u64) -> Result<f64> {
+    let ch = conn.create_channel().await?;
+    ch.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
+    let mut consumer = ch
+        .basic_consume(
+            queue.into(),
+            "bench".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let started = Instant::now();
+    let mut got = 0;
+    while got < n {
+        let d = tokio::time::timeout(Duration::from_secs(30), consumer.next())
+            .await
+            .context("no delivery for 30 s")?
+            .context("consumer ended")??;
+        got += 1;
+        if got % every == 0 || got == n {
+            d.ack(BasicAckOptions {
+                multiple: every > 1,
+            })
+            .await?;
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let _ = ch.close(200, "done".into()).await;
+    Ok(secs)
+}
+
+/// All of Warren with the noop plugin; done when it has acked `n`
+/// deliveries (read from its own metrics).
+async fn drain_warren(
+    queue: &str,
+    n: u64,
+    recorder: &metrics_exporter_prometheus::PrometheusHandle,
+) -> Result<f64> {
+    let dir = tempfile::tempdir()?;
+    std::fs::copy(
+        warren_it::plugins::wasm("noop")?,
+        dir.path().join("noop.wasm"),
+    )?;
+    let text = format!(
+        r#"
+        [plugins]
+        dir = "{dir}"
+        [spool]
+        stream-key = "bench.spool.{id}"
+        [plugin.noop]
+        subscriptions = [{{ queue = "{queue}", prefetch = {PREFETCH} }}]
+        [dispatch]
+        retry-exchange = "bench.retry"
+        dead-letter-exchange = "bench.dlx"
+        dead-letter-queue = "bench.dlq"
+        [telemetry]
+        log-level = "warn"
+        "#,
+        dir = dir.path().display(),
+        id = uuid::Uuid::new_v4().simple(),
+    );
+    let config = Config::parse(&text, Vec::new()).map_err(|p| anyhow::anyhow!("{p:?}"))?;
+    let before = acked(recorder);
+    // Loading and compiling the plugin is start-up, not drain: the clock
+    // starts when the consumer is being registered.
+    let app = App::start(config).await?;
+    let started = Instant::now();
+    loop {
+        let done = acked(recorder) - before;
+        if done >= n {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(600) {
+            bail!("Warren acked only {done} of {n} in 600 s");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    app.shutdown().await;
+    Ok(secs)
+}
+
+fn acked(recorder: &metrics_exporter_prometheus::PrometheusHandle) -> u64 {
+    recorder
+        .render()
+        .lines()
+        .find(|l| {
+            l.starts_with("warren_deliveries_total{")
+                && l.contains("plugin=\"noop\"")
+                && l.contains("outcome=\"ack\"")
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .unwrap_or(0)
+}
