@@ -105,6 +105,8 @@ async fn run() -> Result<()> {
     })
     .await?;
 
+    let phases = plugin.bench_phases(&d, ITERATIONS).await;
+
     println!("## Sandbox overhead per delivery (noop plugin, 256-byte body)\n");
     println!("median of {ROUNDS} rounds × {ITERATIONS} calls, current-thread tokio runtime\n");
     println!("| configuration | ns per delivery | vs native |");
@@ -117,6 +119,10 @@ async fn run() -> Result<()> {
     println!(
         "| **fresh instance per delivery (Warren)** | **{fresh:.0}** | {:.0}× |",
         fresh / native
+    );
+    println!(
+        "\nfresh instance, by phase (ns): store + WASI context {:.0} / instantiate {:.0} / call {:.0} / drop {:.0}",
+        phases[0], phases[1], phases[2], phases[3]
     );
     println!(
         "\ntarget: fresh ≤ 10,000 ns — {}",

@@ -41,7 +41,11 @@ async fn main() -> Result<()> {
         .context("metrics recorder")?;
 
     let mut rows = Vec::new();
-    for kind in ["lapin, ack per message", "lapin, batched acks", "Warren, noop plugin"] {
+    for kind in [
+        "lapin, ack per message",
+        "lapin, batched acks",
+        "Warren, noop plugin",
+    ] {
         let queue = format!("bench.drain.{}", uuid::Uuid::new_v4().simple());
         let ch = conn.create_channel().await?;
         declare_quorum(&ch, &queue).await?;
@@ -80,14 +84,21 @@ async fn main() -> Result<()> {
     let warren = rows.last().map(|r| rate(r.1)).unwrap_or_default();
     println!(
         "\ntarget: Warren ≥ 0.9× best lapin — {}",
-        if warren >= 0.9 * best_lapin { "met" } else { "NOT met" }
+        if warren >= 0.9 * best_lapin {
+            "met"
+        } else {
+            "NOT met"
+        }
     );
     Ok(())
 }
 
 async fn declare_quorum(ch: &Channel, queue: &str) -> Result<()> {
     let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
     ch.queue_declare(
         queue.into(),
         QueueDeclareOptions {

@@ -320,6 +320,41 @@ impl Plugin {
     }
 }
 
+impl Plugin {
+    /// Where the time of a fresh invocation goes, in ns per call: store
+    /// (with its WASI context), instantiation, the call, the drop. Only the
+    /// sandbox benchmark uses it.
+    #[doc(hidden)]
+    pub async fn bench_phases(&self, delivery: &Delivery, n: u32) -> [f64; 4] {
+        let inner = &*self.inner;
+        let rt = inner.runtime.inner();
+        let mut t = [std::time::Duration::ZERO; 4];
+        for _ in 0..n {
+            let a = std::time::Instant::now();
+            let mut inv =
+                Invocation::new(rt, inner.ident.clone(), inner.config.clone(), &inner.limits);
+            let b = std::time::Instant::now();
+            let Ok(world) = inner.pre.instantiate_async(&mut inv.store).await else {
+                return [f64::NAN; 4];
+            };
+            let c = std::time::Instant::now();
+            let input = delivery_to_wit(delivery);
+            let _ = world
+                .warren_plugin_handler()
+                .call_handle(&mut inv.store, &input)
+                .await;
+            let d = std::time::Instant::now();
+            drop(inv);
+            let e = std::time::Instant::now();
+            t[0] += b - a;
+            t[1] += c - b;
+            t[2] += d - c;
+            t[3] += e - d;
+        }
+        t.map(|d| d.as_nanos() as f64 / f64::from(n))
+    }
+}
+
 impl ReusedInstance {
     #[doc(hidden)]
     pub async fn call(&mut self, delivery: &Delivery) -> bool {
