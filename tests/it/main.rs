@@ -6,6 +6,7 @@
 
 mod amqp;
 mod buffer;
+mod gauntlet;
 mod outage;
 mod plugins;
 mod run;

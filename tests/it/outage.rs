@@ -7,34 +7,10 @@ use std::time::Duration;
 
 use warren::app::App;
 use warren::config::Config;
-use warren_it::broker::{Broker, Got, unique};
+use warren_it::broker::{Broker, unique};
 use warren_it::plugins::wasm;
 use warren_it::proxy::{Mode, Proxy};
 use warren_it::wait;
-
-/// Collect from `queue` until every body in `want` was seen at least once.
-async fn collect_all(broker: &Broker, queue: &str, want: &BTreeSet<String>) -> Vec<Got> {
-    let mut got = Vec::new();
-    let mut seen = BTreeSet::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
-    while seen.len() < want.len() && tokio::time::Instant::now() < deadline {
-        let batch = broker
-            .collect(queue, want.len() - seen.len(), Duration::from_secs(2))
-            .await
-            .unwrap();
-        for g in batch {
-            seen.insert(String::from_utf8(g.body.clone()).unwrap());
-            got.push(g);
-        }
-    }
-    let missing: Vec<_> = want.difference(&seen).take(5).collect();
-    assert!(
-        missing.is_empty(),
-        "{} outputs missing, e.g. {missing:?}",
-        want.len() - seen.len()
-    );
-    got
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_outage_under_load_spools_outputs_and_drains_them_in_order() {
@@ -113,8 +89,12 @@ async fn broker_outage_under_load_spools_outputs_and_drains_them_in_order() {
     tokio::time::sleep(Duration::from_secs(3)).await; // the outage itself
     proxy.set_mode(Mode::Pass);
 
-    let want: BTreeSet<String> = bodies.iter().cloned().collect();
-    let got = collect_all(&broker, &echo_out, &want).await;
+    let want: BTreeSet<Vec<u8>> = bodies.iter().map(|b| b.clone().into_bytes()).collect();
+    let (got, missing) = broker
+        .collect_until_complete(&echo_out, &want, Duration::from_secs(180))
+        .await
+        .unwrap();
+    assert!(missing.is_empty(), "{} outputs missing", missing.len());
     wait::until_true("spool drained", Duration::from_secs(60), || {
         let h = handle.clone();
         async move { h.spool.status().await.depth == 0 }

@@ -258,6 +258,35 @@ impl Broker {
     }
 }
 
+impl Broker {
+    /// Collect from `queue` until every body in `want` was seen at least
+    /// once, or `timeout` passed; returns everything received (with
+    /// duplicates) and the bodies still missing.
+    pub async fn collect_until_complete(
+        &self,
+        queue: &str,
+        want: &std::collections::BTreeSet<Vec<u8>>,
+        timeout: Duration,
+    ) -> Result<(Vec<Got>, Vec<Vec<u8>>)> {
+        let mut got = Vec::new();
+        let mut seen = std::collections::BTreeSet::new();
+        let deadline = tokio::time::Instant::now() + timeout;
+        while seen.len() < want.len() && tokio::time::Instant::now() < deadline {
+            let batch = self
+                .collect(queue, want.len() - seen.len(), Duration::from_secs(2))
+                .await?;
+            for g in batch {
+                if want.contains(&g.body) {
+                    seen.insert(g.body.clone());
+                }
+                got.push(g);
+            }
+        }
+        let missing = want.difference(&seen).cloned().collect();
+        Ok((got, missing))
+    }
+}
+
 /// Headers with one text value.
 pub fn text_header(key: &str, value: &str) -> FieldTable {
     let mut t = FieldTable::default();

@@ -33,6 +33,9 @@ async fn main() -> Result<()> {
         .map(|a| a.parse())
         .transpose()?
         .unwrap_or(200_000);
+    // An optional second argument runs only the variants whose name
+    // contains it (for profiling one of them).
+    let only = std::env::args().nth(2).unwrap_or_default();
     let conn = Connection::connect(URL, ConnectionProperties::default())
         .await
         .context("RabbitMQ on 127.0.0.1:5672")?;
@@ -81,7 +84,11 @@ async fn main() -> Result<()> {
             rate(*secs) / best_lapin
         );
     }
-    let warren = rows.last().map(|r| rate(r.1)).unwrap_or_default();
+    let warren = rows
+        .iter()
+        .find(|r| r.0.starts_with("Warren"))
+        .map(|r| rate(r.1))
+        .unwrap_or_default();
     println!(
         "\ntarget: Warren ≥ 0.9× best lapin — {}",
         if warren >= 0.9 * best_lapin {
@@ -182,6 +189,9 @@ async fn drain_lapin(conn: &Connection, queue: &str, n: u64, every: u64) -> Resu
         }
     }
     let secs = started.elapsed().as_secs_f64();
+    // Acks are sent asynchronously; a synchronous method on the same
+    // channel is answered only after the broker processed them.
+    ch.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
     let _ = ch.close(200, "done".into()).await;
     Ok(secs)
 }

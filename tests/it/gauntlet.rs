@@ -1,0 +1,302 @@
+//! The chaos gauntlet: Warren runs `echo` and `router` against a private
+//! RabbitMQ node behind the fault proxy and a Redis Sentinel topology,
+//! while a publisher sends N uniquely numbered messages with confirms and
+//! the test injects, on a schedule: forced connection closes, a blackhole
+//! of several heartbeats, `kill -9` of the broker and a restart, `kill -9`
+//! of the Redis primary and a manual `SENTINEL FAILOVER` while outputs are
+//! spooled, and a hot reload. At the end every input must be acked and
+//! every output received at least once.
+//!
+//! N defaults to 20,000; `WARREN_GAUNTLET_N=100000` makes it a soak.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use lapin::ExchangeKind;
+use warren::app::{App, AppHandle};
+use warren::config::Config;
+use warren_it::broker::{Broker, unique};
+use warren_it::plugins::wasm;
+use warren_it::proxy::{Mode, Proxy};
+use warren_it::rabbit::RabbitNode;
+use warren_it::sentinel::Topology;
+use warren_it::wait;
+
+fn messages() -> u64 {
+    std::env::var("WARREN_GAUNTLET_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000)
+}
+
+/// Publish `n` numbered messages (even to `echo_in`, odd to `router_in`)
+/// with confirms, reconnecting and republishing the unconfirmed chunk after
+/// any failure: what a careful producer does across broker restarts.
+async fn publish_resilient(
+    url: String,
+    echo_in: String,
+    router_in: String,
+    region: String,
+    n: u64,
+    published: Arc<AtomicU64>,
+) {
+    const CHUNK: u64 = 100;
+    let mut next = 0;
+    while next < n {
+        let Ok(broker) = Broker::connect(&url).await else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        while next < n {
+            let end = (next + CHUNK).min(n);
+            let (even, odd): (Vec<u64>, Vec<u64>) = (next..end).partition(|i| i % 2 == 0);
+            let bodies = |ids: Vec<u64>| -> Vec<String> {
+                ids.into_iter()
+                    .map(|i| format!(r#"{{"id":{i},"region":"{region}"}}"#))
+                    .collect()
+            };
+            let ok = broker.publish_all("", &echo_in, bodies(even)).await.is_ok()
+                && broker
+                    .publish_all("", &router_in, bodies(odd))
+                    .await
+                    .is_ok();
+            if !ok {
+                break; // reconnect, republish this chunk (duplicates are fine)
+            }
+            next = end;
+            published.store(next, Ordering::SeqCst);
+            // About 2,000 messages a second: the faults land mid-stream.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+async fn until_ready(handle: &AppHandle, what: &str) {
+    wait::until_true(what, Duration::from_secs(120), || {
+        let h = handle.clone();
+        async move { h.readiness().ready }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {:?}", handle.readiness()));
+}
+
+async fn until_published(published: &AtomicU64, at_least: u64) {
+    wait::until_true(
+        &format!("{at_least} messages published"),
+        Duration::from_secs(300),
+        || async { published.load(Ordering::SeqCst) >= at_least },
+    )
+    .await
+    .unwrap();
+}
+
+/// Blackhole the proxy until some outputs have gone to the spool.
+async fn spool_some(proxy: &Proxy, handle: &AppHandle) {
+    let before = handle.spool.status().await.appended;
+    proxy.set_mode(Mode::Blackhole);
+    wait::until_true("outputs spooled", Duration::from_secs(60), || {
+        let h = handle.clone();
+        async move { h.spool.status().await.appended > before + 50 }
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gauntlet_loses_nothing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,lapin=off".into()),
+        )
+        .with_test_writer()
+        .try_init();
+    let n = messages();
+    let started = Instant::now();
+    let (rabbit, redis) = tokio::join!(RabbitNode::start(), Topology::start());
+    let (mut rabbit, redis) = (rabbit.unwrap(), redis.unwrap());
+    let proxy = Proxy::start(rabbit.addr()).await.unwrap();
+
+    let broker = Broker::connect(&rabbit.amqp_url()).await.unwrap();
+    let (echo_in, echo_out, router_in, routed) = (
+        unique("g-echo-in"),
+        unique("g-echo-out"),
+        unique("g-router-in"),
+        unique("g-routed"),
+    );
+    let region = unique("r").replace('.', "-");
+    broker.declare_queue(&echo_out).await.unwrap();
+    broker.declare_queue(&routed).await.unwrap();
+    broker
+        .declare_exchange("orders.routed", ExchangeKind::Topic)
+        .await
+        .unwrap();
+    broker
+        .bind(&routed, "orders.routed", &format!("orders.{region}"))
+        .await
+        .unwrap();
+    drop(broker);
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(wasm("echo").unwrap(), dir.path().join("echo.wasm")).unwrap();
+    std::fs::copy(wasm("router").unwrap(), dir.path().join("router.wasm")).unwrap();
+    let sentinels = redis
+        .sentinel_urls()
+        .iter()
+        .map(|u| format!("{u:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let text = format!(
+        r#"
+        [amqp]
+        url = "{url}"
+        heartbeat-secs = 1
+        confirm-timeout-ms = 1000
+        connect-timeout-ms = 1000
+        backoff-max-ms = 500
+        consumer-check-ms = 1000
+        [spool]
+        sentinels = [{sentinels}]
+        master-name = "{master}"
+        stream-key = "{stream}"
+        [plugins]
+        dir = "{dir}"
+        [dispatch]
+        retry-exchange = "g.retry"
+        dead-letter-exchange = "g.dlx"
+        dead-letter-queue = "g.dlq"
+        [shutdown]
+        grace-period-ms = 15000
+        [plugin.echo]
+        subscriptions = [{{ queue = "{echo_in}", prefetch = 200 }}]
+        config = {{ routing-key = "{echo_out}" }}
+        [plugin.router]
+        subscriptions = [{{ queue = "{router_in}", prefetch = 200 }}]
+        "#,
+        url = proxy.amqp_url(),
+        master = redis.master_name,
+        stream = unique("g-spool"),
+        dir = dir.path().display(),
+    );
+    let config = Config::parse(&text, Vec::new()).unwrap();
+    let app = App::start(config).await.unwrap();
+    let handle = app.handle();
+    until_ready(&handle, "warren ready").await;
+
+    let published = Arc::new(AtomicU64::new(0));
+    let publisher = tokio::spawn(publish_resilient(
+        rabbit.amqp_url(),
+        echo_in.clone(),
+        router_in.clone(),
+        region.clone(),
+        n,
+        published.clone(),
+    ));
+    let mut faults: Vec<&str> = Vec::new();
+    let step = n / 8;
+
+    // 1. The broker force-closes every connection (320).
+    until_published(&published, step).await;
+    rabbit.close_all_connections("gauntlet").await.unwrap();
+    faults.push("close_all_connections");
+    until_ready(&handle, "ready after forced close").await;
+
+    // 2. A partition: the proxy forwards nothing for several heartbeats.
+    until_published(&published, 2 * step).await;
+    proxy.set_mode(Mode::Blackhole);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    proxy.set_mode(Mode::Pass);
+    faults.push("blackhole 4 s");
+    until_ready(&handle, "ready after blackhole").await;
+
+    // 3. The broker dies (kill -9) and comes back.
+    until_published(&published, 3 * step).await;
+    rabbit.kill9().await.unwrap();
+    rabbit.spawn_again().unwrap();
+    rabbit.wait_booted().await.unwrap();
+    faults.push("kill -9 broker + restart");
+    until_ready(&handle, "ready after broker restart").await;
+
+    // 4. While outputs are being spooled, the Redis primary dies.
+    until_published(&published, 4 * step).await;
+    spool_some(&proxy, &handle).await;
+    let old = redis.primary_port().await.unwrap();
+    redis.kill9(old).await.unwrap();
+    redis
+        .wait_new_primary(old, Duration::from_secs(30))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    proxy.set_mode(Mode::Pass);
+    redis.restart_node(old).await.unwrap();
+    faults.push("kill -9 redis primary while spooling");
+    until_ready(&handle, "ready after redis primary kill").await;
+
+    // 5. While outputs are being spooled, a manual Sentinel failover.
+    until_published(&published, 5 * step).await;
+    spool_some(&proxy, &handle).await;
+    let old = redis.primary_port().await.unwrap();
+    redis.failover().await.unwrap();
+    redis
+        .wait_new_primary(old, Duration::from_secs(30))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    proxy.set_mode(Mode::Pass);
+    faults.push("SENTINEL FAILOVER while spooling");
+    until_ready(&handle, "ready after sentinel failover").await;
+
+    publisher.await.unwrap();
+    let publish_done = started.elapsed();
+
+    // Every output at least once.
+    let want = |parity: u64| -> BTreeSet<Vec<u8>> {
+        (0..n)
+            .filter(|i| i % 2 == parity)
+            .map(|i| format!(r#"{{"id":{i},"region":"{region}"}}"#).into_bytes())
+            .collect()
+    };
+    let check = Broker::connect(&rabbit.amqp_url()).await.unwrap();
+    let (echoed, echo_missing) = check
+        .collect_until_complete(&echo_out, &want(0), Duration::from_secs(300))
+        .await
+        .unwrap();
+    let (routed_got, routed_missing) = check
+        .collect_until_complete(&routed, &want(1), Duration::from_secs(300))
+        .await
+        .unwrap();
+    let lost = echo_missing.len() + routed_missing.len();
+    let duplicates = (echoed.len() + routed_got.len()) as u64 + lost as u64 - n;
+    let spool = handle.spool.status().await;
+    let generation = handle.amqp.status_now().generation;
+
+    app.shutdown().await;
+    let in_echo = check.message_count(&echo_in).await.unwrap();
+    let in_router = check.message_count(&router_in).await.unwrap();
+    let dead = check.message_count("g.dlq").await.unwrap_or(0);
+    println!(
+        "gauntlet: messages={n} faults={} duplicates={duplicates} lost={lost} unacked={} dead_lettered={dead} spooled={} amqp_sessions={generation} took={:.0}s (publishing {:.0}s)",
+        faults.len(),
+        in_echo + in_router,
+        spool.appended,
+        started.elapsed().as_secs_f64(),
+        publish_done.as_secs_f64(),
+    );
+    println!("gauntlet faults: {}", faults.join(", "));
+    assert_eq!(
+        lost,
+        0,
+        "lost outputs, e.g. {:?}",
+        echo_missing
+            .iter()
+            .chain(&routed_missing)
+            .take(3)
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(in_echo + in_router, 0, "inputs left unacked");
+    assert_eq!(dead, 0, "nothing should be dead-lettered");
+    assert!(spool.appended > 0, "no output went through the spool");
+}
