@@ -359,7 +359,12 @@ impl Amqp {
             self.shared
                 .set_state(ConnectionState::Connecting { attempt });
             self.shared.status.send_modify(|s| s.connect_attempts += 1);
-            let failure = match self.connect().await {
+            let connected = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                r = self.connect() => r,
+            };
+            let failure = match connected {
                 Ok(conn) => {
                     generation += 1;
                     last_logged = None;
