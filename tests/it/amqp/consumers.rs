@@ -68,6 +68,11 @@ async fn subscriptions_added_and_removed_at_runtime_and_clean_stop() -> Result<(
     let sub_b = subscribe(&r, &b, 10);
     r.until_consuming(&a, Duration::from_secs(5)).await?;
     r.until_consuming(&b, Duration::from_secs(5)).await?;
+    wait::until_true("ready", Duration::from_secs(5), || {
+        let ok = r.handle.is_ready();
+        async move { ok }
+    })
+    .await?;
     assert!(
         r.handle
             .add_subscription(warren::amqp::SubscriptionConfig::new(&a))
