@@ -9,10 +9,13 @@
 //!
 //! [`Proxy::cut`] resets the live sockets once and keeps accepting. Sockets
 //! are closed with `SO_LINGER 0`, so the peer sees a TCP RST.
+//! [`Proxy::drop_server_methods`] silently drops chosen AMQP methods sent
+//! by the broker (for example `basic.cancel`, to make a zombie consumer);
+//! broker-to-client traffic is forwarded in whole AMQP frames.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -43,7 +46,16 @@ pub struct Proxy {
     ctl: watch::Sender<Ctl>,
     accepted: Arc<AtomicU64>,
     live: Arc<AtomicUsize>,
+    filter: Filter,
     task: JoinHandle<()>,
+}
+
+/// AMQP methods (class id, method id) to drop from the broker, and how many
+/// frames were dropped.
+#[derive(Clone, Default)]
+struct Filter {
+    methods: Arc<Mutex<Vec<(u16, u16)>>>,
+    dropped: Arc<AtomicU64>,
 }
 
 impl Proxy {
@@ -59,18 +71,21 @@ impl Proxy {
         });
         let accepted = Arc::new(AtomicU64::new(0));
         let live = Arc::new(AtomicUsize::new(0));
+        let filter = Filter::default();
         let task = tokio::spawn(accept_loop(
             listener,
             upstream,
             ctl_rx,
             accepted.clone(),
             live.clone(),
+            filter.clone(),
         ));
         Ok(Proxy {
             addr,
             ctl,
             accepted,
             live,
+            filter,
             task,
         })
     }
@@ -100,6 +115,19 @@ impl Proxy {
         self.ctl.send_modify(|c| c.cuts += 1);
     }
 
+    /// Drop these AMQP methods, as `(class id, method id)`, when the broker
+    /// sends them (`(60, 30)` is `basic.cancel`). Empty forwards all.
+    pub fn drop_server_methods(&self, methods: &[(u16, u16)]) {
+        if let Ok(mut m) = self.filter.methods.lock() {
+            *m = methods.to_vec();
+        }
+    }
+
+    /// Broker frames dropped by [`Proxy::drop_server_methods`] so far.
+    pub fn dropped(&self) -> u64 {
+        self.filter.dropped.load(Ordering::SeqCst)
+    }
+
     /// Connections accepted so far (connection attempts by clients).
     pub fn accepted(&self) -> u64 {
         self.accepted.load(Ordering::SeqCst)
@@ -124,6 +152,7 @@ async fn accept_loop(
     ctl: watch::Receiver<Ctl>,
     accepted: Arc<AtomicU64>,
     live: Arc<AtomicUsize>,
+    filter: Filter,
 ) {
     let mut conns = tokio::task::JoinSet::new();
     loop {
@@ -136,7 +165,7 @@ async fn accept_loop(
                     drop(client);
                     continue;
                 }
-                conns.spawn(pipe(client, upstream, ctl.clone(), live.clone()));
+                conns.spawn(pipe(client, upstream, ctl.clone(), live.clone(), filter.clone()));
             }
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
         }
@@ -155,6 +184,7 @@ async fn pipe(
     upstream: SocketAddr,
     mut ctl: watch::Receiver<Ctl>,
     live: Arc<AtomicUsize>,
+    filter: Filter,
 ) {
     live.fetch_add(1, Ordering::SeqCst);
     let _guard = LiveGuard(live);
@@ -170,6 +200,7 @@ async fn pipe(
     let (mut sr, mut sw) = server.split();
     let mut cbuf = vec![0u8; 64 * 1024];
     let mut sbuf = vec![0u8; 64 * 1024];
+    let mut pending: Vec<u8> = Vec::new();
     let mut client_open = true;
     let mut server_open = true;
     loop {
@@ -193,11 +224,49 @@ async fn pipe(
                     server_open = false;
                     if ctl.borrow().mode == Mode::Pass { let _ = cw.shutdown().await; return; }
                 }
-                Ok(n) => if ctl.borrow().mode == Mode::Pass && cw.write_all(&sbuf[..n]).await.is_err() { return; },
+                Ok(n) => {
+                    if ctl.borrow().mode != Mode::Pass {
+                        pending.clear();
+                        continue;
+                    }
+                    pending.extend_from_slice(&sbuf[..n]);
+                    let out = whole_frames(&mut pending, &filter);
+                    if !out.is_empty() && cw.write_all(&out).await.is_err() { return; }
+                }
             },
         }
         if !client_open && !server_open {
             return;
         }
     }
+}
+
+/// Take the complete AMQP frames off the front of `pending`, minus the
+/// filtered methods.
+fn whole_frames(pending: &mut Vec<u8>, filter: &Filter) -> Vec<u8> {
+    let methods = filter.methods.lock().map(|m| m.clone()).unwrap_or_default();
+    let mut out = Vec::with_capacity(pending.len());
+    let mut at = 0;
+    while pending.len() - at >= 7 {
+        let f = &pending[at..];
+        let size = u32::from_be_bytes([f[3], f[4], f[5], f[6]]) as usize;
+        let total = 7 + size + 1;
+        if f.len() < total {
+            break;
+        }
+        let drop = f[0] == 1
+            && size >= 4
+            && methods.contains(&(
+                u16::from_be_bytes([f[7], f[8]]),
+                u16::from_be_bytes([f[9], f[10]]),
+            ));
+        if drop {
+            filter.dropped.fetch_add(1, Ordering::SeqCst);
+        } else {
+            out.extend_from_slice(&f[..total]);
+        }
+        at += total;
+    }
+    pending.drain(..at);
+    out
 }

@@ -35,10 +35,12 @@ async fn main() -> Result<()> {
         .map(|a| a.parse())
         .transpose()?
         .unwrap_or(200_000);
+    // Optional: which drain variants to run, e.g. "23" (default all).
+    let only: String = args.next().unwrap_or_else(|| "0123".to_owned());
     eprintln!("booting a private RabbitMQ node…");
     let mut node = RabbitNode::start().await?;
     let recovery = recovery(&mut node, restarts).await?;
-    let throughput = throughput(&node, messages).await?;
+    let throughput = throughput(&node, messages, &only).await?;
 
     println!("## Recovery after `kill -9` + restart of the broker ({restarts} restarts)\n");
     println!(
@@ -289,7 +291,7 @@ async fn ready_count(url: &str, queue: &str) -> Result<u32> {
     Ok(q.message_count())
 }
 
-async fn throughput(node: &RabbitNode, n: u64) -> Result<Vec<(String, f64, u32)>> {
+async fn throughput(node: &RabbitNode, n: u64, only: &str) -> Result<Vec<(String, f64, u32)>> {
     let url = node.amqp_url();
     let mut out = Vec::new();
     for (i, variant) in [
@@ -301,6 +303,9 @@ async fn throughput(node: &RabbitNode, n: u64) -> Result<Vec<(String, f64, u32)>
     .into_iter()
     .enumerate()
     {
+        if !only.contains(&i.to_string()) {
+            continue;
+        }
         let queue = format!("bench.drain.{i}");
         eprintln!("pre-filling {queue} with {n} messages…");
         prefill(&url, &queue, n).await?;

@@ -260,6 +260,9 @@ pub(crate) struct ConsumerCtx {
     pub(crate) backoff: BackoffConfig,
 }
 
+/// Deliveries or ack commands handled per wake-up before yielding.
+const BURST: usize = 64;
+
 enum End {
     /// Stopped on request (or the subscriber went away); done.
     Stopped,
@@ -467,7 +470,7 @@ async fn pump(
     let queue = config.queue.as_str();
     let queue_arc: Arc<str> = Arc::from(queue);
     let mut book = AckBook::new(config.coalesce_acks);
-    let batch = usize::from(config.prefetch / 2).max(1);
+    let batch = usize::from(config.prefetch / 4).clamp(1, 256);
     let mut flush = tokio::time::interval(ctx.flush_interval);
     flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut check = tokio::time::interval_at(
@@ -524,19 +527,28 @@ async fn pump(
                 break End::Stopped;
             }
             // Cancel-safe: a command taken here is handled before the next
-            // select.
+            // select. Everything already queued is handled in one go.
             Some(cmd) = ack_rx.recv() => {
-                if cmd.epoch != epoch {
-                    metrics::stale_ack(queue);
-                    ctx.shared.update_sub(queue, |s| s.stale_acks += 1);
-                    continue;
-                }
-                match book.finish(cmd.tag, cmd.kind, Instant::now()) {
-                    Finish::Send(frame) => send(frame),
-                    Finish::Held if book.held() >= batch => {
-                        for f in book.flush(Instant::now(), ctx.flush_interval) { send(f); }
+                let now = Instant::now();
+                let mut next = Some(cmd);
+                let mut handled = 0;
+                while let Some(cmd) = next.take() {
+                    if cmd.epoch != epoch {
+                        metrics::stale_ack(queue);
+                        ctx.shared.update_sub(queue, |s| s.stale_acks += 1);
+                    } else {
+                        match book.finish(cmd.tag, cmd.kind, now) {
+                            Finish::Send(frame) => send(frame),
+                            Finish::Held if book.held() >= batch => {
+                                for f in book.flush(now, ctx.flush_interval) { send(f); }
+                            }
+                            Finish::Held | Finish::Unknown => {}
+                        }
                     }
-                    Finish::Held | Finish::Unknown => {}
+                    handled += 1;
+                    if handled < BURST {
+                        next = ack_rx.try_recv().ok();
+                    }
                 }
                 if stopping.is_some() && book.outstanding() == 0 {
                     break End::Stopped;
@@ -545,8 +557,23 @@ async fn pump(
             _ = flush.tick(), if book.held() > 0 => {
                 for f in book.flush(Instant::now(), ctx.flush_interval * 4) { send(f); }
             }
-            next = consumer.next(), if stopping.is_none() => match next {
-                Some(Ok(d)) => {
+            first = consumer.next(), if stopping.is_none() => {
+                // Hand over everything already buffered, up to a burst.
+                let mut next = Some(first);
+                let mut handled = 0;
+                let mut end = None;
+                while let Some(item) = next.take() {
+                    let d = match item {
+                        Some(Ok(d)) => d,
+                        Some(Err(e)) => {
+                            end = Some(End::Lost(format!("consumer error ({}): {e}", classify(&e))));
+                            break;
+                        }
+                        None => {
+                            end = Some(End::Lost("consumer stream ended (cancelled by the broker or channel closed)".to_owned()));
+                            break;
+                        }
+                    };
                     book.delivered(d.delivery_tag);
                     let delivery = Delivery {
                         body: Bytes::from(d.data),
@@ -573,19 +600,25 @@ async fn pump(
                             // dropped and the broker redelivers it.
                             tokio::select! {
                                 biased;
-                                _ = ctx.abort.cancelled() => break End::Aborted,
-                                r = tx.send(delivery) => if r.is_err() { break End::Stopped },
+                                _ = ctx.abort.cancelled() => { end = Some(End::Aborted); break; }
+                                r = tx.send(delivery) => if r.is_err() { end = Some(End::Stopped); break; },
                             }
                         }
                         Err(mpsc::error::TrySendError::Closed(_)) => {
                             info!(queue, "Subscriber went away; cancelling the consumer.");
-                            break End::Stopped;
+                            end = Some(End::Stopped);
+                            break;
                         }
                     }
+                    handled += 1;
+                    if handled < BURST {
+                        next = consumer.next().now_or_never();
+                    }
                 }
-                Some(Err(e)) => break End::Lost(format!("consumer error ({}): {e}", classify(&e))),
-                None => break End::Lost("consumer stream ended (cancelled by the broker or channel closed)".to_owned()),
-            },
+                if let Some(end) = end {
+                    break end;
+                }
+            }
             _ = check.tick() => {
                 match tokio::time::timeout(Duration::from_secs(5), topology::inspect_queue(channel, queue)).await {
                     Ok(Ok((consumers, messages))) => {

@@ -54,7 +54,12 @@ pub enum PublishError {
         /// Broker text.
         reply_text: String,
     },
-    /// The channel or connection failed while the publish was in flight;
+    /// The exchange does not exist (404); the publish channel was closed by
+    /// the broker and is re-opened.
+    #[error("exchange '{0}' does not exist")]
+    ExchangeNotFound(String),
+    /// The channel or connection failed while the publish was in flight
+    /// (possibly because another publish on the shared channel failed);
     /// the outcome is unknown.
     #[error("publish failed ({class}): {message}")]
     ConnectionLost {
@@ -67,13 +72,11 @@ pub enum PublishError {
 
 impl PublishError {
     /// Trying again (or spooling) may succeed: everything but an
-    /// unroutable message or a missing exchange.
+    /// unroutable message, a missing exchange, or a refused permission.
     pub fn is_transient(&self) -> bool {
         match self {
-            PublishError::Unroutable { .. } => false,
-            PublishError::ConnectionLost { class, .. } => {
-                !matches!(class, FailureClass::NotFound | FailureClass::AccessRefused)
-            }
+            PublishError::Unroutable { .. } | PublishError::ExchangeNotFound(_) => false,
+            PublishError::ConnectionLost { class, .. } => *class != FailureClass::AccessRefused,
             _ => true,
         }
     }
@@ -94,6 +97,7 @@ impl PublishError {
             PublishError::ConfirmTimeout(_) => "timeout",
             PublishError::Nacked => "nacked",
             PublishError::Unroutable { .. } => "unroutable",
+            PublishError::ExchangeNotFound(_) => "exchange_not_found",
             PublishError::ConnectionLost { .. } => "connection_lost",
         }
     }
@@ -176,9 +180,18 @@ impl Publisher {
         if !link.channel.status().connected() {
             return Err(PublishError::NotConnected);
         }
-        let lost = |e: lapin::Error| PublishError::ConnectionLost {
-            class: classify(&e),
-            message: e.to_string(),
+        let lost = |e: lapin::Error| {
+            let class = classify(&e);
+            let message = e.to_string();
+            // The 404 names the exchange; only the publish that named it
+            // failed for that reason, the others just shared the channel.
+            if class == FailureClass::NotFound
+                && message.contains(&format!("no exchange '{}'", msg.exchange))
+            {
+                PublishError::ExchangeNotFound(msg.exchange.clone())
+            } else {
+                PublishError::ConnectionLost { class, message }
+            }
         };
         let work = async {
             let confirm = link

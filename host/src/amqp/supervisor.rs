@@ -303,6 +303,17 @@ impl Subscription {
     }
 }
 
+impl futures::Stream for Subscription {
+    type Item = Delivery;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Delivery>> {
+        self.deliveries.poll_recv(cx)
+    }
+}
+
 impl Amqp {
     /// Validate `config` and build the supervisor and its handle.
     pub fn new(config: AmqpConfig) -> Result<(Amqp, AmqpHandle), AmqpError> {
@@ -359,7 +370,12 @@ impl Amqp {
             self.shared
                 .set_state(ConnectionState::Connecting { attempt });
             self.shared.status.send_modify(|s| s.connect_attempts += 1);
-            let failure = match self.connect().await {
+            let connected = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                r = self.connect() => r,
+            };
+            let failure = match connected {
                 Ok(conn) => {
                     generation += 1;
                     last_logged = None;
@@ -845,6 +861,15 @@ impl AmqpHandle {
             Err(p) => p.into_inner(),
         };
         subs.values().map(|e| e.status.clone()).collect()
+    }
+
+    /// Ready to serve: the connection is running and every subscription
+    /// has its consumer registered (for a readiness probe).
+    pub fn is_ready(&self) -> bool {
+        self.shared.status.borrow().is_running()
+            && self.consumers().iter().all(|c| {
+                c.state == super::consumer::ConsumerState::Running && c.believed_consumers == 1
+            })
     }
 
     /// Status of the subscription to `queue`.

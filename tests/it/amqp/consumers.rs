@@ -68,6 +68,11 @@ async fn subscriptions_added_and_removed_at_runtime_and_clean_stop() -> Result<(
     let sub_b = subscribe(&r, &b, 10);
     r.until_consuming(&a, Duration::from_secs(5)).await?;
     r.until_consuming(&b, Duration::from_secs(5)).await?;
+    wait::until_true("ready", Duration::from_secs(5), || {
+        let ok = r.handle.is_ready();
+        async move { ok }
+    })
+    .await?;
     assert!(
         r.handle
             .add_subscription(warren::amqp::SubscriptionConfig::new(&a))
@@ -141,5 +146,72 @@ async fn subscriptions_added_and_removed_at_runtime_and_clean_stop() -> Result<(
     .await?;
     delete_queue(SHARED_URL, &a).await?;
     delete_queue(SHARED_URL, &b).await?;
+    Ok(())
+}
+
+/// A zombie: the broker cancels the consumer (queue deleted and re-created
+/// behind Warren's back) but the cancel never arrives (the proxy drops
+/// `basic.cancel`). The periodic check sees 0 consumers on the broker,
+/// counts a zombie and re-subscribes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zombie_consumer_is_found_by_the_periodic_check_and_repaired() -> Result<()> {
+    init_tracing();
+    let queue = qname("zombie");
+    let proxy = warren_it::proxy::Proxy::start(shared_addr()).await?;
+    let mut c = config(&proxy.amqp_url(), queue_topology(&queue));
+    c.consumer_check_interval = Duration::from_secs(2);
+    let r = Running::start(c)?;
+    r.until_running(1, Duration::from_secs(10)).await?;
+    let sub = subscribe(&r, &queue, 10);
+    r.until_consuming(&queue, Duration::from_secs(5)).await?;
+    let (seen, _task) = collect(sub);
+
+    proxy.drop_server_methods(&[(60, 30)]);
+    let (_conn, ch) = plain(SHARED_URL).await?;
+    ch.queue_delete(queue.as_str().into(), Default::default())
+        .await?;
+    ch.queue_declare(
+        queue.as_str().into(),
+        lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        lapin::types::FieldTable::default(),
+    )
+    .await?;
+    wait::until_true("basic.cancel dropped", Duration::from_secs(5), || {
+        let n = proxy.dropped();
+        async move { n >= 1 }
+    })
+    .await?;
+    assert_eq!(
+        broker_consumers(&ch, &queue).await?,
+        0,
+        "the broker has no consumer"
+    );
+    wait::until_true("zombie repaired", Duration::from_secs(10), || {
+        let ok = r
+            .handle
+            .consumer(&queue)
+            .is_some_and(|c| c.zombies >= 1 && c.believed_consumers == 1);
+        async move { ok }
+    })
+    .await?;
+    wait::until_true("broker consumer count 1", Duration::from_secs(5), || {
+        let ch = ch.clone();
+        let q = queue.clone();
+        async move { broker_consumers(&ch, &q).await.ok() == Some(1) }
+    })
+    .await?;
+    r.publish_confirmed(&numbered(&queue, 42), Duration::from_secs(5))
+        .await?;
+    wait::until_true("delivery after repair", Duration::from_secs(5), || {
+        let ok = seen.lock().unwrap().contains(&42);
+        async move { ok }
+    })
+    .await?;
+    assert_eq!(r.status().generation, 1, "no reconnect was needed");
+    r.stop().await?;
+    delete_queue(SHARED_URL, &queue).await?;
     Ok(())
 }

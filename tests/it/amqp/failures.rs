@@ -131,3 +131,28 @@ async fn conflicting_queue_arguments_are_reported_without_hot_loop() -> Result<(
     delete_queue(SHARED_URL, &queue).await?;
     Ok(())
 }
+
+/// A vhost the user may not use (530 NOT_ALLOWED) is reported as
+/// auth-failed with its own class.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_vhost_is_not_allowed() -> Result<()> {
+    init_tracing();
+    let url = format!(
+        "amqp://guest:guest@{SHARED_ADDR}/{}",
+        qname("no-such-vhost")
+    );
+    let r = Running::start(config(&url, Topology::default()))?;
+    wait::until_true("auth-failed", Duration::from_secs(10), || {
+        let s = r.status();
+        async move { matches!(s.state, ConnectionState::AuthFailed { .. }) }
+    })
+    .await?;
+    let s = r.status();
+    assert_eq!(
+        s.last_failure.as_ref().map(|f| f.class),
+        Some(FailureClass::NotAllowed),
+        "{s:?}"
+    );
+    r.stop().await?;
+    Ok(())
+}

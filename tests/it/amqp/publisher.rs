@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use warren::amqp::{FailureClass, PublishError};
+use warren::amqp::PublishError;
 use warren::message::OutboundMessage;
 use warren_it::proxy::{Mode, Proxy};
 use warren_it::wait;
@@ -69,8 +69,8 @@ async fn unroutable_and_missing_exchange_are_typed_errors() -> Result<()> {
 
     let missing = OutboundMessage::new(qname("no-such-exchange"), "k", "x");
     match p.publish(&missing).await {
-        Err(PublishError::ConnectionLost { class, .. }) => {
-            assert_eq!(class, FailureClass::NotFound)
+        Err(PublishError::ExchangeNotFound(name)) => {
+            assert_eq!(name, missing.exchange)
         }
         other => panic!("expected not-found, got {other:?}"),
     }

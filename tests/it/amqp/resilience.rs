@@ -4,7 +4,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use warren::amqp::{AckOutcome, ConnectionState, FailureClass};
+use warren::amqp::{AckOutcome, ConnectionState, FailureClass, PublishError};
 use warren_it::proxy::{Mode, Proxy};
 use warren_it::rabbit::RabbitNode;
 use warren_it::wait;
@@ -153,15 +153,17 @@ async fn blackhole_is_detected_within_two_heartbeats_and_recovered() -> Result<(
     Ok(())
 }
 
-/// On a private node: `close_all_connections` (320) and then `kill -9` plus
-/// restart. Both recover by themselves, classes are reported, and no
-/// confirmed message is lost.
+/// On a private node: `close_all_connections` (320), a memory alarm
+/// (`connection.blocked`), then `kill -9` plus restart. Each recovers by
+/// itself, classes are reported, and no confirmed message is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forced_close_and_kill9_recover_without_losing_confirmed_messages() -> Result<()> {
     init_tracing();
     let mut node = RabbitNode::start().await?;
     let queue = qname("kill9");
-    let r = Running::start(config(&node.amqp_url(), queue_topology(&queue)))?;
+    let mut c = config(&node.amqp_url(), queue_topology(&queue));
+    c.confirm_timeout = Duration::from_secs(2);
+    let r = Running::start(c)?;
     r.until_running(1, Duration::from_secs(10)).await?;
     let sub = subscribe(&r, &queue, 50);
     r.until_consuming(&queue, Duration::from_secs(5)).await?;
@@ -191,7 +193,34 @@ async fn forced_close_and_kill9_recover_without_losing_confirmed_messages() -> R
     r.until_consuming(&queue, Duration::from_secs(5)).await?;
     publish_batch(&r, &mut confirmed).await?;
 
-    // 2. kill -9 and restart.
+    // 2. A memory alarm blocks publishing: status says blocked, publishes
+    //    wait at most the confirm timeout, and resume after the alarm.
+    node.ctl(&["set_vm_memory_high_watermark", "0.000001"])
+        .await?;
+    let p = r.handle.publisher();
+    let mut status = r.handle.status();
+    let blocked_msg = numbered(&queue, 1_000_000);
+    let first = p.publish(&blocked_msg).await;
+    eprintln!("publish as the alarm went off: {first:?}");
+    wait::until_true("status blocked", Duration::from_secs(10), || {
+        let s = status.borrow_and_update().clone();
+        async move { matches!(s.state, ConnectionState::Blocked { .. }) }
+    })
+    .await?;
+    let t0 = Instant::now();
+    let err = p.publish(&blocked_msg).await.unwrap_err();
+    assert_eq!(err, PublishError::Blocked(p.confirm_timeout()), "{err:?}");
+    assert!(t0.elapsed() <= p.confirm_timeout() + Duration::from_millis(500));
+    node.ctl(&["set_vm_memory_high_watermark", "0.4"]).await?;
+    wait::until_true("unblocked", Duration::from_secs(15), || {
+        let s = status.borrow_and_update().clone();
+        async move { s.is_running() }
+    })
+    .await?;
+    assert_eq!(r.status().generation, 2, "blocking does not reconnect");
+    publish_batch(&r, &mut confirmed).await?;
+
+    // 3. kill -9 and restart.
     node.kill9().await?;
     let mut status = r.handle.status();
     wait::until_true("kill -9 detected", Duration::from_secs(10), || {
