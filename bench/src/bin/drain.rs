@@ -49,6 +49,9 @@ async fn main() -> Result<()> {
         "lapin, batched acks",
         "Warren, noop plugin",
     ] {
+        if !kind.contains(only.as_str()) {
+            continue;
+        }
         let queue = format!("bench.drain.{}", uuid::Uuid::new_v4().simple());
         let ch = conn.create_channel().await?;
         declare_quorum(&ch, &queue).await?;

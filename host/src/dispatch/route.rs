@@ -53,6 +53,12 @@ pub(crate) async fn run(
                 None => break,
             },
         };
+        if !delivery.acker.is_current() {
+            // Queued before its channel or session died: the broker
+            // redelivers it, so handling it now would only duplicate work.
+            metric::stale_settle(&ctx.queue);
+            continue;
+        }
         let current = plugin.borrow().clone();
         // Backpressure: the permit is taken before instantiating and held
         // until the delivery is settled. Cancel-safe: a delivery dropped
