@@ -47,6 +47,7 @@ async fn main() -> Result<()> {
     for kind in [
         "lapin, ack per message",
         "lapin, batched acks",
+        "pika, ack per message",
         "Warren, noop plugin",
     ] {
         if !kind.contains(only.as_str()) {
@@ -61,6 +62,7 @@ async fn main() -> Result<()> {
         let secs = match kind {
             "lapin, ack per message" => drain_lapin(&conn, &queue, n, 1).await?,
             "lapin, batched acks" => drain_lapin(&conn, &queue, n, BATCH).await?,
+            "pika, ack per message" => drain_pika(&queue, n).await?,
             _ => drain_warren(&queue, n, &recorder).await?,
         };
         let left = message_count(&conn, &queue).await?;
@@ -92,6 +94,13 @@ async fn main() -> Result<()> {
         .find(|r| r.0.starts_with("Warren"))
         .map(|r| rate(r.1))
         .unwrap_or_default();
+    if let Some(pika) = rows.iter().find(|r| r.0.starts_with("pika")) {
+        let ratio = warren / rate(pika.1);
+        println!(
+            "\ntarget: Warren ≥ 3× pika — {ratio:.1}× {}",
+            if ratio >= 3.0 { "met" } else { "NOT met" }
+        );
+    }
     println!(
         "\ntarget: Warren ≥ 0.9× best lapin — {}",
         if warren >= 0.9 * best_lapin {
@@ -197,6 +206,26 @@ async fn drain_lapin(conn: &Connection, queue: &str, n: u64, every: u64) -> Resu
     ch.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
     let _ = ch.close(200, "done".into()).await;
     Ok(secs)
+}
+
+/// The Python peer: `bench/pika_drain.py` (needs `pip install pika`).
+async fn drain_pika(queue: &str, n: u64) -> Result<f64> {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pika_drain.py");
+    let out = tokio::process::Command::new("python3")
+        .arg(&script)
+        .arg(queue)
+        .arg(n.to_string())
+        .arg(PREFETCH.to_string())
+        .output()
+        .await
+        .context("running python3 bench/pika_drain.py")?;
+    if !out.status.success() {
+        bail!(
+            "pika drain failed (is pika installed? pip install pika): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
 }
 
 /// All of Warren with the noop plugin; done when it has acked `n`
