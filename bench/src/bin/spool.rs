@@ -107,6 +107,45 @@ async fn grouped(handle: &SpoolHandle) -> Result<f64> {
     Ok((per * APPENDERS) as f64 / start.elapsed().as_secs_f64())
 }
 
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The broker's ceiling for the drain: the same publishes and confirms
+/// with no spool in between.
+async fn baseline(channel: &lapin::Channel, window: usize) -> Result<f64> {
+    use futures::StreamExt as _;
+    let publisher = LapinPublisher {
+        channel: channel.clone(),
+    };
+    let mut inflight: futures::stream::FuturesOrdered<BoxFuture<'static, Result<(), String>>> =
+        futures::stream::FuturesOrdered::new();
+    let start = Instant::now();
+    for _ in 0..GROUPED {
+        if inflight.len() >= window
+            && let Some(r) = inflight.next().await
+        {
+            r.map_err(anyhow::Error::msg)?;
+        }
+        let confirm = publisher
+            .publish(message())
+            .await
+            .map_err(anyhow::Error::msg)?;
+        inflight.push_back(confirm);
+    }
+    while let Some(r) = inflight.next().await {
+        r.map_err(anyhow::Error::msg)?;
+    }
+    let rate = GROUPED as f64 / start.elapsed().as_secs_f64();
+    channel
+        .queue_purge(QUEUE.into(), lapin::options::QueuePurgeOptions::default())
+        .await?;
+    Ok(rate)
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let topo = Topology::start()
@@ -143,10 +182,17 @@ async fn main() -> Result<()> {
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
+    let baseline_rate = baseline(&channel, env_or("DRAIN_WINDOW", 1024)).await?;
     let drained_before = handle.status().await.drained;
     let start = Instant::now();
+    let drain_cfg = DrainerConfig {
+        window: env_or("DRAIN_WINDOW", 1024),
+        batch: env_or("DRAIN_BATCH", 1024),
+        ..DrainerConfig::default()
+    };
+    let window = drain_cfg.window;
     let (drainer, _control) = Drainer::new(
-        DrainerConfig::default(),
+        drain_cfg,
         &handle,
         LapinPublisher {
             channel: channel.clone(),
@@ -182,7 +228,10 @@ async fn main() -> Result<()> {
         GROUPED / APPENDERS * APPENDERS
     );
     println!(
-        "| drain to RabbitMQ 127.0.0.1:5672 with confirms (window 256) | {drained} | {drain_rate:.0}/s |"
+        "| drain to RabbitMQ 127.0.0.1:5672 with confirms (window {window}) | {drained} | {drain_rate:.0}/s |"
+    );
+    println!(
+        "| baseline: lapin publishing straight to RabbitMQ with confirms (window {window}), no spool | {GROUPED} | {baseline_rate:.0}/s |"
     );
     drop(topo);
     Ok(())
