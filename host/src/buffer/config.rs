@@ -190,8 +190,8 @@ pub struct DrainerConfig {
 impl Default for DrainerConfig {
     fn default() -> Self {
         Self {
-            batch: 512,
-            window: 256,
+            batch: 1024,
+            window: 1024,
             lease_ttl_ms: 10_000,
             backoff_min_ms: 200,
             backoff_max_ms: 10_000,
