@@ -262,9 +262,15 @@ impl Topology {
 }
 
 impl Drop for Topology {
+    /// Stops every process. The directory (logs, configs) is kept when the
+    /// test is panicking or `WARREN_KEEP_TOPOLOGY` is set.
     fn drop(&mut self) {
         if let Err(e) = self.stop() {
             tracing::warn!(error = %e, dir = %self.dir.path().display(), "Could not stop the Sentinel topology.");
+        }
+        if std::thread::panicking() || std::env::var_os("WARREN_KEEP_TOPOLOGY").is_some() {
+            self.dir.disable_cleanup(true);
+            tracing::warn!(dir = %self.dir.path().display(), "Keeping the Sentinel topology's logs.");
         }
     }
 }

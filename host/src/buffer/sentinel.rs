@@ -248,11 +248,14 @@ impl Primary {
         }
     }
 
-    /// Drop whatever link is current (on `+switch-master`).
-    pub(crate) async fn invalidate_any(&self, why: &str) {
+    /// On `+switch-master`: drop the current link unless it already points
+    /// at the new primary `addr`.
+    pub(crate) async fn invalidate_unless(&self, addr: &str) {
         let mut current = self.current.lock().await;
-        if let Some(old) = current.take() {
-            info!(addr = %old.addr, generation = old.generation, reason = why, "Dropping the Redis primary connection; re-resolving.");
+        if current.as_ref().is_some_and(|l| l.addr != addr)
+            && let Some(old) = current.take()
+        {
+            info!(addr = %old.addr, generation = old.generation, new = %addr, "Dropping the Redis primary connection after +switch-master.");
         }
     }
 
@@ -490,11 +493,15 @@ impl Primary {
                             m = stream.next() => m,
                         };
                         let Some(msg) = msg else { break };
+                        // "<name> <old-ip> <old-port> <new-ip> <new-port>"
                         let payload: String = msg.get_payload().unwrap_or_default();
-                        if payload.split(' ').next() == Some(master.as_str()) {
+                        let parts: Vec<&str> = payload.split(' ').collect();
+                        if let [name, _, _, ip, port] = parts[..]
+                            && name == master
+                        {
                             info!(sentinel = %addr, %payload, "Sentinel switched the primary.");
                             metrics::counter!(super::metric::SWITCH_MASTER).increment(1);
-                            self.invalidate_any("+switch-master").await;
+                            self.invalidate_unless(&format!("{ip}:{port}")).await;
                         }
                     }
                     debug!(sentinel = %addr, "Sentinel subscription ended; trying the next.");

@@ -154,6 +154,37 @@ async fn kill9_primary_is_followed_and_loses_no_acknowledged_append() {
     );
     let status = run.handle.status().await;
     assert_eq!(status.primary, Some(format!("127.0.0.1:{new}")));
+
+    // The killed node comes back, Sentinel turns it into a replica, and the
+    // spool starts waiting for it too.
+    let restarted = Instant::now();
+    topo.restart_node(old).await.unwrap();
+    wait::until_true(
+        "old primary back as a replica",
+        Duration::from_secs(40),
+        // Sentinel occasionally runs a second failover here: follow it.
+        || async {
+            let Ok(primary) = topo.primary_port().await else {
+                return false;
+            };
+            topo.role(old).await.ok().as_deref() == Some("slave")
+                && topo.online_replicas(primary).await.unwrap_or(0) == 2
+        },
+    )
+    .await
+    .unwrap();
+    wait::until_true(
+        "spool waits for both replicas",
+        Duration::from_secs(10),
+        || async { run.handle.status().await.wait_for_replicas == 2 },
+    )
+    .await
+    .unwrap();
+    eprintln!(
+        "kill -9: restarted node rejoined as a replica after {:?}",
+        restarted.elapsed()
+    );
+    run.handle.append(message(u64::MAX)).await.unwrap();
     run.stop().await;
 }
 
@@ -179,9 +210,13 @@ async fn manual_failover_loses_no_acknowledged_append() {
     wait::until_true(
         "old primary converted and in sync",
         Duration::from_secs(40),
+        // Sentinel occasionally runs a second failover here: follow it.
         || async {
+            let Ok(primary) = topo.primary_port().await else {
+                return false;
+            };
             topo.role(old).await.ok().as_deref() == Some("slave")
-                && topo.online_replicas(new).await.unwrap_or(0) == 2
+                && topo.online_replicas(primary).await.unwrap_or(0) == 2
         },
     )
     .await
