@@ -208,6 +208,17 @@ impl Topology {
         Ok(())
     }
 
+    /// Freeze a data node (`SIGSTOP`): it keeps its sockets but answers
+    /// nothing, like a partitioned or hung server.
+    pub fn freeze(&self, port: u16) -> Result<()> {
+        Self::signal(self.pid(port)?, "-STOP")
+    }
+
+    /// Resume a node frozen by [`Topology::freeze`].
+    pub fn thaw(&self, port: u16) -> Result<()> {
+        Self::signal(self.pid(port)?, "-CONT")
+    }
+
     /// Stop a data node cleanly (SIGTERM) and wait until it is gone.
     pub async fn stop_node(&self, port: u16) -> Result<()> {
         let pid = self.pid(port)?;

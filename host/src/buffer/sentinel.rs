@@ -62,7 +62,7 @@ use futures::StreamExt as _;
 use futures::future::join_all;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, Role};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -133,10 +133,13 @@ struct ReplInfo {
 pub(crate) struct Primary {
     target: Target,
     min_replicas: u32,
-    node_cfg: AsyncConnectionConfig,
+    response_timeout: Duration,
+    probe_response: Duration,
     probe_cfg: AsyncConnectionConfig,
     probe_timeout: Duration,
     current: Mutex<Option<Arc<Link>>>,
+    /// Fired on `+switch-master`.
+    switched: Notify,
     generation: AtomicU64,
     /// Last resolution failure, for status.
     last_error: std::sync::Mutex<Option<String>>,
@@ -169,19 +172,22 @@ impl Primary {
                 }
             }
         };
-        let node_cfg = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(cfg.connect_timeout()))
-            .set_response_timeout(Some(cfg.response_timeout()));
+        // Checks (sentinel queries, ROLE, INFO) get a short response
+        // timeout, so a frozen node costs little; a connection that is kept
+        // for appends is switched to `response_timeout` (> the WAIT timeout).
+        let probe_response = cfg.connect_timeout().min(Duration::from_millis(500));
         let probe_cfg = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(cfg.connect_timeout()))
-            .set_response_timeout(Some(cfg.connect_timeout()));
+            .set_response_timeout(Some(probe_response));
         Ok(Self {
             target,
             min_replicas: cfg.min_replicas(),
-            node_cfg,
+            response_timeout: cfg.response_timeout(),
+            probe_response,
             probe_cfg,
-            probe_timeout: cfg.connect_timeout() * 2,
+            probe_timeout: cfg.connect_timeout() + probe_response * 2,
             current: Mutex::new(None),
+            switched: Notify::new(),
             generation: AtomicU64::new(0),
             last_error: std::sync::Mutex::new(None),
         })
@@ -202,7 +208,18 @@ impl Primary {
         if let Some(link) = current.as_ref() {
             return Ok(link.clone());
         }
-        match self.resolve().await {
+        // A `+switch-master` during a resolution (typically stuck on the old,
+        // frozen primary) cuts it short; the caller retries at once.
+        let switched = self.switched.notified();
+        let resolved = tokio::select! {
+            biased;
+            _ = switched => Err(SpoolError::NoPrimary {
+                master: self.master_name().unwrap_or("").to_owned(),
+                detail: "sentinel switched the primary during resolution".into(),
+            }),
+            r = self.resolve() => r,
+        };
+        match resolved {
             Ok((addr, conn, wait_for, warnings)) => {
                 let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
                 info!(%addr, generation, wait_for, "Connected to the Redis primary.");
@@ -301,12 +318,13 @@ impl Primary {
     ) -> Result<(String, MultiplexedConnection, u32, Vec<String>), SpoolError> {
         match &self.target {
             Target::Plain { addr, client } => {
-                let mut conn = self.connect(client, addr, &self.node_cfg).await?;
+                let mut conn = self.connect(client, addr, &self.probe_cfg).await?;
                 let info = check_primary(&mut conn, addr).await?;
                 if info.online_replicas < self.min_replicas {
                     return Err(too_few(addr, info.online_replicas, self.min_replicas));
                 }
                 let warnings = startup_checks(&mut conn, addr).await;
+                conn.set_response_timeout(self.response_timeout);
                 Ok((addr.clone(), conn, self.min_replicas, warnings))
             }
             Target::Sentinel { master, sentinels } => {
@@ -340,7 +358,7 @@ impl Primary {
                         source: e,
                     }
                 })?;
-                let mut conn = self.connect(&client, &addr, &self.node_cfg).await?;
+                let mut conn = self.connect(&client, &addr, &self.probe_cfg).await?;
                 let info = check_primary(&mut conn, &addr).await?;
 
                 let mut others: Vec<String> = Vec::new();
@@ -368,6 +386,7 @@ impl Primary {
                     return Err(too_few(&addr, info.online_replicas, self.min_replicas));
                 }
                 let warnings = startup_checks(&mut conn, &addr).await;
+                conn.set_response_timeout(self.response_timeout);
                 let wait_for = info.online_replicas.max(self.min_replicas);
                 Ok((addr, conn, wait_for, warnings))
             }
@@ -445,13 +464,16 @@ impl Primary {
     }
 
     /// `INFO replication` of another node, or `None` if it does not answer.
+    /// Bounded by `probe_response`: a successor that matters was just
+    /// promoted and answers at once; a frozen or dead node must not hold up
+    /// the resolution.
     async fn probe(&self, addr: &str) -> Option<ReplInfo> {
         let work = async {
             let client = Client::open(format!("redis://{addr}")).ok()?;
             let mut conn = self.connect(&client, addr, &self.probe_cfg).await.ok()?;
             repl_info(&mut conn, addr).await.ok()
         };
-        tokio::time::timeout(self.probe_timeout, work)
+        tokio::time::timeout(self.probe_response, work)
             .await
             .ok()
             .flatten()
@@ -501,6 +523,7 @@ impl Primary {
                         {
                             info!(sentinel = %addr, %payload, "Sentinel switched the primary.");
                             metrics::counter!(super::metric::SWITCH_MASTER).increment(1);
+                            self.switched.notify_waiters();
                             self.invalidate_unless(&format!("{ip}:{port}")).await;
                         }
                     }
