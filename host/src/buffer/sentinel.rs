@@ -49,7 +49,10 @@
 //! lost 16,825 acknowledged appends; waiting for all replicas without the
 //! successor check lost 9,412 (the short `WAIT` led to a re-resolution that
 //! accepted the old primary with its one remaining replica); with both,
-//! none.
+//! none. The price: one replica lagging more than the WAIT timeout refuses
+//! appends until it catches up. `SpoolConfig::wait_for_all_replicas = false`
+//! trades that back (WAIT for `min_replicas` only) and accepts the loss
+//! window above.
 //!
 //! Deliberately not done here: connection pooling, TLS and AUTH to the data
 //! nodes (addresses from Sentinel are dialled as `redis://ip:port`).
@@ -133,6 +136,7 @@ struct ReplInfo {
 pub(crate) struct Primary {
     target: Target,
     min_replicas: u32,
+    wait_for_all: bool,
     response_timeout: Duration,
     probe_response: Duration,
     probe_cfg: AsyncConnectionConfig,
@@ -182,6 +186,7 @@ impl Primary {
         Ok(Self {
             target,
             min_replicas: cfg.min_replicas(),
+            wait_for_all: cfg.wait_for_all_replicas,
             response_timeout: cfg.response_timeout(),
             probe_response,
             probe_cfg,
@@ -299,7 +304,9 @@ impl Primary {
         let mut conn = link.conn();
         match repl_info(&mut conn, &link.addr).await {
             Ok(info) if info.role == "master" => {
-                link.raise_wait_for(info.online_replicas.max(self.min_replicas));
+                if self.wait_for_all {
+                    link.raise_wait_for(info.online_replicas.max(self.min_replicas));
+                }
             }
             Ok(info) => {
                 let e = SpoolError::NotPrimary {
@@ -387,7 +394,11 @@ impl Primary {
                 }
                 let warnings = startup_checks(&mut conn, &addr).await;
                 conn.set_response_timeout(self.response_timeout);
-                let wait_for = info.online_replicas.max(self.min_replicas);
+                let wait_for = if self.wait_for_all {
+                    info.online_replicas.max(self.min_replicas)
+                } else {
+                    self.min_replicas
+                };
                 Ok((addr, conn, wait_for, warnings))
             }
         }
