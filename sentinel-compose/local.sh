@@ -118,6 +118,8 @@ stop() {
     pids+=("$(cat "$f")")
   done
   [ ${#pids[@]} -gt 0 ] || return 0
+  # A node a test froze with SIGSTOP would ignore SIGTERM until resumed.
+  kill -CONT "${pids[@]}" 2>/dev/null || true
   kill "${pids[@]}" 2>/dev/null || true
   local deadline=$((SECONDS + 10)) p alive
   while :; do

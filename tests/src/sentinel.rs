@@ -208,6 +208,17 @@ impl Topology {
         Ok(())
     }
 
+    /// Freeze a data node (`SIGSTOP`): it keeps its sockets but answers
+    /// nothing, like a partitioned or hung server.
+    pub fn freeze(&self, port: u16) -> Result<()> {
+        Self::signal(self.pid(port)?, "-STOP")
+    }
+
+    /// Resume a node frozen by [`Topology::freeze`].
+    pub fn thaw(&self, port: u16) -> Result<()> {
+        Self::signal(self.pid(port)?, "-CONT")
+    }
+
     /// Stop a data node cleanly (SIGTERM) and wait until it is gone.
     pub async fn stop_node(&self, port: u16) -> Result<()> {
         let pid = self.pid(port)?;
@@ -262,9 +273,15 @@ impl Topology {
 }
 
 impl Drop for Topology {
+    /// Stops every process. The directory (logs, configs) is kept when the
+    /// test is panicking or `WARREN_KEEP_TOPOLOGY` is set.
     fn drop(&mut self) {
         if let Err(e) = self.stop() {
             tracing::warn!(error = %e, dir = %self.dir.path().display(), "Could not stop the Sentinel topology.");
+        }
+        if std::thread::panicking() || std::env::var_os("WARREN_KEEP_TOPOLOGY").is_some() {
+            self.dir.disable_cleanup(true);
+            tracing::warn!(dir = %self.dir.path().display(), "Keeping the Sentinel topology's logs.");
         }
     }
 }

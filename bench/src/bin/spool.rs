@@ -6,7 +6,6 @@
 //! `cargo run --release -p warren-bench --bin spool`
 
 use std::future::Future;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -76,19 +75,21 @@ impl DrainPublisher for LapinPublisher {
     }
 }
 
-fn message() -> OutboundMessage {
-    OutboundMessage::new("", QUEUE, Bytes::from(vec![b'x'; BODY]))
+fn message(delivery_mode: u8) -> OutboundMessage {
+    let mut m = OutboundMessage::new("", QUEUE, Bytes::from(vec![b'x'; BODY]));
+    m.properties.delivery_mode = Some(delivery_mode);
+    m
 }
 
-async fn single(handle: &SpoolHandle) -> Result<f64> {
+async fn single(handle: &SpoolHandle, mode: u8) -> Result<f64> {
     let start = Instant::now();
     for _ in 0..SINGLE {
-        handle.append(message()).await?;
+        handle.append(message(mode)).await?;
     }
     Ok(SINGLE as f64 / start.elapsed().as_secs_f64())
 }
 
-async fn grouped(handle: &SpoolHandle) -> Result<f64> {
+async fn grouped(handle: &SpoolHandle, mode: u8) -> Result<f64> {
     let start = Instant::now();
     let per = GROUPED / APPENDERS;
     let mut tasks = tokio::task::JoinSet::new();
@@ -96,7 +97,7 @@ async fn grouped(handle: &SpoolHandle) -> Result<f64> {
         let h = handle.clone();
         tasks.spawn(async move {
             for _ in 0..per {
-                h.append(message()).await?;
+                h.append(message(mode)).await?;
             }
             Ok::<(), warren::buffer::SpoolError>(())
         });
@@ -105,6 +106,87 @@ async fn grouped(handle: &SpoolHandle) -> Result<f64> {
         r??;
     }
     Ok((per * APPENDERS) as f64 / start.elapsed().as_secs_f64())
+}
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The broker's ceiling for the drain: the same publishes and confirms
+/// with no spool in between.
+async fn baseline(channel: &lapin::Channel, window: usize, mode: u8) -> Result<f64> {
+    use futures::StreamExt as _;
+    let publisher = LapinPublisher {
+        channel: channel.clone(),
+    };
+    let mut inflight: futures::stream::FuturesOrdered<BoxFuture<'static, Result<(), String>>> =
+        futures::stream::FuturesOrdered::new();
+    let start = Instant::now();
+    for _ in 0..GROUPED {
+        if inflight.len() >= window
+            && let Some(r) = inflight.next().await
+        {
+            r.map_err(anyhow::Error::msg)?;
+        }
+        let confirm = publisher
+            .publish(message(mode))
+            .await
+            .map_err(anyhow::Error::msg)?;
+        inflight.push_back(confirm);
+    }
+    while let Some(r) = inflight.next().await {
+        r.map_err(anyhow::Error::msg)?;
+    }
+    let rate = GROUPED as f64 / start.elapsed().as_secs_f64();
+    channel
+        .queue_purge(QUEUE.into(), lapin::options::QueuePurgeOptions::default())
+        .await?;
+    Ok(rate)
+}
+
+/// Drain everything in the spool through a fresh drainer; (count, rate).
+async fn drain(
+    handle: &SpoolHandle,
+    channel: &lapin::Channel,
+    window: usize,
+    batch: usize,
+) -> Result<(u64, f64)> {
+    let depth = handle.depth();
+    let drained_before = handle.status().await.drained;
+    let cfg = DrainerConfig {
+        window,
+        batch,
+        ..DrainerConfig::default()
+    };
+    let (drainer, _control) = Drainer::new(
+        cfg,
+        handle,
+        LapinPublisher {
+            channel: channel.clone(),
+        },
+    )?;
+    let cancel = CancellationToken::new();
+    let start = Instant::now();
+    let task = tokio::spawn(drainer.run(cancel.clone()));
+    wait::until_true("spool drained", Duration::from_secs(300), || {
+        let h = handle.clone();
+        async move { h.is_empty() }
+    })
+    .await?;
+    let secs = start.elapsed().as_secs_f64();
+    cancel.cancel();
+    task.await?;
+    let drained = handle.status().await.drained - drained_before;
+    if drained < depth {
+        bail!("drained {drained} of {depth}");
+    }
+    channel
+        .queue_purge(QUEUE.into(), lapin::options::QueuePurgeOptions::default())
+        .await?;
+    Ok((drained, drained as f64 / secs))
 }
 
 #[tokio::main]
@@ -125,9 +207,10 @@ async fn main() -> Result<()> {
     .await?;
     let replicas = handle.status().await.wait_for_replicas;
 
-    let single_rate = single(&handle).await?;
-    let grouped_rate = grouped(&handle).await?;
-    let depth = handle.status().await.appended;
+    let window = env_or("DRAIN_WINDOW", 1024);
+    let batch = env_or("DRAIN_BATCH", 1024);
+    let single_rate = single(&handle, 2).await?;
+    let grouped_rate = grouped(&handle, 2).await?;
 
     let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
         .await
@@ -143,28 +226,15 @@ async fn main() -> Result<()> {
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
-    let drained_before = handle.status().await.drained;
-    let start = Instant::now();
-    let (drainer, _control) = Drainer::new(
-        DrainerConfig::default(),
-        &handle,
-        LapinPublisher {
-            channel: channel.clone(),
-        },
-    )?;
-    tasks.spawn(drainer.run(cancel.child_token()));
-    let h = Arc::new(handle.clone());
-    wait::until_true("spool drained", Duration::from_secs(300), || {
-        let h = h.clone();
-        async move { h.is_empty() && h.status().await.drained >= depth }
-    })
-    .await?;
-    let drain_secs = start.elapsed().as_secs_f64();
-    let drained = handle.status().await.drained - drained_before;
-    if drained < depth {
-        bail!("drained {drained} of {depth}");
-    }
-    let drain_rate = drained as f64 / drain_secs;
+
+    // Persistent messages (what OutboundMessage::new makes) into a durable
+    // queue: the broker fsyncs before confirming.
+    let persistent = drain(&handle, &channel, window, batch).await?;
+    let persistent_base = baseline(&channel, window, 2).await?;
+    // Transient messages: the broker's confirm path without disk.
+    grouped(&handle, 1).await?;
+    let transient = drain(&handle, &channel, window, batch).await?;
+    let transient_base = baseline(&channel, window, 1).await?;
 
     cancel.cancel();
     tasks.close();
@@ -174,15 +244,28 @@ async fn main() -> Result<()> {
         .await;
     let _ = conn.close(200, "bench done".into()).await;
 
-    println!("| spool ({BODY}-byte messages, WAIT for {replicas} replicas) | count | rate |");
+    let grouped_n = GROUPED / APPENDERS * APPENDERS;
+    println!(
+        "| spool, {BODY}-byte messages, appends WAIT for {replicas} replicas | count | rate |"
+    );
     println!("|---|---:|---:|");
     println!("| append, one appender, one at a time | {SINGLE} | {single_rate:.0}/s |");
     println!(
-        "| append, group-committed, {APPENDERS} concurrent appenders | {} | {grouped_rate:.0}/s |",
-        GROUPED / APPENDERS * APPENDERS
+        "| append, group-committed, {APPENDERS} concurrent appenders | {grouped_n} | {grouped_rate:.0}/s |"
     );
     println!(
-        "| drain to RabbitMQ 127.0.0.1:5672 with confirms (window 256) | {drained} | {drain_rate:.0}/s |"
+        "| drain to RabbitMQ with confirms, persistent messages, durable queue (window {window}) | {} | {:.0}/s |",
+        persistent.0, persistent.1
+    );
+    println!(
+        "| baseline: lapin straight to RabbitMQ, same messages and window, no spool | {GROUPED} | {persistent_base:.0}/s |"
+    );
+    println!(
+        "| drain to RabbitMQ with confirms, transient messages (window {window}) | {} | {:.0}/s |",
+        transient.0, transient.1
+    );
+    println!(
+        "| baseline: lapin straight to RabbitMQ, same messages and window, no spool | {GROUPED} | {transient_base:.0}/s |"
     );
     drop(topo);
     Ok(())

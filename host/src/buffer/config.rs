@@ -28,6 +28,13 @@ pub struct SpoolConfig {
     /// Replicas that must confirm (`WAIT`) an append before it is
     /// acknowledged. Default 1 with Sentinel, 0 with `url`.
     pub min_replicas: Option<u32>,
+    /// Wait for every replica that was online when the primary was resolved
+    /// (at least `min_replicas`), not just `min_replicas`. Default true: it
+    /// is what makes a manual `SENTINEL FAILOVER` lose no acknowledged
+    /// append (see `buffer::sentinel`); false keeps appends flowing while
+    /// one replica lags, at the risk of losing acknowledged appends in a
+    /// manual failover.
+    pub wait_for_all_replicas: bool,
     /// `WAIT` timeout. The connection's response timeout is set above it.
     pub wait_timeout_ms: u64,
     /// Timeout to connect to a node (sentinel or primary).
@@ -56,6 +63,7 @@ impl Default for SpoolConfig {
             host_id: "warren".into(),
             stream_key: None,
             min_replicas: None,
+            wait_for_all_replicas: true,
             wait_timeout_ms: 400,
             connect_timeout_ms: 1000,
             append_timeout_ms: 5000,
@@ -190,8 +198,8 @@ pub struct DrainerConfig {
 impl Default for DrainerConfig {
     fn default() -> Self {
         Self {
-            batch: 512,
-            window: 256,
+            batch: 1024,
+            window: 1024,
             lease_ttl_ms: 10_000,
             backoff_min_ms: 200,
             backoff_max_ms: 10_000,

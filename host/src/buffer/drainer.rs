@@ -44,6 +44,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
+use futures::future::BoxFuture;
 use futures::stream::FuturesOrdered;
 use redis::Value;
 use tokio::sync::watch;
@@ -183,6 +184,88 @@ type ConfirmFuture<E> = Pin<Box<dyn Future<Output = (Entry, Result<(), E>)> + Se
 struct Entry {
     stream_id: String,
     size: u64,
+}
+
+type ReadResult = Result<Vec<(Entry, Result<OutboundMessage, String>)>, (SpoolError, u64)>;
+type DeleteResult = Result<(), (SpoolError, u64)>;
+
+/// Await an optional future; pending forever when there is none (the
+/// `select!` branch is disabled then anyway).
+async fn poll_opt<T>(f: &mut Option<BoxFuture<'static, T>>) -> T {
+    match f {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Read up to `count` entries after `after` (from the head if `None`).
+async fn read_entries(shared: Arc<Shared>, after: Option<String>, count: usize) -> ReadResult {
+    let link = shared.primary.get().await.map_err(|e| (e, 0))?;
+    let mut conn = link.conn();
+    let start = after
+        .as_deref()
+        .map_or_else(|| "-".to_owned(), |a| format!("({a}"));
+    let raw: Vec<(String, Vec<Vec<u8>>)> = redis::cmd("XRANGE")
+        .arg(&shared.key)
+        .arg(start)
+        .arg("+")
+        .arg("COUNT")
+        .arg(count)
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| (SpoolError::from_redis(&link.addr, e), link.generation))?;
+    if raw.is_empty() && after.is_none() {
+        // Nothing at all: resynchronise the cheap depth counter.
+        refresh_depth(&shared, &link).await;
+    }
+    Ok(raw
+        .into_iter()
+        .map(|(stream_id, fields)| {
+            let mut m = None;
+            for kv in fields.chunks(2) {
+                if let [k, v] = kv
+                    && k.as_slice() == b"m"
+                {
+                    m = Some(v.clone());
+                }
+            }
+            let size = m.as_ref().map_or(0, |v| v.len() as u64);
+            let msg = match m {
+                Some(bytes) => serde_json::from_slice::<OutboundMessage>(&bytes)
+                    .map_err(|e| format!("undecodable message: {e}")),
+                None => Err("no `m` field".to_owned()),
+            };
+            (Entry { stream_id, size }, msg)
+        })
+        .collect())
+}
+
+/// Delete confirmed entries (one script call) and account for them.
+async fn delete_entries(shared: Arc<Shared>, confirmed: Vec<Entry>) -> DeleteResult {
+    if confirmed.is_empty() {
+        return Ok(());
+    }
+    let link = shared.primary.get().await.map_err(|e| (e, 0))?;
+    let mut conn = link.conn();
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(DELETE_SCRIPT)
+        .arg(2)
+        .arg(&shared.key)
+        .arg(&shared.bytes_key);
+    for e in &confirmed {
+        cmd.arg(&e.stream_id).arg(e.size);
+    }
+    let mutation = shared.begin_mutation();
+    let reply: Result<(u64, u64), _> = cmd.query_async(&mut conn).await;
+    let result = match reply {
+        Ok((deleted, bytes)) => {
+            shared.record_drained(confirmed.len() as u64, deleted, bytes);
+            Ok(())
+        }
+        Err(e) => Err((SpoolError::from_redis(&link.addr, e), link.generation)),
+    };
+    drop(mutation);
+    result
 }
 
 enum Stop {
@@ -341,6 +424,10 @@ impl<P: DrainPublisher> Drainer<P> {
     /// Publish from the head of the stream until it is empty or something
     /// fails. Returns `Stop::Idle` when everything read was confirmed and
     /// deleted and the stream had no more.
+    ///
+    /// Reads (the next `XRANGE` page) and deletes (of the confirmed prefix)
+    /// run alongside the publishes, one of each at a time, so neither stalls
+    /// the window.
     async fn drain_pass(
         &mut self,
         cancel: &CancellationToken,
@@ -350,28 +437,21 @@ impl<P: DrainPublisher> Drainer<P> {
         let mut queue: VecDeque<(Entry, Result<OutboundMessage, String>)> = VecDeque::new();
         let mut inflight: FuturesOrdered<ConfirmFuture<P::Error>> = FuturesOrdered::new();
         let mut confirmed: Vec<Entry> = Vec::new();
+        let mut reading: Option<BoxFuture<'static, ReadResult>> = None;
+        let mut deleting: Option<BoxFuture<'static, DeleteResult>> = None;
         let mut last_read: Option<String> = None;
         let mut at_end = false;
         let mut sent_any = false;
         loop {
+            if reading.is_none() && !at_end && queue.len() < self.cfg.batch {
+                reading = Some(Box::pin(read_entries(
+                    self.shared.clone(),
+                    last_read.clone(),
+                    self.cfg.batch,
+                )));
+            }
             // Fill the window, in stream order.
             while inflight.len() < self.cfg.window && !cancel.is_cancelled() {
-                if queue.is_empty() && !at_end {
-                    match self.read(last_read.as_deref()).await {
-                        Ok(entries) => {
-                            if entries.len() < self.cfg.batch {
-                                at_end = true;
-                            }
-                            if let Some((e, _)) = entries.last() {
-                                last_read = Some(e.stream_id.clone());
-                            }
-                            queue.extend(entries);
-                        }
-                        Err((e, g)) => {
-                            return self.stop_with(Stop::Redis(e, g), &mut confirmed).await;
-                        }
-                    }
-                }
                 let Some((entry, msg)) = queue.pop_front() else {
                     break;
                 };
@@ -382,9 +462,11 @@ impl<P: DrainPublisher> Drainer<P> {
                 if Instant::now() + Duration::from_millis(50) >= *lease_until {
                     match self.extend_lease().await {
                         Ok(true) => *lease_until = Instant::now() + self.ttl(),
-                        Ok(false) => return self.stop_with(Stop::LeaseLost, &mut confirmed).await,
+                        Ok(false) => {
+                            return self.stop_with(Stop::LeaseLost, deleting, confirmed).await;
+                        }
                         Err((e, g)) => {
-                            return self.stop_with(Stop::Redis(e, g), &mut confirmed).await;
+                            return self.stop_with(Stop::Redis(e, g), deleting, confirmed).await;
                         }
                     }
                 }
@@ -395,22 +477,25 @@ impl<P: DrainPublisher> Drainer<P> {
                         }
                         Err(e) => {
                             return self
-                                .fail_after_inflight(e.to_string(), inflight, confirmed)
+                                .fail_after_inflight(e.to_string(), inflight, deleting, confirmed)
                                 .await;
                         }
                     },
                     Err(detail) => {
                         if let Err((e, g)) = self.park_corrupt(&entry, &detail).await {
-                            return self.stop_with(Stop::Redis(e, g), &mut confirmed).await;
+                            return self.stop_with(Stop::Redis(e, g), deleting, confirmed).await;
                         }
                         inflight.push_back(Box::pin(async move { (entry, Ok(())) }));
                     }
                 }
             }
-            if inflight.is_empty() {
-                if let Err((e, g)) = self.delete(&mut confirmed).await {
-                    return Stop::Redis(e, g);
-                }
+            if deleting.is_none() && !confirmed.is_empty() {
+                deleting = Some(Box::pin(delete_entries(
+                    self.shared.clone(),
+                    std::mem::take(&mut confirmed),
+                )));
+            }
+            if inflight.is_empty() && queue.is_empty() && reading.is_none() && deleting.is_none() {
                 return if cancel.is_cancelled() {
                     Stop::Cancelled
                 } else {
@@ -418,33 +503,52 @@ impl<P: DrainPublisher> Drainer<P> {
                 };
             }
             // Cancel-safe: confirms left in `inflight` are simply dropped;
-            // their entries stay in the stream and are republished.
+            // their entries stay in the stream and are republished. A read
+            // or delete in flight is finished or dropped in `stop_with`.
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => {
-                    return self.stop_with(Stop::Cancelled, &mut confirmed).await;
+                    return self.stop_with(Stop::Cancelled, deleting, confirmed).await;
                 }
                 _ = renew.tick() => {
                     match self.extend_lease().await {
                         Ok(true) => *lease_until = Instant::now() + self.ttl(),
-                        Ok(false) => return self.stop_with(Stop::LeaseLost, &mut confirmed).await,
-                        Err((e, g)) => return self.stop_with(Stop::Redis(e, g), &mut confirmed).await,
+                        Ok(false) => return self.stop_with(Stop::LeaseLost, deleting, confirmed).await,
+                        Err((e, g)) => return self.stop_with(Stop::Redis(e, g), deleting, confirmed).await,
                     }
                 }
-                done = inflight.next() => {
+                r = poll_opt(&mut deleting), if deleting.is_some() => {
+                    deleting = None;
+                    if let Err((e, g)) = r {
+                        return self.stop_with(Stop::Redis(e, g), None, confirmed).await;
+                    }
+                }
+                r = poll_opt(&mut reading), if reading.is_some() => {
+                    reading = None;
+                    match r {
+                        Ok(entries) => {
+                            if entries.len() < self.cfg.batch {
+                                at_end = true;
+                            }
+                            if let Some((e, _)) = entries.last() {
+                                last_read = Some(e.stream_id.clone());
+                            }
+                            queue.extend(entries);
+                        }
+                        Err((e, g)) => {
+                            return self.stop_with(Stop::Redis(e, g), deleting, confirmed).await;
+                        }
+                    }
+                }
+                done = inflight.next(), if !inflight.is_empty() => {
                     let Some((entry, result)) = done else { continue };
                     match result {
                         Ok(()) => confirmed.push(entry),
                         Err(e) => {
-                            return self.stop_with(Stop::Publish(e.to_string()), &mut confirmed).await;
+                            return self.stop_with(Stop::Publish(e.to_string()), deleting, confirmed).await;
                         }
                     }
                 }
-            }
-            if confirmed.len() >= 128
-                && let Err((e, g)) = self.delete(&mut confirmed).await
-            {
-                return Stop::Redis(e, g);
             }
         }
     }
@@ -455,6 +559,7 @@ impl<P: DrainPublisher> Drainer<P> {
         &self,
         error: String,
         mut inflight: FuturesOrdered<ConfirmFuture<P::Error>>,
+        deleting: Option<BoxFuture<'static, DeleteResult>>,
         mut confirmed: Vec<Entry>,
     ) -> Stop {
         let wait = tokio::time::timeout(Duration::from_secs(5), async {
@@ -466,91 +571,37 @@ impl<P: DrainPublisher> Drainer<P> {
             }
         });
         let _ = wait.await;
-        self.stop_with(Stop::Publish(error), &mut confirmed).await
-    }
-
-    /// Delete what was confirmed, then stop with `stop`.
-    async fn stop_with(&self, stop: Stop, confirmed: &mut Vec<Entry>) -> Stop {
-        match self.delete(confirmed).await {
-            Ok(()) => stop,
-            Err((e, g)) => match stop {
-                Stop::Cancelled => Stop::Cancelled,
-                _ => Stop::Redis(e, g),
-            },
-        }
-    }
-
-    /// Read up to `batch` entries after `after` (from the head if `None`).
-    async fn read(
-        &self,
-        after: Option<&str>,
-    ) -> Result<Vec<(Entry, Result<OutboundMessage, String>)>, (SpoolError, u64)> {
-        let link = self.shared.primary.get().await.map_err(|e| (e, 0))?;
-        let mut conn = link.conn();
-        let start = after.map_or_else(|| "-".to_owned(), |a| format!("({a}"));
-        let raw: Vec<(String, Vec<Vec<u8>>)> = redis::cmd("XRANGE")
-            .arg(&self.shared.key)
-            .arg(start)
-            .arg("+")
-            .arg("COUNT")
-            .arg(self.cfg.batch)
-            .query_async(&mut conn)
+        self.stop_with(Stop::Publish(error), deleting, confirmed)
             .await
-            .map_err(|e| (SpoolError::from_redis(&link.addr, e), link.generation))?;
-        if raw.is_empty() && after.is_none() {
-            // Nothing at all: resynchronise the cheap depth counter.
-            refresh_depth(&self.shared, &link).await;
-        }
-        Ok(raw
-            .into_iter()
-            .map(|(stream_id, fields)| {
-                let mut m = None;
-                for kv in fields.chunks(2) {
-                    if let [k, v] = kv
-                        && k.as_slice() == b"m"
-                    {
-                        m = Some(v.clone());
-                    }
-                }
-                let size = m.as_ref().map_or(0, |v| v.len() as u64);
-                let msg = match m {
-                    Some(bytes) => serde_json::from_slice::<OutboundMessage>(&bytes)
-                        .map_err(|e| format!("undecodable message: {e}")),
-                    None => Err("no `m` field".to_owned()),
-                };
-                (Entry { stream_id, size }, msg)
-            })
-            .collect())
     }
 
-    /// Delete the confirmed prefix.
-    async fn delete(&self, confirmed: &mut Vec<Entry>) -> Result<(), (SpoolError, u64)> {
-        if confirmed.is_empty() {
-            return Ok(());
-        }
-        let link = self.shared.primary.get().await.map_err(|e| (e, 0))?;
-        let mut conn = link.conn();
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(DELETE_SCRIPT)
-            .arg(2)
-            .arg(&self.shared.key)
-            .arg(&self.shared.bytes_key);
-        for e in confirmed.iter() {
-            cmd.arg(&e.stream_id).arg(e.size);
-        }
-        self.shared.begin_mutation();
-        let reply: Result<(u64, u64), _> = cmd.query_async(&mut conn).await;
-        let result = match reply {
-            Ok((deleted, bytes)) => {
-                self.shared
-                    .record_drained(confirmed.len() as u64, deleted, bytes);
-                confirmed.clear();
-                Ok(())
+    /// Finish the delete in flight, delete the rest of what was confirmed,
+    /// then stop with `stop`.
+    async fn stop_with(
+        &self,
+        stop: Stop,
+        deleting: Option<BoxFuture<'static, DeleteResult>>,
+        confirmed: Vec<Entry>,
+    ) -> Stop {
+        let mut failure = None;
+        if let Some(d) = deleting {
+            match tokio::time::timeout(Duration::from_secs(5), d).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failure = Some(e),
+                Err(_) => {}
             }
-            Err(e) => Err((SpoolError::from_redis(&link.addr, e), link.generation)),
-        };
-        self.shared.end_mutation();
-        result
+        }
+        if failure.is_none()
+            && !confirmed.is_empty()
+            && let Err(e) = delete_entries(self.shared.clone(), confirmed).await
+        {
+            failure = Some(e);
+        }
+        match (stop, failure) {
+            (Stop::Cancelled, _) => Stop::Cancelled,
+            (stop, None) => stop,
+            (_, Some((e, g))) => Stop::Redis(e, g),
+        }
     }
 
     /// Move an undecodable entry aside (it is deleted in order like a

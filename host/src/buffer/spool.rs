@@ -162,13 +162,11 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn begin_mutation(&self) {
+    /// Mark an append or delete under way until the guard drops (also when
+    /// the task doing it is cancelled or aborted mid-way).
+    pub(crate) fn begin_mutation(&self) -> MutationGuard<'_> {
         self.mutating.fetch_add(1, Ordering::SeqCst);
-    }
-
-    pub(crate) fn end_mutation(&self) {
-        self.mutations.fetch_add(1, Ordering::SeqCst);
-        self.mutating.fetch_sub(1, Ordering::SeqCst);
+        MutationGuard(self)
     }
 
     /// Record `n` entries of `bytes` drained (deleted after their confirm).
@@ -241,6 +239,16 @@ impl Shared {
             refused: self.refused.load(Ordering::Relaxed),
             drainer: self.drainer_state(),
         }
+    }
+}
+
+/// See [`Shared::begin_mutation`].
+pub(crate) struct MutationGuard<'a>(&'a Shared);
+
+impl Drop for MutationGuard<'_> {
+    fn drop(&mut self) {
+        self.0.mutations.fetch_add(1, Ordering::SeqCst);
+        self.0.mutating.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -563,7 +571,7 @@ impl Writer {
             p.cmd("WAIT").arg(wait_for).arg(shared.cfg.wait_timeout_ms);
         }
         let mut conn = link.conn();
-        shared.begin_mutation();
+        let mutation = shared.begin_mutation();
         let reply: Result<Vec<Value>, _> = p.query_async(&mut conn).await;
         let outcome = (|| {
             let values = reply.map_err(|e| SpoolError::from_redis(&link.addr, e))?;
@@ -602,10 +610,7 @@ impl Writer {
         })();
         let ids = match outcome {
             Ok(ids) => ids,
-            Err(e) => {
-                shared.end_mutation();
-                return Err((e, generation));
-            }
+            Err(e) => return Err((e, generation)),
         };
         let mut results = Vec::with_capacity(batch.len());
         let (mut added, mut added_bytes) = (0u64, 0u64);
@@ -640,7 +645,7 @@ impl Writer {
         }
         shared.depth.fetch_add(added, Ordering::SeqCst);
         shared.bytes.fetch_add(added_bytes, Ordering::SeqCst);
-        shared.end_mutation();
+        drop(mutation);
         shared.appended.fetch_add(added, Ordering::Relaxed);
         metrics::counter!(metric::APPENDED).increment(added);
         if added > 0 {

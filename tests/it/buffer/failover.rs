@@ -154,6 +154,94 @@ async fn kill9_primary_is_followed_and_loses_no_acknowledged_append() {
     );
     let status = run.handle.status().await;
     assert_eq!(status.primary, Some(format!("127.0.0.1:{new}")));
+
+    // The killed node comes back, Sentinel turns it into a replica, and the
+    // spool starts waiting for it too.
+    let restarted = Instant::now();
+    topo.restart_node(old).await.unwrap();
+    wait::until_true(
+        "old primary back as a replica",
+        Duration::from_secs(40),
+        // Sentinel occasionally runs a second failover here: follow it.
+        || async {
+            let Ok(primary) = topo.primary_port().await else {
+                return false;
+            };
+            topo.role(old).await.ok().as_deref() == Some("slave")
+                && topo.online_replicas(primary).await.unwrap_or(0) == 2
+        },
+    )
+    .await
+    .unwrap();
+    wait::until_true(
+        "spool waits for both replicas",
+        Duration::from_secs(10),
+        || async { run.handle.status().await.wait_for_replicas == 2 },
+    )
+    .await
+    .unwrap();
+    eprintln!(
+        "kill -9: restarted node rejoined as a replica after {:?}",
+        restarted.elapsed()
+    );
+    run.handle.append(message(u64::MAX)).await.unwrap();
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_primary_is_followed_and_loses_no_acknowledged_append() {
+    let topo = Topology::start().await.unwrap();
+    let run = start(sentinel_cfg(&topo, "sigstop")).await;
+    let key = run.handle.stream_key().to_owned();
+    let load = Load::start(&run.handle, 8);
+    load.wait_acked(300, "appends before the freeze").await;
+
+    let old = topo.primary_port().await.unwrap();
+    let frozen_at = Instant::now();
+    topo.freeze(old).unwrap();
+    let new = topo
+        .wait_new_primary(old, Duration::from_secs(20))
+        .await
+        .unwrap();
+    let promoted_after = frozen_at.elapsed();
+    let before = load.acked_count();
+    load.wait_acked(before + 300, "appends on the new primary")
+        .await;
+    let recovered_after = frozen_at.elapsed();
+    // The old primary wakes up still believing it is the primary; Sentinel
+    // converts it, discarding anything only it had.
+    topo.thaw(old).unwrap();
+    wait::until_true(
+        "thawed primary converted",
+        Duration::from_secs(40),
+        || async { topo.role(old).await.ok().as_deref() == Some("slave") },
+    )
+    .await
+    .unwrap();
+    let before = load.acked_count();
+    load.wait_acked(before + 300, "appends after the conversion")
+        .await;
+
+    let (acked, gap, failed, first_error) = load.finish().await;
+    eprintln!(
+        "SIGSTOP: promoted after {promoted_after:?}, appends flowing again after <= {recovered_after:?}, \
+         longest gap between acks {gap:?}, {} acked, {failed} refused (first: {first_error:?})",
+        acked.len()
+    );
+    assert!(
+        failed > 0,
+        "appends while the primary hangs must fail, not succeed silently"
+    );
+    let primary = topo.primary_port().await.unwrap();
+    let present = stream_ids(&format!("redis://127.0.0.1:{primary}"), &key).await;
+    let lost = missing(&acked, &present);
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged appends lost: {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
+    let _ = new;
     run.stop().await;
 }
 
@@ -179,9 +267,13 @@ async fn manual_failover_loses_no_acknowledged_append() {
     wait::until_true(
         "old primary converted and in sync",
         Duration::from_secs(40),
+        // Sentinel occasionally runs a second failover here: follow it.
         || async {
+            let Ok(primary) = topo.primary_port().await else {
+                return false;
+            };
             topo.role(old).await.ok().as_deref() == Some("slave")
-                && topo.online_replicas(new).await.unwrap_or(0) == 2
+                && topo.online_replicas(primary).await.unwrap_or(0) == 2
         },
     )
     .await

@@ -94,27 +94,39 @@ pub async fn start(cfg: SpoolConfig) -> Running {
     }
 }
 
-/// Every entry id (`id` field) in `key` on the node at `url`.
+/// Every entry id (`id` field) in `key` on the node at `url`, read in pages.
 pub async fn stream_ids(url: &str, key: &str) -> Vec<String> {
-    let client = redis::Client::open(url).unwrap();
-    let mut c = client.get_multiplexed_async_connection().await.unwrap();
     type Entries = Vec<(String, Vec<(String, Vec<u8>)>)>;
-    let entries: Entries = redis::cmd("XRANGE")
-        .arg(key)
-        .arg("-")
-        .arg("+")
-        .query_async(&mut c)
+    let client = redis::Client::open(url).unwrap();
+    let cfg =
+        redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(10)));
+    let mut c = client
+        .get_multiplexed_async_connection_with_config(&cfg)
         .await
         .unwrap();
-    entries
-        .into_iter()
-        .filter_map(|(_, fields)| {
+    let mut ids = Vec::new();
+    let mut start = "-".to_owned();
+    loop {
+        let entries: Entries = redis::cmd("XRANGE")
+            .arg(key)
+            .arg(&start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(5000)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let Some((last, _)) = entries.last() else {
+            return ids;
+        };
+        start = format!("({last}");
+        ids.extend(entries.into_iter().filter_map(|(_, fields)| {
             fields
                 .into_iter()
                 .find(|(k, _)| k == "id")
                 .map(|(_, v)| String::from_utf8(v).unwrap())
-        })
-        .collect()
+        }));
+    }
 }
 
 pub async fn xlen(url: &str, key: &str) -> u64 {
