@@ -215,7 +215,10 @@ impl App {
             dispatch_config.dead_letter_exchange.clone(),
         );
         let (drainer, drainer_handle) = Drainer::new(
-            DrainerConfig::default(),
+            DrainerConfig {
+                window: config.spool.drain_window,
+                ..DrainerConfig::default()
+            },
             &spool_handle,
             outbox.drain_publisher(),
         )?;

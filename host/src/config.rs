@@ -105,6 +105,11 @@ pub struct SpoolSection {
     pub max_entries: u64,
     /// Most payload bytes the spool may hold.
     pub max_bytes: u64,
+    /// Spooled messages the drainer keeps awaiting their confirm at once.
+    /// 1 keeps strict order even when a republish fails mid-way; larger
+    /// windows drain much faster, and a failed republish then comes again
+    /// after the ones behind it.
+    pub drain_window: usize,
 }
 
 impl Default for SpoolSection {
@@ -119,6 +124,7 @@ impl Default for SpoolSection {
             wait_timeout_ms: 500,
             max_entries: 1_000_000,
             max_bytes: 512 << 20,
+            drain_window: 256,
         }
     }
 }
@@ -454,6 +460,9 @@ impl Config {
         }
         if self.spool.max_entries == 0 || self.spool.max_bytes == 0 {
             out.push("spool.max-entries and spool.max-bytes must be at least 1".into());
+        }
+        if self.spool.drain_window == 0 {
+            out.push("spool.drain-window must be at least 1".into());
         }
         if self.spool.wait_timeout_ms == 0 {
             out.push("spool.wait-timeout-ms must be at least 1".into());

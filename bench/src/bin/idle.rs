@@ -79,10 +79,17 @@ async fn main() -> Result<()> {
     println!("| measure | MiB |");
     println!("|---|---:|");
     println!("| process before start | {:.1} |", before as f64 / 1024.0);
-    println!("| idle (max of 10 samples over 5 s) | {:.1} |", idle as f64 / 1024.0);
+    println!(
+        "| idle (max of 10 samples over 5 s) | {:.1} |",
+        idle as f64 / 1024.0
+    );
     println!(
         "\ntarget: idle RSS ≤ 64 MB — {}",
-        if idle as f64 / 1024.0 <= 64.0 { "met" } else { "NOT met" }
+        if idle as f64 / 1024.0 <= 64.0 {
+            "met"
+        } else {
+            "NOT met"
+        }
     );
     Ok(())
 }

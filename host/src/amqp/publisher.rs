@@ -110,6 +110,10 @@ pub(crate) struct PublisherLink {
     pub(crate) channel: Channel,
 }
 
+/// A publish on the wire, resolving at its confirm.
+pub type PendingConfirm =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<u64, PublishError>> + Send>>;
+
 /// Publishes with confirms (cheap clone; share it freely).
 #[derive(Clone)]
 pub struct Publisher {
@@ -147,17 +151,41 @@ impl Publisher {
     /// Publish `msg` (mandatory) and wait for the broker's confirm. Returns
     /// the generation of the session that confirmed it.
     pub async fn publish(&self, msg: &OutboundMessage) -> Result<u64, PublishError> {
-        let res = self.publish_inner(msg).await;
-        metrics::publish(match &res {
-            Ok(_) => "confirmed",
-            Err(e) => e.label(),
-        });
-        res
+        match self.send(msg).await {
+            Ok(confirm) => confirm.await,
+            Err(e) => Err(e),
+        }
     }
 
-    async fn publish_inner(&self, msg: &OutboundMessage) -> Result<u64, PublishError> {
+    /// Send `msg` (mandatory) and return once it is on the channel; the
+    /// returned future resolves at the broker's confirm (or the confirm
+    /// timeout, counted from this call). Sends are ordered: calling `send`
+    /// for A and then B puts A on the wire before B, which lets a caller
+    /// keep many confirms in flight and still publish in order.
+    pub async fn send(&self, msg: &OutboundMessage) -> Result<PendingConfirm, PublishError> {
+        let deadline = tokio::time::Instant::now() + self.confirm_timeout;
+        match self.send_inner(msg, deadline).await {
+            Ok(confirm) => Ok(Box::pin(async move {
+                let res = confirm.await;
+                metrics::publish(match &res {
+                    Ok(_) => "confirmed",
+                    Err(e) => e.label(),
+                });
+                res
+            })),
+            Err(e) => {
+                metrics::publish(e.label());
+                Err(e)
+            }
+        }
+    }
+
+    async fn send_inner(
+        &self,
+        msg: &OutboundMessage,
+        deadline: tokio::time::Instant,
+    ) -> Result<PendingConfirm, PublishError> {
         let timeout = self.confirm_timeout;
-        let deadline = tokio::time::Instant::now() + timeout;
         let mut status = self.status.clone();
         // While blocked, wait (bounded by the deadline) for unblocked.
         loop {
@@ -180,40 +208,54 @@ impl Publisher {
         if !link.channel.status().connected() {
             return Err(PublishError::NotConnected);
         }
-        let lost = |e: lapin::Error| {
-            let class = classify(&e);
-            let message = e.to_string();
-            // The 404 names the exchange; only the publish that named it
-            // failed for that reason, the others just shared the channel.
-            if class == FailureClass::NotFound
-                && message.contains(&format!("no exchange '{}'", msg.exchange))
-            {
-                PublishError::ExchangeNotFound(msg.exchange.clone())
-            } else {
-                PublishError::ConnectionLost { class, message }
+        let exchange = msg.exchange.clone();
+        let routing_key = msg.routing_key.clone();
+        let lost = {
+            let exchange = exchange.clone();
+            move |e: lapin::Error| {
+                let class = classify(&e);
+                let message = e.to_string();
+                // The 404 names the exchange; only the publish that named it
+                // failed for that reason, the others just shared the channel.
+                if class == FailureClass::NotFound
+                    && message.contains(&format!("no exchange '{exchange}'"))
+                {
+                    PublishError::ExchangeNotFound(exchange.clone())
+                } else {
+                    PublishError::ConnectionLost { class, message }
+                }
             }
         };
-        let work = async {
-            let confirm = link
-                .channel
-                .basic_publish(
-                    short(&msg.exchange),
-                    short(&msg.routing_key),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        immediate: false,
-                    },
-                    &msg.body,
-                    to_basic_properties(&msg.properties),
-                )
-                .await
-                .map_err(lost)?;
-            match confirm.await.map_err(lost)? {
-                Confirmation::Ack(None) => Ok(link.generation),
+        let sent = tokio::time::timeout_at(
+            deadline,
+            link.channel.basic_publish(
+                short(&msg.exchange),
+                short(&msg.routing_key),
+                BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                &msg.body,
+                to_basic_properties(&msg.properties),
+            ),
+        )
+        .await;
+        let confirm = match sent {
+            Ok(r) => r.map_err(&lost)?,
+            Err(_) => return Err(PublishError::ConfirmTimeout(timeout)),
+        };
+        let generation = link.generation;
+        Ok(Box::pin(async move {
+            let outcome = match tokio::time::timeout_at(deadline, confirm).await {
+                Ok(r) => r.map_err(&lost)?,
+                Err(_) => return Err(PublishError::ConfirmTimeout(timeout)),
+            };
+            match outcome {
+                Confirmation::Ack(None) => Ok(generation),
                 Confirmation::Ack(Some(ret)) | Confirmation::Nack(Some(ret)) => {
                     Err(PublishError::Unroutable {
-                        exchange: msg.exchange.clone(),
-                        routing_key: msg.routing_key.clone(),
+                        exchange,
+                        routing_key,
                         reply_code: ret.reply_code,
                         reply_text: ret.reply_text.as_str().to_owned(),
                     })
@@ -224,11 +266,7 @@ impl Publisher {
                     message: "channel is not in confirm mode".to_owned(),
                 }),
             }
-        };
-        match tokio::time::timeout_at(deadline, work).await {
-            Ok(r) => r,
-            Err(_) => Err(PublishError::ConfirmTimeout(timeout)),
-        }
+        }))
     }
 }
 

@@ -86,7 +86,18 @@ impl Outbox {
 
     /// Publish to the broker; an unroutable message is dead-lettered.
     async fn to_broker(&self, msg: &OutboundMessage) -> Result<Placement, PublishError> {
-        match self.publisher.publish(msg).await {
+        let confirmed = self.publisher.publish(msg).await;
+        self.settle(msg, confirmed).await
+    }
+
+    /// What a broker confirm means: done, dead-letter an unroutable
+    /// message, or a (transient) failure for the caller.
+    async fn settle(
+        &self,
+        msg: &OutboundMessage,
+        confirmed: Result<u64, PublishError>,
+    ) -> Result<Placement, PublishError> {
+        match confirmed {
             Ok(_) => Ok(Placement::Broker),
             Err(e) if !e.is_transient() => {
                 tracing::warn!(exchange = %msg.exchange, routing_key = %msg.routing_key, error = %e, "Output is unroutable; dead-lettering it.");
@@ -144,9 +155,11 @@ pub struct OutboxDrain {
     outbox: Outbox,
 }
 
+/// Pipelined: `publish` returns once the message is on the channel (in
+/// stream order) and the drainer keeps a window of confirms in flight.
 impl DrainPublisher for OutboxDrain {
     type Error = PublishError;
-    type Confirm = std::future::Ready<Result<(), PublishError>>;
+    type Confirm = std::pin::Pin<Box<dyn Future<Output = Result<(), PublishError>> + Send>>;
 
     fn publish(
         &self,
@@ -154,8 +167,12 @@ impl DrainPublisher for OutboxDrain {
     ) -> impl Future<Output = Result<Self::Confirm, PublishError>> + Send {
         let outbox = self.outbox.clone();
         async move {
-            outbox.to_broker(&message).await?;
-            Ok(std::future::ready(Ok(())))
+            let pending = outbox.publisher.send(&message).await?;
+            let confirm: Self::Confirm = Box::pin(async move {
+                let confirmed = pending.await;
+                outbox.settle(&message, confirmed).await.map(|_| ())
+            });
+            Ok(confirm)
         }
     }
 }
