@@ -71,6 +71,8 @@ async fn sigterm_under_load_exits_zero_and_loses_nothing() {
             dead-letter-queue = "{dlq}"
             [shutdown]
             grace-period-ms = 10000
+            [admin]
+            bind = "127.0.0.1:0"
             [plugin.echo]
             subscriptions = [{{ queue = "{echo_in}", prefetch = 100 }}]
             config = {{ routing-key = "{echo_out}" }}
