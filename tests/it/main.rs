@@ -4,7 +4,9 @@
 // Test code: failing loudly is the point.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod admin;
 mod amqp;
 mod buffer;
 mod plugins;
+mod reload;
 mod run;
