@@ -789,7 +789,10 @@ async fn metrics_parse_and_count_traps_reconnects_and_reloads() {
         metric(&before, "warren_consumers", &[("queue", &echo_in)]),
         1.0
     );
-    assert_eq!(metric(&before, "warren_ready", &[]), 1.0);
+    assert!(
+        before.contains_key("warren_ready"),
+        "readiness gauge (its value is shared by every app in this process)"
+    );
 
     // A trap.
     broker.publish_all("", &panic_in, ["boom"]).await.unwrap();
