@@ -453,6 +453,13 @@ async fn mutations_need_the_token_and_bad_names_sizes_and_bodies_are_refused() {
             assert!(r.json().unwrap()["error"].is_string());
         }
     }
+    // A large upload without the token is refused before its body is
+    // read (the client waits for 100-continue and never sends it).
+    let large = vec![7u8; 150_000];
+    let r = http::request(w.addr, "PUT", "/plugins/noop", &[], Some(&large))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 401, "{}", r.text());
     assert_eq!(listing(), before);
     assert_eq!(w.handle.reloader.plugins().len(), 1);
     assert_eq!(w.handle.dispatcher.route_info().len(), 1);

@@ -87,7 +87,19 @@ fn token_matches(given: &[u8], expected: &[u8]) -> bool {
         == 0
 }
 
-/// 401 unless the request carries the configured token (if any).
+/// Middleware of the mutating endpoints: 401 unless the request carries
+/// the configured token (if any). Runs before the body is read.
+pub(crate) async fn require_token(
+    State(state): State<AdminState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match authorize(&state, request.headers()) {
+        Ok(()) => next.run(request).await,
+        Err(e) => e.into_response(),
+    }
+}
+
 fn authorize(state: &AdminState, headers: &HeaderMap) -> ApiResult<()> {
     let Some(token) = &state.token else {
         return Ok(());
@@ -211,11 +223,7 @@ fn reload_error(e: ReloadError) -> ApiError {
     }
 }
 
-pub(crate) async fn reload(
-    State(state): State<AdminState>,
-    headers: HeaderMap,
-) -> ApiResult<Json<ReloadReport>> {
-    authorize(&state, &headers)?;
+pub(crate) async fn reload(State(state): State<AdminState>) -> ApiResult<Json<ReloadReport>> {
     let report = state
         .app
         .reloader
@@ -227,11 +235,9 @@ pub(crate) async fn reload(
 
 pub(crate) async fn put_plugin(
     State(state): State<AdminState>,
-    headers: HeaderMap,
     name: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<ReloadReport>> {
-    authorize(&state, &headers)?;
     let name = plugin_name(name)?;
     let body = body.map_err(|e| body_error(e, state.max_body_bytes))?;
     let reloader = &state.app.reloader;
@@ -290,10 +296,8 @@ async fn write_atomically(dir: &FsPath, path: &FsPath, bytes: &Bytes) -> std::io
 
 pub(crate) async fn delete_plugin(
     State(state): State<AdminState>,
-    headers: HeaderMap,
     name: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<ReloadReport>> {
-    authorize(&state, &headers)?;
     let name = plugin_name(name)?;
     let reloader = &state.app.reloader;
     let mut files: Vec<PathBuf> = reloader
@@ -390,10 +394,8 @@ fn header_value(key: &str, v: serde_json::Value) -> ApiResult<HeaderValue> {
 
 pub(crate) async fn publish(
     State(state): State<AdminState>,
-    headers: HeaderMap,
     body: Result<Json<PublishRequest>, JsonRejection>,
 ) -> ApiResult<Json<Published>> {
-    authorize(&state, &headers)?;
     let Json(req) = body.map_err(|e| {
         let status = if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             return too_large(state.max_body_bytes);

@@ -72,18 +72,25 @@ pub fn router(app: AppHandle, config: &AdminSection) -> Router {
         token: config.token.clone().map(Arc::new),
         max_body_bytes: config.max_body_bytes,
     };
-    Router::new()
-        .route("/live", get(handlers::live))
-        .route("/ready", get(handlers::ready))
-        .route("/status", get(handlers::status))
-        .route("/metrics", get(handlers::metrics))
-        .route("/plugins", get(handlers::plugins))
+    // The token is checked before any body is read.
+    let mutating = Router::new()
         .route("/plugins/reload", post(handlers::reload))
         .route(
             "/plugins/{name}",
             put(handlers::put_plugin).delete(handlers::delete_plugin),
         )
         .route("/publish", post(handlers::publish))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            handlers::require_token,
+        ));
+    Router::new()
+        .route("/live", get(handlers::live))
+        .route("/ready", get(handlers::ready))
+        .route("/status", get(handlers::status))
+        .route("/metrics", get(handlers::metrics))
+        .route("/plugins", get(handlers::plugins))
+        .merge(mutating)
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(

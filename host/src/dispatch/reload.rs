@@ -18,7 +18,7 @@
 //! Does not own files: the admin API writes and removes them, then asks
 //! for a reload.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -356,7 +356,7 @@ impl Reloader {
             failed: scan.failed,
             ..ReloadReport::default()
         };
-        let desired: BTreeMap<String, BTreeMap<String, Subscription>> = scan
+        let desired: Routes = scan
             .plugins
             .iter()
             .map(|(name, c)| {
@@ -367,73 +367,39 @@ impl Reloader {
                 (name.clone(), subs)
             })
             .collect();
+        let running: Routes = old
+            .iter()
+            .map(|(n, l)| (n.clone(), l.routes.clone()))
+            .collect();
+        let changed: BTreeSet<String> = scan
+            .plugins
+            .iter()
+            .filter(|(n, c)| old.get(*n).is_some_and(|o| o.candidate.digest != c.digest))
+            .map(|(n, _)| n.clone())
+            .collect();
+        let plan = plan(&running, &changed, &desired);
 
-        // 1. Stop routes that go away or change, so their queues are free
-        //    for whoever takes them next.
-        let mut next: BTreeMap<String, Loaded> = BTreeMap::new();
-        let mut restarting: Vec<String> = Vec::new();
         for (name, loaded) in &old {
-            let wanted = desired.get(name);
-            let mut kept = BTreeMap::new();
-            for (queue, sub) in &loaded.routes {
-                match wanted.and_then(|w| w.get(queue)) {
-                    Some(w) if w == sub => {
-                        kept.insert(queue.clone(), sub.clone());
-                    }
-                    other => {
-                        if let Err(e) = self.dispatcher.stop_route(queue, self.grace).await {
-                            warn!(%queue, error = %e, "Route to stop was not running.");
-                        }
-                        if other.is_some() {
-                            restarting.push(queue.clone());
-                        } else {
-                            report.routes_stopped.push(queue.clone());
-                        }
-                    }
-                }
-            }
-            match scan.plugins.get(name) {
-                Some(c) => {
-                    next.insert(
-                        name.clone(),
-                        Loaded {
-                            candidate: c.clone(),
-                            routes: kept,
-                        },
-                    );
-                }
-                None => {
-                    info!(plugin = %name, version = loaded.candidate.plugin.version(), "Plugin removed.");
-                    report
-                        .removed
-                        .push(PluginRef::from(&loaded.candidate.plugin));
-                }
+            if !scan.plugins.contains_key(name) {
+                info!(plugin = %name, version = loaded.candidate.plugin.version(), "Plugin removed.");
+                report
+                    .removed
+                    .push(PluginRef::from(&loaded.candidate.plugin));
             }
         }
-
-        // 2. New or changed components: swap kept routes, start the rest.
         for (name, candidate) in &scan.plugins {
             let plugin = &candidate.plugin;
-            let entry = next.entry(name.clone()).or_insert_with(|| Loaded {
-                candidate: candidate.clone(),
-                routes: BTreeMap::new(),
-            });
             match old.get(name) {
                 None => {
                     info!(plugin = %name, version = plugin.version(), file = %plugin.path().display(), "Plugin loaded.");
                     report.loaded.push(PluginRef::from(plugin));
                 }
-                Some(prev) if prev.candidate.digest == candidate.digest => {
+                Some(_) if !changed.contains(name) => {
                     report.unchanged.push(name.clone());
                 }
                 Some(prev) => {
                     let from = prev.candidate.plugin.version().to_string();
                     info!(plugin = %name, from = %from, to = plugin.version(), file = %plugin.path().display(), "Plugin replaced.");
-                    for queue in entry.routes.keys() {
-                        if let Err(e) = self.dispatcher.swap_plugin(queue, plugin.clone()) {
-                            warn!(%queue, error = %e, "Route to swap was not running.");
-                        }
-                    }
                     report.replaced.push(Replaced {
                         name: name.clone(),
                         from_version: from,
@@ -442,48 +408,198 @@ impl Reloader {
                     });
                 }
             }
-            let subs = desired.get(name).cloned().unwrap_or_default();
-            if subs.is_empty() {
+            if desired.get(name).is_none_or(BTreeMap::is_empty) {
                 warn!(plugin = %name, "Plugin has no subscriptions; configure some under [plugin.{name}].");
             }
-            for (queue, sub) in subs {
-                if entry.routes.contains_key(&queue) {
-                    continue;
+        }
+
+        // 1. Stop what goes away or changes (in-flight deliveries finish and
+        //    are acked first), so the queues are free for what comes next.
+        let mut routes = running;
+        for (name, queue) in &plan.stop {
+            if let Err(e) = self.dispatcher.stop_route(queue, self.grace).await {
+                warn!(%queue, error = %e, "Route to stop was not running.");
+            }
+            if let Some(r) = routes.get_mut(name) {
+                r.remove(queue);
+            }
+        }
+        // 2. Swap kept routes of changed plugins: atomic per route.
+        for (name, queue) in &plan.swap {
+            if let Some(c) = scan.plugins.get(name)
+                && let Err(e) = self.dispatcher.swap_plugin(queue, c.plugin.clone())
+            {
+                warn!(%queue, error = %e, "Route to swap was not running.");
+            }
+        }
+        // 3. Start new and changed subscriptions.
+        for (name, sub) in &plan.start {
+            let Some(c) = scan.plugins.get(name) else {
+                continue;
+            };
+            let queue = sub.queue.clone();
+            match self
+                .dispatcher
+                .start_route(sub.clone(), c.plugin.clone())
+                .await
+            {
+                Ok(()) => {
+                    routes
+                        .entry(name.clone())
+                        .or_default()
+                        .insert(queue, sub.clone());
                 }
-                match self
-                    .dispatcher
-                    .start_route(sub.clone(), plugin.clone())
-                    .await
-                {
-                    Ok(()) => {
-                        if restarting.contains(&queue) {
-                            report.routes_restarted.push(queue.clone());
-                        } else {
-                            report.routes_started.push(queue.clone());
-                        }
-                        entry.routes.insert(queue, sub);
-                    }
-                    Err(e) => {
-                        error!(plugin = %name, error = %e, "Subscription not started.");
-                        report.failed.push(FailedPlugin {
-                            file: plugin.path().to_path_buf(),
-                            error: e.to_string(),
-                        });
-                    }
+                Err(e) => {
+                    error!(plugin = %name, error = %e, "Subscription not started.");
+                    report.failed.push(FailedPlugin {
+                        file: c.plugin.path().to_path_buf(),
+                        error: e.to_string(),
+                    });
                 }
             }
         }
-        for queue in restarting {
-            if !report.routes_restarted.contains(&queue) {
-                report.routes_stopped.push(queue);
-            }
-        }
+        let stopped: BTreeSet<&String> = plan.stop.iter().map(|(_, q)| q).collect();
+        let started: BTreeSet<&String> = plan
+            .start
+            .iter()
+            .filter(|(n, s)| routes.get(n).is_some_and(|r| r.contains_key(&s.queue)))
+            .map(|(_, s)| &s.queue)
+            .collect();
+        report.routes_restarted = stopped
+            .intersection(&started)
+            .map(|q| (*q).clone())
+            .collect();
+        report.routes_stopped = stopped.difference(&started).map(|q| (*q).clone()).collect();
+        report.routes_started = started.difference(&stopped).map(|q| (*q).clone()).collect();
         for f in &report.failed {
             error!(file = %f.file.display(), error = %f.error, "Plugin not loaded; the others run.");
         }
+        let next = scan
+            .plugins
+            .into_iter()
+            .map(|(name, candidate)| {
+                let routes = routes.remove(&name).unwrap_or_default();
+                (name, Loaded { candidate, routes })
+            })
+            .collect();
         let mut state = self.state();
         state.loaded = next;
         state.failed = report.failed.clone();
         report
+    }
+}
+
+/// Subscriptions by plugin name, then by queue.
+type Routes = BTreeMap<String, BTreeMap<String, Subscription>>;
+
+/// What a reload does to the routes.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Plan {
+    /// (plugin, queue): routes to stop, because their plugin or
+    /// subscription went away or the subscription changed.
+    stop: Vec<(String, String)>,
+    /// (plugin, queue): routes kept as they are whose plugin has a new
+    /// component.
+    swap: Vec<(String, String)>,
+    /// (plugin, subscription): routes to start, new or changed.
+    start: Vec<(String, Subscription)>,
+}
+
+/// Reconcile `running` routes with `desired` ones; `changed` names the
+/// plugins whose component is new.
+fn plan(running: &Routes, changed: &BTreeSet<String>, desired: &Routes) -> Plan {
+    let mut p = Plan::default();
+    for (name, subs) in running {
+        for (queue, sub) in subs {
+            match desired.get(name).and_then(|d| d.get(queue)) {
+                Some(d) if d == sub => {
+                    if changed.contains(name) {
+                        p.swap.push((name.clone(), queue.clone()));
+                    }
+                }
+                _ => p.stop.push((name.clone(), queue.clone())),
+            }
+        }
+    }
+    for (name, subs) in desired {
+        for (queue, sub) in subs {
+            let kept = running
+                .get(name)
+                .and_then(|r| r.get(queue))
+                .is_some_and(|r| r == sub);
+            if !kept {
+                p.start.push((name.clone(), sub.clone()));
+            }
+        }
+    }
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sub(queue: &str, prefetch: u16) -> Subscription {
+        let mut s: Subscription =
+            serde_json::from_value(serde_json::json!({ "queue": queue })).unwrap();
+        s.prefetch = prefetch;
+        s
+    }
+
+    fn routes(entries: &[(&str, &[Subscription])]) -> Routes {
+        entries
+            .iter()
+            .map(|(n, subs)| {
+                (
+                    n.to_string(),
+                    subs.iter().map(|s| (s.queue.clone(), s.clone())).collect(),
+                )
+            })
+            .collect()
+    }
+
+    fn pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {
+        v.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn a_new_component_with_the_same_subscriptions_is_only_swapped() {
+        let r = routes(&[("a", &[sub("q1", 10), sub("q2", 10)])]);
+        let changed = BTreeSet::from(["a".to_string()]);
+        let p = plan(&r, &changed, &r);
+        assert_eq!(p.swap, pairs(&[("a", "q1"), ("a", "q2")]));
+        assert!(p.stop.is_empty() && p.start.is_empty(), "{p:?}");
+        // Unchanged component: nothing at all.
+        assert_eq!(plan(&r, &BTreeSet::new(), &r), Plan::default());
+    }
+
+    #[test]
+    fn subscriptions_are_added_removed_and_restarted_when_changed() {
+        let running = routes(&[("a", &[sub("keep", 10), sub("gone", 10), sub("tune", 10)])]);
+        let desired = routes(&[("a", &[sub("keep", 10), sub("tune", 50), sub("new", 10)])]);
+        let changed = BTreeSet::from(["a".to_string()]);
+        let p = plan(&running, &changed, &desired);
+        assert_eq!(p.stop, pairs(&[("a", "gone"), ("a", "tune")]));
+        assert_eq!(p.swap, pairs(&[("a", "keep")]));
+        let started: Vec<(String, u16)> = p
+            .start
+            .iter()
+            .map(|(_, s)| (s.queue.clone(), s.prefetch))
+            .collect();
+        assert_eq!(started, vec![("new".into(), 10), ("tune".into(), 50)]);
+    }
+
+    #[test]
+    fn a_removed_plugin_stops_and_a_queue_can_move_to_another_plugin() {
+        let running = routes(&[("a", &[sub("q", 10)]), ("b", &[sub("b1", 10)])]);
+        let desired = routes(&[("b", &[sub("b1", 10), sub("q", 10)])]);
+        let p = plan(&running, &BTreeSet::new(), &desired);
+        assert_eq!(p.stop, pairs(&[("a", "q")]));
+        assert!(p.swap.is_empty());
+        assert_eq!(p.start.len(), 1);
+        assert_eq!(p.start[0].0, "b");
+        assert_eq!(p.start[0].1.queue, "q");
     }
 }
