@@ -232,6 +232,13 @@ impl App {
         if let Err(e) = reloader.apply(scan).await {
             warn!(error = %e, "Plugins not applied.");
         }
+        if config.plugins.watch_ms > 0 {
+            tasks.spawn(reload::watch(
+                reloader.clone(),
+                Duration::from_millis(config.plugins.watch_ms),
+                amqp_cancel.clone(),
+            ));
+        }
 
         let handle = AppHandle {
             amqp: amqp_handle,

@@ -149,6 +149,10 @@ pub struct PluginsSection {
     pub dir: PathBuf,
     /// Engine-wide settings (`[plugins.runtime]`).
     pub runtime: RuntimeConfig,
+    /// Poll the directory this often, ms, and reload when its `*.wasm`
+    /// files changed and then stayed unchanged for one more poll; 0 (the
+    /// default) turns watching off. `warren run --watch` sets 1000.
+    pub watch_ms: u64,
 }
 
 impl Default for PluginsSection {
@@ -156,6 +160,7 @@ impl Default for PluginsSection {
         Self {
             dir: PathBuf::from("./plugins"),
             runtime: RuntimeConfig::default(),
+            watch_ms: 0,
         }
     }
 }

@@ -14,11 +14,14 @@ use warren_it::wait;
 use crate::admin::{config, get, plugins_dir, send, start_ready};
 
 /// Publish numbered messages to `queue` at about `rate` per second until
-/// `stop`; `sent` counts the confirmed ones (numbers 0..sent).
+/// `stop`; `sent` counts the confirmed ones (numbers 0..sent), `begun` is
+/// one past the highest number handed to the broker so far (so every
+/// number at or above a value read from it is published later).
 async fn publish_steadily(
     queue: String,
     rate: u64,
     sent: Arc<AtomicU64>,
+    begun: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<()> {
     let broker = Broker::shared().await?;
@@ -27,6 +30,7 @@ async fn publish_steadily(
     let mut next = Instant::now();
     while !stop.load(Ordering::SeqCst) {
         let first = sent.load(Ordering::SeqCst);
+        begun.store(first + batch, Ordering::SeqCst);
         let bodies: Vec<String> = (first..first + batch).map(|i| i.to_string()).collect();
         broker.publish_all("", &queue, &bodies).await?;
         sent.fetch_add(batch, Ordering::SeqCst);
@@ -58,11 +62,13 @@ async fn a_new_version_under_load_loses_nothing_and_takes_every_later_message() 
     let w = start_ready(cfg).await;
 
     let sent = Arc::new(AtomicU64::new(0));
+    let begun = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let publisher = tokio::spawn(publish_steadily(
         stamp_in.clone(),
         5_000,
         sent.clone(),
+        begun.clone(),
         stop.clone(),
     ));
     wait::until_true("load running", Duration::from_secs(30), || async {
@@ -73,8 +79,9 @@ async fn a_new_version_under_load_loses_nothing_and_takes_every_later_message() 
 
     let v2 = std::fs::read(wasm("stamp-v2").unwrap()).unwrap();
     let r = send(w.addr, "PUT", "/plugins/stamp", Some(&v2)).await;
-    // Every message published from now on was taken after the swap.
-    let swapped_at = sent.load(Ordering::SeqCst);
+    // Every message numbered from here on is published after the swap
+    // (the batch in flight during the request may be handled by either).
+    let swapped_at = begun.load(Ordering::SeqCst);
     assert_eq!(r.status, 200, "{}", r.text());
     let report = r.json().unwrap();
     assert_eq!(report["replaced"][0]["from_version"], "1.0.0", "{report}");
@@ -193,5 +200,36 @@ async fn a_truncated_file_is_reported_and_the_old_version_keeps_serving() {
     let report = r.json().unwrap();
     assert_eq!(report["replaced"][0]["to_version"], "2.0.0", "{report}");
     assert_eq!(report["failed"], serde_json::json!([]));
+    w.app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watching_the_directory_reloads_a_replaced_file() {
+    let stamp_in = unique("stamp-in");
+    let dir = plugins_dir(&[("stamp", "stamp")]);
+    let mut cfg = config(
+        dir.path(),
+        &unique("dlq"),
+        &format!(
+            r#"
+            [plugin.stamp]
+            subscriptions = [{{ queue = "{stamp_in}" }}]
+            "#
+        ),
+    );
+    cfg.plugins.watch_ms = 100;
+    let w = start_ready(cfg).await;
+    let tmp = dir.path().join("stamp.tmp");
+    std::fs::copy(wasm("stamp-v2").unwrap(), &tmp).unwrap();
+    std::fs::rename(&tmp, dir.path().join("stamp.wasm")).unwrap();
+    wait::until_true("2.0.0 serving", Duration::from_secs(30), || async {
+        w.handle
+            .dispatcher
+            .route_info()
+            .first()
+            .is_some_and(|r| r.version == "2.0.0")
+    })
+    .await
+    .unwrap();
     w.app.shutdown().await;
 }

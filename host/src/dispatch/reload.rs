@@ -16,7 +16,7 @@
 //! reloads alike ([`plugin_settings`], [`subscriptions_for`]).
 //!
 //! Does not own files: the admin API writes and removes them, then asks
-//! for a reload.
+//! for a reload; [`watch`] (optional) reloads when the directory changes.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{Hash, Hasher};
@@ -486,6 +486,59 @@ impl Reloader {
         state.loaded = next;
         state.failed = report.failed.clone();
         report
+    }
+}
+
+/// Name, length and modification time of every `*.wasm` in `dir`.
+fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<std::time::SystemTime>)> {
+    wasm_files(dir)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|p| {
+            let m = std::fs::metadata(&p).ok();
+            let len = m.as_ref().map_or(0, std::fs::Metadata::len);
+            let modified = m.and_then(|m| m.modified().ok());
+            (p, len, modified)
+        })
+        .collect()
+}
+
+/// Reload whenever the plugins directory changed and then held still for
+/// one more poll (a file being copied in is not loaded half-written).
+/// Polls every `every` until `cancel`.
+pub async fn watch(
+    reloader: Arc<Reloader>,
+    every: Duration,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    let dir = reloader.dir().to_path_buf();
+    let mut applied = fingerprint(&dir);
+    let mut last = applied.clone();
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = fingerprint(&dir);
+        if now != applied && now == last {
+            info!(dir = %dir.display(), "Plugins directory changed; reloading.");
+            match reloader.reload(None).await {
+                Ok(r) => info!(
+                    loaded = r.loaded.len(),
+                    replaced = r.replaced.len(),
+                    removed = r.removed.len(),
+                    failed = r.failed.len(),
+                    "Reloaded."
+                ),
+                Err(ReloadError::ShuttingDown) => return,
+                Err(e) => warn!(error = %e, "Reload after a directory change failed."),
+            }
+            applied = now.clone();
+        }
+        last = now;
     }
 }
 
