@@ -5,7 +5,9 @@
 //! this one source, so the reload tests and benchmark can tell which
 //! version handled each message.
 
-use warren_sdk::{Delivery, HandleError, Header, HeaderValue, Manifest, Message, Plugin, Subscription};
+use warren_sdk::{
+    Delivery, HandleError, Header, HeaderValue, Manifest, Message, Plugin, Subscription,
+};
 
 struct Stamp;
 
