@@ -110,11 +110,6 @@ impl AppHandle {
     pub fn failed_plugins(&self) -> Vec<FailedPlugin> {
         self.reloader.failed()
     }
-
-    /// True once shutdown began.
-    pub fn is_stopping(&self) -> bool {
-        self.stopping.load(Ordering::SeqCst)
-    }
 }
 
 /// A running Warren.
@@ -184,7 +179,7 @@ impl App {
             &config.plugins.dir,
             &config.plugin,
             &BTreeMap::new(),
-            None,
+            &[],
         )
         .await?;
         if scan.plugins.is_empty() {

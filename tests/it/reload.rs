@@ -200,6 +200,29 @@ async fn a_truncated_file_is_reported_and_the_old_version_keeps_serving() {
     let report = r.json().unwrap();
     assert_eq!(report["replaced"][0]["to_version"], "2.0.0", "{report}");
     assert_eq!(report["failed"], serde_json::json!([]));
+
+    // Rolling back to 1.0.0 by upload (kept compiled since it served).
+    let v1 = std::fs::read(wasm("stamp").unwrap()).unwrap();
+    let r = send(w.addr, "PUT", "/plugins/stamp", Some(&v1)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json().unwrap()["replaced"][0]["to_version"], "1.0.0");
+    broker
+        .publish_all("", &stamp_in, ["rolled back"])
+        .await
+        .unwrap();
+    let got = broker
+        .collect(&stamp_out, 1, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(
+        got[0].header_str("x-stamp-version").as_deref(),
+        Some("1.0.0")
+    );
+    assert_eq!(
+        std::fs::read(&file).unwrap(),
+        v1,
+        "the file holds the upload"
+    );
     w.app.shutdown().await;
 }
 

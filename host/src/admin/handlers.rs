@@ -242,13 +242,18 @@ pub(crate) async fn put_plugin(
     let body = body.map_err(|e| body_error(e, state.max_body_bytes))?;
     let reloader = &state.app.reloader;
     let path = reloader.dir().join(format!("{name}.wasm"));
-    // Check before writing: a bad upload never reaches the directory.
+    // Check before writing: a bad upload never reaches the directory. A
+    // component compiled from these bytes before (a rollback) is reused.
     let digest = digest(&body);
-    let plugin = reloader
-        .runtime()
-        .load_bytes(&path, body.to_vec(), &Default::default())
-        .await
-        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
+    let plugin = match reloader.compiled(&path, digest) {
+        Some(c) => c.plugin,
+        None => reloader
+            .runtime()
+            .load_bytes(&path, body.to_vec(), &Default::default())
+            .await
+            .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?
+            .with_settings(&reloader.settings(&name)),
+    };
     if plugin.name() != name {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -259,7 +264,6 @@ pub(crate) async fn put_plugin(
             ),
         ));
     }
-    let plugin = plugin.with_settings(&reloader.settings(&name));
     write_atomically(reloader.dir(), &path, &body)
         .await
         .map_err(|e| {

@@ -18,7 +18,7 @@
 //! Does not own files: the admin API writes and removes them, then asks
 //! for a reload; [`watch`] (optional) reloads when the directory changes.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -92,15 +92,15 @@ pub fn digest(bytes: &[u8]) -> u64 {
 }
 
 /// Read every `*.wasm` in `dir`. Files whose bytes are those of a plugin in
-/// `current` (or of `hint`, a component the caller already compiled) are
-/// not compiled again. A file that fails while an earlier version of it is
+/// `current` (or of one in `known`, components compiled earlier from the
+/// same path) are not compiled again. A file that fails while an earlier version of it is
 /// in `current` keeps that version (and is reported in `failed`).
 pub async fn scan(
     runtime: &PluginRuntime,
     dir: &Path,
     overrides: &BTreeMap<String, PluginOverride>,
     current: &BTreeMap<String, Candidate>,
-    hint: Option<&Candidate>,
+    known: &[Candidate],
 ) -> Result<Scan, DirectoryError> {
     let mut out = Scan::default();
     for path in wasm_files(dir)? {
@@ -111,7 +111,7 @@ pub async fn scan(
                 let digest = digest(&bytes);
                 let known = previous
                     .into_iter()
-                    .chain(hint.filter(|h| h.plugin.path() == path))
+                    .chain(known.iter().filter(|k| k.plugin.path() == path))
                     .find(|c| c.digest == digest);
                 match known {
                     Some(c) => Ok(c.clone()),
@@ -242,7 +242,13 @@ pub struct Reloader {
     /// Held for the whole of a reload; `true` once shutting down.
     serial: tokio::sync::Mutex<bool>,
     state: Mutex<State>,
+    /// Components that served recently and were replaced or removed, so a
+    /// rollback needs no compilation. At most [`RECENT`].
+    recent: Mutex<VecDeque<Candidate>>,
 }
+
+/// How many replaced components are kept compiled for rollbacks.
+const RECENT: usize = 4;
 
 impl Reloader {
     pub fn new(
@@ -260,6 +266,7 @@ impl Reloader {
             grace,
             serial: tokio::sync::Mutex::new(false),
             state: Mutex::default(),
+            recent: Mutex::default(),
         }
     }
 
@@ -299,6 +306,27 @@ impl Reloader {
         self.state().failed.clone()
     }
 
+    fn recent(&self) -> std::sync::MutexGuard<'_, VecDeque<Candidate>> {
+        match self.recent.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// A component already compiled from `path` with these bytes (serving
+    /// now, or replaced recently), if any.
+    pub fn compiled(&self, path: &Path, digest: u64) -> Option<Candidate> {
+        let matches = |c: &Candidate| c.digest == digest && c.plugin.path() == path;
+        let serving = self
+            .state()
+            .loaded
+            .values()
+            .map(|l| &l.candidate)
+            .find(|c| matches(c))
+            .cloned();
+        serving.or_else(|| self.recent().iter().find(|c| matches(c)).cloned())
+    }
+
     fn current(&self) -> BTreeMap<String, Candidate> {
         self.state()
             .loaded
@@ -315,12 +343,16 @@ impl Reloader {
             return Err(ReloadError::ShuttingDown);
         }
         let result = async {
+            let known: Vec<Candidate> = hint
+                .into_iter()
+                .chain(self.recent().iter().cloned())
+                .collect();
             let scan = scan(
                 &self.runtime,
                 &self.dir,
                 &self.overrides,
                 &self.current(),
-                hint.as_ref(),
+                &known,
             )
             .await?;
             Ok(self.apply_locked(scan).await)
@@ -474,7 +506,7 @@ impl Reloader {
         for f in &report.failed {
             error!(file = %f.file.display(), error = %f.error, "Plugin not loaded; the others run.");
         }
-        let next = scan
+        let next: BTreeMap<String, Loaded> = scan
             .plugins
             .into_iter()
             .map(|(name, candidate)| {
@@ -483,6 +515,17 @@ impl Reloader {
             })
             .collect();
         let mut state = self.state();
+        let mut recent = self.recent();
+        for (name, l) in &state.loaded {
+            let gone = next
+                .get(name)
+                .is_none_or(|n| n.candidate.digest != l.candidate.digest);
+            if gone {
+                recent.retain(|c| c.digest != l.candidate.digest);
+                recent.push_front(l.candidate.clone());
+            }
+        }
+        recent.truncate(RECENT);
         state.loaded = next;
         state.failed = report.failed.clone();
         report
