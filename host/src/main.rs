@@ -96,7 +96,27 @@ fn run(config_path: Option<PathBuf>, plugins: Option<PathBuf>, watch: bool) -> E
     if watch && config.plugins.watch_ms == 0 {
         config.plugins.watch_ms = 1000;
     }
-    warren::telemetry::init_logging(config.telemetry.log_format, &config.telemetry.log_level);
+    let otlp =
+        config
+            .telemetry
+            .otlp_endpoint
+            .clone()
+            .map(|endpoint| warren::telemetry::OtlpConfig {
+                endpoint,
+                sample_ratio: config.telemetry.otlp_sample_ratio,
+            });
+    // Flushes exported spans when `run` returns.
+    let _telemetry = match warren::telemetry::init(
+        config.telemetry.log_format,
+        &config.telemetry.log_level,
+        otlp.as_ref(),
+    ) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("warren: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     tracing::info!(config = ?path, "Starting Warren.");
     tracing::debug!(?config, "Configuration.");
     let runtime = match tokio::runtime::Builder::new_multi_thread()

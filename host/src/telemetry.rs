@@ -8,9 +8,19 @@
 
 use std::fmt::Write as _;
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use tracing_subscriber::EnvFilter;
+use opentelemetry::trace::{
+    SpanContext, SpanId, TraceContextExt as _, TraceFlags, TraceId, TraceState, TracerProvider as _,
+};
+use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+use tracing_subscriber::filter::filter_fn;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer as _};
 
 /// Log line format.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
@@ -25,16 +35,137 @@ pub enum LogFormat {
 /// when set, else by `default_filter` (e.g. `info`). Calling it twice is
 /// harmless (the second call does nothing).
 pub fn init_logging(format: LogFormat, default_filter: &str) {
+    let _ = init(format, default_filter, None);
+}
+
+/// Where delivery spans are exported (OTLP over HTTP, protobuf).
+#[derive(Debug, Clone)]
+pub struct OtlpConfig {
+    /// e.g. `http://127.0.0.1:4318/v1/traces`.
+    pub endpoint: String,
+    /// Fraction of new traces sampled; children follow their parent.
+    pub sample_ratio: f64,
+}
+
+/// Why trace export could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot set up OTLP trace export to {endpoint}: {message}")]
+pub struct TelemetryError {
+    pub endpoint: String,
+    pub message: String,
+}
+
+/// Keeps the trace exporter alive; dropping it flushes the spans not yet
+/// exported.
+#[must_use]
+pub struct TelemetryGuard {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.provider.take()
+            && let Err(e) = p.shutdown()
+        {
+            eprintln!("warren: flushing trace export failed: {e}");
+        }
+    }
+}
+
+/// Whether delivery spans are exported (their ids then come from the
+/// exporter's spans, see [`exported_context`]).
+static OTLP: AtomicBool = AtomicBool::new(false);
+
+/// Logging as [`init_logging`], plus, with `otlp`, an OpenTelemetry layer
+/// exporting the delivery spans (target `warren::dispatch`). Call before
+/// starting an async runtime (the exporter's HTTP client is blocking and
+/// runs on the batch processor's own thread).
+pub fn init(
+    format: LogFormat,
+    default_filter: &str,
+    otlp: Option<&OtlpConfig>,
+) -> Result<TelemetryGuard, TelemetryError> {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+    let fmt = match format {
+        LogFormat::Text => fmt.boxed(),
+        LogFormat::Json => fmt.json().boxed(),
     };
+    let mut provider = None;
+    let otel = match otlp {
+        None => None,
+        Some(o) => {
+            let fail = |e: &dyn std::fmt::Display| TelemetryError {
+                endpoint: o.endpoint.clone(),
+                message: e.to_string(),
+            };
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_endpoint(o.endpoint.clone())
+                .build()
+                .map_err(|e| fail(&e))?;
+            let p = SdkTracerProvider::builder()
+                .with_batch_exporter(exporter)
+                .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+                    o.sample_ratio,
+                ))))
+                .with_resource(
+                    opentelemetry_sdk::Resource::builder()
+                        .with_service_name("warren")
+                        .build(),
+                )
+                .build();
+            let tracer = p.tracer("warren");
+            provider = Some(p);
+            Some(
+                tracing_opentelemetry::layer()
+                    .with_tracer(tracer)
+                    .with_filter(filter_fn(|m| m.target().starts_with("warren::dispatch"))),
+            )
+        }
+    };
+    let installed = tracing_subscriber::registry()
+        .with(fmt.with_filter(filter))
+        .with(otel)
+        .try_init()
+        .is_ok();
+    if installed && provider.is_some() {
+        OTLP.store(true, Ordering::SeqCst);
+    }
+    Ok(TelemetryGuard { provider })
+}
+
+/// With trace export on: make `span` a child of `parent` and return the
+/// context of the exported span (its ids are what outputs must carry).
+/// `None` when export is off or the span is disabled.
+pub fn exported_context(
+    span: &tracing::Span,
+    parent: Option<&TraceContext>,
+) -> Option<TraceContext> {
+    if !OTLP.load(Ordering::Relaxed) || span.is_disabled() {
+        return None;
+    }
+    if let Some(p) = parent {
+        let remote = SpanContext::new(
+            TraceId::from(p.trace_id),
+            SpanId::from(p.span_id),
+            TraceFlags::new(p.flags),
+            true,
+            TraceState::default(),
+        );
+        let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(remote));
+    }
+    let cx = span.context();
+    let s = cx.span();
+    let sc = s.span_context();
+    sc.is_valid().then(|| TraceContext {
+        trace_id: u128::from_be_bytes(sc.trace_id().to_bytes()),
+        span_id: u64::from_be_bytes(sc.span_id().to_bytes()),
+        flags: sc.trace_flags().to_u8(),
+    })
 }
 
 /// Histogram buckets, in seconds: 100 µs to 10 s.

@@ -27,7 +27,7 @@ use super::topology::DispatchConfig;
 use crate::amqp::{self, AckOutcome};
 use crate::message::{HeaderValue, MessageProperties, OutboundMessage};
 use crate::plugins::{self, Outcome, Plugin};
-use crate::telemetry::TraceContext;
+use crate::telemetry::{self, TraceContext};
 
 /// What a route's tasks share.
 pub(crate) struct RouteContext {
@@ -81,18 +81,24 @@ async fn handle(
     // the message came with (or the root of a new trace). Its context goes
     // on every message the delivery produces.
     let parent = headers::trace_parent(&d.properties);
-    let trace = TraceContext::child_of(parent.as_ref());
     let span = tracing::debug_span!(
         "delivery",
         queue = %ctx.queue,
         plugin = plugin.name(),
         version = plugin.version(),
         delivery_tag = d.delivery_tag,
-        trace_id = %format_args!("{:032x}", trace.trace_id),
-        span_id = %format_args!("{:016x}", trace.span_id),
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
         parent_span_id = parent.map(|p| p.span_id),
         outcome = tracing::field::Empty,
     );
+    // With OTLP export on, the exported span's ids; else our own.
+    let trace = telemetry::exported_context(&span, parent.as_ref())
+        .unwrap_or_else(|| TraceContext::child_of(parent.as_ref()));
+    if !span.is_disabled() {
+        span.record("trace_id", tracing::field::display(trace.trace_id_hex()));
+        span.record("span_id", tracing::field::display(trace.span_id_hex()));
+    }
     handle_in_span(&ctx, &plugin, d, &trace)
         .instrument(span)
         .await;
