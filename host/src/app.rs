@@ -4,25 +4,31 @@
 //!
 //! Start-up order: load and check every plugin (a broken file is reported
 //! and skipped) → start the AMQP supervisor, the spool and its drainer →
-//! register topology from manifests and config → start consumers → ready
-//! once the connection runs and every consumer is registered. A broker that
-//! is down at start only delays readiness: the supervisor keeps retrying.
+//! register topology from manifests and config → start consumers → start
+//! the admin HTTP server (its listener is bound first, so a taken port
+//! fails the start) → ready once the connection runs and every consumer is
+//! registered. A broker that is down at start only delays readiness: the
+//! supervisor keeps retrying. The admin server stops last.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
+use crate::admin::{self, AdminError};
 use crate::amqp::{Amqp, AmqpConfig, AmqpHandle, BackoffConfig, ConsumerState};
 use crate::buffer::{Drainer, DrainerConfig, DrainerHandle, Spool, SpoolConfig, SpoolHandle};
 use crate::config::Config;
+use crate::dispatch::reload::{self, Reloader};
 use crate::dispatch::{DispatchConfig, Dispatcher, Outbox};
-use crate::plugins::{DirectoryError, PluginRuntime, PluginSettings, RuntimeError};
+use crate::plugins::{DirectoryError, PluginRuntime, RuntimeError};
+
+pub use crate::dispatch::reload::FailedPlugin;
 
 /// Why Warren could not start at all. (A broker or Redis that is down is
 /// not one of these: Warren starts and keeps retrying.)
@@ -36,6 +42,8 @@ pub enum StartError {
     Amqp(#[from] crate::amqp::AmqpError),
     #[error("invalid spool settings: {0}")]
     Spool(#[from] crate::buffer::SpoolError),
+    #[error(transparent)]
+    Admin(#[from] AdminError),
 }
 
 /// Whether Warren should receive work, and if not, why.
@@ -46,13 +54,6 @@ pub struct Readiness {
     pub reasons: Vec<String>,
 }
 
-/// A plugin file that did not load.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct FailedPlugin {
-    pub file: PathBuf,
-    pub error: String,
-}
-
 /// Read-only views of a running Warren, for the admin API and tests.
 #[derive(Clone)]
 pub struct AppHandle {
@@ -61,8 +62,12 @@ pub struct AppHandle {
     pub drainer: DrainerHandle,
     pub dispatcher: Arc<Dispatcher>,
     pub runtime: PluginRuntime,
+    /// The plugin set; reloads go through it.
+    pub reloader: Arc<Reloader>,
+    /// The process-wide Prometheus recorder (`None` if another recorder
+    /// was installed first).
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     stopping: Arc<AtomicBool>,
-    failed: Arc<Vec<FailedPlugin>>,
 }
 
 impl AppHandle {
@@ -101,9 +106,9 @@ impl AppHandle {
         }
     }
 
-    /// Plugin files that failed to load at start.
-    pub fn failed_plugins(&self) -> &[FailedPlugin] {
-        &self.failed
+    /// Plugin files that failed to load at start or at the last reload.
+    pub fn failed_plugins(&self) -> Vec<FailedPlugin> {
+        self.reloader.failed()
     }
 }
 
@@ -115,6 +120,9 @@ pub struct App {
     amqp_cancel: CancellationToken,
     spool_cancel: CancellationToken,
     drainer_cancel: CancellationToken,
+    admin_cancel: CancellationToken,
+    admin_tasks: TaskTracker,
+    admin_addr: SocketAddr,
 }
 
 fn host_name() -> String {
@@ -163,38 +171,18 @@ impl App {
     /// unusable settings or an unreadable plugins directory.
     pub async fn start(config: Config) -> Result<App, StartError> {
         let tasks = TaskTracker::new();
+        let metrics = crate::telemetry::install_metrics();
+        let admin_listener = admin::bind(&config.admin.bind).await?;
         let runtime = PluginRuntime::new(config.plugins.runtime.clone())?;
-        let settings: BTreeMap<String, PluginSettings> = config
-            .plugin
-            .iter()
-            .map(|(name, o)| {
-                (
-                    name.clone(),
-                    PluginSettings {
-                        limits: o.limits,
-                        config: o.config_strings(),
-                    },
-                )
-            })
-            .collect();
-        let load = runtime
-            .load_directory(&config.plugins.dir, &settings)
-            .await?;
-        let failed: Vec<FailedPlugin> = load
-            .failed
-            .iter()
-            .map(|(file, e)| {
-                error!(file = %file.display(), error = %e, "Plugin not loaded; the others run.");
-                FailedPlugin {
-                    file: file.clone(),
-                    error: e.clone(),
-                }
-            })
-            .collect();
-        for p in load.loaded.values() {
-            info!(plugin = p.name(), version = p.version(), file = %p.path().display(), "Plugin loaded.");
-        }
-        if load.loaded.is_empty() {
+        let scan = reload::scan(
+            &runtime,
+            &config.plugins.dir,
+            &config.plugin,
+            &BTreeMap::new(),
+            &[],
+        )
+        .await?;
+        if scan.plugins.is_empty() {
             warn!(dir = %config.plugins.dir.display(), "No plugins loaded; Warren stays unready until one is.");
         }
 
@@ -231,25 +219,23 @@ impl App {
             dispatch_config,
         ));
         dispatcher.declare_base().await;
-        let mut failed = failed;
-        for (name, plugin) in &load.loaded {
-            let subs = config
-                .plugin
-                .get(name)
-                .and_then(|o| o.subscriptions.clone())
-                .unwrap_or_else(|| plugin.manifest().subscriptions.clone());
-            if subs.is_empty() {
-                warn!(plugin = %name, "Plugin has no subscriptions; configure some under [plugin.{name}].");
-            }
-            for sub in subs {
-                if let Err(e) = dispatcher.start_route(sub, plugin.clone()).await {
-                    error!(plugin = %name, error = %e, "Subscription not started.");
-                    failed.push(FailedPlugin {
-                        file: plugin.path().to_path_buf(),
-                        error: e.to_string(),
-                    });
-                }
-            }
+        let grace = Duration::from_millis(config.shutdown.grace_period_ms);
+        let reloader = Arc::new(Reloader::new(
+            runtime.clone(),
+            dispatcher.clone(),
+            config.plugins.dir.clone(),
+            config.plugin.clone(),
+            grace,
+        ));
+        if let Err(e) = reloader.apply(scan).await {
+            warn!(error = %e, "Plugins not applied.");
+        }
+        if config.plugins.watch_ms > 0 {
+            tasks.spawn(reload::watch(
+                reloader.clone(),
+                Duration::from_millis(config.plugins.watch_ms),
+                amqp_cancel.clone(),
+            ));
         }
 
         let handle = AppHandle {
@@ -258,18 +244,39 @@ impl App {
             drainer: drainer_handle,
             dispatcher,
             runtime,
+            reloader,
+            metrics,
             stopping: Arc::new(AtomicBool::new(false)),
-            failed: Arc::new(failed),
         };
+        let admin_cancel = CancellationToken::new();
+        let admin_tasks = TaskTracker::new();
+        let admin_addr = admin_listener
+            .local_addr()
+            .map_err(|e| AdminError::Bind(config.admin.bind.clone(), e))?;
+        admin_tasks.spawn(admin::serve(
+            admin_listener,
+            admin::router(handle.clone(), &config.admin),
+            admin_cancel.clone(),
+        ));
+        info!(addr = %admin_addr, "Admin API listening.");
         tasks.spawn(announce_ready(handle.clone(), amqp_cancel.clone()));
         Ok(App {
             handle,
-            grace: Duration::from_millis(config.shutdown.grace_period_ms),
+            grace,
             tasks,
             amqp_cancel,
             spool_cancel,
             drainer_cancel,
+            admin_cancel,
+            admin_tasks,
+            admin_addr,
         })
+    }
+
+    /// Where the admin API listens (the bound address, also when the
+    /// configured port was 0).
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
     }
 
     /// Views for the admin API and tests.
@@ -287,6 +294,8 @@ impl App {
     pub async fn shutdown(self) {
         info!(grace = ?self.grace, "Shutting down: readiness off, consumers cancelled, finishing in-flight deliveries.");
         self.handle.stopping.store(true, Ordering::SeqCst);
+        // No reload may start routes behind stop_all's back.
+        self.handle.reloader.close().await;
         self.handle.dispatcher.stop_all(self.grace).await;
         self.drainer_cancel.cancel();
         self.spool_cancel.cancel();
@@ -297,6 +306,15 @@ impl App {
             .is_err()
         {
             warn!("Some tasks did not stop within the grace period.");
+        }
+        // Last: the admin API answers /live (and a 503 /ready) until now.
+        self.admin_cancel.cancel();
+        self.admin_tasks.close();
+        if tokio::time::timeout(self.grace, self.admin_tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!("The admin server did not stop within the grace period.");
         }
         info!("Stopped.");
     }

@@ -155,6 +155,10 @@ pub struct PluginsSection {
     pub dir: PathBuf,
     /// Engine-wide settings (`[plugins.runtime]`).
     pub runtime: RuntimeConfig,
+    /// Poll the directory this often, ms, and reload when its `*.wasm`
+    /// files changed and then stayed unchanged for one more poll; 0 (the
+    /// default) turns watching off. `warren run --watch` sets 1000.
+    pub watch_ms: u64,
 }
 
 impl Default for PluginsSection {
@@ -162,6 +166,7 @@ impl Default for PluginsSection {
         Self {
             dir: PathBuf::from("./plugins"),
             runtime: RuntimeConfig::default(),
+            watch_ms: 0,
         }
     }
 }
@@ -251,7 +256,7 @@ impl Default for AdminSection {
     }
 }
 
-/// `[telemetry]`: logs (and, later, traces).
+/// `[telemetry]`: logs and trace export.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "kebab-case", default)]
 pub struct TelemetrySection {
@@ -259,6 +264,13 @@ pub struct TelemetrySection {
     pub log_format: crate::telemetry::LogFormat,
     /// Filter when `RUST_LOG` is unset, e.g. `info` or `warren=debug`.
     pub log_level: String,
+    /// OTLP/HTTP (protobuf) traces endpoint, e.g.
+    /// `http://127.0.0.1:4318/v1/traces`: each delivery's span is exported
+    /// there. Off when unset (the default); plain `http://` only.
+    pub otlp_endpoint: Option<String>,
+    /// Fraction of new traces exported; a delivery whose `traceparent`
+    /// says sampled (or not) follows its parent.
+    pub otlp_sample_ratio: f64,
 }
 
 impl Default for TelemetrySection {
@@ -266,6 +278,8 @@ impl Default for TelemetrySection {
         Self {
             log_format: crate::telemetry::LogFormat::Text,
             log_level: "info".into(),
+            otlp_endpoint: None,
+            otlp_sample_ratio: 1.0,
         }
     }
 }
@@ -518,6 +532,17 @@ impl Config {
             .is_some_and(|t| t.expose().len() < 16)
         {
             out.push("admin.token must be at least 16 characters".into());
+        }
+        if let Some(e) = &self.telemetry.otlp_endpoint
+            && !e.starts_with("http://")
+        {
+            out.push(format!(
+                "telemetry.otlp-endpoint {:?} must start with http://",
+                redact_url(e)
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.telemetry.otlp_sample_ratio) {
+            out.push("telemetry.otlp-sample-ratio must be between 0 and 1".into());
         }
         if self.shutdown.grace_period_ms == 0 {
             out.push("shutdown.grace-period-ms must be at least 1".into());

@@ -17,10 +17,13 @@
 //! - [`dispatch`]: delivery → plugin → outcome → ack, retry or dead-letter;
 //!   the outbox (broker or spool).
 //! - [`app`]: `warren run` — builds, wires and stops everything.
+//! - [`admin`]: the admin HTTP API (axum); reads handles, owns no state.
 //! - [`shutdown`]: signals and the shutdown order.
 //! - [`cli`]: the offline commands `warren check` and `warren invoke`.
-//! - [`telemetry`]: logging setup (leaf).
+//! - [`telemetry`]: logging, the Prometheus recorder, W3C trace context
+//!   (leaf).
 
+pub mod admin;
 pub mod amqp;
 pub mod app;
 pub mod buffer;

@@ -31,6 +31,10 @@ enum Command {
         /// Plugins directory (overrides `plugins.dir`).
         #[arg(long)]
         plugins: Option<PathBuf>,
+        /// Reload plugins when files in the plugins directory change
+        /// (polls every second unless `plugins.watch-ms` says otherwise).
+        #[arg(long)]
+        watch: bool,
     },
     /// Load plugin files, check them against the warren:plugin world, and
     /// print their manifests as JSON. Exits 1 if any file is not a valid
@@ -48,8 +52,13 @@ enum Command {
 
 fn main() -> ExitCode {
     let args = Cli::parse();
-    if let Command::Run { config, plugins } = args.command {
-        return run(config, plugins);
+    if let Command::Run {
+        config,
+        plugins,
+        watch,
+    } = args.command
+    {
+        return run(config, plugins, watch);
     }
     warren::telemetry::init_logging(warren::telemetry::LogFormat::Text, "warn");
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -71,7 +80,7 @@ fn main() -> ExitCode {
     })
 }
 
-fn run(config_path: Option<PathBuf>, plugins: Option<PathBuf>) -> ExitCode {
+fn run(config_path: Option<PathBuf>, plugins: Option<PathBuf>, watch: bool) -> ExitCode {
     let default_path = PathBuf::from("warren.toml");
     let path = config_path.or_else(|| default_path.exists().then_some(default_path));
     let mut config = match Config::load(path.as_deref(), warren::config::warren_env()) {
@@ -84,7 +93,30 @@ fn run(config_path: Option<PathBuf>, plugins: Option<PathBuf>) -> ExitCode {
     if let Some(dir) = plugins {
         config.plugins.dir = dir;
     }
-    warren::telemetry::init_logging(config.telemetry.log_format, &config.telemetry.log_level);
+    if watch && config.plugins.watch_ms == 0 {
+        config.plugins.watch_ms = 1000;
+    }
+    let otlp =
+        config
+            .telemetry
+            .otlp_endpoint
+            .clone()
+            .map(|endpoint| warren::telemetry::OtlpConfig {
+                endpoint,
+                sample_ratio: config.telemetry.otlp_sample_ratio,
+            });
+    // Flushes exported spans when `run` returns.
+    let _telemetry = match warren::telemetry::init(
+        config.telemetry.log_format,
+        &config.telemetry.log_level,
+        otlp.as_ref(),
+    ) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("warren: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     tracing::info!(config = ?path, "Starting Warren.");
     tracing::debug!(?config, "Configuration.");
     let runtime = match tokio::runtime::Builder::new_multi_thread()

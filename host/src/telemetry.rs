@@ -1,6 +1,26 @@
-//! Logging setup. A leaf: every other module only uses `tracing` macros.
+//! Logs, the metrics registry, and W3C trace context. A leaf: every other
+//! module only uses `tracing` and `metrics` macros, and the trace-context
+//! type below.
+//!
+//! Metric names live next to the code that emits them, each module in one
+//! place: `amqp::metrics`, `buffer::metric`, `dispatch::metric` and
+//! `admin::metric` (the gauges sampled when `/metrics` is scraped).
 
-use tracing_subscriber::EnvFilter;
+use std::fmt::Write as _;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use opentelemetry::trace::{
+    SpanContext, SpanId, TraceContextExt as _, TraceFlags, TraceId, TraceState, TracerProvider as _,
+};
+use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+use tracing_subscriber::filter::filter_fn;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer as _};
 
 /// Log line format.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
@@ -15,14 +35,311 @@ pub enum LogFormat {
 /// when set, else by `default_filter` (e.g. `info`). Calling it twice is
 /// harmless (the second call does nothing).
 pub fn init_logging(format: LogFormat, default_filter: &str) {
+    let _ = init(format, default_filter, None);
+}
+
+/// Where delivery spans are exported (OTLP over HTTP, protobuf).
+#[derive(Debug, Clone)]
+pub struct OtlpConfig {
+    /// e.g. `http://127.0.0.1:4318/v1/traces`.
+    pub endpoint: String,
+    /// Fraction of new traces sampled; children follow their parent.
+    pub sample_ratio: f64,
+}
+
+/// Why trace export could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot set up OTLP trace export to {endpoint}: {message}")]
+pub struct TelemetryError {
+    pub endpoint: String,
+    pub message: String,
+}
+
+/// Keeps the trace exporter alive; dropping it flushes the spans not yet
+/// exported.
+#[must_use]
+pub struct TelemetryGuard {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.provider.take()
+            && let Err(e) = p.shutdown()
+        {
+            eprintln!("warren: flushing trace export failed: {e}");
+        }
+    }
+}
+
+/// Whether delivery spans are exported (their ids then come from the
+/// exporter's spans, see [`exported_context`]).
+static OTLP: AtomicBool = AtomicBool::new(false);
+
+/// Logging as [`init_logging`], plus, with `otlp`, an OpenTelemetry layer
+/// exporting the delivery spans (target `warren::dispatch`). Call before
+/// starting an async runtime (the exporter's HTTP client is blocking and
+/// runs on the batch processor's own thread).
+pub fn init(
+    format: LogFormat,
+    default_filter: &str,
+    otlp: Option<&OtlpConfig>,
+) -> Result<TelemetryGuard, TelemetryError> {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+    let fmt = match format {
+        LogFormat::Text => fmt.boxed(),
+        LogFormat::Json => fmt.json().boxed(),
     };
+    let mut provider = None;
+    let otel = match otlp {
+        None => None,
+        Some(o) => {
+            let fail = |e: &dyn std::fmt::Display| TelemetryError {
+                endpoint: o.endpoint.clone(),
+                message: e.to_string(),
+            };
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_endpoint(o.endpoint.clone())
+                .build()
+                .map_err(|e| fail(&e))?;
+            let p = SdkTracerProvider::builder()
+                .with_batch_exporter(exporter)
+                .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+                    o.sample_ratio,
+                ))))
+                .with_resource(
+                    opentelemetry_sdk::Resource::builder()
+                        .with_service_name("warren")
+                        .build(),
+                )
+                .build();
+            let tracer = p.tracer("warren");
+            provider = Some(p);
+            Some(
+                tracing_opentelemetry::layer()
+                    .with_tracer(tracer)
+                    .with_filter(filter_fn(|m| m.target().starts_with("warren::dispatch"))),
+            )
+        }
+    };
+    let installed = tracing_subscriber::registry()
+        .with(fmt.with_filter(filter))
+        .with(otel)
+        .try_init()
+        .is_ok();
+    if installed && provider.is_some() {
+        OTLP.store(true, Ordering::SeqCst);
+    }
+    Ok(TelemetryGuard { provider })
+}
+
+/// With trace export on: make `span` a child of `parent` and return the
+/// context of the exported span (its ids are what outputs must carry).
+/// `None` when export is off or the span is disabled.
+pub fn exported_context(
+    span: &tracing::Span,
+    parent: Option<&TraceContext>,
+) -> Option<TraceContext> {
+    if !OTLP.load(Ordering::Relaxed) || span.is_disabled() {
+        return None;
+    }
+    if let Some(p) = parent {
+        let remote = SpanContext::new(
+            TraceId::from(p.trace_id),
+            SpanId::from(p.span_id),
+            TraceFlags::new(p.flags),
+            true,
+            TraceState::default(),
+        );
+        let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(remote));
+    }
+    let cx = span.context();
+    let s = cx.span();
+    let sc = s.span_context();
+    sc.is_valid().then(|| TraceContext {
+        trace_id: u128::from_be_bytes(sc.trace_id().to_bytes()),
+        span_id: u64::from_be_bytes(sc.span_id().to_bytes()),
+        flags: sc.trace_flags().to_u8(),
+    })
+}
+
+/// Histogram buckets, in seconds: 100 µs to 10 s.
+const SECONDS_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+static METRICS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Install the process-wide Prometheus recorder, once; later calls (tests
+/// start several apps in one process) return the same handle. `None` when
+/// another recorder was installed first: then `/metrics` says so.
+pub fn install_metrics() -> Option<PrometheusHandle> {
+    METRICS
+        .get_or_init(|| {
+            let builder = match PrometheusBuilder::new().set_buckets(SECONDS_BUCKETS) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(error = %e, "Invalid histogram buckets; using summaries.");
+                    PrometheusBuilder::new()
+                }
+            };
+            match builder.install_recorder() {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    tracing::warn!(error = %e, "Cannot install the Prometheus recorder; /metrics is unavailable.");
+                    None
+                }
+            }
+        })
+        .clone()
+}
+
+/// A W3C trace context (`traceparent`, version 00).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceContext {
+    pub trace_id: u128,
+    pub span_id: u64,
+    /// Trace flags; bit 0 is "sampled".
+    pub flags: u8,
+}
+
+impl TraceContext {
+    /// Parse a `traceparent` value. Only version 00 fields are read (a
+    /// later version is read as 00, as the spec asks); all-zero ids and
+    /// malformed values give `None`.
+    pub fn parse(value: &str) -> Option<TraceContext> {
+        let value = value.trim();
+        let mut parts = value.split('-');
+        let version = parts.next()?;
+        let trace = parts.next()?;
+        let span = parts.next()?;
+        let flags = parts.next()?;
+        if version.len() != 2
+            || version.eq_ignore_ascii_case("ff")
+            || (version == "00" && parts.next().is_some())
+            || trace.len() != 32
+            || span.len() != 16
+            || flags.len() != 2
+        {
+            return None;
+        }
+        let lower_hex = |s: &str| {
+            s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        };
+        if ![version, trace, span, flags].iter().all(|s| lower_hex(s)) {
+            return None;
+        }
+        let trace_id = u128::from_str_radix(trace, 16).ok()?;
+        let span_id = u64::from_str_radix(span, 16).ok()?;
+        let flags = u8::from_str_radix(flags, 16).ok()?;
+        (trace_id != 0 && span_id != 0).then_some(TraceContext {
+            trace_id,
+            span_id,
+            flags,
+        })
+    }
+
+    /// A child of `parent` (same trace, new span id), or the root of a new
+    /// sampled trace.
+    pub fn child_of(parent: Option<&TraceContext>) -> TraceContext {
+        let span_id = nonzero(rand::random::<u64>);
+        match parent {
+            Some(p) => TraceContext {
+                trace_id: p.trace_id,
+                span_id,
+                flags: p.flags,
+            },
+            None => TraceContext {
+                trace_id: nonzero(rand::random::<u128>),
+                span_id,
+                flags: 1,
+            },
+        }
+    }
+
+    /// The `traceparent` header value.
+    pub fn traceparent(&self) -> String {
+        let mut s = String::with_capacity(55);
+        let _ = write!(
+            s,
+            "00-{:032x}-{:016x}-{:02x}",
+            self.trace_id, self.span_id, self.flags
+        );
+        s
+    }
+
+    /// The trace id as 32 hex digits (for logs).
+    pub fn trace_id_hex(&self) -> String {
+        format!("{:032x}", self.trace_id)
+    }
+
+    /// The span id as 16 hex digits (for logs).
+    pub fn span_id_hex(&self) -> String {
+        format!("{:016x}", self.span_id)
+    }
+}
+
+fn nonzero<T: PartialEq + Default>(mut f: impl FnMut() -> T) -> T {
+    loop {
+        let v = f();
+        if v != T::default() {
+            return v;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    #[test]
+    fn traceparent_round_trips() {
+        let t = TraceContext::parse(EXAMPLE).unwrap();
+        assert_eq!(t.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(t.span_id_hex(), "00f067aa0ba902b7");
+        assert_eq!(t.flags, 1);
+        assert_eq!(t.traceparent(), EXAMPLE);
+    }
+
+    #[test]
+    fn malformed_traceparents_are_ignored() {
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00-xyz-00f067aa0ba902b7-01",
+        ] {
+            assert_eq!(TraceContext::parse(bad), None, "{bad:?}");
+        }
+        // A later version may carry more fields.
+        assert!(
+            TraceContext::parse("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x")
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn a_child_keeps_the_trace_and_gets_a_new_span() {
+        let parent = TraceContext::parse(EXAMPLE).unwrap();
+        let child = TraceContext::child_of(Some(&parent));
+        assert_eq!(child.trace_id, parent.trace_id);
+        assert_ne!(child.span_id, parent.span_id);
+        assert_eq!(child.flags, parent.flags);
+        let root = TraceContext::child_of(None);
+        assert_ne!(root.trace_id, 0);
+        assert_eq!(TraceContext::parse(&root.traceparent()), Some(root));
+    }
 }

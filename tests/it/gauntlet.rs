@@ -161,6 +161,8 @@ async fn gauntlet_loses_nothing() {
         sentinels = [{sentinels}]
         master-name = "{master}"
         stream-key = "{stream}"
+        [admin]
+        bind = "127.0.0.1:0"
         [plugins]
         dir = "{dir}"
         [dispatch]

@@ -4,9 +4,11 @@
 // Test code: failing loudly is the point.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod admin;
 mod amqp;
 mod buffer;
 mod gauntlet;
 mod outage;
 mod plugins;
+mod reload;
 mod run;

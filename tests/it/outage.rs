@@ -35,6 +35,8 @@ async fn broker_outage_under_load_spools_outputs_and_drains_them_in_order() {
         confirm-timeout-ms = 500
         connect-timeout-ms = 1000
         backoff-max-ms = 500
+        [admin]
+        bind = "127.0.0.1:0"
         [plugins]
         dir = "{dir}"
         [spool]

@@ -43,6 +43,8 @@ fn config(dir: &Path, dlq: &str, extra: &str) -> Config {
         dead-letter-queue = "{dlq}"
         [shutdown]
         grace-period-ms = 10000
+        [admin]
+        bind = "127.0.0.1:0"
         {extra}
         "#,
         dir = dir.display(),

@@ -6,6 +6,7 @@
 //! - [`wait`]: polling with deadlines (the only way tests wait).
 //! - [`ports`]: free loopback ports.
 //! - [`broker`]: a plain lapin client to publish, count and collect.
+//! - [`http`]: a raw HTTP/1.1 client for the admin API.
 //! - [`plugins`]: builds `plugins/` for `wasm32-wasip2` once per process.
 //! - [`proxy`]: a TCP fault proxy (pass, blackhole, refuse, cut).
 //! - [`rabbit`]: a private RabbitMQ node to stop, kill and restart.
@@ -13,6 +14,7 @@
 //!   `sentinel-compose/local.sh`, with kill/stop/restart/failover.
 
 pub mod broker;
+pub mod http;
 pub mod plugins;
 pub mod ports;
 pub mod proxy;

@@ -242,6 +242,8 @@ async fn drain_warren(
     )?;
     let text = format!(
         r#"
+        [admin]
+        bind = "127.0.0.1:0"
         [plugins]
         dir = "{dir}"
         [spool]

@@ -47,6 +47,8 @@ async fn main() -> Result<()> {
     let before = rss_kib()?;
     let text = format!(
         r#"
+        [admin]
+        bind = "127.0.0.1:0"
         [plugins]
         dir = "{dir}"
         [spool]

@@ -1,6 +1,7 @@
 //! The headers Warren reads and writes on messages, in one place.
 
 use crate::message::{HeaderValue, MessageProperties};
+use crate::telemetry::TraceContext;
 
 /// How many times Warren has handed this message to a plugin (set on
 /// retried copies; absent means 1).
@@ -18,7 +19,8 @@ pub const ATTEMPTS: &str = "x-warren-attempts";
 pub const QUEUE: &str = "x-warren-queue";
 pub const ORIGINAL_EXCHANGE: &str = "x-warren-original-exchange";
 pub const ORIGINAL_ROUTING_KEY: &str = "x-warren-original-routing-key";
-/// W3C trace context, copied from a delivery onto its outputs.
+/// W3C trace context: read from a delivery, written on its outputs as the
+/// context of the delivery's span.
 pub const TRACEPARENT: &str = "traceparent";
 pub const TRACESTATE: &str = "tracestate";
 
@@ -31,14 +33,31 @@ pub fn attempt(p: &MessageProperties) -> u32 {
         .unwrap_or(1)
 }
 
-/// Copy the trace context of `from` onto `to` unless `to` has its own.
-pub fn propagate_trace(from: &MessageProperties, to: &mut MessageProperties) {
-    for key in [TRACEPARENT, TRACESTATE] {
-        if to.header(key).is_none()
-            && let Some(v) = from.header(key)
-        {
-            to.set_header(key, v.clone());
-        }
+/// The trace context a delivery carries in its `traceparent` header.
+pub fn trace_parent(p: &MessageProperties) -> Option<TraceContext> {
+    p.header(TRACEPARENT)
+        .and_then(HeaderValue::as_str)
+        .and_then(TraceContext::parse)
+}
+
+/// Make `to` (an output of the delivery with properties `incoming`) carry
+/// the trace context of the delivery's span, `span`. A plugin that set a
+/// `traceparent` of its own keeps it; one copied from the delivery is
+/// replaced, since the output is a child of this delivery, not of its
+/// parent. `tracestate` is copied from the delivery unless `to` has one.
+pub fn propagate_trace(
+    incoming: &MessageProperties,
+    span: &TraceContext,
+    to: &mut MessageProperties,
+) {
+    let own = to.header(TRACEPARENT);
+    if own.is_none() || own == incoming.header(TRACEPARENT) {
+        to.set_header(TRACEPARENT, HeaderValue::String(span.traceparent()));
+    }
+    if to.header(TRACESTATE).is_none()
+        && let Some(v) = incoming.header(TRACESTATE)
+    {
+        to.set_header(TRACESTATE, v.clone());
     }
 }
 
@@ -59,15 +78,26 @@ mod tests {
     }
 
     #[test]
-    fn trace_context_is_copied_but_never_overwritten() {
+    fn outputs_carry_the_span_context_unless_the_plugin_set_its_own() {
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         let mut from = MessageProperties::default();
-        from.set_header(TRACEPARENT, HeaderValue::String("00-a-b-01".into()));
-        let mut to = MessageProperties::default();
-        propagate_trace(&from, &mut to);
-        assert_eq!(to.header(TRACEPARENT), from.header(TRACEPARENT));
+        from.set_header(TRACEPARENT, HeaderValue::String(parent.into()));
+        from.set_header(TRACESTATE, HeaderValue::String("k=v".into()));
+        let span = TraceContext::child_of(trace_parent(&from).as_ref());
+        // Absent, or copied from the delivery: replaced by the span's.
+        for mut to in [MessageProperties::default(), from.clone()] {
+            propagate_trace(&from, &span, &mut to);
+            let tp = to
+                .header(TRACEPARENT)
+                .and_then(HeaderValue::as_str)
+                .unwrap();
+            assert_eq!(tp, span.traceparent());
+            assert!(tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
+            assert_eq!(to.header(TRACESTATE), from.header(TRACESTATE));
+        }
         let mut own = MessageProperties::default();
         own.set_header(TRACEPARENT, HeaderValue::String("00-c-d-01".into()));
-        propagate_trace(&from, &mut own);
+        propagate_trace(&from, &span, &mut own);
         assert_eq!(
             own.header(TRACEPARENT).and_then(HeaderValue::as_str),
             Some("00-c-d-01")

@@ -9,11 +9,14 @@
 //! - [`outbox`]: broker-or-spool publishing,
 //! - [`topology`]: what to declare for a subscription, retries and dead
 //!   letters,
+//! - [`reload`]: the plugin set at start and on reload (overrides, route
+//!   reconciliation, atomic swaps),
 //! - [`headers`], [`metric`]: names in one place.
 
 pub mod headers;
 pub mod metric;
 pub mod outbox;
+pub mod reload;
 mod route;
 pub mod topology;
 

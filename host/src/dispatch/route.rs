@@ -27,6 +27,7 @@ use super::topology::DispatchConfig;
 use crate::amqp::{self, AckOutcome};
 use crate::message::{HeaderValue, MessageProperties, OutboundMessage};
 use crate::plugins::{self, Outcome, Plugin};
+use crate::telemetry::{self, TraceContext};
 
 /// What a route's tasks share.
 pub(crate) struct RouteContext {
@@ -82,18 +83,39 @@ async fn handle(
     _permit: OwnedSemaphorePermit,
     d: amqp::Delivery,
 ) {
+    // The delivery's span in the W3C sense: a child of the `traceparent`
+    // the message came with (or the root of a new trace). Its context goes
+    // on every message the delivery produces.
+    let parent = headers::trace_parent(&d.properties);
     let span = tracing::debug_span!(
         "delivery",
         queue = %ctx.queue,
         plugin = plugin.name(),
         version = plugin.version(),
         delivery_tag = d.delivery_tag,
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
+        parent_span_id = parent.map(|p| p.span_id),
         outcome = tracing::field::Empty,
     );
-    handle_in_span(&ctx, &plugin, d).instrument(span).await;
+    // With OTLP export on, the exported span's ids; else our own.
+    let trace = telemetry::exported_context(&span, parent.as_ref())
+        .unwrap_or_else(|| TraceContext::child_of(parent.as_ref()));
+    if !span.is_disabled() {
+        span.record("trace_id", tracing::field::display(trace.trace_id_hex()));
+        span.record("span_id", tracing::field::display(trace.span_id_hex()));
+    }
+    handle_in_span(&ctx, &plugin, d, &trace)
+        .instrument(span)
+        .await;
 }
 
-async fn handle_in_span(ctx: &RouteContext, plugin: &Plugin, d: amqp::Delivery) {
+async fn handle_in_span(
+    ctx: &RouteContext,
+    plugin: &Plugin,
+    d: amqp::Delivery,
+    trace: &TraceContext,
+) {
     let attempt = headers::attempt(&d.properties);
     let input = plugins::Delivery {
         body: d.body.clone(),
@@ -109,13 +131,8 @@ async fn handle_in_span(ctx: &RouteContext, plugin: &Plugin, d: amqp::Delivery) 
     metric::handled(plugin.name(), &outcome, started.elapsed());
     tracing::Span::current().record("outcome", outcome.label());
 
-    let settle: Vec<OutboundMessage> = match outcome {
-        Outcome::Ack { mut outputs } => {
-            for o in &mut outputs {
-                headers::propagate_trace(&d.properties, &mut o.properties);
-            }
-            outputs
-        }
+    let mut settle: Vec<OutboundMessage> = match outcome {
+        Outcome::Ack { outputs } => outputs,
         Outcome::Retry { reason } if attempt < ctx.max_attempts => {
             vec![retry_copy(ctx, &d, attempt + 1, &reason)]
         }
@@ -134,7 +151,7 @@ async fn handle_in_span(ctx: &RouteContext, plugin: &Plugin, d: amqp::Delivery) 
             )]
         }
         Outcome::Trapped { kind, message } => {
-            warn!(queue = %ctx.queue, plugin = plugin.name(), trap = %kind, %message, "Plugin trapped; dead-lettering the delivery.");
+            warn!(queue = %ctx.queue, plugin = plugin.name(), trap = %kind, %message, trace_id = %format_args!("{:032x}", trace.trace_id), "Plugin trapped; dead-lettering the delivery.");
             vec![dead_letter(
                 ctx,
                 plugin,
@@ -146,6 +163,9 @@ async fn handle_in_span(ctx: &RouteContext, plugin: &Plugin, d: amqp::Delivery) 
             )]
         }
     };
+    for m in &mut settle {
+        headers::propagate_trace(&d.properties, trace, &mut m.properties);
+    }
     if publish_all(ctx, &settle, &d.acker).await {
         if d.acker.ack() == AckOutcome::Stale {
             metric::stale_settle(&ctx.queue);

@@ -26,5 +26,5 @@ pub use directory::{DirectoryError, DirectoryLoad};
 pub use limits::{Limits, LimitsOverride};
 pub use manifest::Manifest;
 pub use outcome::{LoadError, Outcome, TrapKind};
-pub use plugin::{Delivery, Plugin, PluginSettings};
+pub use plugin::{Delivery, Plugin, PluginCounters, PluginCountersSnapshot, PluginSettings};
 pub use runtime::{PluginRuntime, RuntimeConfig, RuntimeError};

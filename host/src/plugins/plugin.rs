@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
@@ -58,6 +59,47 @@ struct PluginInner {
     limits: Limits,
     config: Arc<BTreeMap<String, String>>,
     permits: Arc<Semaphore>,
+    /// Shared by every version of the plugin with this name.
+    counters: Arc<PluginCounters>,
+}
+
+/// Outcomes counted per plugin name, across reloads, for `/status`.
+#[derive(Debug, Default)]
+pub struct PluginCounters {
+    ack: AtomicU64,
+    retry: AtomicU64,
+    reject: AtomicU64,
+    trap: AtomicU64,
+}
+
+/// A snapshot of [`PluginCounters`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PluginCountersSnapshot {
+    pub ack: u64,
+    pub retry: u64,
+    pub reject: u64,
+    pub trap: u64,
+}
+
+impl PluginCounters {
+    fn count(&self, outcome: &Outcome) {
+        let c = match outcome {
+            Outcome::Ack { .. } => &self.ack,
+            Outcome::Retry { .. } => &self.retry,
+            Outcome::Reject { .. } => &self.reject,
+            Outcome::Trapped { .. } => &self.trap,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> PluginCountersSnapshot {
+        PluginCountersSnapshot {
+            ack: self.ack.load(Ordering::Relaxed),
+            retry: self.retry.load(Ordering::Relaxed),
+            reject: self.reject.load(Ordering::Relaxed),
+            trap: self.trap.load(Ordering::Relaxed),
+        }
+    }
 }
 
 impl std::fmt::Debug for Plugin {
@@ -146,8 +188,9 @@ impl PluginRuntime {
                     name: manifest.name.clone(),
                     version: manifest.version.clone(),
                 }),
-                manifest,
                 permits: Arc::new(Semaphore::new(limits.max_concurrency as usize)),
+                counters: self.counters(&manifest.name),
+                manifest,
                 limits,
                 config: Arc::new(settings.config.clone()),
             }),
@@ -245,8 +288,14 @@ impl Plugin {
                 permits: Arc::new(Semaphore::new(limits.max_concurrency as usize)),
                 limits,
                 config: Arc::new(settings.config.clone()),
+                counters: self.inner.counters.clone(),
             }),
         }
+    }
+
+    /// Outcomes handled so far by every version of this plugin.
+    pub fn counters(&self) -> PluginCountersSnapshot {
+        self.inner.counters.snapshot()
     }
 
     /// Wait for one of this plugin's concurrency permits. Dispatch holds it
@@ -276,7 +325,7 @@ impl Plugin {
                 .await
         }
         .await;
-        match result {
+        let outcome = match result {
             Ok(Ok(())) => Outcome::Ack {
                 outputs: inv.take_outputs(),
             },
@@ -286,7 +335,9 @@ impl Plugin {
                 let (kind, message) = inv.classify(&e);
                 Outcome::Trapped { kind, message }
             }
-        }
+        };
+        inner.counters.count(&outcome);
+        outcome
     }
 }
 

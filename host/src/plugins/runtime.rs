@@ -7,6 +7,7 @@
 //! instances so the pool can never be exhausted by dispatch. Does not own
 //! plugins (see [`super::plugin`]) or decide what happens to an outcome.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -20,6 +21,7 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 use super::bindings::PluginWorld;
 use super::instance::State;
 use super::limits::Limits;
+use super::plugin::PluginCounters;
 
 /// Engine-wide settings (the `[plugins.runtime]` config section).
 #[derive(Debug, Clone, Deserialize)]
@@ -141,6 +143,8 @@ pub(super) struct RuntimeInner {
     /// One permit per pool slot: taken before instantiating, so the pool
     /// never refuses an instance.
     pub(super) instances: Arc<Semaphore>,
+    /// Outcome counters by plugin name; they outlive reloads.
+    counters: std::sync::Mutex<BTreeMap<String, Arc<PluginCounters>>>,
     _ticker: EpochTicker,
 }
 
@@ -178,6 +182,7 @@ impl PluginRuntime {
                 linker,
                 config,
                 instances,
+                counters: std::sync::Mutex::default(),
                 _ticker: ticker,
             }),
         })
@@ -186,6 +191,15 @@ impl PluginRuntime {
     /// The settings the runtime was built with.
     pub fn config(&self) -> &RuntimeConfig {
         &self.inner.config
+    }
+
+    /// The counters of plugin `name`, shared by all its versions.
+    pub(super) fn counters(&self, name: &str) -> Arc<PluginCounters> {
+        let mut all = match self.inner.counters.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        all.entry(name.to_string()).or_default().clone()
     }
 
     pub(super) fn inner(&self) -> &RuntimeInner {

@@ -1,0 +1,66 @@
+//! Gauges sampled from the handles each time `/metrics` is scraped, named
+//! in one place. Labels are queue names and fixed words.
+//!
+//! Counters are emitted where things happen (`amqp::metrics`,
+//! `buffer::metric`, `dispatch::metric`, `dispatch::reload::RELOADS`); the
+//! spool's depth, bytes and oldest age are gauges the spool keeps current.
+
+use crate::amqp::ConnectionState;
+use crate::app::AppHandle;
+
+/// Gauge: 1 for the connection's current state, 0 for the others, by
+/// `state` (connecting, declaring, running, blocked, recovering,
+/// auth-failed, stopping, stopped).
+pub const CONNECTION_STATE: &str = "warren_amqp_connection_state";
+/// Gauge: the connection's session generation.
+pub const GENERATION: &str = "warren_amqp_generation";
+/// Gauge: consumers Warren believes it has, by `queue`.
+pub const CONSUMERS: &str = "warren_consumers";
+/// Gauge: the broker's consumer count at the last check, by `queue`.
+pub const BROKER_CONSUMERS: &str = "warren_broker_consumers";
+/// Gauge: ready messages in the queue at the last check (the lag), by
+/// `queue`.
+pub const QUEUE_DEPTH: &str = "warren_queue_depth";
+/// Gauge: 1 while ready.
+pub const READY: &str = "warren_ready";
+/// Gauge: plugins loaded.
+pub const PLUGINS_LOADED: &str = "warren_plugins_loaded";
+/// Gauge: plugin files that failed at the last start or reload.
+pub const PLUGINS_FAILED: &str = "warren_plugins_failed";
+
+const STATES: [&str; 8] = [
+    "connecting",
+    "declaring",
+    "running",
+    "blocked",
+    "recovering",
+    "auth-failed",
+    "stopping",
+    "stopped",
+];
+
+/// Set every gauge from the current state of `app`.
+pub(crate) fn sample(app: &AppHandle) {
+    let status = app.amqp.status_now();
+    let current = status.state.name();
+    for s in STATES {
+        metrics::gauge!(CONNECTION_STATE, "state" => s).set(if s == current { 1.0 } else { 0.0 });
+    }
+    metrics::gauge!(GENERATION).set(status.generation as f64);
+    debug_assert!(
+        STATES.contains(&ConnectionState::Running.name()),
+        "state names listed"
+    );
+    for c in app.amqp.consumers() {
+        metrics::gauge!(CONSUMERS, "queue" => c.queue.clone()).set(f64::from(c.believed_consumers));
+        if let Some((n, _)) = c.broker_consumers {
+            metrics::gauge!(BROKER_CONSUMERS, "queue" => c.queue.clone()).set(f64::from(n));
+        }
+        if let Some(n) = c.broker_messages {
+            metrics::gauge!(QUEUE_DEPTH, "queue" => c.queue.clone()).set(f64::from(n));
+        }
+    }
+    metrics::gauge!(READY).set(if app.readiness().ready { 1.0 } else { 0.0 });
+    metrics::gauge!(PLUGINS_LOADED).set(app.reloader.plugins().len() as f64);
+    metrics::gauge!(PLUGINS_FAILED).set(app.failed_plugins().len() as f64);
+}

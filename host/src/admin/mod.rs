@@ -1,0 +1,113 @@
+//! The admin HTTP API (axum): health, readiness, status, metrics, plugin
+//! management and publishing.
+//!
+//! Reads handles ([`AppHandle`]) and never owns state: plugin changes go
+//! through the [`crate::dispatch::reload::Reloader`], publishes through the
+//! outbox. Files in the plugins directory are the one thing it writes
+//! (uploads, atomically) and removes.
+//!
+//! | Endpoint | Answers |
+//! |---|---|
+//! | `GET /live` | 200 while the process runs |
+//! | `GET /ready` | 200, or 503 with the reasons |
+//! | `GET /status` | 200, JSON |
+//! | `GET /metrics` | 200, Prometheus text (503 without a recorder) |
+//! | `GET /plugins` | 200, JSON |
+//! | `POST /plugins/reload` | 200 with the report; 503 while shutting down |
+//! | `PUT /plugins/{name}` | 200 with the report; 400 bad name; 413 too large; 422 not a valid plugin |
+//! | `DELETE /plugins/{name}` | 200 with the report; 400 bad name; 404 no such plugin |
+//! | `POST /publish` | 200 with the placement; 400/415/422 bad request; 503 refused |
+//!
+//! Mutating endpoints answer 401 (and change nothing) without the
+//! configured bearer token. Every error body is `{"error": "..."}`. A 500
+//! means the plugins directory itself failed (a read or write error).
+//!
+//! - `handlers`: the endpoints,
+//! - `status`: the `/status` document,
+//! - [`metric`]: gauges sampled when `/metrics` is scraped.
+
+mod handlers;
+pub mod metric;
+mod status;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post, put};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use crate::app::AppHandle;
+use crate::config::{AdminSection, Secret};
+
+/// Why the admin server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("failed to bind the admin API to {0}: {1}")]
+    Bind(String, std::io::Error),
+}
+
+/// What the handlers share.
+#[derive(Clone)]
+pub(crate) struct AdminState {
+    pub(crate) app: AppHandle,
+    pub(crate) token: Option<Arc<Secret>>,
+    pub(crate) max_body_bytes: usize,
+}
+
+/// Bind the admin listener (before anything else starts, so a taken port
+/// fails the start).
+pub async fn bind(addr: &str) -> Result<TcpListener, AdminError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| AdminError::Bind(addr.to_string(), e))
+}
+
+/// The admin API over `app`.
+pub fn router(app: AppHandle, config: &AdminSection) -> Router {
+    let state = AdminState {
+        app,
+        token: config.token.clone().map(Arc::new),
+        max_body_bytes: config.max_body_bytes,
+    };
+    // The token is checked before any body is read.
+    let mutating = Router::new()
+        .route("/plugins/reload", post(handlers::reload))
+        .route(
+            "/plugins/{name}",
+            put(handlers::put_plugin).delete(handlers::delete_plugin),
+        )
+        .route("/publish", post(handlers::publish))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            handlers::require_token,
+        ));
+    Router::new()
+        .route("/live", get(handlers::live))
+        .route("/ready", get(handlers::ready))
+        .route("/status", get(handlers::status))
+        .route("/metrics", get(handlers::metrics))
+        .route("/plugins", get(handlers::plugins))
+        .merge(mutating)
+        .fallback(handlers::not_found)
+        .method_not_allowed_fallback(handlers::method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            handlers::check_length,
+        ))
+        .layer(DefaultBodyLimit::max(config.max_body_bytes))
+        .with_state(state)
+}
+
+/// Serve until `cancel`, then finish the requests in progress.
+pub async fn serve(listener: TcpListener, router: Router, cancel: CancellationToken) {
+    let shutdown = async move { cancel.cancelled().await };
+    if let Err(e) = axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+    {
+        warn!(error = %e, "The admin server stopped with an error.");
+    }
+}
