@@ -4,8 +4,10 @@
 //! the test injects, on a schedule: forced connection closes, a blackhole
 //! of several heartbeats, `kill -9` of the broker and a restart, `kill -9`
 //! of the Redis primary and a manual `SENTINEL FAILOVER` while outputs are
-//! spooled, and a hot reload. At the end every input must be acked and
-//! every output received at least once.
+//! spooled, and a hot reload of the plugin serving the first queue (the
+//! `stamp` fixture, 1.0.0 → 2.0.0, which echoes like `echo` and stamps its
+//! version on each output). At the end every input must be acked and every
+//! output received at least once.
 //!
 //! N defaults to 20,000; `WARREN_GAUNTLET_N=100000` makes it a soak.
 
@@ -140,7 +142,7 @@ async fn gauntlet_loses_nothing() {
     drop(broker);
 
     let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(wasm("echo").unwrap(), dir.path().join("echo.wasm")).unwrap();
+    std::fs::copy(wasm("stamp").unwrap(), dir.path().join("stamp.wasm")).unwrap();
     std::fs::copy(wasm("router").unwrap(), dir.path().join("router.wasm")).unwrap();
     let sentinels = redis
         .sentinel_urls()
@@ -161,8 +163,6 @@ async fn gauntlet_loses_nothing() {
         sentinels = [{sentinels}]
         master-name = "{master}"
         stream-key = "{stream}"
-        [admin]
-        bind = "127.0.0.1:0"
         [plugins]
         dir = "{dir}"
         [dispatch]
@@ -171,7 +171,9 @@ async fn gauntlet_loses_nothing() {
         dead-letter-queue = "g.dlq"
         [shutdown]
         grace-period-ms = 15000
-        [plugin.echo]
+        [admin]
+        bind = "127.0.0.1:0"
+        [plugin.stamp]
         subscriptions = [{{ queue = "{echo_in}", prefetch = 200 }}]
         config = {{ routing-key = "{echo_out}" }}
         [plugin.router]
@@ -250,6 +252,19 @@ async fn gauntlet_loses_nothing() {
     faults.push("SENTINEL FAILOVER while spooling");
     until_ready(&handle, "ready after sentinel failover").await;
 
+    // 6. Hot reload: a new version of the plugin serving the first queue.
+    until_published(&published, 6 * step).await;
+    let v2 = std::fs::read(wasm("stamp-v2").unwrap()).unwrap();
+    let tmp = dir.path().join("stamp.wasm.tmp");
+    std::fs::write(&tmp, &v2).unwrap();
+    std::fs::rename(&tmp, dir.path().join("stamp.wasm")).unwrap();
+    let r = warren_it::http::request(app.admin_addr(), "POST", "/plugins/reload", &[], None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains("2.0.0"), "reload report: {}", r.text());
+    faults.push("hot reload stamp 1.0.0 -> 2.0.0");
+
     publisher.await.unwrap();
     let publish_done = started.elapsed();
 
@@ -270,6 +285,10 @@ async fn gauntlet_loses_nothing() {
         .await
         .unwrap();
     let lost = echo_missing.len() + routed_missing.len();
+    let on_v2 = echoed
+        .iter()
+        .filter(|g| g.header_str("x-stamp-version").as_deref() == Some("2.0.0"))
+        .count();
     let duplicates = (echoed.len() + routed_got.len()) as u64 + lost as u64 - n;
     let spool = handle.spool.status().await;
     let generation = handle.amqp.status_now().generation;
@@ -279,7 +298,7 @@ async fn gauntlet_loses_nothing() {
     let in_router = check.message_count(&router_in).await.unwrap();
     let dead = check.message_count("g.dlq").await.unwrap_or(0);
     println!(
-        "gauntlet: messages={n} faults={} duplicates={duplicates} lost={lost} unacked={} dead_lettered={dead} spooled={} amqp_sessions={generation} took={:.0}s (publishing {:.0}s)",
+        "gauntlet: messages={n} faults={} duplicates={duplicates} lost={lost} unacked={} dead_lettered={dead} spooled={} amqp_sessions={generation} handled_by_reloaded={on_v2} took={:.0}s (publishing {:.0}s)",
         faults.len(),
         in_echo + in_router,
         spool.appended,
@@ -301,4 +320,5 @@ async fn gauntlet_loses_nothing() {
     assert_eq!(in_echo + in_router, 0, "inputs left unacked");
     assert_eq!(dead, 0, "nothing should be dead-lettered");
     assert!(spool.appended > 0, "no output went through the spool");
+    assert!(on_v2 > 0, "no output was handled by the reloaded version");
 }
