@@ -1,20 +1,7 @@
-//! The plugins directory: every `*.wasm` file in it, loaded and checked.
-//! A broken file is reported and skipped; the others load.
+//! The plugins directory: which `*.wasm` files it holds. Loading them (and
+//! reporting the broken ones) is `dispatch::reload::scan`'s job.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-
-use super::plugin::{Plugin, PluginSettings};
-use super::runtime::PluginRuntime;
-
-/// What loading a directory found.
-#[derive(Debug, Default)]
-pub struct DirectoryLoad {
-    /// Loaded plugins, by manifest name.
-    pub loaded: BTreeMap<String, Plugin>,
-    /// Files that are not valid plugins, with a one-line reason each.
-    pub failed: Vec<(PathBuf, String)>,
-}
 
 /// Why the directory itself could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -39,42 +26,4 @@ pub fn wasm_files(dir: &Path) -> Result<Vec<PathBuf>, DirectoryError> {
     }
     files.sort();
     Ok(files)
-}
-
-impl PluginRuntime {
-    /// Load every `*.wasm` in `dir`. `settings` are per manifest name;
-    /// plugins without an entry get the defaults. Two files declaring the
-    /// same plugin name: the first (by file name) wins, the second fails.
-    pub async fn load_directory(
-        &self,
-        dir: &Path,
-        settings: &BTreeMap<String, PluginSettings>,
-    ) -> Result<DirectoryLoad, DirectoryError> {
-        let mut out = DirectoryLoad::default();
-        for path in wasm_files(dir)? {
-            match self.load_file(&path, &PluginSettings::default()).await {
-                Ok(plugin) => {
-                    let name = plugin.name().to_string();
-                    if let Some(first) = out.loaded.get(&name) {
-                        out.failed.push((
-                            path.clone(),
-                            format!(
-                                "{}: plugin name {name:?} is already loaded from {}",
-                                path.display(),
-                                first.path().display()
-                            ),
-                        ));
-                        continue;
-                    }
-                    let plugin = match settings.get(&name) {
-                        Some(s) => plugin.with_settings(s),
-                        None => plugin,
-                    };
-                    out.loaded.insert(name, plugin);
-                }
-                Err(e) => out.failed.push((path, e.to_string())),
-            }
-        }
-        Ok(out)
-    }
 }

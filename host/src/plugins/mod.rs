@@ -9,7 +9,7 @@
 //! - `bindings`: the one `bindgen!` of the host.
 //! - [`runtime`]: engine, linker, epoch ticker.
 //! - [`plugin`]: loading and invoking one plugin.
-//! - [`directory`]: loading every plugin in a directory.
+//! - [`directory`]: the `*.wasm` files of the plugins directory.
 //! - `instance`: one invocation's store and the `host` imports.
 //! - [`manifest`], [`limits`], [`outcome`]: plain data and validation.
 
@@ -22,7 +22,7 @@ pub mod outcome;
 pub mod plugin;
 pub mod runtime;
 
-pub use directory::{DirectoryError, DirectoryLoad};
+pub use directory::DirectoryError;
 pub use limits::{Limits, LimitsOverride};
 pub use manifest::Manifest;
 pub use outcome::{LoadError, Outcome, TrapKind};
