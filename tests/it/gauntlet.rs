@@ -94,16 +94,33 @@ async fn until_published(published: &AtomicU64, at_least: u64) {
     .unwrap();
 }
 
-/// Blackhole the proxy until some outputs have gone to the spool.
-async fn spool_some(proxy: &Proxy, handle: &AppHandle) {
+/// Blackhole the proxy and publish `SPOOLED` messages to `sink` through
+/// Warren's outbox until they are in the spool. (Plugin outputs alone may
+/// not reach the spool: a consumer that has caught up has nothing in
+/// flight when the blackhole starts.) Returns the bodies published.
+async fn spool_some(proxy: &Proxy, handle: &AppHandle, sink: &str, round: u32) -> Vec<Vec<u8>> {
+    const SPOOLED: usize = 100;
     let before = handle.spool.status().await.appended;
     proxy.set_mode(Mode::Blackhole);
-    wait::until_true("outputs spooled", Duration::from_secs(60), || {
-        let h = handle.clone();
-        async move { h.spool.status().await.appended > before + 50 }
-    })
-    .await
-    .unwrap();
+    let bodies: Vec<Vec<u8>> = (0..SPOOLED)
+        .map(|i| format!("spooled-{round}-{i}").into_bytes())
+        .collect();
+    let mut publishes = tokio::task::JoinSet::new();
+    for body in &bodies {
+        let outbox = handle.dispatcher.outbox().clone();
+        let msg = warren::message::OutboundMessage::new("", sink, body.clone());
+        publishes.spawn(async move { outbox.publish(&msg).await });
+    }
+    while let Some(r) = publishes.join_next().await {
+        r.unwrap().expect("the spool takes what the broker cannot");
+    }
+    let after = handle.spool.status().await.appended;
+    assert!(
+        after >= before + SPOOLED as u64,
+        "spooled {} of {SPOOLED}",
+        after - before
+    );
+    bodies
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -139,6 +156,8 @@ async fn gauntlet_loses_nothing() {
         .bind(&routed, "orders.routed", &format!("orders.{region}"))
         .await
         .unwrap();
+    let sink = unique("g-sink");
+    broker.declare_queue(&sink).await.unwrap();
     drop(broker);
 
     let dir = tempfile::tempdir().unwrap();
@@ -225,7 +244,7 @@ async fn gauntlet_loses_nothing() {
 
     // 4. While outputs are being spooled, the Redis primary dies.
     until_published(&published, 4 * step).await;
-    spool_some(&proxy, &handle).await;
+    let mut sunk = spool_some(&proxy, &handle, &sink, 1).await;
     let old = redis.primary_port().await.unwrap();
     redis.kill9(old).await.unwrap();
     redis
@@ -240,7 +259,7 @@ async fn gauntlet_loses_nothing() {
 
     // 5. While outputs are being spooled, a manual Sentinel failover.
     until_published(&published, 5 * step).await;
-    spool_some(&proxy, &handle).await;
+    sunk.extend(spool_some(&proxy, &handle, &sink, 2).await);
     let old = redis.primary_port().await.unwrap();
     redis.failover().await.unwrap();
     redis
@@ -284,12 +303,17 @@ async fn gauntlet_loses_nothing() {
         .collect_until_complete(&routed, &want(1), Duration::from_secs(300))
         .await
         .unwrap();
-    let lost = echo_missing.len() + routed_missing.len();
+    let (_, sink_missing) = check
+        .collect_until_complete(&sink, &sunk.into_iter().collect(), Duration::from_secs(120))
+        .await
+        .unwrap();
+    let lost = echo_missing.len() + routed_missing.len() + sink_missing.len();
     let on_v2 = echoed
         .iter()
         .filter(|g| g.header_str("x-stamp-version").as_deref() == Some("2.0.0"))
         .count();
-    let duplicates = (echoed.len() + routed_got.len()) as u64 + lost as u64 - n;
+    let duplicates =
+        (echoed.len() + routed_got.len() + echo_missing.len() + routed_missing.len()) as u64 - n;
     let spool = handle.spool.status().await;
     let generation = handle.amqp.status_now().generation;
 
