@@ -36,6 +36,10 @@ fn messages() -> u64 {
 /// Publish `n` numbered messages (even to `echo_in`, odd to `router_in`)
 /// with confirms, reconnecting and republishing the unconfirmed chunk after
 /// any failure: what a careful producer does across broker restarts.
+///
+/// From message `hold_at` on it waits until `release` turns true, so the
+/// last fault (the hot reload) is sure to land before the stream ends
+/// however long the earlier faults took.
 async fn publish_resilient(
     url: String,
     echo_in: String,
@@ -43,6 +47,7 @@ async fn publish_resilient(
     region: String,
     n: u64,
     published: Arc<AtomicU64>,
+    (hold_at, mut release): (u64, tokio::sync::watch::Receiver<bool>),
 ) {
     const CHUNK: u64 = 100;
     let mut next = 0;
@@ -52,6 +57,9 @@ async fn publish_resilient(
             continue;
         };
         while next < n {
+            if next >= hold_at && release.wait_for(|r| *r).await.is_err() {
+                return;
+            }
             let end = (next + CHUNK).min(n);
             let (even, odd): (Vec<u64>, Vec<u64>) = (next..end).partition(|i| i % 2 == 0);
             let bodies = |ids: Vec<u64>| -> Vec<String> {
@@ -209,6 +217,8 @@ async fn gauntlet_loses_nothing() {
     until_ready(&handle, "warren ready").await;
 
     let published = Arc::new(AtomicU64::new(0));
+    let step = n / 8;
+    let (release, hold) = tokio::sync::watch::channel(false);
     let publisher = tokio::spawn(publish_resilient(
         rabbit.amqp_url(),
         echo_in.clone(),
@@ -216,9 +226,9 @@ async fn gauntlet_loses_nothing() {
         region.clone(),
         n,
         published.clone(),
+        (7 * step, hold),
     ));
     let mut faults: Vec<&str> = Vec::new();
-    let step = n / 8;
 
     // 1. The broker force-closes every connection (320).
     until_published(&published, step).await;
@@ -254,6 +264,7 @@ async fn gauntlet_loses_nothing() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     proxy.set_mode(Mode::Pass);
     redis.restart_node(old).await.unwrap();
+    redis.wait_healed(Duration::from_secs(60)).await.unwrap();
     faults.push("kill -9 redis primary while spooling");
     until_ready(&handle, "ready after redis primary kill").await;
 
@@ -283,6 +294,7 @@ async fn gauntlet_loses_nothing() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(r.text().contains("2.0.0"), "reload report: {}", r.text());
     faults.push("hot reload stamp 1.0.0 -> 2.0.0");
+    release.send_replace(true);
 
     publisher.await.unwrap();
     let publish_done = started.elapsed();

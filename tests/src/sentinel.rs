@@ -48,6 +48,15 @@ fn distinct_ports<const N: usize>() -> Result<[u16; N]> {
         .map_err(|_| anyhow::anyhow!("could not collect {N} ports"))
 }
 
+/// How long [`Topology::failover`] waits for Sentinel to have a replica it
+/// can promote.
+const FAILOVER_READY: Duration = Duration::from_secs(30);
+
+/// Sentinel's refusals that mean "not now" rather than "never".
+fn is_not_ready(e: &redis::RedisError) -> bool {
+    matches!(e.code(), Some("NOGOODSLAVE" | "INPROG"))
+}
+
 async fn conn(port: u16) -> Result<redis::aio::MultiplexedConnection> {
     let client = redis::Client::open(format!("redis://127.0.0.1:{port}"))?;
     let cfg = AsyncConnectionConfig::new()
@@ -237,15 +246,28 @@ impl Topology {
         self.run_script("restart-node", &[port.to_string()]).await
     }
 
-    /// `SENTINEL FAILOVER` on the first sentinel.
+    /// `SENTINEL FAILOVER` on the first sentinel. Right after an earlier
+    /// failover or a node restart Sentinel may have no replica it deems fit
+    /// yet (`NOGOODSLAVE`: the replicas are still resynchronising) or still
+    /// be finishing the last one (`INPROG`); those are retried until
+    /// `FAILOVER_READY` passes, anything else fails at once.
     pub async fn failover(&self) -> Result<()> {
-        let mut c = conn(self.sentinel_ports[0]).await?;
-        let _: String = redis::cmd("SENTINEL")
-            .arg("FAILOVER")
-            .arg(&self.master_name)
-            .query_async(&mut c)
-            .await?;
-        Ok(())
+        let deadline = std::time::Instant::now() + FAILOVER_READY;
+        loop {
+            let mut c = conn(self.sentinel_ports[0]).await?;
+            let r: redis::RedisResult<String> = redis::cmd("SENTINEL")
+                .arg("FAILOVER")
+                .arg(&self.master_name)
+                .query_async(&mut c)
+                .await;
+            match r {
+                Ok(_) => return Ok(()),
+                Err(e) if is_not_ready(&e) && std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(wait::POLL * 5).await;
+                }
+                Err(e) => return Err(e).context("SENTINEL FAILOVER"),
+            }
+        }
     }
 
     /// Wait until Sentinel names a primary other than `old` and that node
@@ -254,6 +276,19 @@ impl Topology {
         wait::until("a new primary", timeout, || async {
             let p = self.primary_port().await.ok()?;
             (p != old && self.role(p).await.ok()? == "master").then_some(p)
+        })
+        .await
+    }
+
+    /// Wait until the primary Sentinel names has both other data nodes
+    /// online as replicas: the topology is whole again after a kill and a
+    /// restart.
+    pub async fn wait_healed(&self, timeout: Duration) -> Result<()> {
+        wait::until_true("both replicas online again", timeout, || async {
+            match self.primary_port().await {
+                Ok(p) => self.online_replicas(p).await.is_ok_and(|n| n >= 2),
+                Err(_) => false,
+            }
         })
         .await
     }
