@@ -45,6 +45,7 @@ pub(crate) async fn run(
     inflight: TaskTracker,
     stop: CancellationToken,
 ) {
+    let mut handles: Option<Arc<metric::PluginMetrics>> = None;
     loop {
         let delivery = tokio::select! {
             biased;
@@ -61,6 +62,12 @@ pub(crate) async fn run(
             continue;
         }
         let current = plugin.borrow().clone();
+        let metrics = match &handles {
+            Some(m) if m.plugin() == current.name() => m.clone(),
+            _ => handles
+                .insert(Arc::new(metric::PluginMetrics::new(current.name())))
+                .clone(),
+        };
         // Backpressure: the permit is taken before instantiating and held
         // until the delivery is settled. Cancel-safe: a delivery dropped
         // here unsettled is nacked with requeue by its acker.
@@ -72,7 +79,7 @@ pub(crate) async fn run(
                 Err(_) => break,
             },
         };
-        inflight.spawn(handle(ctx.clone(), current, permit, delivery));
+        inflight.spawn(handle(ctx.clone(), current, metrics, permit, delivery));
     }
     debug!(queue = %ctx.queue, "Route stopped taking deliveries.");
 }
@@ -80,6 +87,7 @@ pub(crate) async fn run(
 async fn handle(
     ctx: Arc<RouteContext>,
     plugin: Plugin,
+    metrics: Arc<metric::PluginMetrics>,
     _permit: OwnedSemaphorePermit,
     d: amqp::Delivery,
 ) {
@@ -105,7 +113,7 @@ async fn handle(
         span.record("trace_id", tracing::field::display(trace.trace_id_hex()));
         span.record("span_id", tracing::field::display(trace.span_id_hex()));
     }
-    handle_in_span(&ctx, &plugin, d, &trace)
+    handle_in_span(&ctx, &plugin, &metrics, d, &trace)
         .instrument(span)
         .await;
 }
@@ -113,6 +121,7 @@ async fn handle(
 async fn handle_in_span(
     ctx: &RouteContext,
     plugin: &Plugin,
+    metrics: &metric::PluginMetrics,
     d: amqp::Delivery,
     trace: &TraceContext,
 ) {
@@ -128,7 +137,7 @@ async fn handle_in_span(
     };
     let started = Instant::now();
     let outcome = plugin.invoke(&input).await;
-    metric::handled(plugin.name(), &outcome, started.elapsed());
+    metrics.handled(&outcome, started.elapsed());
     tracing::Span::current().record("outcome", outcome.label());
 
     let mut settle: Vec<OutboundMessage> = match outcome {
