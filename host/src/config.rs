@@ -108,7 +108,10 @@ pub struct SpoolSection {
     /// Spooled messages the drainer keeps awaiting their confirm at once.
     /// 1 keeps strict order even when a republish fails mid-way; larger
     /// windows drain much faster, and a failed republish then comes again
-    /// after the ones behind it.
+    /// after the ones behind it. Default 1024, the drainer's read batch:
+    /// with 256-byte persistent messages the drain then runs at about the
+    /// broker's own confirmed-publish rate (`bench --bin spool`), where 256
+    /// left it at 11k/s.
     pub drain_window: usize,
 }
 
@@ -124,7 +127,7 @@ impl Default for SpoolSection {
             wait_timeout_ms: 500,
             max_entries: 1_000_000,
             max_bytes: 512 << 20,
-            drain_window: 256,
+            drain_window: 1024,
         }
     }
 }

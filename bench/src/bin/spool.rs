@@ -207,8 +207,13 @@ async fn main() -> Result<()> {
     .await?;
     let replicas = handle.status().await.wait_for_replicas;
 
-    let window = env_or("DRAIN_WINDOW", 1024);
-    let batch = env_or("DRAIN_BATCH", 1024);
+    // Warren's defaults (`spool.drain-window`, the drainer's read batch)
+    // unless overridden for an experiment.
+    let window = env_or(
+        "DRAIN_WINDOW",
+        warren::config::SpoolSection::default().drain_window,
+    );
+    let batch = env_or("DRAIN_BATCH", DrainerConfig::default().batch);
     let single_rate = single(&handle, 2).await?;
     let grouped_rate = grouped(&handle, 2).await?;
 
