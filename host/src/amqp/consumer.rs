@@ -455,6 +455,13 @@ async fn subscribe(
     Ok((channel, consumer))
 }
 
+/// A broker-side consumer check in flight: consumers and messages, or why
+/// it failed or timed out.
+type Check = futures::future::BoxFuture<
+    'static,
+    Result<Result<(u32, u32), AmqpError>, tokio::time::error::Elapsed>,
+>;
+
 #[allow(clippy::too_many_arguments)]
 async fn pump(
     ctx: &ConsumerCtx,
@@ -478,6 +485,7 @@ async fn pump(
         ctx.check_interval,
     );
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut checking: Option<Check> = None;
     let mut stopping: Option<tokio::time::Instant> = None;
     let consumer_tag = consumer.tag();
     let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
@@ -619,8 +627,23 @@ async fn pump(
                     break end;
                 }
             }
-            _ = check.tick() => {
-                match tokio::time::timeout(Duration::from_secs(5), topology::inspect_queue(channel, queue)).await {
+            // The broker-side check runs beside the pump, not inline: a
+            // passive declare of a busy quorum queue can take tens of ms,
+            // and deliveries and acks must keep flowing meanwhile.
+            _ = check.tick(), if checking.is_none() => {
+                let (ch, q) = (channel.clone(), queue.to_owned());
+                checking = Some(Box::pin(async move {
+                    tokio::time::timeout(Duration::from_secs(5), topology::inspect_queue(&ch, &q)).await
+                }));
+            }
+            r = async {
+                match checking.as_mut() {
+                    Some(f) => f.await,
+                    None => std::future::pending().await,
+                }
+            }, if checking.is_some() => {
+                checking = None;
+                match r {
                     Ok(Ok((consumers, messages))) => {
                         ctx.shared.update_sub(queue, |s| {
                             s.broker_consumers = Some((consumers, SystemTime::now()));
