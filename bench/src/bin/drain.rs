@@ -15,12 +15,9 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use warren::app::App;
-use warren::config::Config;
-
-const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+use warren_bench::{URL, declare_quorum, start_warren};
 const BODY: usize = 256;
 const PREFETCH: u16 = 1000;
 /// Batched acks: `multiple = true` every this many deliveries.
@@ -106,24 +103,6 @@ async fn main() -> Result<()> {
             "NOT met"
         }
     );
-    Ok(())
-}
-
-async fn declare_quorum(ch: &Channel, queue: &str) -> Result<()> {
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString("quorum".into()),
-    );
-    ch.queue_declare(
-        queue.into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        args,
-    )
-    .await?;
     Ok(())
 }
 
@@ -228,39 +207,23 @@ async fn drain_pika(queue: &str, n: u64) -> Result<f64> {
 /// All of Warren with the noop plugin; done when it has acked `n`
 /// deliveries (read from its plugin counters).
 async fn drain_warren(queue: &str, n: u64) -> Result<f64> {
-    let dir = tempfile::tempdir()?;
-    std::fs::copy(
-        warren_it::plugins::wasm("noop")?,
-        dir.path().join("noop.wasm"),
-    )?;
-    let text = format!(
-        r#"
-        [admin]
-        bind = "127.0.0.1:0"
-        [plugins]
-        dir = "{dir}"
-        [spool]
-        stream-key = "bench.spool.{id}"
-        [plugin.noop]
-        subscriptions = [{{ queue = "{queue}", prefetch = {PREFETCH} }}]
-        [dispatch]
-        retry-exchange = "bench.retry"
-        dead-letter-exchange = "bench.dlx"
-        dead-letter-queue = "bench.dlq"
-        [telemetry]
-        log-level = "warn"
-        "#,
-        dir = dir.path().display(),
-        id = uuid::Uuid::new_v4().simple(),
-    );
-    let config = Config::parse(&text, Vec::new()).map_err(|p| anyhow::anyhow!("{p:?}"))?;
+    let warren = start_warren(
+        &["noop"],
+        &format!(
+            r#"
+            [plugin.noop]
+            subscriptions = [{{ queue = "{queue}", prefetch = {PREFETCH} }}]
+            "#
+        ),
+    )
+    .await?;
     // Loading and compiling the plugin is start-up, not drain: the clock
     // starts when the consumer is being registered.
-    let app = App::start(config).await?;
     let started = Instant::now();
     // Polled every millisecond: the plugin's own atomic counters, not a
     // Prometheus render, which cost ~4% of the drain when polled this often.
-    let noop = app
+    let noop = warren
+        .app
         .handle()
         .reloader
         .plugins()
@@ -278,6 +241,6 @@ async fn drain_warren(queue: &str, n: u64) -> Result<f64> {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let secs = started.elapsed().as_secs_f64();
-    app.shutdown().await;
+    warren.shutdown().await;
     Ok(secs)
 }

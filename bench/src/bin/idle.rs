@@ -3,11 +3,10 @@
 //! nothing but Warren). `cargo run --release -p warren-bench --bin idle`.
 //! Needs RabbitMQ on 127.0.0.1:5672 and Redis on 127.0.0.1:6379.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
-use warren::app::App;
-use warren::config::Config;
+use anyhow::{Context, Result};
+use warren_bench::start_warren;
 
 const PLUGINS: [&str; 10] = [
     "echo",
@@ -33,42 +32,17 @@ fn rss_kib() -> Result<u64> {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let mut overrides = String::new();
-    for name in PLUGINS {
-        std::fs::copy(
-            warren_it::plugins::wasm(name)?,
-            dir.path().join(format!("{name}.wasm")),
-        )?;
-        overrides.push_str(&format!(
-            "[plugin.{name}]\nsubscriptions = [{{ queue = \"bench.idle.{name}\", prefetch = 10 }}]\n"
-        ));
-    }
     let before = rss_kib()?;
-    let text = format!(
-        r#"
-        [admin]
-        bind = "127.0.0.1:0"
-        [plugins]
-        dir = "{dir}"
-        [spool]
-        stream-key = "bench.idle.spool"
-        [telemetry]
-        log-level = "warn"
-        {overrides}
-        "#,
-        dir = dir.path().display(),
-    );
-    let config = Config::parse(&text, Vec::new()).map_err(|p| anyhow::anyhow!("{p:?}"))?;
-    let app = App::start(config).await?;
-    let handle = app.handle();
-    let started = Instant::now();
-    while !handle.readiness().ready {
-        if started.elapsed() > Duration::from_secs(60) {
-            bail!("not ready: {:?}", handle.readiness());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let overrides: String = PLUGINS
+        .iter()
+        .map(|name| {
+            format!(
+                "[plugin.{name}]\nsubscriptions = [{{ queue = \"bench.idle.{name}\", prefetch = 10 }}]\n"
+            )
+        })
+        .collect();
+    let warren = start_warren(&PLUGINS, &overrides).await?;
+    warren.ready(Duration::from_secs(60)).await?;
     // Idle: let start-up garbage settle, then sample for a few seconds.
     let mut samples = Vec::new();
     for _ in 0..10 {
@@ -76,7 +50,7 @@ async fn main() -> Result<()> {
         samples.push(rss_kib()?);
     }
     let idle = samples.iter().copied().max().unwrap_or_default();
-    app.shutdown().await;
+    warren.shutdown().await;
     println!("## Idle resident memory, 10 plugins loaded, consumers registered\n");
     println!("| measure | MiB |");
     println!("|---|---:|");

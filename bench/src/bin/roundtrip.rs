@@ -11,18 +11,15 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+    ConfirmSelectOptions, QueueDeleteOptions,
 };
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use warren::app::App;
-use warren::config::Config;
-
-const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use warren_bench::{URL, Warren, declare_quorum, start_warren};
 const BODY: usize = 256;
 const RATE: u64 = 1_000;
 const WARMUP: u64 = 1_000;
@@ -56,13 +53,24 @@ async fn main() -> Result<()> {
                 output.clone(),
             )))
         } else {
-            let (app, dir) = start_warren(&input, &output).await?;
-            Relay::Warren(Box::new(app), dir)
+            let warren = start_warren(
+                &["echo"],
+                &format!(
+                    r#"
+                    [plugin.echo]
+                    subscriptions = [{{ queue = "{input}", prefetch = {PREFETCH} }}]
+                    config = {{ routing-key = "{output}" }}
+                    "#
+                ),
+            )
+            .await?;
+            warren.ready(Duration::from_secs(30)).await?;
+            Relay::Warren(Box::new(warren))
         };
         let mut latencies = measure(&conn, &input, &output, n).await?;
         match relay {
             Relay::Lapin(task) => task.abort(),
-            Relay::Warren(app, _dir) => app.shutdown().await,
+            Relay::Warren(warren) => warren.shutdown().await,
         }
         for q in [&input, &output] {
             ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
@@ -100,29 +108,11 @@ async fn main() -> Result<()> {
 
 enum Relay {
     Lapin(tokio::task::JoinHandle<Result<()>>),
-    Warren(Box<App>, tempfile::TempDir),
+    Warren(Box<Warren>),
 }
 
 fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
-}
-
-async fn declare_quorum(ch: &Channel, queue: &str) -> Result<()> {
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString("quorum".into()),
-    );
-    ch.queue_declare(
-        queue.into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        args,
-    )
-    .await?;
-    Ok(())
 }
 
 /// Publish `WARMUP + n` messages at `RATE`/s, each carrying its send time,
@@ -217,44 +207,4 @@ async fn lapin_relay(conn: Connection, input: String, output: String) -> Result<
             Some(r) = settling.next(), if !settling.is_empty() => r?,
         }
     }
-}
-
-async fn start_warren(input: &str, output: &str) -> Result<(App, tempfile::TempDir)> {
-    let dir = tempfile::tempdir()?;
-    std::fs::copy(
-        warren_it::plugins::wasm("echo")?,
-        dir.path().join("echo.wasm"),
-    )?;
-    let text = format!(
-        r#"
-        [admin]
-        bind = "127.0.0.1:0"
-        [plugins]
-        dir = "{dir}"
-        [spool]
-        stream-key = "bench.spool.{id}"
-        [plugin.echo]
-        subscriptions = [{{ queue = "{input}", prefetch = {PREFETCH} }}]
-        config = {{ routing-key = "{output}" }}
-        [dispatch]
-        retry-exchange = "bench.retry"
-        dead-letter-exchange = "bench.dlx"
-        dead-letter-queue = "bench.dlq"
-        [telemetry]
-        log-level = "warn"
-        "#,
-        dir = dir.path().display(),
-        id = uuid::Uuid::new_v4().simple(),
-    );
-    let config = Config::parse(&text, Vec::new()).map_err(|p| anyhow::anyhow!("{p:?}"))?;
-    let app = App::start(config).await?;
-    let handle = app.handle();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !handle.readiness().ready {
-        if Instant::now() > deadline {
-            bail!("Warren not ready after 30 s: {:?}", handle.readiness());
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    Ok((app, dir))
 }
