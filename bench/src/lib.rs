@@ -4,9 +4,10 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use lapin::Channel;
-use lapin::options::QueueDeclareOptions;
+use futures::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Connection};
 use warren::app::App;
 use warren::config::Config;
 
@@ -30,6 +31,53 @@ pub async fn declare_quorum(ch: &Channel, queue: &str) -> Result<()> {
     )
     .await?;
     Ok(())
+}
+
+/// The plain-lapin baseline: consume `n` messages from `queue` with
+/// `prefetch`, acking each (`every` = 1) or every `every`-th with
+/// `multiple = true`. Returns the seconds from the first delivery until the
+/// broker has processed the last ack.
+pub async fn drain_lapin(
+    conn: &Connection,
+    queue: &str,
+    n: u64,
+    every: u64,
+    prefetch: u16,
+) -> Result<f64> {
+    let ch = conn.create_channel().await?;
+    ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
+    let mut consumer = ch
+        .basic_consume(
+            queue.into(),
+            "bench".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut started = None;
+    let mut got = 0;
+    while got < n {
+        let d = tokio::time::timeout(Duration::from_secs(30), consumer.next())
+            .await
+            .context("no delivery for 30 s")?
+            .context("consumer ended")??;
+        started.get_or_insert_with(Instant::now);
+        got += 1;
+        if got % every == 0 || got == n {
+            d.ack(BasicAckOptions {
+                multiple: every > 1,
+            })
+            .await?;
+        }
+    }
+    // Acks are sent asynchronously; a synchronous method on the same
+    // channel is answered only after the broker processed them.
+    ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
+    let secs = started
+        .map(|t| t.elapsed().as_secs_f64())
+        .unwrap_or_default();
+    let _ = ch.close(200, "done".into()).await;
+    Ok(secs)
 }
 
 /// Warren running in-process, and the plugins folder it was started on.

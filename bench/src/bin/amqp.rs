@@ -10,11 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use futures::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeclareOptions,
-};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use tokio_util::sync::CancellationToken;
@@ -324,30 +320,7 @@ async fn throughput(node: &RabbitNode, n: u64, only: &str) -> Result<Vec<(String
 
 async fn drain_lapin(url: &str, queue: &str, n: u64, every: u64) -> Result<f64> {
     let conn = Connection::connect(url, ConnectionProperties::default()).await?;
-    let ch = conn.create_channel().await?;
-    ch.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
-    let mut consumer = ch
-        .basic_consume(
-            queue.into(),
-            "bench".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    let mut t0 = None;
-    let mut got = 0u64;
-    while got < n {
-        let d = consumer.next().await.context("consumer ended")??;
-        t0.get_or_insert_with(Instant::now);
-        got += 1;
-        if every == 1 {
-            d.acker.ack(BasicAckOptions::default()).await?;
-        } else if got.is_multiple_of(every) || got == n {
-            ch.basic_ack(d.delivery_tag, BasicAckOptions { multiple: true })
-                .await?;
-        }
-    }
-    let secs = t0.map(|t| t.elapsed().as_secs_f64()).unwrap_or_default();
+    let secs = warren_bench::drain_lapin(&conn, queue, n, every, PREFETCH).await?;
     let _ = conn.close(200, "drained".into()).await;
     Ok(secs)
 }

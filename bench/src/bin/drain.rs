@@ -10,14 +10,13 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use warren_bench::{URL, declare_quorum, start_warren};
+use warren_bench::{URL, declare_quorum, drain_lapin, start_warren};
+
 const BODY: usize = 256;
 const PREFETCH: u16 = 1000;
 /// Batched acks: `multiple = true` every this many deliveries.
@@ -54,8 +53,8 @@ async fn main() -> Result<()> {
         fill(&ch, &queue, n).await?;
         eprintln!("{kind}: draining…");
         let secs = match kind {
-            "lapin, ack per message" => drain_lapin(&conn, &queue, n, 1).await?,
-            "lapin, batched acks" => drain_lapin(&conn, &queue, n, BATCH).await?,
+            "lapin, ack per message" => drain_lapin(&conn, &queue, n, 1, PREFETCH).await?,
+            "lapin, batched acks" => drain_lapin(&conn, &queue, n, BATCH, PREFETCH).await?,
             "pika, ack per message" => drain_pika(&queue, n).await?,
             _ => drain_warren(&queue, n).await?,
         };
@@ -147,41 +146,6 @@ async fn message_count(conn: &Connection, queue: &str) -> Result<u32> {
         .await?;
     let _ = ch.close(200, "done".into()).await;
     Ok(q.message_count())
-}
-
-/// Plain lapin: ack every `every`-th delivery with `multiple = true`.
-async fn drain_lapin(conn: &Connection, queue: &str, n: u64, every: u64) -> Result<f64> {
-    let ch = conn.create_channel().await?;
-    ch.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
-    let mut consumer = ch
-        .basic_consume(
-            queue.into(),
-            "bench".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    let started = Instant::now();
-    let mut got = 0;
-    while got < n {
-        let d = tokio::time::timeout(Duration::from_secs(30), consumer.next())
-            .await
-            .context("no delivery for 30 s")?
-            .context("consumer ended")??;
-        got += 1;
-        if got % every == 0 || got == n {
-            d.ack(BasicAckOptions {
-                multiple: every > 1,
-            })
-            .await?;
-        }
-    }
-    let secs = started.elapsed().as_secs_f64();
-    // Acks are sent asynchronously; a synchronous method on the same
-    // channel is answered only after the broker processed them.
-    ch.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
-    let _ = ch.close(200, "done".into()).await;
-    Ok(secs)
 }
 
 /// The Python peer: `bench/pika_drain.py` (needs `pip install pika`).
