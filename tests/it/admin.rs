@@ -21,15 +21,7 @@ pub(crate) const TOKEN: &str = "test-token-0123456789abcdef";
 /// A plugins directory with copies of the named plugins (`file` ←
 /// `crate`).
 pub(crate) fn plugins_dir(plugins: &[(&str, &str)]) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for (file, krate) in plugins {
-        std::fs::copy(
-            wasm(krate).unwrap(),
-            dir.path().join(format!("{file}.wasm")),
-        )
-        .unwrap();
-    }
-    dir
+    crate::host::plugins_dir(plugins).unwrap()
 }
 
 /// Test settings: unique retry/dead-letter names and spool stream, the
@@ -87,13 +79,9 @@ pub(crate) async fn start(config: Config) -> Running {
 
 pub(crate) async fn start_ready(config: Config) -> Running {
     let r = start(config).await;
-    let h = r.handle.clone();
-    wait::until_true("warren ready", Duration::from_secs(30), || {
-        let h = h.clone();
-        async move { h.readiness().ready }
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}: {:?}", r.handle.readiness()));
+    crate::host::until_ready(&r.handle, "warren ready", Duration::from_secs(30))
+        .await
+        .unwrap();
     r
 }
 

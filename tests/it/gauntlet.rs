@@ -84,12 +84,9 @@ async fn publish_resilient(
 }
 
 async fn until_ready(handle: &AppHandle, what: &str) {
-    wait::until_true(what, Duration::from_secs(120), || {
-        let h = handle.clone();
-        async move { h.readiness().ready }
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}: {:?}", handle.readiness()));
+    crate::host::until_ready(handle, what, Duration::from_secs(120))
+        .await
+        .unwrap();
 }
 
 async fn until_published(published: &AtomicU64, at_least: u64) {

@@ -8,6 +8,7 @@ mod admin;
 mod amqp;
 mod buffer;
 mod gauntlet;
+mod host;
 mod outage;
 mod plugins;
 mod reload;

@@ -5,7 +5,6 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use warren::app::App;
 use warren::config::Config;
 use warren_it::broker::{Broker, unique};
 use warren_it::plugins::wasm;
@@ -61,14 +60,7 @@ async fn broker_outage_under_load_spools_outputs_and_drains_them_in_order() {
         dlq = unique("dlq"),
     );
     let config = Config::parse(&text, Vec::new()).unwrap();
-    let app = App::start(config).await.unwrap();
-    let handle = app.handle();
-    wait::until_true("ready", Duration::from_secs(30), || {
-        let h = handle.clone();
-        async move { h.readiness().ready }
-    })
-    .await
-    .unwrap();
+    let (app, handle) = crate::host::start_ready(config).await.unwrap();
 
     let n = 3_000;
     let bodies: Vec<String> = (0..n).map(|i| format!("{i:06}")).collect();

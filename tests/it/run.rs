@@ -5,22 +5,11 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
+use crate::host::plugins_dir;
 use lapin::ExchangeKind;
 use warren::app::{App, AppHandle};
 use warren::config::Config;
 use warren_it::broker::{Broker, Got, unique};
-use warren_it::plugins::wasm;
-use warren_it::wait;
-
-/// A plugins directory holding copies of the named example plugins.
-fn plugins_dir(names: &[&str]) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for name in names {
-        let src = wasm(name).unwrap();
-        std::fs::copy(&src, dir.path().join(format!("{name}.wasm"))).unwrap();
-    }
-    dir
-}
 
 /// Test-friendly settings: unique retry/dead-letter names and spool
 /// stream, short delays. `extra` is appended TOML.
@@ -56,15 +45,7 @@ fn config(dir: &Path, dlq: &str, extra: &str) -> Config {
 }
 
 async fn start(config: Config) -> (App, AppHandle) {
-    let app = App::start(config).await.expect("warren starts");
-    let handle = app.handle();
-    wait::until_true("warren ready", Duration::from_secs(30), || {
-        let h = handle.clone();
-        async move { h.readiness().ready }
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}: {:?}", handle.readiness()));
-    (app, handle)
+    crate::host::start_ready(config).await.unwrap()
 }
 
 fn ids(got: &[Got]) -> BTreeSet<String> {
@@ -93,7 +74,7 @@ async fn ten_thousand_messages_through_router_and_echo() {
         .bind(&routed, "orders.routed", &format!("orders.{region}"))
         .await
         .unwrap();
-    let dir = plugins_dir(&["echo", "router"]);
+    let dir = plugins_dir(&[("echo", "echo"), ("router", "router")]).unwrap();
     let dlq = unique("dlq");
     let cfg = config(
         dir.path(),
@@ -165,7 +146,13 @@ async fn poison_messages_end_in_the_dead_letter_queue_and_the_rest_keeps_flowing
         q("echo-out"),
     );
     broker.declare_queue(&echo_out).await.unwrap();
-    let dir = plugins_dir(&["panic", "spin-loop", "flaky", "echo"]);
+    let dir = plugins_dir(&[
+        ("panic", "panic"),
+        ("spin-loop", "spin-loop"),
+        ("flaky", "flaky"),
+        ("echo", "echo"),
+    ])
+    .unwrap();
     let dlq = unique("dlq");
     let cfg = config(
         dir.path(),
@@ -270,7 +257,7 @@ async fn a_broken_plugin_file_is_reported_and_the_good_ones_run() {
     let broker = Broker::shared().await.unwrap();
     let (echo_in, echo_out) = (unique("echo-in"), unique("echo-out"));
     broker.declare_queue(&echo_out).await.unwrap();
-    let dir = plugins_dir(&["echo"]);
+    let dir = plugins_dir(&[("echo", "echo")]).unwrap();
     std::fs::write(dir.path().join("broken.wasm"), b"\0asm\x0d\0\x01\0garbage").unwrap();
     let dlq = unique("dlq");
     let cfg = config(
