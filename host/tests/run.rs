@@ -5,12 +5,40 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeSet;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use warren_it::broker::{Broker, unique};
 use warren_it::plugins::wasm;
 use warren_it::wait;
+
+/// Run `warren run --config cfg` and wait until it consumes `queue`.
+async fn spawn_consuming(cfg: &std::path::Path, broker: &Broker, queue: &str) -> Child {
+    let child = Command::new(env!("CARGO_BIN_EXE_warren"))
+        .args(["run", "--config"])
+        .arg(cfg)
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    wait::until_true("warren consuming", Duration::from_secs(30), || async {
+        broker.consumer_count(queue).await.unwrap_or(0) == 1
+    })
+    .await
+    .unwrap();
+    child
+}
+
+fn sigterm(child: &Child) {
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+}
 
 #[test]
 fn a_config_file_with_several_mistakes_reports_them_all_and_exits_64() {
@@ -92,33 +120,13 @@ async fn sigterm_under_load_exits_zero_and_loses_nothing() {
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_warren"))
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .env("RUST_LOG", "warn")
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    wait::until_true("warren consuming", Duration::from_secs(30), || {
-        let b = &broker;
-        let q = &echo_in;
-        async move { b.consumer_count(q).await.unwrap_or(0) == 1 }
-    })
-    .await
-    .unwrap();
+    let mut child = spawn_consuming(&cfg, &broker, &echo_in).await;
 
     let n = 20_000;
     let bodies: Vec<String> = (0..n).map(|i| format!("m-{i}")).collect();
     broker.publish_all("", &echo_in, &bodies).await.unwrap();
     // Stop while it is still working through them.
-    let pid = child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    sigterm(&child);
     let started = Instant::now();
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
@@ -255,20 +263,7 @@ async fn delivery_spans_are_exported_over_otlp_with_the_ids_outputs_carry() {
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_warren"))
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .env("RUST_LOG", "warn")
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    wait::until_true("warren consuming", Duration::from_secs(30), || {
-        let b = &broker;
-        let q = &echo_in;
-        async move { b.consumer_count(q).await.unwrap_or(0) == 1 }
-    })
-    .await
-    .unwrap();
+    let mut child = spawn_consuming(&cfg, &broker, &echo_in).await;
     let trace = "0af7651916cd43dd8448eb211c80319c";
     let parent = format!("00-{trace}-b7ad6b7169203331-01");
     broker
@@ -288,14 +283,7 @@ async fn delivery_spans_are_exported_over_otlp_with_the_ids_outputs_carry() {
     let parts: Vec<&str> = tp.split('-').collect();
     assert_eq!(parts[1], trace, "{tp}");
     // SIGTERM flushes the exporter.
-    let pid = child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    sigterm(&child);
     let started = Instant::now();
     while child.try_wait().unwrap().is_none() {
         assert!(

@@ -160,7 +160,7 @@ async fn handle_in_span(
             )]
         }
         Outcome::Trapped { kind, message } => {
-            warn!(queue = %ctx.queue, plugin = plugin.name(), trap = %kind, %message, trace_id = %format_args!("{:032x}", trace.trace_id), "Plugin trapped; dead-lettering the delivery.");
+            warn!(queue = %ctx.queue, plugin = plugin.name(), trap = %kind, %message, trace_id = %trace.trace_id_hex(), "Plugin trapped; dead-lettering the delivery.");
             vec![dead_letter(
                 ctx,
                 plugin,
