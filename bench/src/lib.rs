@@ -33,6 +33,23 @@ pub async fn declare_quorum(ch: &Channel, queue: &str) -> Result<()> {
     Ok(())
 }
 
+/// Messages ready in `queue` (a passive declare on a channel of its own).
+pub async fn message_count(conn: &Connection, queue: &str) -> Result<u32> {
+    let ch = conn.create_channel().await?;
+    let q = ch
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let _ = ch.close(200, "done".into()).await;
+    Ok(q.message_count())
+}
+
 /// The plain-lapin baseline: consume `n` messages from `queue` with
 /// `prefetch`, acking each (`every` = 1) or every `every`-th with
 /// `multiple = true`. Returns the seconds from the first delivery until the

@@ -272,19 +272,9 @@ async fn prefill(url: &str, queue: &str, n: u64) -> Result<()> {
 
 async fn ready_count(url: &str, queue: &str) -> Result<u32> {
     let conn = Connection::connect(url, ConnectionProperties::default()).await?;
-    let ch = conn.create_channel().await?;
-    let q = ch
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
+    let n = warren_bench::message_count(&conn, queue).await?;
     let _ = conn.close(200, "checked".into()).await;
-    Ok(q.message_count())
+    Ok(n)
 }
 
 async fn throughput(node: &RabbitNode, n: u64, only: &str) -> Result<Vec<(String, f64, u32)>> {

@@ -10,12 +10,9 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
-};
-use lapin::types::FieldTable;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use warren_bench::{URL, declare_quorum, drain_lapin, start_warren};
+use warren_bench::{URL, declare_quorum, drain_lapin, message_count, start_warren};
 
 const BODY: usize = 256;
 const PREFETCH: u16 = 1000;
@@ -130,22 +127,6 @@ async fn fill(ch: &Channel, queue: &str, n: u64) -> Result<()> {
         c.await?;
     }
     Ok(())
-}
-
-async fn message_count(conn: &Connection, queue: &str) -> Result<u32> {
-    let ch = conn.create_channel().await?;
-    let q = ch
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    let _ = ch.close(200, "done".into()).await;
-    Ok(q.message_count())
 }
 
 /// The Python peer: `bench/pika_drain.py` (needs `pip install pika`).
