@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use lapin::ExchangeKind;
 use warren::app::{App, AppHandle};
 use warren::config::Config;
 use warren_it::broker::{Broker, unique};
@@ -152,15 +151,7 @@ async fn gauntlet_loses_nothing() {
     );
     let region = unique("r").replace('.', "-");
     broker.declare_queue(&echo_out).await.unwrap();
-    broker.declare_queue(&routed).await.unwrap();
-    broker
-        .declare_exchange("orders.routed", ExchangeKind::Topic)
-        .await
-        .unwrap();
-    broker
-        .bind(&routed, "orders.routed", &format!("orders.{region}"))
-        .await
-        .unwrap();
+    broker.declare_routed(&routed, &region).await.unwrap();
     let sink = unique("g-sink");
     broker.declare_queue(&sink).await.unwrap();
     drop(broker);
@@ -261,7 +252,10 @@ async fn gauntlet_loses_nothing() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     proxy.set_mode(Mode::Pass);
     redis.restart_node(old).await.unwrap();
-    redis.wait_healed(Duration::from_secs(60)).await.unwrap();
+    redis
+        .wait_rejoined(old, Duration::from_secs(60))
+        .await
+        .unwrap();
     faults.push("kill -9 redis primary while spooling");
     until_ready(&handle, "ready after redis primary kill").await;
 

@@ -6,7 +6,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::host::plugins_dir;
-use lapin::ExchangeKind;
 use warren::app::{App, AppHandle};
 use warren::config::Config;
 use warren_it::broker::{Broker, Got, unique};
@@ -65,15 +64,7 @@ async fn ten_thousand_messages_through_router_and_echo() {
     );
     let region = uuid_region();
     broker.declare_queue(&echo_out).await.unwrap();
-    broker.declare_queue(&routed).await.unwrap();
-    broker
-        .declare_exchange("orders.routed", ExchangeKind::Topic)
-        .await
-        .unwrap();
-    broker
-        .bind(&routed, "orders.routed", &format!("orders.{region}"))
-        .await
-        .unwrap();
+    broker.declare_routed(&routed, &region).await.unwrap();
     let dir = plugins_dir(&[("echo", "echo"), ("router", "router")]).unwrap();
     let dlq = unique("dlq");
     let cfg = config(

@@ -117,6 +117,17 @@ impl Broker {
         Ok(())
     }
 
+    /// Where the `router` example plugin's outputs for `region` land:
+    /// `queue`, bound to its topic exchange `orders.routed` with
+    /// `orders.<region>`.
+    pub async fn declare_routed(&self, queue: &str, region: &str) -> Result<()> {
+        self.declare_queue(queue).await?;
+        self.declare_exchange("orders.routed", ExchangeKind::Topic)
+            .await?;
+        self.bind(queue, "orders.routed", &format!("orders.{region}"))
+            .await
+    }
+
     pub async fn delete_queue(&self, name: &str) -> Result<()> {
         self.ch
             .queue_delete(name.into(), QueueDeleteOptions::default())

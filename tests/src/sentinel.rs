@@ -280,16 +280,22 @@ impl Topology {
         .await
     }
 
-    /// Wait until the primary Sentinel names has both other data nodes
-    /// online as replicas: the topology is whole again after a kill and a
-    /// restart.
-    pub async fn wait_healed(&self, timeout: Duration) -> Result<()> {
-        wait::until_true("both replicas online again", timeout, || async {
-            match self.primary_port().await {
-                Ok(p) => self.online_replicas(p).await.is_ok_and(|n| n >= 2),
-                Err(_) => false,
-            }
-        })
+    /// Wait until `old` (a primary that was killed and restarted, or failed
+    /// over) is a replica again and the primary Sentinel names has both
+    /// replicas online: the topology is whole again. Sentinel occasionally
+    /// runs a second failover meanwhile; this follows it.
+    pub async fn wait_rejoined(&self, old: u16, timeout: Duration) -> Result<()> {
+        wait::until_true(
+            "old primary back as a replica, both replicas online",
+            timeout,
+            || async {
+                let Ok(primary) = self.primary_port().await else {
+                    return false;
+                };
+                self.role(old).await.ok().as_deref() == Some("slave")
+                    && self.online_replicas(primary).await.unwrap_or(0) == 2
+            },
+        )
         .await
     }
 

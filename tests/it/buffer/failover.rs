@@ -159,20 +159,9 @@ async fn kill9_primary_is_followed_and_loses_no_acknowledged_append() {
     // spool starts waiting for it too.
     let restarted = Instant::now();
     topo.restart_node(old).await.unwrap();
-    wait::until_true(
-        "old primary back as a replica",
-        Duration::from_secs(40),
-        // Sentinel occasionally runs a second failover here: follow it.
-        || async {
-            let Ok(primary) = topo.primary_port().await else {
-                return false;
-            };
-            topo.role(old).await.ok().as_deref() == Some("slave")
-                && topo.online_replicas(primary).await.unwrap_or(0) == 2
-        },
-    )
-    .await
-    .unwrap();
+    topo.wait_rejoined(old, Duration::from_secs(40))
+        .await
+        .unwrap();
     wait::until_true(
         "spool waits for both replicas",
         Duration::from_secs(10),
@@ -264,20 +253,9 @@ async fn manual_failover_loses_no_acknowledged_append() {
     // Keep appending until Sentinel has converted the old primary into a
     // replica of the new one and it has resynchronised: only then would
     // writes that reached it alone be gone.
-    wait::until_true(
-        "old primary converted and in sync",
-        Duration::from_secs(40),
-        // Sentinel occasionally runs a second failover here: follow it.
-        || async {
-            let Ok(primary) = topo.primary_port().await else {
-                return false;
-            };
-            topo.role(old).await.ok().as_deref() == Some("slave")
-                && topo.online_replicas(primary).await.unwrap_or(0) == 2
-        },
-    )
-    .await
-    .unwrap();
+    topo.wait_rejoined(old, Duration::from_secs(40))
+        .await
+        .unwrap();
     let converted_after = started.elapsed();
     let before = load.acked_count();
     load.wait_acked(before + 300, "appends after the conversion")
