@@ -144,14 +144,7 @@ async fn kill9_primary_is_followed_and_loses_no_acknowledged_append() {
         failed > 0,
         "appends during the failover gap must fail, not succeed silently"
     );
-    let present = stream_ids(&format!("redis://127.0.0.1:{new}"), &key).await;
-    let lost = missing(&acked, &present);
-    assert!(
-        lost.is_empty(),
-        "{} acknowledged appends lost: {:?}",
-        lost.len(),
-        &lost[..lost.len().min(5)]
-    );
+    assert_none_lost(new, &key, &acked).await;
     let status = run.handle.status().await;
     assert_eq!(status.primary, Some(format!("127.0.0.1:{new}")));
 
@@ -222,14 +215,7 @@ async fn frozen_primary_is_followed_and_loses_no_acknowledged_append() {
         "appends while the primary hangs must fail, not succeed silently"
     );
     let primary = topo.primary_port().await.unwrap();
-    let present = stream_ids(&format!("redis://127.0.0.1:{primary}"), &key).await;
-    let lost = missing(&acked, &present);
-    assert!(
-        lost.is_empty(),
-        "{} acknowledged appends lost: {:?}",
-        lost.len(),
-        &lost[..lost.len().min(5)]
-    );
+    assert_none_lost(primary, &key, &acked).await;
     let _ = new;
     run.stop().await;
 }
@@ -267,14 +253,7 @@ async fn manual_failover_loses_no_acknowledged_append() {
          {converted_after:?}, longest gap between acks {gap:?}, {} acked, {failed} refused (first: {first_error:?})",
         acked.len()
     );
-    let present = stream_ids(&format!("redis://127.0.0.1:{new}"), &key).await;
-    let lost = missing(&acked, &present);
-    assert!(
-        lost.is_empty(),
-        "{} acknowledged appends lost: {:?}",
-        lost.len(),
-        &lost[..lost.len().min(5)]
-    );
+    assert_none_lost(new, &key, &acked).await;
     let status = run.handle.status().await;
     assert_eq!(status.primary, Some(format!("127.0.0.1:{new}")));
     run.stop().await;
@@ -317,4 +296,17 @@ async fn both_replicas_stopped_appends_are_refused() {
         "refused appends must not be written: {present:?}"
     );
     run.stop().await;
+}
+
+/// Every append that was acknowledged is in the stream on the node at
+/// `port` (the primary now).
+async fn assert_none_lost(port: u16, key: &str, acked: &[String]) {
+    let present = stream_ids(&format!("redis://127.0.0.1:{port}"), key).await;
+    let lost = missing(acked, &present);
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged appends lost: {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
 }
