@@ -369,9 +369,7 @@ impl Plugin {
             .map_err(|e| format!("{e:#}"))?;
         Ok(ReusedInstance { inv, world })
     }
-}
 
-impl Plugin {
     /// Where the time of a fresh invocation goes, in ns per call: store
     /// (with its WASI context), instantiation, the call, the drop. Only the
     /// sandbox benchmark uses it.
