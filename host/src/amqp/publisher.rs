@@ -208,24 +208,6 @@ impl Publisher {
         if !link.channel.status().connected() {
             return Err(PublishError::NotConnected);
         }
-        let exchange = msg.exchange.clone();
-        let routing_key = msg.routing_key.clone();
-        let lost = {
-            let exchange = exchange.clone();
-            move |e: lapin::Error| {
-                let class = classify(&e);
-                let message = e.to_string();
-                // The 404 names the exchange; only the publish that named it
-                // failed for that reason, the others just shared the channel.
-                if class == FailureClass::NotFound
-                    && message.contains(&format!("no exchange '{exchange}'"))
-                {
-                    PublishError::ExchangeNotFound(exchange.clone())
-                } else {
-                    PublishError::ConnectionLost { class, message }
-                }
-            }
-        };
         let sent = tokio::time::timeout_at(
             deadline,
             link.channel.basic_publish(
@@ -241,13 +223,14 @@ impl Publisher {
         )
         .await;
         let confirm = match sent {
-            Ok(r) => r.map_err(&lost)?,
+            Ok(r) => r.map_err(|e| lost(&msg.exchange, e))?,
             Err(_) => return Err(PublishError::ConfirmTimeout(timeout)),
         };
         let generation = link.generation;
+        let (exchange, routing_key) = (msg.exchange.clone(), msg.routing_key.clone());
         Ok(Box::pin(async move {
             let outcome = match tokio::time::timeout_at(deadline, confirm).await {
-                Ok(r) => r.map_err(&lost)?,
+                Ok(r) => r.map_err(|e| lost(&exchange, e))?,
                 Err(_) => return Err(PublishError::ConfirmTimeout(timeout)),
             };
             match outcome {
@@ -267,6 +250,19 @@ impl Publisher {
                 }),
             }
         }))
+    }
+}
+
+/// A publish that failed at the channel. The broker's 404 names the
+/// exchange; only the publish that named it failed for that reason, the
+/// others in flight merely shared the channel it closed.
+fn lost(exchange: &str, e: lapin::Error) -> PublishError {
+    let class = classify(&e);
+    let message = e.to_string();
+    if class == FailureClass::NotFound && message.contains(&format!("no exchange '{exchange}'")) {
+        PublishError::ExchangeNotFound(exchange.to_owned())
+    } else {
+        PublishError::ConnectionLost { class, message }
     }
 }
 
