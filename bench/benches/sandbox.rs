@@ -1,6 +1,10 @@
 //! Per-invocation cost of the sandbox: a fresh instance per delivery (what
 //! Warren does) beside a native function call and one reused instance, in
 //! one run: `cargo bench -p warren-bench --bench sandbox`.
+//!
+//! `SANDBOX_ITERATIONS=2000` shortens the run, e.g. to count instructions
+//! per phase under `valgrind --tool=callgrind`, which repeats exactly where
+//! wall-clock figures on a shared machine do not.
 
 use std::time::{Duration, Instant};
 
@@ -9,9 +13,15 @@ use bytes::Bytes;
 use warren::message::MessageProperties;
 use warren::plugins::{Delivery, Outcome, PluginRuntime, PluginSettings, RuntimeConfig};
 
-const WARMUP: u32 = 10_000;
-const ITERATIONS: u32 = 100_000;
 const ROUNDS: usize = 5;
+
+/// Calls per round (`SANDBOX_ITERATIONS`, default 100,000).
+fn iterations() -> u32 {
+    std::env::var("SANDBOX_ITERATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000)
+}
 
 fn delivery() -> Delivery {
     Delivery {
@@ -36,24 +46,25 @@ fn per_call(elapsed: Duration, n: u32) -> f64 {
     elapsed.as_nanos() as f64 / f64::from(n)
 }
 
-/// Median of `ROUNDS` rounds of `ITERATIONS` calls, in ns per call.
+/// Median of `ROUNDS` rounds of `iterations()` calls, in ns per call.
 async fn measure<F, Fut>(mut call: F) -> Result<f64>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    for _ in 0..WARMUP {
+    let n = iterations();
+    for _ in 0..n / 10 {
         anyhow::ensure!(call().await, "call failed during warm-up");
     }
     let mut rounds = Vec::with_capacity(ROUNDS);
     for _ in 0..ROUNDS {
         let start = Instant::now();
-        for _ in 0..ITERATIONS {
+        for _ in 0..n {
             if !call().await {
                 anyhow::bail!("call failed");
             }
         }
-        rounds.push(per_call(start.elapsed(), ITERATIONS));
+        rounds.push(per_call(start.elapsed(), n));
     }
     rounds.sort_by(f64::total_cmp);
     Ok(rounds[ROUNDS / 2])
@@ -67,8 +78,14 @@ fn main() -> Result<()> {
 }
 
 async fn run() -> Result<()> {
+    let n = iterations();
     let wasm = warren_it::plugins::wasm("noop")?;
-    let runtime = PluginRuntime::new(RuntimeConfig::default())?;
+    // At most two instances are alive at once here; a small pool also keeps
+    // the address-space reservation within what valgrind can map.
+    let runtime = PluginRuntime::new(RuntimeConfig {
+        max_instances: 4,
+        ..RuntimeConfig::default()
+    })?;
     let plugin = runtime
         .load_file(&wasm, &PluginSettings::default())
         .await
@@ -83,16 +100,16 @@ async fn run() -> Result<()> {
 
     let mut reused = plugin.reused_instance().await.map_err(anyhow::Error::msg)?;
     let reused_ns = {
-        for _ in 0..WARMUP {
+        for _ in 0..n / 10 {
             reused.call(&d).await;
         }
         let mut rounds = Vec::new();
         for _ in 0..ROUNDS {
             let start = Instant::now();
-            for _ in 0..ITERATIONS {
+            for _ in 0..n {
                 anyhow::ensure!(reused.call(&d).await, "reused call failed");
             }
-            rounds.push(per_call(start.elapsed(), ITERATIONS));
+            rounds.push(per_call(start.elapsed(), n));
         }
         rounds.sort_by(f64::total_cmp);
         rounds[ROUNDS / 2]
@@ -105,10 +122,10 @@ async fn run() -> Result<()> {
     })
     .await?;
 
-    let phases = plugin.bench_phases(&d, ITERATIONS).await;
+    let phases = plugin.bench_phases(&d, n).await;
 
     println!("## Sandbox overhead per delivery (noop plugin, 256-byte body)\n");
-    println!("median of {ROUNDS} rounds × {ITERATIONS} calls, current-thread tokio runtime\n");
+    println!("median of {ROUNDS} rounds × {n} calls, current-thread tokio runtime\n");
     println!("| configuration | ns per delivery | vs native |");
     println!("|---|---:|---:|");
     println!("| native function call | {native:.0} | 1× |");
