@@ -79,7 +79,7 @@ impl PluginInner {
             .instance_pre()
             .instantiate_async(&mut inv.store)
             .await?;
-        instance.get_typed_func(&mut inv.store, &self.handle)
+        instance.get_typed_func(&mut inv.store, self.handle)
     }
 }
 
