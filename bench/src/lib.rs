@@ -3,16 +3,13 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection};
 use warren::app::App;
 use warren::config::Config;
-
-/// The shared RabbitMQ every benchmark but recovery measures against.
-pub const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 /// Declare a durable quorum queue, the type Warren declares by default.
 pub async fn declare_quorum(ch: &Channel, queue: &str) -> Result<()> {
@@ -31,23 +28,6 @@ pub async fn declare_quorum(ch: &Channel, queue: &str) -> Result<()> {
     )
     .await?;
     Ok(())
-}
-
-/// Messages ready in `queue` (a passive declare on a channel of its own).
-pub async fn message_count(conn: &Connection, queue: &str) -> Result<u32> {
-    let ch = conn.create_channel().await?;
-    let q = ch
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    let _ = ch.close(200, "done".into()).await;
-    Ok(q.message_count())
 }
 
 /// The plain-lapin baseline: consume `n` messages from `queue` with
@@ -145,17 +125,12 @@ impl Warren {
     /// Wait until Warren reports ready (consumers registered).
     pub async fn ready(&self, timeout: Duration) -> Result<()> {
         let handle = self.app.handle();
-        let started = Instant::now();
-        while !handle.readiness().ready {
-            if started.elapsed() > timeout {
-                bail!(
-                    "Warren not ready after {timeout:?}: {:?}",
-                    handle.readiness()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        Ok(())
+        warren_it::wait::until_true("Warren ready", timeout, || {
+            let ready = handle.readiness().ready;
+            async move { ready }
+        })
+        .await
+        .with_context(|| format!("{:?}", handle.readiness()))
     }
 
     /// Stop Warren as on SIGTERM.

@@ -17,6 +17,27 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Exchange
 /// The shared broker every machine of this project runs.
 pub const SHARED_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
+/// Ready messages and consumers of `queue` on `conn` (passive declare).
+/// For clients with a connection of their own, e.g. the benchmarks.
+pub async fn inspect(conn: &Connection, queue: &str) -> Result<(u32, u32)> {
+    // A passive declare of a missing queue closes the channel: use a
+    // channel of its own.
+    let ch = conn.create_channel().await?;
+    let q = ch
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .with_context(|| format!("queue {queue} does not exist"))?;
+    let _ = ch.close(200, "done".into()).await;
+    Ok((q.message_count(), q.consumer_count()))
+}
+
 /// A name no other test uses.
 pub fn unique(prefix: &str) -> String {
     format!("it.{prefix}.{}", uuid::Uuid::new_v4().simple())
@@ -214,22 +235,7 @@ impl Broker {
     }
 
     async fn inspect(&self, queue: &str) -> Result<(u32, u32)> {
-        // A passive declare of a missing queue closes the channel: use a
-        // channel of its own.
-        let ch = self._conn.create_channel().await?;
-        let q = ch
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .with_context(|| format!("queue {queue} does not exist"))?;
-        let _ = ch.close(200, "done".into()).await;
-        Ok((q.message_count(), q.consumer_count()))
+        inspect(&self._conn, queue).await
     }
 
     /// Consume until `n` messages arrived or `timeout` passed; returns what

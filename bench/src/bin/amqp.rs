@@ -272,7 +272,7 @@ async fn prefill(url: &str, queue: &str, n: u64) -> Result<()> {
 
 async fn ready_count(url: &str, queue: &str) -> Result<u32> {
     let conn = Connection::connect(url, ConnectionProperties::default()).await?;
-    let n = warren_bench::message_count(&conn, queue).await?;
+    let (n, _) = warren_it::broker::inspect(&conn, queue).await?;
     let _ = conn.close(200, "checked".into()).await;
     Ok(n)
 }

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use warren_bench::{URL, declare_quorum, drain_lapin, message_count, start_warren};
+use warren_bench::{declare_quorum, drain_lapin, start_warren};
+use warren_it::broker::{SHARED_URL, inspect};
 
 const BODY: usize = 256;
 const PREFETCH: u16 = 1000;
@@ -29,7 +30,7 @@ async fn main() -> Result<()> {
     // An optional second argument runs only the variants whose name
     // contains it (for profiling one of them).
     let only = std::env::args().nth(2).unwrap_or_default();
-    let conn = Connection::connect(URL, ConnectionProperties::default())
+    let conn = Connection::connect(SHARED_URL, ConnectionProperties::default())
         .await
         .context("RabbitMQ on 127.0.0.1:5672")?;
 
@@ -55,7 +56,7 @@ async fn main() -> Result<()> {
             "pika, ack per message" => drain_pika(&queue, n).await?,
             _ => drain_warren(&queue, n).await?,
         };
-        let left = message_count(&conn, &queue).await?;
+        let (left, _) = inspect(&conn, &queue).await?;
         ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
             .await?;
         rows.push((kind, secs, left));

@@ -19,7 +19,8 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
-use warren_bench::{URL, Warren, declare_quorum, start_warren};
+use warren_bench::{Warren, declare_quorum, start_warren};
+use warren_it::broker::SHARED_URL;
 const BODY: usize = 256;
 const RATE: u64 = 1_000;
 const WARMUP: u64 = 1_000;
@@ -32,7 +33,7 @@ async fn main() -> Result<()> {
         .map(|a| a.parse())
         .transpose()?
         .unwrap_or(10_000);
-    let conn = Connection::connect(URL, ConnectionProperties::default())
+    let conn = Connection::connect(SHARED_URL, ConnectionProperties::default())
         .await
         .context("RabbitMQ on 127.0.0.1:5672")?;
 
@@ -46,7 +47,8 @@ async fn main() -> Result<()> {
         declare_quorum(&ch, &output).await?;
         eprintln!("{kind}: {} messages at {RATE}/s…", WARMUP + n);
         let relay = if kind.starts_with("lapin") {
-            let relay_conn = Connection::connect(URL, ConnectionProperties::default()).await?;
+            let relay_conn =
+                Connection::connect(SHARED_URL, ConnectionProperties::default()).await?;
             Relay::Lapin(tokio::spawn(lapin_relay(
                 relay_conn,
                 input.clone(),

@@ -19,10 +19,10 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 use tokio_util::sync::CancellationToken;
 use warren::buffer::{DrainPublisher, Drainer, DrainerConfig, Spool, SpoolConfig, SpoolHandle};
 use warren::message::OutboundMessage;
+use warren_it::broker::SHARED_URL;
 use warren_it::sentinel::Topology;
 use warren_it::wait;
 
-const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const QUEUE: &str = "warren.bench.spool";
 const BODY: usize = 256;
 const SINGLE: usize = 2_000;
@@ -217,7 +217,7 @@ async fn main() -> Result<()> {
     let single_rate = single(&handle, 2).await?;
     let grouped_rate = grouped(&handle, 2).await?;
 
-    let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
+    let conn = Connection::connect(SHARED_URL, ConnectionProperties::default())
         .await
         .context("connect to RabbitMQ on 127.0.0.1:5672")?;
     let channel = conn.create_channel().await?;
