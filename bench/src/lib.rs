@@ -7,9 +7,27 @@ use anyhow::{Context, Result};
 use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, Connection};
+use lapin::{Channel, Connection, ConnectionProperties};
 use warren::app::App;
 use warren::config::Config;
+use warren_it::broker::SHARED_URL;
+
+/// The message count given as the first command-line argument, or
+/// `default`.
+pub fn count_arg(default: u64) -> Result<u64> {
+    std::env::args()
+        .nth(1)
+        .map(|a| a.parse().with_context(|| format!("message count {a:?}")))
+        .transpose()
+        .map(|n| n.unwrap_or(default))
+}
+
+/// A connection to the shared RabbitMQ.
+pub async fn connect_shared() -> Result<Connection> {
+    Connection::connect(SHARED_URL, ConnectionProperties::default())
+        .await
+        .context("RabbitMQ on 127.0.0.1:5672")
+}
 
 /// Declare a durable quorum queue, the type Warren declares by default.
 pub async fn declare_quorum(ch: &Channel, queue: &str) -> Result<()> {

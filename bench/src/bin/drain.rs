@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use warren_bench::{declare_quorum, drain_lapin, start_warren};
-use warren_it::broker::{SHARED_URL, inspect};
+use lapin::{BasicProperties, Channel};
+use warren_bench::{connect_shared, count_arg, declare_quorum, drain_lapin, start_warren};
+use warren_it::broker::inspect;
 
 const BODY: usize = 256;
 const PREFETCH: u16 = 1000;
@@ -22,17 +22,11 @@ const BATCH: u64 = 100;
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
-    let n: u64 = std::env::args()
-        .nth(1)
-        .map(|a| a.parse())
-        .transpose()?
-        .unwrap_or(200_000);
+    let n = count_arg(200_000)?;
     // An optional second argument runs only the variants whose name
     // contains it (for profiling one of them).
     let only = std::env::args().nth(2).unwrap_or_default();
-    let conn = Connection::connect(SHARED_URL, ConnectionProperties::default())
-        .await
-        .context("RabbitMQ on 127.0.0.1:5672")?;
+    let conn = connect_shared().await?;
 
     let mut rows = Vec::new();
     for kind in [

@@ -18,9 +18,9 @@ use lapin::options::{
     ConfirmSelectOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Connection, ConnectionProperties};
-use warren_bench::{Warren, declare_quorum, start_warren};
-use warren_it::broker::SHARED_URL;
+use lapin::{BasicProperties, Connection};
+use warren_bench::{Warren, connect_shared, count_arg, declare_quorum, start_warren};
+
 const BODY: usize = 256;
 const RATE: u64 = 1_000;
 const WARMUP: u64 = 1_000;
@@ -28,14 +28,8 @@ const PREFETCH: u16 = 100;
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
-    let n: u64 = std::env::args()
-        .nth(1)
-        .map(|a| a.parse())
-        .transpose()?
-        .unwrap_or(10_000);
-    let conn = Connection::connect(SHARED_URL, ConnectionProperties::default())
-        .await
-        .context("RabbitMQ on 127.0.0.1:5672")?;
+    let n = count_arg(10_000)?;
+    let conn = connect_shared().await?;
 
     let mut rows = Vec::new();
     for kind in ["lapin relay", "Warren, echo plugin"] {
@@ -47,8 +41,7 @@ async fn main() -> Result<()> {
         declare_quorum(&ch, &output).await?;
         eprintln!("{kind}: {} messages at {RATE}/s…", WARMUP + n);
         let relay = if kind.starts_with("lapin") {
-            let relay_conn =
-                Connection::connect(SHARED_URL, ConnectionProperties::default()).await?;
+            let relay_conn = connect_shared().await?;
             Relay::Lapin(tokio::spawn(lapin_relay(
                 relay_conn,
                 input.clone(),
