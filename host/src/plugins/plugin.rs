@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
-use wasmtime::component::{Component, ComponentExportIndex, Instance, TypedFunc};
+use wasmtime::component::{Component, ComponentExportIndex, TypedFunc};
 
 use super::bindings::{self as wit, PluginWorldPre};
 use super::instance::{Ident, Invocation, header_to_wit};
@@ -56,7 +56,7 @@ struct PluginInner {
     /// Where `handle` is among the component's exports, found once at load
     /// so an invocation looks up and type-checks only that function (the
     /// generated `instantiate` would also load and check `manifest` every
-    /// time: ~5% of a delivery's CPU in the drain benchmark).
+    /// time: ~4% of the drain benchmark's CPU under `perf`).
     handle: ComponentExportIndex,
     path: PathBuf,
     manifest: Manifest,
@@ -74,7 +74,7 @@ impl PluginInner {
         &self,
         inv: &mut Invocation,
     ) -> wasmtime::Result<TypedFunc<(&'a wit::Delivery,), (Result<(), wit::HandleError>,)>> {
-        let instance: Instance = self
+        let instance = self
             .pre
             .instance_pre()
             .instantiate_async(&mut inv.store)
