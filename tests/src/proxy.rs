@@ -6,6 +6,9 @@
 //!   partition: only heartbeats or timeouts notice).
 //! - [`Mode::Refuse`]: reset every live socket and reset new ones as soon
 //!   as they are accepted (a dead broker).
+//! - [`Mode::Throttle`]: forward both ways, but client-to-broker bytes at
+//!   most at the given rate (a slow or congested broker: everything the
+//!   client sends arrives, late).
 //!
 //! [`Proxy::cut`] resets the live sockets once and keeps accepting. Sockets
 //! are closed with `SO_LINGER 0`, so the peer sees a TCP RST.
@@ -16,6 +19,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -32,6 +36,15 @@ pub enum Mode {
     Blackhole,
     /// Reset live and new sockets.
     Refuse,
+    /// Forward, client-to-broker at most this many bytes a second.
+    Throttle(u32),
+}
+
+impl Mode {
+    /// Whether traffic is forwarded at all.
+    fn forwards(self) -> bool {
+        matches!(self, Mode::Pass | Mode::Throttle(_))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -204,6 +217,7 @@ async fn pipe(
     let mut client_open = true;
     let mut server_open = true;
     loop {
+        let limit = read_limit(ctl.borrow().mode);
         tokio::select! {
             changed = ctl.changed() => {
                 if changed.is_err() { return; }
@@ -212,20 +226,26 @@ async fn pipe(
                     return; // both sockets reset on drop (linger 0)
                 }
             }
-            n = cr.read(&mut cbuf), if client_open => match n {
+            n = cr.read(&mut cbuf[..limit]), if client_open => match n {
                 Ok(0) | Err(_) => {
                     client_open = false;
-                    if ctl.borrow().mode == Mode::Pass { let _ = sw.shutdown().await; return; }
+                    if ctl.borrow().mode.forwards() { let _ = sw.shutdown().await; return; }
                 }
-                Ok(n) => if ctl.borrow().mode == Mode::Pass && sw.write_all(&cbuf[..n]).await.is_err() { return; },
+                Ok(n) => {
+                    let mode = ctl.borrow().mode;
+                    if mode.forwards() && sw.write_all(&cbuf[..n]).await.is_err() { return; }
+                    if let Mode::Throttle(rate) = mode {
+                        tokio::time::sleep(Duration::from_secs_f64(n as f64 / f64::from(rate.max(1)))).await;
+                    }
+                }
             },
             n = sr.read(&mut sbuf), if server_open => match n {
                 Ok(0) | Err(_) => {
                     server_open = false;
-                    if ctl.borrow().mode == Mode::Pass { let _ = cw.shutdown().await; return; }
+                    if ctl.borrow().mode.forwards() { let _ = cw.shutdown().await; return; }
                 }
                 Ok(n) => {
-                    if ctl.borrow().mode != Mode::Pass {
+                    if !ctl.borrow().mode.forwards() {
                         pending.clear();
                         continue;
                     }
@@ -238,6 +258,16 @@ async fn pipe(
         if !client_open && !server_open {
             return;
         }
+    }
+}
+
+/// How much to read from the client at once: all of the buffer, or about
+/// 20 ms worth when throttled (so the pause after each read stays short
+/// and the broker's frames, heartbeats included, are not held up).
+fn read_limit(mode: Mode) -> usize {
+    match mode {
+        Mode::Throttle(rate) => (rate as usize / 50).clamp(1, 64 * 1024),
+        _ => 64 * 1024,
     }
 }
 
