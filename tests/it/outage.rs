@@ -131,3 +131,106 @@ async fn broker_outage_under_load_spools_outputs_and_drains_them_in_order() {
         "every input acked"
     );
 }
+
+/// A slow broker is not a failed one. Through a throttled link a full drain
+/// window takes several confirm timeouts to confirm; the drainer must keep
+/// waiting while confirms keep arriving, not give up on the tail of the
+/// window and republish it (in CI that livelocked: ~1,000 duplicates per
+/// pass, a few entries of progress, the backlog never drained).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_broker_drains_the_spool_without_republishing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+    let broker = Broker::shared().await.unwrap();
+    let upstream: SocketAddr = "127.0.0.1:5672".parse().unwrap();
+    let proxy = Proxy::start(upstream).await.unwrap();
+    let sink = unique("slow-sink");
+    broker.declare_queue(&sink).await.unwrap();
+    let dir = crate::host::plugins_dir(&[("echo", "echo")]).unwrap();
+    let text = format!(
+        r#"
+        [amqp]
+        url = "{url}"
+        heartbeat-secs = 2
+        confirm-timeout-ms = 1000
+        [admin]
+        bind = "127.0.0.1:0"
+        [plugins]
+        dir = "{dir}"
+        [spool]
+        stream-key = "{stream}"
+        [dispatch]
+        retry-exchange = "{retry}"
+        dead-letter-exchange = "{dlx}"
+        dead-letter-queue = "{dlq}"
+        [plugin.echo]
+        subscriptions = [{{ queue = "{idle}" }}]
+        "#,
+        url = proxy.amqp_url(),
+        dir = dir.path().display(),
+        stream = unique("spool"),
+        retry = unique("retry"),
+        dlx = unique("dlx"),
+        dlq = unique("dlq"),
+        idle = unique("slow-idle"),
+    );
+    let config = Config::parse(&text, Vec::new()).unwrap();
+    let (app, handle) = crate::host::start_ready(config).await.unwrap();
+
+    // ~450 bytes a message on the wire: about 220 messages a second, so
+    // the last of a 1,024-message window is confirmed ~4.5 s after it was
+    // sent, four times the confirm timeout.
+    proxy.set_mode(Mode::Throttle(100_000));
+    let n = 1_500;
+    let bodies: Vec<Vec<u8>> = (0..n)
+        .map(|i| format!("{i:06}{}", "x".repeat(194)).into_bytes())
+        .collect();
+    // One at a time, so stream order is body order. Appends are much
+    // faster than the throttled drain: the window fills up.
+    for body in &bodies {
+        let msg = warren::message::OutboundMessage::new("", &sink, body.clone());
+        handle
+            .spool
+            .append(msg)
+            .await
+            .expect("the spool takes every append");
+    }
+
+    let want: BTreeSet<Vec<u8>> = bodies.iter().cloned().collect();
+    let (got, missing) = broker
+        .collect_until_complete(&sink, &want, Duration::from_secs(120))
+        .await
+        .unwrap();
+    assert!(
+        missing.is_empty(),
+        "{} spooled messages missing",
+        missing.len()
+    );
+    wait::until_true("spool drained", Duration::from_secs(60), || {
+        let h = handle.clone();
+        async move { h.spool.status().await.depth == 0 }
+    })
+    .await
+    .unwrap();
+    let left = broker.message_count(&sink).await.unwrap();
+    let status = handle.spool.status().await;
+    eprintln!(
+        "slow broker: {} received for {n} spooled, {left} more left in the queue, drained {}",
+        got.len(),
+        status.drained
+    );
+    assert_eq!(
+        (got.len() as u64 + u64::from(left), status.drained),
+        (n as u64, n as u64),
+        "every spooled message published exactly once"
+    );
+    assert!(
+        got.windows(2).all(|w| w[0].body < w[1].body),
+        "drained out of order"
+    );
+    app.shutdown().await;
+}

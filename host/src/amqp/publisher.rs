@@ -164,26 +164,26 @@ impl Publisher {
     /// keep many confirms in flight and still publish in order.
     pub async fn send(&self, msg: &OutboundMessage) -> Result<PendingConfirm, PublishError> {
         let deadline = tokio::time::Instant::now() + self.confirm_timeout;
-        match self.send_inner(msg, deadline).await {
-            Ok(confirm) => Ok(Box::pin(async move {
-                let res = confirm.await;
-                metrics::publish(match &res {
-                    Ok(_) => "confirmed",
-                    Err(e) => e.label(),
-                });
-                res
-            })),
-            Err(e) => {
-                metrics::publish(e.label());
-                Err(e)
-            }
-        }
+        metered(self.send_inner(msg, Some(deadline)).await)
+    }
+
+    /// [`Publisher::send`] with no deadline: neither the send nor the
+    /// confirm times out here, the caller bounds them. For a window of
+    /// publishes in flight, where a slow broker confirms the tail of the
+    /// window many confirm timeouts after it was sent while every confirm
+    /// before it arrives steadily: the spool's drainer bounds the time
+    /// without progress instead.
+    pub async fn send_unbounded(
+        &self,
+        msg: &OutboundMessage,
+    ) -> Result<PendingConfirm, PublishError> {
+        metered(self.send_inner(msg, None).await)
     }
 
     async fn send_inner(
         &self,
         msg: &OutboundMessage,
-        deadline: tokio::time::Instant,
+        deadline: Option<tokio::time::Instant>,
     ) -> Result<PendingConfirm, PublishError> {
         let timeout = self.confirm_timeout;
         let mut status = self.status.clone();
@@ -196,7 +196,7 @@ impl Publisher {
             if !blocked {
                 break;
             }
-            match tokio::time::timeout_at(deadline, status.changed()).await {
+            match until(deadline, status.changed()).await {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => return Err(PublishError::NotConnected),
                 Err(_) => return Err(PublishError::Blocked(timeout)),
@@ -208,7 +208,7 @@ impl Publisher {
         if !link.channel.status().connected() {
             return Err(PublishError::NotConnected);
         }
-        let sent = tokio::time::timeout_at(
+        let sent = until(
             deadline,
             link.channel.basic_publish(
                 short(&msg.exchange),
@@ -229,7 +229,7 @@ impl Publisher {
         let generation = link.generation;
         let (exchange, routing_key) = (msg.exchange.clone(), msg.routing_key.clone());
         Ok(Box::pin(async move {
-            let outcome = match tokio::time::timeout_at(deadline, confirm).await {
+            let outcome = match until(deadline, confirm).await {
                 Ok(r) => r.map_err(|e| lost(&exchange, e))?,
                 Err(_) => return Err(PublishError::ConfirmTimeout(timeout)),
             };
@@ -250,6 +250,36 @@ impl Publisher {
                 }),
             }
         }))
+    }
+}
+
+/// `f` bounded by `deadline`, if there is one.
+async fn until<F: Future>(
+    deadline: Option<tokio::time::Instant>,
+    f: F,
+) -> Result<F::Output, tokio::time::error::Elapsed> {
+    match deadline {
+        Some(d) => tokio::time::timeout_at(d, f).await,
+        None => Ok(f.await),
+    }
+}
+
+/// Count a send's outcome now if it failed, else its confirm's when that
+/// resolves.
+fn metered(sent: Result<PendingConfirm, PublishError>) -> Result<PendingConfirm, PublishError> {
+    match sent {
+        Ok(confirm) => Ok(Box::pin(async move {
+            let res = confirm.await;
+            metrics::publish(match &res {
+                Ok(_) => "confirmed",
+                Err(e) => e.label(),
+            });
+            res
+        })),
+        Err(e) => {
+            metrics::publish(e.label());
+            Err(e)
+        }
     }
 }
 

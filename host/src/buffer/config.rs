@@ -185,6 +185,12 @@ pub struct DrainerConfig {
     pub window: usize,
     /// Lease time-to-live; renewed every third of it.
     pub lease_ttl_ms: u64,
+    /// How long the drainer waits without progress (no send completing, no
+    /// confirm arriving) before it gives the broker up for failed and
+    /// republishes from the first unconfirmed entry. Progress, not age: a
+    /// slow broker confirming a full window in several times this long is
+    /// waited for.
+    pub stall_timeout_ms: u64,
     /// First pause after a failed publish; doubles up to `backoff_max_ms`,
     /// with full jitter.
     pub backoff_min_ms: u64,
@@ -201,6 +207,7 @@ impl Default for DrainerConfig {
             batch: 1024,
             window: 1024,
             lease_ttl_ms: 10_000,
+            stall_timeout_ms: 10_000,
             backoff_min_ms: 200,
             backoff_max_ms: 10_000,
             idle_poll_ms: 500,
@@ -217,6 +224,9 @@ impl DrainerConfig {
         }
         if self.lease_ttl_ms < 300 {
             problems.push("`lease_ttl_ms` must be at least 300".to_owned());
+        }
+        if self.stall_timeout_ms == 0 {
+            problems.push("`stall_timeout_ms` must be > 0".to_owned());
         }
         if self.backoff_min_ms == 0 || self.backoff_max_ms < self.backoff_min_ms {
             problems.push("need 0 < `backoff_min_ms` <= `backoff_max_ms`".to_owned());

@@ -177,6 +177,11 @@ impl Shared {
         metrics::counter!(metric::DRAINED).increment(confirmed);
     }
 
+    /// Entries confirmed and deleted by the drainer since start.
+    pub(crate) fn drained_total(&self) -> u64 {
+        self.drained.load(Ordering::Relaxed)
+    }
+
     /// Store a depth read from Redis if no mutation raced with the read.
     /// `before` is `mutation_mark()` taken before the read.
     pub(crate) fn sync_depth(&self, before: Option<u64>, depth: u64, bytes: u64) {

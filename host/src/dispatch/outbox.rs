@@ -167,7 +167,8 @@ impl DrainPublisher for OutboxDrain {
     ) -> impl Future<Output = Result<Self::Confirm, PublishError>> + Send {
         let outbox = self.outbox.clone();
         async move {
-            let pending = outbox.publisher.send(&message).await?;
+            // Unbounded here: the drainer bounds the time without progress.
+            let pending = outbox.publisher.send_unbounded(&message).await?;
             let confirm: Self::Confirm = Box::pin(async move {
                 let confirmed = pending.await;
                 outbox.settle(&message, confirmed).await.map(|_| ())

@@ -44,11 +44,65 @@ impl DrainPublisher for SlowConfirms {
     }
 }
 
+/// A broker that confirms one publish per `pace`, in order, so the k-th
+/// publish of a full window is confirmed about k × `pace` after its send.
+/// The first publish of `hang`, if set, is never confirmed (a broker that
+/// stalled).
+struct PacedConfirms {
+    sent: Arc<Mutex<Vec<u64>>>,
+    pace: Duration,
+    next: Arc<Mutex<tokio::time::Instant>>,
+    hang: Option<u64>,
+    hung: Arc<AtomicBool>,
+}
+
+impl PacedConfirms {
+    fn new(pace: Duration, hang: Option<u64>) -> Self {
+        Self {
+            sent: Arc::default(),
+            pace,
+            next: Arc::new(Mutex::new(tokio::time::Instant::now())),
+            hang,
+            hung: Arc::default(),
+        }
+    }
+}
+
+impl DrainPublisher for PacedConfirms {
+    type Error = String;
+    type Confirm = BoxFuture<'static, Result<(), String>>;
+
+    fn publish(
+        &self,
+        message: OutboundMessage,
+    ) -> impl Future<Output = Result<Self::Confirm, String>> + Send {
+        let seq = seq_of(&message);
+        self.sent.lock().unwrap().push(seq);
+        let at = {
+            let mut next = self.next.lock().unwrap();
+            *next = (*next).max(tokio::time::Instant::now()) + self.pace;
+            *next
+        };
+        let hang = self.hang == Some(seq) && !self.hung.swap(true, Ordering::SeqCst);
+        async move {
+            let confirm: BoxFuture<'static, Result<(), String>> = Box::pin(async move {
+                if hang {
+                    std::future::pending::<()>().await;
+                }
+                tokio::time::sleep_until(at).await;
+                Ok(())
+            });
+            Ok(confirm)
+        }
+    }
+}
+
 fn drain_cfg() -> DrainerConfig {
     DrainerConfig {
         batch: 64,
         window: 16,
         lease_ttl_ms: 1000,
+        stall_timeout_ms: 5_000,
         backoff_min_ms: 50,
         backoff_max_ms: 200,
         idle_poll_ms: 100,
@@ -356,6 +410,67 @@ async fn spooled_message_comes_back_unchanged() {
 
     cancel.cancel();
     task.await.unwrap();
+    run.stop().await;
+    cleanup(&key).await;
+}
+
+/// Slow is not failed: a window whose tail is confirmed long after the
+/// stall timeout is waited for while confirms keep coming (each entry
+/// published once); a confirm that never comes stops the pass after the
+/// stall timeout and the drainer republishes from that entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_broker_is_waited_for_and_a_stalled_one_given_up() {
+    let run = start(plain_cfg("drain-slow")).await;
+    let key = run.handle.stream_key().to_owned();
+    let cfg = DrainerConfig {
+        stall_timeout_ms: 150,
+        ..drain_cfg()
+    };
+    let drain = |publisher: PacedConfirms| {
+        let (drainer, _control) = Drainer::new(cfg.clone(), &run.handle, publisher).unwrap();
+        let cancel = CancellationToken::new();
+        (tokio::spawn(drainer.run(cancel.clone())), cancel)
+    };
+    let drained = || async { xlen(PLAIN_URL, &key).await == 0 };
+
+    // 25 ms a confirm and a window of 16: the last of a window waits
+    // ~400 ms, well past the 150 ms stall timeout.
+    for n in 0..64 {
+        run.handle.append(message(n)).await.unwrap();
+    }
+    let slow = PacedConfirms::new(Duration::from_millis(25), None);
+    let sent = slow.sent.clone();
+    let (task, cancel) = drain(slow);
+    wait::until_true("slow drain done", Duration::from_secs(20), drained)
+        .await
+        .unwrap();
+    cancel.cancel();
+    task.await.unwrap();
+    assert_eq!(
+        *sent.lock().unwrap(),
+        (0..64).collect::<Vec<_>>(),
+        "each entry published once, in order"
+    );
+
+    // Entry 70's confirm never comes: after 150 ms without progress the
+    // pass stops and everything from 70 on is published again.
+    for n in 64..80 {
+        run.handle.append(message(n)).await.unwrap();
+    }
+    let stalled = PacedConfirms::new(Duration::from_millis(5), Some(70));
+    let sent = stalled.sent.clone();
+    let (task, cancel) = drain(stalled);
+    wait::until_true("stalled drain done", Duration::from_secs(20), drained)
+        .await
+        .unwrap();
+    cancel.cancel();
+    task.await.unwrap();
+    let sent = sent.lock().unwrap().clone();
+    let restart = sent.iter().rposition(|s| *s == 70).unwrap();
+    assert_eq!(sent[..restart], (64..80).collect::<Vec<_>>()[..restart]);
+    assert_eq!(sent[restart..], (70..80).collect::<Vec<_>>(), "{sent:?}");
+    assert_eq!(run.handle.status().await.drained, 80);
+
     run.stop().await;
     cleanup(&key).await;
 }
