@@ -3,6 +3,7 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::Duration;
 
 use warren::config::Config;
@@ -11,8 +12,8 @@ use warren_it::plugins::wasm;
 use warren_it::proxy::{Mode, Proxy};
 use warren_it::wait;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn broker_outage_under_load_spools_outputs_and_drains_them_in_order() {
+/// Tracing, the shared broker, and a fault proxy in front of it.
+async fn shared_broker_behind_proxy() -> (Broker, Proxy) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
@@ -21,19 +22,18 @@ async fn broker_outage_under_load_spools_outputs_and_drains_them_in_order() {
         .try_init();
     let broker = Broker::shared().await.unwrap();
     let upstream: SocketAddr = "127.0.0.1:5672".parse().unwrap();
-    let proxy = Proxy::start(upstream).await.unwrap();
-    let (echo_in, echo_out) = (unique("outage-in"), unique("outage-out"));
-    broker.declare_queue(&echo_out).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(wasm("echo").unwrap(), dir.path().join("echo.wasm")).unwrap();
+    (broker, Proxy::start(upstream).await.unwrap())
+}
+
+/// Warren through `proxy` with the plugins in `dir`, its own spool stream
+/// and dead-letter names, `amqp` lines added to `[amqp]` and `rest` (the
+/// plugin sections) appended.
+fn config(proxy: &Proxy, amqp: &str, dir: &Path, rest: &str) -> Config {
     let text = format!(
         r#"
         [amqp]
         url = "{url}"
-        heartbeat-secs = 1
-        confirm-timeout-ms = 500
-        connect-timeout-ms = 1000
-        backoff-max-ms = 500
+        {amqp}
         [admin]
         bind = "127.0.0.1:0"
         [plugins]
@@ -44,22 +44,41 @@ async fn broker_outage_under_load_spools_outputs_and_drains_them_in_order() {
         retry-exchange = "{retry}"
         dead-letter-exchange = "{dlx}"
         dead-letter-queue = "{dlq}"
-        [shutdown]
-        grace-period-ms = 10000
-        [plugin.echo]
-        # One at a time, so outputs are produced (and spooled) in input order.
-        limits = {{ max-concurrency = 1 }}
-        subscriptions = [{{ queue = "{echo_in}", prefetch = 500 }}]
-        config = {{ routing-key = "{echo_out}" }}
+        {rest}
         "#,
         url = proxy.amqp_url(),
-        dir = dir.path().display(),
+        dir = dir.display(),
         stream = unique("spool"),
         retry = unique("retry"),
         dlx = unique("dlx"),
         dlq = unique("dlq"),
     );
-    let config = Config::parse(&text, Vec::new()).unwrap();
+    Config::parse(&text, Vec::new()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_outage_under_load_spools_outputs_and_drains_them_in_order() {
+    let (broker, proxy) = shared_broker_behind_proxy().await;
+    let (echo_in, echo_out) = (unique("outage-in"), unique("outage-out"));
+    broker.declare_queue(&echo_out).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(wasm("echo").unwrap(), dir.path().join("echo.wasm")).unwrap();
+    let config = config(
+        &proxy,
+        "heartbeat-secs = 1\nconfirm-timeout-ms = 500\nconnect-timeout-ms = 1000\nbackoff-max-ms = 500",
+        dir.path(),
+        &format!(
+            r#"
+            [shutdown]
+            grace-period-ms = 10000
+            [plugin.echo]
+            # One at a time, so outputs are produced (and spooled) in input order.
+            limits = {{ max-concurrency = 1 }}
+            subscriptions = [{{ queue = "{echo_in}", prefetch = 500 }}]
+            config = {{ routing-key = "{echo_out}" }}
+            "#
+        ),
+    );
     let (app, handle) = crate::host::start_ready(config).await.unwrap();
 
     let n = 3_000;
@@ -139,46 +158,19 @@ async fn broker_outage_under_load_spools_outputs_and_drains_them_in_order() {
 /// pass, a few entries of progress, the backlog never drained).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_broker_drains_the_spool_without_republishing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_test_writer()
-        .try_init();
-    let broker = Broker::shared().await.unwrap();
-    let upstream: SocketAddr = "127.0.0.1:5672".parse().unwrap();
-    let proxy = Proxy::start(upstream).await.unwrap();
+    let (broker, proxy) = shared_broker_behind_proxy().await;
     let sink = unique("slow-sink");
     broker.declare_queue(&sink).await.unwrap();
     let dir = crate::host::plugins_dir(&[("echo", "echo")]).unwrap();
-    let text = format!(
-        r#"
-        [amqp]
-        url = "{url}"
-        heartbeat-secs = 2
-        confirm-timeout-ms = 1000
-        [admin]
-        bind = "127.0.0.1:0"
-        [plugins]
-        dir = "{dir}"
-        [spool]
-        stream-key = "{stream}"
-        [dispatch]
-        retry-exchange = "{retry}"
-        dead-letter-exchange = "{dlx}"
-        dead-letter-queue = "{dlq}"
-        [plugin.echo]
-        subscriptions = [{{ queue = "{idle}" }}]
-        "#,
-        url = proxy.amqp_url(),
-        dir = dir.path().display(),
-        stream = unique("spool"),
-        retry = unique("retry"),
-        dlx = unique("dlx"),
-        dlq = unique("dlq"),
-        idle = unique("slow-idle"),
+    let config = config(
+        &proxy,
+        "heartbeat-secs = 2\nconfirm-timeout-ms = 1000",
+        dir.path(),
+        &format!(
+            "[plugin.echo]\nsubscriptions = [{{ queue = \"{}\" }}]",
+            unique("slow-idle")
+        ),
     );
-    let config = Config::parse(&text, Vec::new()).unwrap();
     let (app, handle) = crate::host::start_ready(config).await.unwrap();
 
     // ~450 bytes a message on the wire: about 220 messages a second, so

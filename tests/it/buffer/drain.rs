@@ -18,34 +18,9 @@ use warren_it::wait;
 
 use super::{PLAIN_URL, cleanup, host_id, message, seq_of, start, xlen};
 
-/// Records sends in order; confirms after `delay`, so a window is in flight.
-struct SlowConfirms {
-    sent: Arc<Mutex<Vec<u64>>>,
-    delay: Duration,
-}
-
-impl DrainPublisher for SlowConfirms {
-    type Error = String;
-    type Confirm = BoxFuture<'static, Result<(), String>>;
-
-    fn publish(
-        &self,
-        message: OutboundMessage,
-    ) -> impl Future<Output = Result<Self::Confirm, String>> + Send {
-        self.sent.lock().unwrap().push(seq_of(&message));
-        let delay = self.delay;
-        async move {
-            let confirm: BoxFuture<'static, Result<(), String>> = Box::pin(async move {
-                tokio::time::sleep(delay).await;
-                Ok(())
-            });
-            Ok(confirm)
-        }
-    }
-}
-
-/// A broker that confirms one publish per `pace`, in order, so the k-th
-/// publish of a full window is confirmed about k × `pace` after its send.
+/// Records sends in order, like a broker that confirms one publish per
+/// `pace`, in order: the k-th publish of a full window is confirmed about
+/// k × `pace` after its send.
 /// The first publish of `hang`, if set, is never confirmed (a broker that
 /// stalled).
 struct PacedConfirms {
@@ -57,9 +32,9 @@ struct PacedConfirms {
 }
 
 impl PacedConfirms {
-    fn new(pace: Duration, hang: Option<u64>) -> Self {
+    fn new(pace: Duration, hang: Option<u64>, sent: Arc<Mutex<Vec<u64>>>) -> Self {
         Self {
-            sent: Arc::default(),
+            sent,
             pace,
             next: Arc::new(Mutex::new(tokio::time::Instant::now())),
             hang,
@@ -131,10 +106,7 @@ async fn drain_keeps_order_and_a_killed_drainer_is_resumed() {
     let (d1, _c1) = Drainer::new(
         drain_cfg(),
         &run.handle,
-        SlowConfirms {
-            sent: first.clone(),
-            delay: Duration::from_millis(3),
-        },
+        PacedConfirms::new(Duration::from_millis(3), None, first.clone()),
     )
     .unwrap();
     let t1 = tokio::spawn(d1.run(CancellationToken::new()));
@@ -155,10 +127,7 @@ async fn drain_keeps_order_and_a_killed_drainer_is_resumed() {
     let (d2, _c2) = Drainer::new(
         drain_cfg(),
         &run.handle,
-        SlowConfirms {
-            sent: second.clone(),
-            delay: Duration::from_millis(1),
-        },
+        PacedConfirms::new(Duration::from_millis(1), None, second.clone()),
     )
     .unwrap();
     let cancel = CancellationToken::new();
@@ -216,10 +185,7 @@ async fn two_drainers_never_publish_the_same_entry() {
         let (d, _c) = Drainer::new(
             drain_cfg(),
             &run.handle,
-            SlowConfirms {
-                sent: sent.clone(),
-                delay: Duration::from_millis(1),
-            },
+            PacedConfirms::new(Duration::from_millis(1), None, sent.clone()),
         )
         .unwrap();
         tasks.push(tokio::spawn(d.run(cancel.clone())));
@@ -438,9 +404,12 @@ async fn a_slow_broker_is_waited_for_and_a_stalled_one_given_up() {
     for n in 0..64 {
         run.handle.append(message(n)).await.unwrap();
     }
-    let slow = PacedConfirms::new(Duration::from_millis(25), None);
-    let sent = slow.sent.clone();
-    let (task, cancel) = drain(slow);
+    let sent = Arc::default();
+    let (task, cancel) = drain(PacedConfirms::new(
+        Duration::from_millis(25),
+        None,
+        Arc::clone(&sent),
+    ));
     wait::until_true("slow drain done", Duration::from_secs(20), drained)
         .await
         .unwrap();
@@ -457,9 +426,12 @@ async fn a_slow_broker_is_waited_for_and_a_stalled_one_given_up() {
     for n in 64..80 {
         run.handle.append(message(n)).await.unwrap();
     }
-    let stalled = PacedConfirms::new(Duration::from_millis(5), Some(70));
-    let sent = stalled.sent.clone();
-    let (task, cancel) = drain(stalled);
+    let sent: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let (task, cancel) = drain(PacedConfirms::new(
+        Duration::from_millis(5),
+        Some(70),
+        Arc::clone(&sent),
+    ));
     wait::until_true("stalled drain done", Duration::from_secs(20), drained)
         .await
         .unwrap();
