@@ -68,6 +68,8 @@ pub(crate) struct Consumer {
     pub generation: u64,
     pub reestablished: u64,
     pub zombies: u64,
+    /// Periodic checks that got no answer in time.
+    pub check_timeouts: u64,
     pub last_error: Option<String>,
     pub last_error_class: Option<&'static str>,
 }
@@ -131,6 +133,7 @@ impl Status {
                 generation: c.generation,
                 reestablished: c.reestablished,
                 zombies: c.zombies,
+                check_timeouts: c.check_timeouts,
                 last_error: c.last_error,
                 last_error_class: c.last_error_class.map(|c| c.as_str()),
                 queue: c.queue,

@@ -110,6 +110,9 @@ pub struct SubscriptionStatus {
     pub reestablished: u64,
     /// Times the periodic check found the consumer missing on the broker.
     pub zombies: u64,
+    /// Periodic checks that got no answer in time (a congested link or a
+    /// stuck channel; several in a row re-establish the consumer).
+    pub check_timeouts: u64,
     /// Subscribe attempts (declare + consume) since start.
     pub subscribe_attempts: u64,
     /// The last subscribe error, cleared when running again.
@@ -132,6 +135,7 @@ impl SubscriptionStatus {
             generation: 0,
             reestablished: 0,
             zombies: 0,
+            check_timeouts: 0,
             subscribe_attempts: 0,
             last_error: None,
             last_error_class: None,
@@ -455,6 +459,18 @@ async fn subscribe(
     Ok((channel, consumer))
 }
 
+/// How long a broker-side consumer check may take.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Unanswered checks in a row that make the consumer count as lost. One is
+/// not enough: the check's passive declare queues behind whatever the
+/// connection is sending, and behind a full publish window to a slow broker
+/// it can take longer than [`CHECK_TIMEOUT`]. Re-establishing the consumer
+/// then would only requeue its deliveries onto the already slow broker. A
+/// dead connection is the heartbeat's to find, a cancelled consumer the
+/// answered check's (0 consumers).
+const CHECK_STRIKES: u32 = 3;
+
 /// A broker-side consumer check in flight: consumers and messages, or why
 /// it failed or timed out.
 type Check = futures::future::BoxFuture<
@@ -486,6 +502,8 @@ async fn pump(
     );
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut checking: Option<Check> = None;
+    // Checks in a row that got no answer in time (see CHECK_STRIKES).
+    let mut unanswered = 0u32;
     let mut stopping: Option<tokio::time::Instant> = None;
     let consumer_tag = consumer.tag();
     let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
@@ -633,7 +651,7 @@ async fn pump(
             _ = check.tick(), if checking.is_none() => {
                 let (ch, q) = (channel.clone(), queue.to_owned());
                 checking = Some(Box::pin(async move {
-                    tokio::time::timeout(Duration::from_secs(5), topology::inspect_queue(&ch, &q)).await
+                    tokio::time::timeout(CHECK_TIMEOUT, topology::inspect_queue(&ch, &q)).await
                 }));
             }
             r = async {
@@ -645,6 +663,7 @@ async fn pump(
                 checking = None;
                 match r {
                     Ok(Ok((consumers, messages))) => {
+                        unanswered = 0;
                         ctx.shared.update_sub(queue, |s| {
                             s.broker_consumers = Some((consumers, SystemTime::now()));
                             s.broker_messages = Some(messages);
@@ -656,7 +675,16 @@ async fn pump(
                         }
                     }
                     Ok(Err(e)) => break End::Lost(format!("consumer check failed: {e}")),
-                    Err(_) => break End::Lost("consumer check timed out".to_owned()),
+                    Err(_) => {
+                        unanswered += 1;
+                        ctx.shared.update_sub(queue, |s| s.check_timeouts += 1);
+                        if unanswered >= CHECK_STRIKES {
+                            break End::Lost(format!(
+                                "{unanswered} consumer checks in a row got no answer within {CHECK_TIMEOUT:?}"
+                            ));
+                        }
+                        warn!(queue, unanswered, "Consumer check got no answer in time; the link may be congested, checking again.");
+                    }
                 }
             }
         }

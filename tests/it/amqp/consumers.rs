@@ -215,3 +215,57 @@ async fn zombie_consumer_is_found_by_the_periodic_check_and_repaired() -> Result
     delete_queue(SHARED_URL, &queue).await?;
     Ok(())
 }
+
+/// A congested link is not a lost consumer. A 200 kB publish through a
+/// 20 kB/s link holds the connection for ~10 s; the periodic check's
+/// passive declare queues behind it and gets no answer within its timeout.
+/// The consumer must stay (re-establishing it would requeue its deliveries
+/// onto a broker that is slow already) and deliver once the link clears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_congested_link_does_not_make_the_consumer_lost() -> Result<()> {
+    init_tracing();
+    let queue = qname("congested");
+    let proxy = warren_it::proxy::Proxy::start(shared_addr()).await?;
+    let mut c = config(&proxy.amqp_url(), queue_topology(&queue));
+    c.consumer_check_interval = Duration::from_millis(500);
+    c.confirm_timeout = Duration::from_secs(60);
+    let r = Running::start(c)?;
+    r.until_running(1, Duration::from_secs(10)).await?;
+    let sub = subscribe(&r, &queue, 10);
+    r.until_consuming(&queue, Duration::from_secs(5)).await?;
+    let (seen, _task) = collect(sub);
+
+    proxy.set_mode(warren_it::proxy::Mode::Throttle(20_000));
+    let mut big = numbered(&queue, 1);
+    big.body = format!("{}1", "0".repeat(199_999)).into_bytes().into();
+    let confirm = r.handle.publisher().send(&big).await?;
+    wait::until_true("a check timed out", Duration::from_secs(20), || {
+        let n = r.handle.consumer(&queue).map_or(0, |c| c.check_timeouts);
+        async move { n >= 1 }
+    })
+    .await?;
+    confirm.await?;
+    proxy.set_mode(warren_it::proxy::Mode::Pass);
+
+    r.publish_confirmed(&numbered(&queue, 2), Duration::from_secs(10))
+        .await?;
+    wait::until_true(
+        "deliveries after the congestion",
+        Duration::from_secs(10),
+        || {
+            let ok = seen.lock().unwrap().is_superset(&[1, 2].into());
+            async move { ok }
+        },
+    )
+    .await?;
+    let status = r.handle.consumer(&queue).unwrap();
+    assert_eq!(
+        (status.reestablished, status.believed_consumers),
+        (0, 1),
+        "{status:?}"
+    );
+    assert_eq!(r.status().generation, 1, "no reconnect either");
+    r.stop().await?;
+    delete_queue(SHARED_URL, &queue).await?;
+    Ok(())
+}
