@@ -461,8 +461,12 @@ impl<P: DrainPublisher> Drainer<P> {
         let mut at_end = false;
         let mut sent_any = false;
         let stall = Duration::from_millis(self.cfg.stall_timeout_ms);
-        // The last send or confirm; a stall is measured from it.
+        // The last send or confirm; a stall is measured from it. Progress
+        // only stores the time: the timer is moved when it fires early, not
+        // re-armed on every confirm.
         let mut progress_at = Instant::now();
+        let stall_timer = tokio::time::sleep(stall);
+        tokio::pin!(stall_timer);
         loop {
             if reading.is_none() && !at_end && queue.len() < self.cfg.batch {
                 reading = Some(Box::pin(read_entries(
@@ -582,7 +586,12 @@ impl<P: DrainPublisher> Drainer<P> {
                     }
                 }
                 // Last, so a confirm that is ready wins over the timer.
-                _ = tokio::time::sleep_until((progress_at + stall).into()), if !inflight.is_empty() => {
+                _ = &mut stall_timer, if !inflight.is_empty() => {
+                    let due = progress_at + stall;
+                    if Instant::now() < due {
+                        stall_timer.as_mut().reset(due.into());
+                        continue;
+                    }
                     let e = format!("no confirm for {stall:?} with {} publishes in flight", inflight.len());
                     return self.stop_with(Stop::Publish(e), deleting, confirmed).await;
                 }
