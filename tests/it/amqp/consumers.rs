@@ -14,11 +14,8 @@ use super::*;
 async fn queue_deleted_under_consumer_is_redeclared_and_consumed() -> Result<()> {
     init_tracing();
     let queue = qname("deleted");
-    let r = Running::start(config(SHARED_URL, queue_topology(&queue)))?;
-    r.until_running(1, Duration::from_secs(10)).await?;
-    let sub = subscribe(&r, &queue, 10);
-    r.until_consuming(&queue, Duration::from_secs(5)).await?;
-    let (seen, _task) = collect(sub);
+    let (r, seen, _task) =
+        start_consuming(config(SHARED_URL, queue_topology(&queue)), &queue, 10).await?;
     r.publish_confirmed(&numbered(&queue, 1), Duration::from_secs(5))
         .await?;
     wait::until_true("first delivery", Duration::from_secs(5), || {
@@ -160,11 +157,7 @@ async fn zombie_consumer_is_found_by_the_periodic_check_and_repaired() -> Result
     let proxy = warren_it::proxy::Proxy::start(shared_addr()).await?;
     let mut c = config(&proxy.amqp_url(), queue_topology(&queue));
     c.consumer_check_interval = Duration::from_secs(2);
-    let r = Running::start(c)?;
-    r.until_running(1, Duration::from_secs(10)).await?;
-    let sub = subscribe(&r, &queue, 10);
-    r.until_consuming(&queue, Duration::from_secs(5)).await?;
-    let (seen, _task) = collect(sub);
+    let (r, seen, _task) = start_consuming(c, &queue, 10).await?;
 
     proxy.drop_server_methods(&[(60, 30)]);
     let (_conn, ch) = plain(SHARED_URL).await?;
@@ -229,11 +222,7 @@ async fn a_congested_link_does_not_make_the_consumer_lost() -> Result<()> {
     let mut c = config(&proxy.amqp_url(), queue_topology(&queue));
     c.consumer_check_interval = Duration::from_millis(500);
     c.confirm_timeout = Duration::from_secs(60);
-    let r = Running::start(c)?;
-    r.until_running(1, Duration::from_secs(10)).await?;
-    let sub = subscribe(&r, &queue, 10);
-    r.until_consuming(&queue, Duration::from_secs(5)).await?;
-    let (seen, _task) = collect(sub);
+    let (r, seen, _task) = start_consuming(c, &queue, 10).await?;
 
     proxy.set_mode(warren_it::proxy::Mode::Throttle(20_000));
     let mut big = numbered(&queue, 1);

@@ -159,6 +159,22 @@ pub fn id_of(d: &Delivery) -> u64 {
         .unwrap_or(u64::MAX)
 }
 
+/// Start a supervisor on `config`, subscribe to `queue` with `prefetch`
+/// and, once the consumer is registered, collect its deliveries (see
+/// [`collect`]).
+pub async fn start_consuming(
+    config: AmqpConfig,
+    queue: &str,
+    prefetch: u16,
+) -> Result<(Running, Arc<Mutex<HashSet<u64>>>, JoinHandle<()>)> {
+    let r = Running::start(config)?;
+    r.until_running(1, Duration::from_secs(10)).await?;
+    let sub = subscribe(&r, queue, prefetch);
+    r.until_consuming(queue, Duration::from_secs(5)).await?;
+    let (seen, task) = collect(sub);
+    Ok((r, seen, task))
+}
+
 /// Collect delivery ids (acking each) in a background task.
 pub fn collect(mut sub: warren::amqp::Subscription) -> (Arc<Mutex<HashSet<u64>>>, JoinHandle<()>) {
     let seen = Arc::new(Mutex::new(HashSet::new()));

@@ -111,11 +111,12 @@ async fn blackhole_is_detected_within_two_heartbeats_and_recovered() -> Result<(
     init_tracing();
     let queue = qname("blackhole");
     let proxy = Proxy::start(shared_addr()).await?;
-    let r = Running::start(config(&proxy.amqp_url(), queue_topology(&queue)))?;
-    r.until_running(1, Duration::from_secs(10)).await?;
-    let sub = subscribe(&r, &queue, 10);
-    r.until_consuming(&queue, Duration::from_secs(5)).await?;
-    let (seen, _task) = collect(sub);
+    let (r, seen, _task) = start_consuming(
+        config(&proxy.amqp_url(), queue_topology(&queue)),
+        &queue,
+        10,
+    )
+    .await?;
 
     proxy.set_mode(Mode::Blackhole);
     let t0 = Instant::now();
@@ -163,11 +164,7 @@ async fn forced_close_and_kill9_recover_without_losing_confirmed_messages() -> R
     let queue = qname("kill9");
     let mut c = config(&node.amqp_url(), queue_topology(&queue));
     c.confirm_timeout = Duration::from_secs(2);
-    let r = Running::start(c)?;
-    r.until_running(1, Duration::from_secs(10)).await?;
-    let sub = subscribe(&r, &queue, 50);
-    r.until_consuming(&queue, Duration::from_secs(5)).await?;
-    let (seen, _task) = collect(sub);
+    let (r, seen, _task) = start_consuming(c, &queue, 50).await?;
     let mut confirmed = HashSet::new();
     let mut next = 0u64;
     let mut publish_batch = async |r: &Running, confirmed: &mut HashSet<u64>| -> Result<()> {

@@ -392,52 +392,38 @@ async fn a_slow_broker_is_waited_for_and_a_stalled_one_given_up() {
         stall_timeout_ms: 150,
         ..drain_cfg()
     };
-    let drain = |publisher: PacedConfirms| {
+    // Append `seqs` and drain them through paced confirms until the stream
+    // is empty; returns what was published, in order.
+    let drain_all = async |seqs: std::ops::Range<u64>, pace_ms: u64, hang: Option<u64>| {
+        for n in seqs {
+            run.handle.append(message(n)).await.unwrap();
+        }
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let publisher = PacedConfirms::new(Duration::from_millis(pace_ms), hang, sent.clone());
         let (drainer, _control) = Drainer::new(cfg.clone(), &run.handle, publisher).unwrap();
         let cancel = CancellationToken::new();
-        (tokio::spawn(drainer.run(cancel.clone())), cancel)
+        let task = tokio::spawn(drainer.run(cancel.clone()));
+        wait::until_true("spool drained", Duration::from_secs(20), || async {
+            xlen(PLAIN_URL, &key).await == 0
+        })
+        .await
+        .unwrap();
+        cancel.cancel();
+        task.await.unwrap();
+        sent.lock().unwrap().clone()
     };
-    let drained = || async { xlen(PLAIN_URL, &key).await == 0 };
 
     // 25 ms a confirm and a window of 16: the last of a window waits
     // ~400 ms, well past the 150 ms stall timeout.
-    for n in 0..64 {
-        run.handle.append(message(n)).await.unwrap();
-    }
-    let sent = Arc::default();
-    let (task, cancel) = drain(PacedConfirms::new(
-        Duration::from_millis(25),
-        None,
-        Arc::clone(&sent),
-    ));
-    wait::until_true("slow drain done", Duration::from_secs(20), drained)
-        .await
-        .unwrap();
-    cancel.cancel();
-    task.await.unwrap();
     assert_eq!(
-        *sent.lock().unwrap(),
+        drain_all(0..64, 25, None).await,
         (0..64).collect::<Vec<_>>(),
         "each entry published once, in order"
     );
 
     // Entry 70's confirm never comes: after 150 ms without progress the
     // pass stops and everything from 70 on is published again.
-    for n in 64..80 {
-        run.handle.append(message(n)).await.unwrap();
-    }
-    let sent: Arc<Mutex<Vec<u64>>> = Arc::default();
-    let (task, cancel) = drain(PacedConfirms::new(
-        Duration::from_millis(5),
-        Some(70),
-        Arc::clone(&sent),
-    ));
-    wait::until_true("stalled drain done", Duration::from_secs(20), drained)
-        .await
-        .unwrap();
-    cancel.cancel();
-    task.await.unwrap();
-    let sent = sent.lock().unwrap().clone();
+    let sent = drain_all(64..80, 5, Some(70)).await;
     let restart = sent.iter().rposition(|s| *s == 70).unwrap();
     assert_eq!(sent[..restart], (64..80).collect::<Vec<_>>()[..restart]);
     assert_eq!(sent[restart..], (70..80).collect::<Vec<_>>(), "{sent:?}");
