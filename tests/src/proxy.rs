@@ -9,6 +9,8 @@
 //! - [`Mode::Throttle`]: forward both ways, but client-to-broker bytes at
 //!   most at the given rate (a slow or congested broker: everything the
 //!   client sends arrives, late).
+//! - [`Mode::Hold`]: read nothing either way until the mode changes (a
+//!   paused broker: nothing is lost, everything arrives late).
 //!
 //! [`Proxy::cut`] resets the live sockets once and keeps accepting. Sockets
 //! are closed with `SO_LINGER 0`, so the peer sees a TCP RST.
@@ -38,12 +40,16 @@ pub enum Mode {
     Refuse,
     /// Forward, client-to-broker at most this many bytes a second.
     Throttle(u32),
+    /// Read nothing either way: bytes wait in the socket buffers and flow
+    /// on when the mode changes. A broker paused (by its disk, a GC, a
+    /// starved CPU) without losing a byte.
+    Hold,
 }
 
 impl Mode {
     /// Whether traffic is forwarded at all.
     fn forwards(self) -> bool {
-        matches!(self, Mode::Pass | Mode::Throttle(_))
+        matches!(self, Mode::Pass | Mode::Throttle(_) | Mode::Hold)
     }
 }
 
@@ -218,6 +224,7 @@ async fn pipe(
     let mut server_open = true;
     loop {
         let limit = read_limit(ctl.borrow().mode);
+        let hold = ctl.borrow().mode == Mode::Hold;
         tokio::select! {
             changed = ctl.changed() => {
                 if changed.is_err() { return; }
@@ -226,7 +233,7 @@ async fn pipe(
                     return; // both sockets reset on drop (linger 0)
                 }
             }
-            n = cr.read(&mut cbuf[..limit]), if client_open => match n {
+            n = cr.read(&mut cbuf[..limit]), if client_open && !hold => match n {
                 Ok(0) | Err(_) => {
                     client_open = false;
                     if ctl.borrow().mode.forwards() { let _ = sw.shutdown().await; return; }
@@ -239,7 +246,7 @@ async fn pipe(
                     }
                 }
             },
-            n = sr.read(&mut sbuf), if server_open => match n {
+            n = sr.read(&mut sbuf), if server_open && !hold => match n {
                 Ok(0) | Err(_) => {
                     server_open = false;
                     if ctl.borrow().mode.forwards() { let _ = cw.shutdown().await; return; }
