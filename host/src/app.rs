@@ -205,9 +205,7 @@ impl App {
         let (drainer, drainer_handle) = Drainer::new(
             DrainerConfig {
                 window: config.spool.drain_window,
-                // A drained publish gets as long as a direct one, counted
-                // from the last confirm rather than from its own send.
-                stall_timeout_ms: config.amqp.confirm_timeout_ms,
+                stall_timeout_ms: config.spool.drain_stall_timeout_ms,
                 ..DrainerConfig::default()
             },
             &spool_handle,

@@ -113,6 +113,15 @@ pub struct SpoolSection {
     /// broker's own confirmed-publish rate (`bench --bin spool`), where 256
     /// left it at 11k/s.
     pub drain_window: usize,
+    /// How long the drainer waits with publishes in flight and no progress
+    /// at all (no send completing, no confirm arriving, the broker not
+    /// blocking publishes) before it gives them up and republishes from
+    /// the first unconfirmed entry, duplicating whatever the broker had
+    /// routed. A broker that dies is noticed sooner, by the heartbeat,
+    /// which fails every confirm in flight; this is the last resort for a
+    /// confirm that never comes on a live connection. Default 30 s: a
+    /// broker stalled a few seconds by its disk is slow, not failed.
+    pub drain_stall_timeout_ms: u64,
 }
 
 impl Default for SpoolSection {
@@ -128,6 +137,7 @@ impl Default for SpoolSection {
             max_entries: 1_000_000,
             max_bytes: 512 << 20,
             drain_window: 1024,
+            drain_stall_timeout_ms: 30_000,
         }
     }
 }
@@ -480,6 +490,9 @@ impl Config {
         }
         if self.spool.drain_window == 0 {
             out.push("spool.drain-window must be at least 1".into());
+        }
+        if self.spool.drain_stall_timeout_ms == 0 {
+            out.push("spool.drain-stall-timeout-ms must be at least 1".into());
         }
         if self.spool.wait_timeout_ms == 0 {
             out.push("spool.wait-timeout-ms must be at least 1".into());

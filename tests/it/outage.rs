@@ -26,9 +26,9 @@ async fn shared_broker_behind_proxy() -> (Broker, Proxy) {
 }
 
 /// Warren through `proxy` with the plugins in `dir`, its own spool stream
-/// and dead-letter names, `amqp` lines added to `[amqp]` and `rest` (the
-/// plugin sections) appended.
-fn config(proxy: &Proxy, amqp: &str, dir: &Path, rest: &str) -> Config {
+/// and dead-letter names, `amqp` and `spool` lines added to `[amqp]` and
+/// `[spool]`, and `rest` (the plugin sections) appended.
+fn config(proxy: &Proxy, (amqp, spool): (&str, &str), dir: &Path, rest: &str) -> Config {
     let text = format!(
         r#"
         [amqp]
@@ -40,6 +40,7 @@ fn config(proxy: &Proxy, amqp: &str, dir: &Path, rest: &str) -> Config {
         dir = "{dir}"
         [spool]
         stream-key = "{stream}"
+        {spool}
         [dispatch]
         retry-exchange = "{retry}"
         dead-letter-exchange = "{dlx}"
@@ -65,7 +66,10 @@ async fn broker_outage_under_load_spools_outputs_and_drains_them_in_order() {
     std::fs::copy(wasm("echo").unwrap(), dir.path().join("echo.wasm")).unwrap();
     let config = config(
         &proxy,
-        "heartbeat-secs = 1\nconfirm-timeout-ms = 500\nconnect-timeout-ms = 1000\nbackoff-max-ms = 500",
+        (
+            "heartbeat-secs = 1\nconfirm-timeout-ms = 500\nconnect-timeout-ms = 1000\nbackoff-max-ms = 500",
+            "",
+        ),
         dir.path(),
         &format!(
             r#"
@@ -152,7 +156,7 @@ async fn broker_outage_under_load_spools_outputs_and_drains_them_in_order() {
 }
 
 /// A slow broker is not a failed one. Through a throttled link a full drain
-/// window takes several confirm timeouts to confirm; the drainer must keep
+/// window takes several stall timeouts to confirm; the drainer must keep
 /// waiting while confirms keep arriving, not give up on the tail of the
 /// window and republish it (in CI that livelocked: ~1,000 duplicates per
 /// pass, a few entries of progress, the backlog never drained).
@@ -164,7 +168,12 @@ async fn a_slow_broker_drains_the_spool_without_republishing() {
     let dir = crate::host::plugins_dir(&[("echo", "echo")]).unwrap();
     let config = config(
         &proxy,
-        "heartbeat-secs = 2\nconfirm-timeout-ms = 1000",
+        // A stall timeout far below the time a full window takes to confirm:
+        // waiting must hinge on progress, not on age.
+        (
+            "heartbeat-secs = 2\nconfirm-timeout-ms = 1000",
+            "drain-stall-timeout-ms = 1000",
+        ),
         dir.path(),
         &format!(
             "[plugin.echo]\nsubscriptions = [{{ queue = \"{}\" }}]",
@@ -175,31 +184,98 @@ async fn a_slow_broker_drains_the_spool_without_republishing() {
 
     // ~450 bytes a message on the wire: about 220 messages a second, so
     // the last of a 1,024-message window is confirmed ~4.5 s after it was
-    // sent, four times the confirm timeout.
+    // sent, four times the stall timeout.
     proxy.set_mode(Mode::Throttle(100_000));
-    let n = 1_500;
+    spool_and_drain_exactly_once(&broker, &handle, &sink, 1_500, "slow broker").await;
+    app.shutdown().await;
+}
+
+/// A broker that pauses for longer than the confirm timeout, again and
+/// again, while the spool drains (its disk stalls an fsync, a GC, a starved
+/// CPU): nothing is lost on the link, every confirm comes, late. With the
+/// default stall timeout the drainer waits each pause out: no failed pass,
+/// nothing published twice. (A stall timeout at the confirm timeout made a
+/// pass fail at each pause and republish the window in flight.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pausing_broker_is_waited_for_without_republishing() {
+    let (broker, proxy) = shared_broker_behind_proxy().await;
+    let sink = unique("pausing-sink");
+    broker.declare_queue(&sink).await.unwrap();
+    let dir = crate::host::plugins_dir(&[("echo", "echo")]).unwrap();
+    let config = config(
+        &proxy,
+        ("heartbeat-secs = 2\nconfirm-timeout-ms = 1000", ""),
+        dir.path(),
+        &format!(
+            "[plugin.echo]\nsubscriptions = [{{ queue = \"{}\" }}]",
+            unique("pausing-idle")
+        ),
+    );
+    let (app, handle) = crate::host::start_ready(config).await.unwrap();
+
+    // Throttled to ~440 messages a second so the drain spans several
+    // pauses of 1.5 s (under the 4 s heartbeat deadline, over the 1 s
+    // confirm timeout).
+    let proxy = std::sync::Arc::new(proxy);
+    proxy.set_mode(Mode::Throttle(200_000));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let pauses = tokio::spawn({
+        let (proxy, stop) = (proxy.clone(), stop.clone());
+        async move {
+            let mut pauses = 0;
+            while !stop.is_cancelled() {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                proxy.set_mode(Mode::Hold);
+                pauses += 1;
+                tokio::time::sleep(Duration::from_millis(1_500)).await;
+                proxy.set_mode(Mode::Throttle(200_000));
+            }
+            pauses
+        }
+    });
+    let status =
+        spool_and_drain_exactly_once(&broker, &handle, &sink, 3_000, "pausing broker").await;
+    stop.cancel();
+    let pauses = pauses.await.unwrap();
+    assert!(pauses >= 2, "only {pauses} pauses during the drain");
+    assert_eq!(
+        (status.drain.pauses, status.drain.republished),
+        (0, 3_000),
+        "no failed pass, nothing republished: {:?}",
+        status.drain
+    );
+    app.shutdown().await;
+}
+
+/// Append `n` numbered messages for `sink` to the spool (one at a time, so
+/// stream order is body order), wait until the drainer has moved them all,
+/// and check that each was published exactly once, in order.
+async fn spool_and_drain_exactly_once(
+    broker: &Broker,
+    handle: &warren::app::AppHandle,
+    sink: &str,
+    n: usize,
+    what: &str,
+) -> warren::buffer::SpoolStatus {
     let bodies: Vec<Vec<u8>> = (0..n)
         .map(|i| format!("{i:06}{}", "x".repeat(194)).into_bytes())
         .collect();
-    // One at a time, so stream order is body order. Appends are much
-    // faster than the throttled drain: the window fills up.
     for body in &bodies {
-        let msg = warren::message::OutboundMessage::new("", &sink, body.clone());
+        let msg = warren::message::OutboundMessage::new("", sink, body.clone());
         handle
             .spool
             .append(msg)
             .await
             .expect("the spool takes every append");
     }
-
     let want: BTreeSet<Vec<u8>> = bodies.iter().cloned().collect();
     let (got, missing) = broker
-        .collect_until_complete(&sink, &want, Duration::from_secs(120))
+        .collect_until_complete(sink, &want, Duration::from_secs(120))
         .await
         .unwrap();
     assert!(
         missing.is_empty(),
-        "{} spooled messages missing",
+        "{what}: {} spooled messages missing",
         missing.len()
     );
     wait::until_true("spool drained", Duration::from_secs(60), || {
@@ -208,21 +284,22 @@ async fn a_slow_broker_drains_the_spool_without_republishing() {
     })
     .await
     .unwrap();
-    let left = broker.message_count(&sink).await.unwrap();
+    let left = broker.message_count(sink).await.unwrap();
     let status = handle.spool.status().await;
     eprintln!(
-        "slow broker: {} received for {n} spooled, {left} more left in the queue, drained {}",
+        "{what}: {} received for {n} spooled, {left} more left in the queue, drained {}, {:?}",
         got.len(),
-        status.drained
+        status.drained,
+        status.drain
     );
     assert_eq!(
         (got.len() as u64 + u64::from(left), status.drained),
         (n as u64, n as u64),
-        "every spooled message published exactly once"
+        "{what}: every spooled message published exactly once"
     );
     assert!(
         got.windows(2).all(|w| w[0].body < w[1].body),
-        "drained out of order"
+        "{what}: drained out of order"
     );
-    app.shutdown().await;
+    status
 }

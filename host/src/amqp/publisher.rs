@@ -148,6 +148,11 @@ impl Publisher {
             .is_some_and(|l| l.channel.status().connected())
     }
 
+    /// Whether the broker is blocking publishes (`connection.blocked`).
+    pub fn is_blocked(&self) -> bool {
+        matches!(self.status.borrow().state, ConnectionState::Blocked { .. })
+    }
+
     /// Publish `msg` (mandatory) and wait for the broker's confirm. Returns
     /// the generation of the session that confirmed it.
     pub async fn publish(&self, msg: &OutboundMessage) -> Result<u64, PublishError> {

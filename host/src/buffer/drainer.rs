@@ -34,15 +34,29 @@
 //! # Slow is not failed
 //! A failure is a publish that fails, or no progress — no send completing
 //! and no confirm arriving — for `stall_timeout_ms` while publishes are in
-//! flight. It is not a confirm that arrives later than some deadline
-//! counted from its own send: through a slow broker the tail of a full
-//! window is confirmed many timeouts after it was sent while every confirm
-//! before it arrives on time. Timing out on age gave up on that tail, paused
-//! and republished it (all duplicates), again and again: measured in CI, a
-//! 1 s timeout and a 1,024 window made ~80 passes of ~1,000 duplicates each
-//! for ~80 entries of progress, and the backlog never drained. For the same
-//! reason the backoff restarts from its minimum after a pass that deleted
-//! something: a drainer that makes progress is not retrying a dead broker.
+//! flight and the broker is not blocking publishes (`connection.blocked`:
+//! the broker is alive and said why it is slow). It is not a confirm that
+//! arrives later than some deadline counted from its own send: through a
+//! slow broker the tail of a full window is confirmed many timeouts after
+//! it was sent while every confirm before it arrives on time. Timing out
+//! on age gave up on that tail, paused and republished it (all
+//! duplicates), again and again: measured in CI, a 1 s timeout and a 1,024
+//! window made ~80 passes of ~1,000 duplicates each for ~80 entries of
+//! progress, and the backlog never drained. A short stall timeout does the
+//! same to a broker that pauses (a disk stalling an fsync): a pass fails at
+//! each pause and republishes its window (`outage.rs` measured 3,568
+//! repeats for 3,000 entries with 1 s against 1.5 s pauses). A dead
+//! connection is noticed by the heartbeat, which fails every confirm in
+//! flight; the stall timeout is the last resort for a confirm that never
+//! comes on a live one, so Warren's default is long (30 s).
+//!
+//! For the same reason the backoff restarts from its minimum after a pass
+//! that deleted something (a drainer that makes progress is not retrying a
+//! dead broker), and the window adapts: each failed pass halves it (what a
+//! failure can leave routed but unconfirmed, to be published again), a
+//! window's worth of confirms in a row doubles it back up to `window`. A
+//! broker that keeps failing passes then costs duplicates in proportion to
+//! the progress it allows, not a full window each time.
 //!
 //! An entry that cannot be decoded is moved to `{stream}:corrupt` (logged at
 //! ERROR) rather than blocking the spool forever.
@@ -120,6 +134,14 @@ pub trait DrainPublisher: Send + Sync + 'static {
         &self,
         message: OutboundMessage,
     ) -> impl Future<Output = Result<Self::Confirm, Self::Error>> + Send;
+
+    /// Whether the broker has said it is holding publishes back (AMQP
+    /// `connection.blocked`, a resource alarm). Time spent blocked is not a
+    /// stall: the broker is alive and said why it is slow, and publishing
+    /// again would only queue behind the same alarm.
+    fn is_blocked(&self) -> bool {
+        false
+    }
 }
 
 /// Adapts an async closure `Fn(OutboundMessage) -> Future<Output =
@@ -190,6 +212,10 @@ pub struct Drainer<P: DrainPublisher> {
     lock_key: String,
     corrupt_key: String,
     token: String,
+    /// Confirms awaited at once now (at most `cfg.window`).
+    window: usize,
+    /// Confirms since `window` last changed.
+    confirms_at_window: usize,
 }
 
 type ConfirmFuture<E> = Pin<Box<dyn Future<Output = (Entry, Result<(), E>)> + Send>>;
@@ -286,7 +312,13 @@ enum Stop {
     Disabled,
     LeaseLost,
     Idle,
-    Publish(String),
+    /// A publish failed or stalled; `abandoned` publishes were in flight
+    /// without an outcome (the broker may have routed them: each comes
+    /// again on the next pass).
+    Publish {
+        error: String,
+        abandoned: usize,
+    },
     Redis(SpoolError, u64),
 }
 
@@ -298,7 +330,9 @@ impl<P: DrainPublisher> Drainer<P> {
         publisher: P,
     ) -> Result<(Drainer<P>, DrainerHandle), SpoolError> {
         cfg.validate()?;
+        let window = cfg.window;
         let shared = spool.shared.clone();
+        shared.set_drain_window(window);
         let (tx, rx) = watch::channel(true);
         let key = shared.key.clone();
         Ok((
@@ -310,6 +344,8 @@ impl<P: DrainPublisher> Drainer<P> {
                 lock_key: format!("{key}:drain-lock"),
                 corrupt_key: format!("{key}:corrupt"),
                 token: Uuid::new_v4().to_string(),
+                window,
+                confirms_at_window: 0,
             },
             DrainerHandle {
                 enabled: tx,
@@ -320,6 +356,31 @@ impl<P: DrainPublisher> Drainer<P> {
 
     fn ttl(&self) -> Duration {
         Duration::from_millis(self.cfg.lease_ttl_ms)
+    }
+
+    /// A failed pass may have left up to `window` publishes routed but
+    /// unconfirmed, each republished (a duplicate) on the next pass: halve
+    /// the window, so a broker that keeps failing passes costs fewer
+    /// duplicates each time (down to one, strict order).
+    fn shrink_window(&mut self) {
+        let window = (self.window / 2).max(1);
+        if window != self.window {
+            debug!(stream = %self.shared.key, window, "Drain window halved after a failed pass.");
+        }
+        self.window = window;
+        self.confirms_at_window = 0;
+        self.shared.set_drain_window(window);
+    }
+
+    /// A confirm arrived: a full window of them in a row doubles the
+    /// window, back up to the configured one.
+    fn grow_window(&mut self) {
+        self.confirms_at_window += 1;
+        if self.window < self.cfg.window && self.confirms_at_window >= self.window {
+            self.window = (self.window * 2).min(self.cfg.window);
+            self.confirms_at_window = 0;
+            self.shared.set_drain_window(self.window);
+        }
     }
 
     /// Drain until `cancel`. Never returns early on errors: failures pause
@@ -368,18 +429,22 @@ impl<P: DrainPublisher> Drainer<P> {
                     continue;
                 }
                 Stop::Idle => continue,
-                Stop::Publish(e) => {
-                    warn!(stream = %self.shared.key, error = %e, "Republishing a spooled message failed; pausing the drainer.");
-                    e
+                Stop::Publish { error, abandoned } => {
+                    warn!(stream = %self.shared.key, %error, abandoned, window = self.window, "Republishing a spooled message failed; pausing the drainer.");
+                    if abandoned > 0 {
+                        self.shrink_window();
+                    }
+                    error
                 }
                 Stop::Redis(e, generation) => {
                     if e.is_failover() {
                         self.shared.primary.invalidate(generation, &e).await;
                     }
-                    debug!(stream = %self.shared.key, error = %e, "Drainer cannot reach Redis; pausing.");
+                    warn!(stream = %self.shared.key, error = %e, "Drainer cannot reach Redis; pausing.");
                     e.to_string()
                 }
             };
+            self.shared.record_drain_pause(&pause);
             if self.shared.drained_total() > drained_before {
                 // Progress before the failure: not a dead broker.
                 backoff = Duration::from_millis(self.cfg.backoff_min_ms);
@@ -476,7 +541,7 @@ impl<P: DrainPublisher> Drainer<P> {
                 )));
             }
             // Fill the window, in stream order.
-            while inflight.len() < self.cfg.window && !cancel.is_cancelled() {
+            while inflight.len() < self.window && !cancel.is_cancelled() {
                 let Some((entry, msg)) = queue.pop_front() else {
                     break;
                 };
@@ -496,19 +561,13 @@ impl<P: DrainPublisher> Drainer<P> {
                     }
                 }
                 match msg {
-                    Ok(msg) => match tokio::time::timeout(stall, self.publisher.publish(msg)).await
-                    {
-                        Ok(Ok(confirm)) => {
+                    Ok(msg) => match self.send(msg, stall).await {
+                        Ok(confirm) => {
                             progress_at = Instant::now();
+                            self.shared.record_republished();
                             inflight.push_back(Box::pin(async move { (entry, confirm.await) }));
                         }
-                        Ok(Err(e)) => {
-                            return self
-                                .fail_after_inflight(e.to_string(), inflight, deleting, confirmed)
-                                .await;
-                        }
-                        Err(_) => {
-                            let e = format!("a send made no progress for {stall:?}");
+                        Err(e) => {
                             return self
                                 .fail_after_inflight(e, inflight, deleting, confirmed)
                                 .await;
@@ -578,23 +637,43 @@ impl<P: DrainPublisher> Drainer<P> {
                     match result {
                         Ok(()) => {
                             progress_at = Instant::now();
+                            self.grow_window();
                             confirmed.push(entry);
                         }
                         Err(e) => {
-                            return self.stop_with(Stop::Publish(e.to_string()), deleting, confirmed).await;
+                            let stop = Stop::Publish { error: e.to_string(), abandoned: inflight.len() + 1 };
+                            return self.stop_with(stop, deleting, confirmed).await;
                         }
                     }
                 }
                 // Last, so a confirm that is ready wins over the timer.
                 _ = &mut stall_timer, if !inflight.is_empty() => {
+                    if self.publisher.is_blocked() {
+                        progress_at = Instant::now();
+                    }
                     let due = progress_at + stall;
                     if Instant::now() < due {
                         stall_timer.as_mut().reset(due.into());
                         continue;
                     }
                     let e = format!("no confirm for {stall:?} with {} publishes in flight", inflight.len());
-                    return self.stop_with(Stop::Publish(e), deleting, confirmed).await;
+                    let stop = Stop::Publish { error: e, abandoned: inflight.len() };
+                    return self.stop_with(stop, deleting, confirmed).await;
                 }
+            }
+        }
+    }
+
+    /// Hand `msg` to the publisher; fails on an error or when the send makes
+    /// no progress for `stall` while the broker is not blocking publishes.
+    async fn send(&self, msg: OutboundMessage, stall: Duration) -> Result<P::Confirm, String> {
+        let send = self.publisher.publish(msg);
+        tokio::pin!(send);
+        loop {
+            match tokio::time::timeout(stall, &mut send).await {
+                Ok(sent) => return sent.map_err(|e| e.to_string()),
+                Err(_) if self.publisher.is_blocked() => {}
+                Err(_) => return Err(format!("a send made no progress for {stall:?}")),
             }
         }
     }
@@ -612,13 +691,16 @@ impl<P: DrainPublisher> Drainer<P> {
             while let Some((entry, result)) = inflight.next().await {
                 match result {
                     Ok(()) => confirmed.push(entry),
-                    Err(_) => break,
+                    // This one and all behind it are given up.
+                    Err(_) => return 1,
                 }
             }
+            0
         });
-        let _ = wait.await;
-        self.stop_with(Stop::Publish(error), deleting, confirmed)
-            .await
+        let failed = wait.await.unwrap_or(0);
+        let abandoned = inflight.len() + failed;
+        let stop = Stop::Publish { error, abandoned };
+        self.stop_with(stop, deleting, confirmed).await
     }
 
     /// Finish the delete in flight, delete the rest of what was confirmed,

@@ -44,7 +44,7 @@ mod spool;
 pub use config::{DrainerConfig, SpoolConfig};
 pub use drainer::{DrainPublisher, Drainer, DrainerHandle, FnPublisher};
 pub use error::SpoolError;
-pub use spool::{DrainerState, EntryId, Spool, SpoolHandle, SpoolStatus};
+pub use spool::{DrainStats, DrainerState, EntryId, Spool, SpoolHandle, SpoolStatus};
 
 /// Metric names (Prometheus), defined in one place. No labels: one spool
 /// per process.

@@ -134,6 +134,23 @@ pub struct SpoolStatus {
     pub refused: u64,
     /// The drainer's state.
     pub drainer: DrainerState,
+    /// How the drain has gone since start.
+    pub drain: DrainStats,
+}
+
+/// The drainer's record since start: `republished - drained` is how many
+/// publishes were repeated (each a possible duplicate downstream).
+#[derive(Debug, Clone, PartialEq, Serialize, Default)]
+pub struct DrainStats {
+    /// Entries handed to the broker by the drainer, repeats included.
+    pub republished: u64,
+    /// Passes that ended in a failure and a pause.
+    pub pauses: u64,
+    /// Confirms the drainer awaits at once now: the configured window,
+    /// halved after each failed pass and doubled back as confirms arrive.
+    pub window: u64,
+    /// Why the last failed pass failed.
+    pub last_failure: Option<String>,
 }
 
 /// State shared by the writer, the drainer and the handles.
@@ -155,6 +172,10 @@ pub(crate) struct Shared {
     appended: AtomicU64,
     drained: AtomicU64,
     refused: AtomicU64,
+    republished: AtomicU64,
+    drain_pauses: AtomicU64,
+    drain_window: AtomicU64,
+    last_drain_failure: std::sync::Mutex<Option<String>>,
     /// Woken after each acknowledged batch (wakes an idle drainer).
     pub(crate) appended_notify: Notify,
     drainer: std::sync::Mutex<DrainerState>,
@@ -175,6 +196,24 @@ impl Shared {
         sub(&self.bytes, bytes);
         self.drained.fetch_add(confirmed, Ordering::Relaxed);
         metrics::counter!(metric::DRAINED).increment(confirmed);
+    }
+
+    /// One more entry handed to the broker by the drainer.
+    pub(crate) fn record_republished(&self) {
+        self.republished.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A drain pass failed with `error`; the drainer pauses.
+    pub(crate) fn record_drain_pause(&self, error: &str) {
+        self.drain_pauses.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut g) = self.last_drain_failure.lock() {
+            *g = Some(error.to_owned());
+        }
+    }
+
+    /// The drainer's current window.
+    pub(crate) fn set_drain_window(&self, window: usize) {
+        self.drain_window.store(window as u64, Ordering::Relaxed);
     }
 
     /// Entries confirmed and deleted by the drainer since start.
@@ -243,6 +282,12 @@ impl Shared {
             drained: self.drained.load(Ordering::Relaxed),
             refused: self.refused.load(Ordering::Relaxed),
             drainer: self.drainer_state(),
+            drain: DrainStats {
+                republished: self.republished.load(Ordering::Relaxed),
+                pauses: self.drain_pauses.load(Ordering::Relaxed),
+                window: self.drain_window.load(Ordering::Relaxed),
+                last_failure: self.last_drain_failure.lock().ok().and_then(|g| g.clone()),
+            },
         }
     }
 }
@@ -319,6 +364,10 @@ impl Spool {
             appended: AtomicU64::new(0),
             drained: AtomicU64::new(0),
             refused: AtomicU64::new(0),
+            republished: AtomicU64::new(0),
+            drain_pauses: AtomicU64::new(0),
+            drain_window: AtomicU64::new(0),
+            last_drain_failure: std::sync::Mutex::new(None),
             appended_notify: Notify::new(),
             drainer: std::sync::Mutex::new(DrainerState::NotRunning),
             status_tx,

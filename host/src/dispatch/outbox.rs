@@ -176,4 +176,8 @@ impl DrainPublisher for OutboxDrain {
             Ok(confirm)
         }
     }
+
+    fn is_blocked(&self) -> bool {
+        self.outbox.publisher.is_blocked()
+    }
 }

@@ -21,24 +21,40 @@ use super::{PLAIN_URL, cleanup, host_id, message, seq_of, start, xlen};
 /// Records sends in order, like a broker that confirms one publish per
 /// `pace`, in order: the k-th publish of a full window is confirmed about
 /// k × `pace` after its send.
-/// The first publish of `hang`, if set, is never confirmed (a broker that
-/// stalled).
+/// Publishes picked by `hang` are never confirmed (a broker that stalled).
+/// While `blocked` is set, the broker says it blocks publishing and
+/// confirms wait for it to clear.
 struct PacedConfirms {
     sent: Arc<Mutex<Vec<u64>>>,
     pace: Duration,
     next: Arc<Mutex<tokio::time::Instant>>,
-    hang: Option<u64>,
-    hung: Arc<AtomicBool>,
+    hang: Hang,
+    hung: Arc<Mutex<std::collections::HashSet<u64>>>,
+    blocked: Arc<AtomicBool>,
+}
+
+/// Which publishes never get their confirm.
+#[derive(Clone)]
+enum Hang {
+    Never,
+    /// The first publish of each of these entries.
+    FirstOf(Vec<u64>),
+    /// Every `every`-th publish (counting repeats) before the `until`-th.
+    Every {
+        every: usize,
+        until: usize,
+    },
 }
 
 impl PacedConfirms {
-    fn new(pace: Duration, hang: Option<u64>, sent: Arc<Mutex<Vec<u64>>>) -> Self {
+    fn new(pace: Duration, hang: Hang, sent: Arc<Mutex<Vec<u64>>>) -> Self {
         Self {
             sent,
             pace,
             next: Arc::new(Mutex::new(tokio::time::Instant::now())),
             hang,
             hung: Arc::default(),
+            blocked: Arc::default(),
         }
     }
 }
@@ -52,23 +68,39 @@ impl DrainPublisher for PacedConfirms {
         message: OutboundMessage,
     ) -> impl Future<Output = Result<Self::Confirm, String>> + Send {
         let seq = seq_of(&message);
-        self.sent.lock().unwrap().push(seq);
+        let count = {
+            let mut sent = self.sent.lock().unwrap();
+            sent.push(seq);
+            sent.len()
+        };
         let at = {
             let mut next = self.next.lock().unwrap();
             *next = (*next).max(tokio::time::Instant::now()) + self.pace;
             *next
         };
-        let hang = self.hang == Some(seq) && !self.hung.swap(true, Ordering::SeqCst);
+        let hang = match &self.hang {
+            Hang::Never => false,
+            Hang::FirstOf(seqs) => seqs.contains(&seq) && self.hung.lock().unwrap().insert(seq),
+            Hang::Every { every, until } => count < *until && count % every == 0,
+        };
+        let blocked = self.blocked.clone();
         async move {
             let confirm: BoxFuture<'static, Result<(), String>> = Box::pin(async move {
                 if hang {
                     std::future::pending::<()>().await;
                 }
                 tokio::time::sleep_until(at).await;
+                while blocked.load(Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
                 Ok(())
             });
             Ok(confirm)
         }
+    }
+
+    fn is_blocked(&self) -> bool {
+        self.blocked.load(Ordering::SeqCst)
     }
 }
 
@@ -106,7 +138,7 @@ async fn drain_keeps_order_and_a_killed_drainer_is_resumed() {
     let (d1, _c1) = Drainer::new(
         drain_cfg(),
         &run.handle,
-        PacedConfirms::new(Duration::from_millis(3), None, first.clone()),
+        PacedConfirms::new(Duration::from_millis(3), Hang::Never, first.clone()),
     )
     .unwrap();
     let t1 = tokio::spawn(d1.run(CancellationToken::new()));
@@ -127,7 +159,7 @@ async fn drain_keeps_order_and_a_killed_drainer_is_resumed() {
     let (d2, _c2) = Drainer::new(
         drain_cfg(),
         &run.handle,
-        PacedConfirms::new(Duration::from_millis(1), None, second.clone()),
+        PacedConfirms::new(Duration::from_millis(1), Hang::Never, second.clone()),
     )
     .unwrap();
     let cancel = CancellationToken::new();
@@ -185,7 +217,7 @@ async fn two_drainers_never_publish_the_same_entry() {
         let (d, _c) = Drainer::new(
             drain_cfg(),
             &run.handle,
-            PacedConfirms::new(Duration::from_millis(1), None, sent.clone()),
+            PacedConfirms::new(Duration::from_millis(1), Hang::Never, sent.clone()),
         )
         .unwrap();
         tasks.push(tokio::spawn(d.run(cancel.clone())));
@@ -384,6 +416,37 @@ async fn spooled_message_comes_back_unchanged() {
 /// stall timeout is waited for while confirms keep coming (each entry
 /// published once); a confirm that never comes stops the pass after the
 /// stall timeout and the drainer republishes from that entry.
+/// Append `seqs`, drain them through `publisher` (a fresh drainer with
+/// `cfg`) until the stream is empty, and return what was published, in
+/// order.
+async fn drain_through(
+    run: &super::Running,
+    cfg: &DrainerConfig,
+    seqs: std::ops::Range<u64>,
+    publisher: PacedConfirms,
+) -> Vec<u64> {
+    for n in seqs {
+        run.handle.append(message(n)).await.unwrap();
+    }
+    let sent = publisher.sent.clone();
+    let (drainer, _control) = Drainer::new(cfg.clone(), &run.handle, publisher).unwrap();
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(drainer.run(cancel.clone()));
+    let key = run.handle.stream_key().to_owned();
+    wait::until_true("spool drained", Duration::from_secs(20), || async {
+        xlen(PLAIN_URL, &key).await == 0
+    })
+    .await
+    .unwrap();
+    cancel.cancel();
+    task.await.unwrap();
+    sent.lock().unwrap().clone()
+}
+
+fn paced(pace_ms: u64, hang: Hang) -> PacedConfirms {
+    PacedConfirms::new(Duration::from_millis(pace_ms), hang, Arc::default())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_broker_is_waited_for_and_a_stalled_one_given_up() {
     let run = start(plain_cfg("drain-slow")).await;
@@ -392,42 +455,94 @@ async fn a_slow_broker_is_waited_for_and_a_stalled_one_given_up() {
         stall_timeout_ms: 150,
         ..drain_cfg()
     };
-    // Append `seqs` and drain them through paced confirms until the stream
-    // is empty; returns what was published, in order.
-    let drain_all = async |seqs: std::ops::Range<u64>, pace_ms: u64, hang: Option<u64>| {
-        for n in seqs {
-            run.handle.append(message(n)).await.unwrap();
-        }
-        let sent = Arc::new(Mutex::new(Vec::new()));
-        let publisher = PacedConfirms::new(Duration::from_millis(pace_ms), hang, sent.clone());
-        let (drainer, _control) = Drainer::new(cfg.clone(), &run.handle, publisher).unwrap();
-        let cancel = CancellationToken::new();
-        let task = tokio::spawn(drainer.run(cancel.clone()));
-        wait::until_true("spool drained", Duration::from_secs(20), || async {
-            xlen(PLAIN_URL, &key).await == 0
-        })
-        .await
-        .unwrap();
-        cancel.cancel();
-        task.await.unwrap();
-        sent.lock().unwrap().clone()
-    };
 
     // 25 ms a confirm and a window of 16: the last of a window waits
     // ~400 ms, well past the 150 ms stall timeout.
     assert_eq!(
-        drain_all(0..64, 25, None).await,
+        drain_through(&run, &cfg, 0..64, paced(25, Hang::Never)).await,
         (0..64).collect::<Vec<_>>(),
         "each entry published once, in order"
     );
 
     // Entry 70's confirm never comes: after 150 ms without progress the
     // pass stops and everything from 70 on is published again.
-    let sent = drain_all(64..80, 5, Some(70)).await;
+    let sent = drain_through(&run, &cfg, 64..80, paced(5, Hang::FirstOf(vec![70]))).await;
     let restart = sent.iter().rposition(|s| *s == 70).unwrap();
     assert_eq!(sent[..restart], (64..80).collect::<Vec<_>>()[..restart]);
     assert_eq!(sent[restart..], (70..80).collect::<Vec<_>>(), "{sent:?}");
     assert_eq!(run.handle.status().await.drained, 80);
+
+    run.stop().await;
+    cleanup(&key).await;
+}
+
+/// A broker that keeps stalling costs fewer duplicates each time: every
+/// failed pass halves the window (what a stall can leave routed but
+/// unconfirmed, to be published again), and a full window of confirms in a
+/// row doubles it back. Here every 8th of the first 300 publishes hangs:
+/// a pass confirms at most 7 before it stalls, with up to a window in
+/// flight behind the hung one. Measured: 160 repeats for 200 entries (the
+/// same every run); with the window fixed at 16, 304.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_failed_pass_halves_the_window_and_confirms_grow_it_back() {
+    let run = start(plain_cfg("drain-shrink")).await;
+    let key = run.handle.stream_key().to_owned();
+    let cfg = DrainerConfig {
+        stall_timeout_ms: 50,
+        ..drain_cfg()
+    };
+    let hang = Hang::Every {
+        every: 8,
+        until: 300,
+    };
+    let sent = drain_through(&run, &cfg, 0..200, paced(1, hang)).await;
+    let status = run.handle.status().await;
+    let firsts: Vec<u64> = {
+        let mut seen = std::collections::HashSet::new();
+        sent.iter().copied().filter(|s| seen.insert(*s)).collect()
+    };
+    assert_eq!(firsts, (0..200).collect::<Vec<_>>(), "first sends in order");
+    assert_eq!(status.drained, 200);
+    assert_eq!(status.drain.republished, sent.len() as u64);
+    // Two hung publishes can fall in one pass: one pause for both.
+    let hung = (1..=sent.len()).filter(|c| *c < 300 && c % 8 == 0).count();
+    assert!(
+        status.drain.pauses > 0 && status.drain.pauses <= hung as u64,
+        "{hung} hung, {:?}",
+        status.drain
+    );
+    let repeats = sent.len() - 200;
+    assert!(repeats <= 200, "{repeats} repeats for 200 entries");
+    assert_eq!(status.drain.window, 16, "grown back: {:?}", status.drain);
+
+    run.stop().await;
+    cleanup(&key).await;
+}
+
+/// While the broker blocks publishing (`connection.blocked`), no confirm
+/// arrives for many stall timeouts; that is not a stall: the pass goes on
+/// when the alarm clears, and nothing is published twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_broker_is_waited_for() {
+    let run = start(plain_cfg("drain-blocked")).await;
+    let key = run.handle.stream_key().to_owned();
+    let cfg = DrainerConfig {
+        stall_timeout_ms: 100,
+        ..drain_cfg()
+    };
+    let publisher = paced(1, Hang::Never);
+    let blocked = publisher.blocked.clone();
+    blocked.store(true, Ordering::SeqCst);
+    let unblock = tokio::spawn(async move {
+        // Six stall timeouts.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        blocked.store(false, Ordering::SeqCst);
+    });
+    let sent = drain_through(&run, &cfg, 0..50, publisher).await;
+    unblock.await.unwrap();
+    assert_eq!(sent, (0..50).collect::<Vec<_>>(), "each once, in order");
+    let status = run.handle.status().await;
+    assert_eq!(status.drain.pauses, 0, "{:?}", status.drain);
 
     run.stop().await;
     cleanup(&key).await;
