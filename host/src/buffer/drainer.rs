@@ -31,6 +31,13 @@
 //! broker; they are published again after it (duplicates, carrying the same
 //! `message_id`). `window = 1` gives strict order even across failures.
 //!
+//! A Redis failure mid-pass (a read, a delete, a lease renewal; e.g.
+//! `NOREPLICAS` while the replicas lag) also stops the sending, but the
+//! confirms in flight are still awaited, and confirmed entries Redis could
+//! not delete are kept and deleted before the next pass reads: a Redis
+//! failure never republishes what the broker confirmed. (Dropping them made
+//! every Redis hiccup cost a window of duplicates.)
+//!
 //! # Slow is not failed
 //! A failure is a publish that fails, or no progress — no send completing
 //! and no confirm arriving — for `stall_timeout_ms` while publishes are in
@@ -216,6 +223,9 @@ pub struct Drainer<P: DrainPublisher> {
     window: usize,
     /// Confirms since `window` last changed.
     confirms_at_window: usize,
+    /// Confirmed entries a failed delete left in the stream; deleted before
+    /// the next pass reads.
+    unsettled: Vec<Entry>,
 }
 
 type ConfirmFuture<E> = Pin<Box<dyn Future<Output = (Entry, Result<(), E>)> + Send>>;
@@ -226,7 +236,26 @@ struct Entry {
 }
 
 type ReadResult = Result<Vec<(Entry, Result<OutboundMessage, String>)>, (SpoolError, u64)>;
-type DeleteResult = Result<(), (SpoolError, u64)>;
+/// On failure the entries come back, to be deleted later.
+type DeleteResult = Result<(), (SpoolError, u64, Vec<Entry>)>;
+
+/// A pass's publishes awaiting their confirm, the confirmed prefix not yet
+/// deleted, and the delete in flight.
+struct Pass<E> {
+    inflight: FuturesOrdered<ConfirmFuture<E>>,
+    confirmed: Vec<Entry>,
+    deleting: Option<BoxFuture<'static, DeleteResult>>,
+}
+
+/// What ending a pass does with the publishes still in flight.
+enum Settle {
+    /// Await their confirms (no more sends) while they keep coming.
+    Collect,
+    /// Give them up: this many may have been routed and come again.
+    Abandon(usize),
+    /// Drop them (cancelled): they stay in the stream, republished later.
+    Drop,
+}
 
 /// Await an optional future; pending forever when there is none (the
 /// `select!` branch is disabled then anyway).
@@ -284,7 +313,10 @@ async fn delete_entries(shared: Arc<Shared>, confirmed: Vec<Entry>) -> DeleteRes
     if confirmed.is_empty() {
         return Ok(());
     }
-    let link = shared.primary.get().await.map_err(|e| (e, 0))?;
+    let link = match shared.primary.get().await {
+        Ok(link) => link,
+        Err(e) => return Err((e, 0, confirmed)),
+    };
     let mut conn = link.conn();
     let mut cmd = redis::cmd("EVAL");
     cmd.arg(DELETE_SCRIPT)
@@ -301,7 +333,11 @@ async fn delete_entries(shared: Arc<Shared>, confirmed: Vec<Entry>) -> DeleteRes
             shared.record_drained(confirmed.len() as u64, deleted, bytes);
             Ok(())
         }
-        Err(e) => Err((SpoolError::from_redis(&link.addr, e), link.generation)),
+        Err(e) => Err((
+            SpoolError::from_redis(&link.addr, e),
+            link.generation,
+            confirmed,
+        )),
     };
     drop(mutation);
     result
@@ -312,13 +348,8 @@ enum Stop {
     Disabled,
     LeaseLost,
     Idle,
-    /// A publish failed or stalled; `abandoned` publishes were in flight
-    /// without an outcome (the broker may have routed them: each comes
-    /// again on the next pass).
-    Publish {
-        error: String,
-        abandoned: usize,
-    },
+    /// A publish failed or stalled.
+    Publish(String),
     Redis(SpoolError, u64),
 }
 
@@ -346,6 +377,7 @@ impl<P: DrainPublisher> Drainer<P> {
                 token: Uuid::new_v4().to_string(),
                 window,
                 confirms_at_window: 0,
+                unsettled: Vec::new(),
             },
             DrainerHandle {
                 enabled: tx,
@@ -429,11 +461,8 @@ impl<P: DrainPublisher> Drainer<P> {
                     continue;
                 }
                 Stop::Idle => continue,
-                Stop::Publish { error, abandoned } => {
-                    warn!(stream = %self.shared.key, %error, abandoned, window = self.window, "Republishing a spooled message failed; pausing the drainer.");
-                    if abandoned > 0 {
-                        self.shrink_window();
-                    }
+                Stop::Publish(error) => {
+                    warn!(stream = %self.shared.key, %error, window = self.window, "Republishing a spooled message failed; pausing the drainer.");
                     error
                 }
                 Stop::Redis(e, generation) => {
@@ -517,11 +546,23 @@ impl<P: DrainPublisher> Drainer<P> {
         renew: &mut tokio::time::Interval,
         lease_until: &mut Instant,
     ) -> Stop {
+        // Entries confirmed by an earlier pass but not deleted (Redis
+        // failed): delete them before reading, or they would be read and
+        // published again.
+        if !self.unsettled.is_empty() {
+            let entries = std::mem::take(&mut self.unsettled);
+            if let Err((e, g, entries)) = delete_entries(self.shared.clone(), entries).await {
+                self.unsettled = entries;
+                return Stop::Redis(e, g);
+            }
+        }
         let mut queue: VecDeque<(Entry, Result<OutboundMessage, String>)> = VecDeque::new();
-        let mut inflight: FuturesOrdered<ConfirmFuture<P::Error>> = FuturesOrdered::new();
-        let mut confirmed: Vec<Entry> = Vec::new();
+        let mut pass = Pass {
+            inflight: FuturesOrdered::new(),
+            confirmed: Vec::new(),
+            deleting: None,
+        };
         let mut reading: Option<BoxFuture<'static, ReadResult>> = None;
-        let mut deleting: Option<BoxFuture<'static, DeleteResult>> = None;
         let mut last_read: Option<String> = None;
         let mut at_end = false;
         let mut sent_any = false;
@@ -541,7 +582,7 @@ impl<P: DrainPublisher> Drainer<P> {
                 )));
             }
             // Fill the window, in stream order.
-            while inflight.len() < self.window && !cancel.is_cancelled() {
+            while pass.inflight.len() < self.window && !cancel.is_cancelled() {
                 let Some((entry, msg)) = queue.pop_front() else {
                     break;
                 };
@@ -553,10 +594,10 @@ impl<P: DrainPublisher> Drainer<P> {
                     match self.extend_lease().await {
                         Ok(true) => *lease_until = Instant::now() + self.ttl(),
                         Ok(false) => {
-                            return self.stop_with(Stop::LeaseLost, deleting, confirmed).await;
+                            return self.finish(Stop::LeaseLost, pass, Settle::Collect).await;
                         }
                         Err((e, g)) => {
-                            return self.stop_with(Stop::Redis(e, g), deleting, confirmed).await;
+                            return self.finish(Stop::Redis(e, g), pass, Settle::Collect).await;
                         }
                     }
                 }
@@ -565,54 +606,61 @@ impl<P: DrainPublisher> Drainer<P> {
                         Ok(confirm) => {
                             progress_at = Instant::now();
                             self.shared.record_republished();
-                            inflight.push_back(Box::pin(async move { (entry, confirm.await) }));
+                            pass.inflight
+                                .push_back(Box::pin(async move { (entry, confirm.await) }));
                         }
-                        Err(e) => {
+                        Err(error) => {
                             return self
-                                .fail_after_inflight(e, inflight, deleting, confirmed)
+                                .finish(Stop::Publish(error), pass, Settle::Collect)
                                 .await;
                         }
                     },
                     Err(detail) => {
                         if let Err((e, g)) = self.park_corrupt(&entry, &detail).await {
-                            return self.stop_with(Stop::Redis(e, g), deleting, confirmed).await;
+                            return self.finish(Stop::Redis(e, g), pass, Settle::Collect).await;
                         }
-                        inflight.push_back(Box::pin(async move { (entry, Ok(())) }));
+                        pass.inflight
+                            .push_back(Box::pin(async move { (entry, Ok(())) }));
                     }
                 }
             }
-            if deleting.is_none() && !confirmed.is_empty() {
-                deleting = Some(Box::pin(delete_entries(
+            if pass.deleting.is_none() && !pass.confirmed.is_empty() {
+                pass.deleting = Some(Box::pin(delete_entries(
                     self.shared.clone(),
-                    std::mem::take(&mut confirmed),
+                    std::mem::take(&mut pass.confirmed),
                 )));
             }
-            if inflight.is_empty() && queue.is_empty() && reading.is_none() && deleting.is_none() {
+            if pass.inflight.is_empty()
+                && queue.is_empty()
+                && reading.is_none()
+                && pass.deleting.is_none()
+            {
                 return if cancel.is_cancelled() {
                     Stop::Cancelled
                 } else {
                     Stop::Idle
                 };
             }
-            // Cancel-safe: confirms left in `inflight` are simply dropped;
-            // their entries stay in the stream and are republished. A read
-            // or delete in flight is finished or dropped in `stop_with`.
+            // Cancel-safe: confirms left in flight are simply dropped; their
+            // entries stay in the stream and are republished. A read or
+            // delete in flight is finished or dropped in `finish`.
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => {
-                    return self.stop_with(Stop::Cancelled, deleting, confirmed).await;
+                    return self.finish(Stop::Cancelled, pass, Settle::Drop).await;
                 }
                 _ = renew.tick() => {
                     match self.extend_lease().await {
                         Ok(true) => *lease_until = Instant::now() + self.ttl(),
-                        Ok(false) => return self.stop_with(Stop::LeaseLost, deleting, confirmed).await,
-                        Err((e, g)) => return self.stop_with(Stop::Redis(e, g), deleting, confirmed).await,
+                        Ok(false) => return self.finish(Stop::LeaseLost, pass, Settle::Collect).await,
+                        Err((e, g)) => return self.finish(Stop::Redis(e, g), pass, Settle::Collect).await,
                     }
                 }
-                r = poll_opt(&mut deleting), if deleting.is_some() => {
-                    deleting = None;
-                    if let Err((e, g)) = r {
-                        return self.stop_with(Stop::Redis(e, g), None, confirmed).await;
+                r = poll_opt(&mut pass.deleting), if pass.deleting.is_some() => {
+                    pass.deleting = None;
+                    if let Err((e, g, entries)) = r {
+                        self.unsettled.extend(entries);
+                        return self.finish(Stop::Redis(e, g), pass, Settle::Collect).await;
                     }
                 }
                 r = poll_opt(&mut reading), if reading.is_some() => {
@@ -628,26 +676,28 @@ impl<P: DrainPublisher> Drainer<P> {
                             queue.extend(entries);
                         }
                         Err((e, g)) => {
-                            return self.stop_with(Stop::Redis(e, g), deleting, confirmed).await;
+                            return self.finish(Stop::Redis(e, g), pass, Settle::Collect).await;
                         }
                     }
                 }
-                done = inflight.next(), if !inflight.is_empty() => {
+                done = pass.inflight.next(), if !pass.inflight.is_empty() => {
                     let Some((entry, result)) = done else { continue };
                     match result {
                         Ok(()) => {
                             progress_at = Instant::now();
                             self.grow_window();
-                            confirmed.push(entry);
+                            pass.confirmed.push(entry);
                         }
                         Err(e) => {
-                            let stop = Stop::Publish { error: e.to_string(), abandoned: inflight.len() + 1 };
-                            return self.stop_with(stop, deleting, confirmed).await;
+                            // This one and every publish behind it.
+                            let abandoned = pass.inflight.len() + 1;
+                            let stop = Stop::Publish(e.to_string());
+                            return self.finish(stop, pass, Settle::Abandon(abandoned)).await;
                         }
                     }
                 }
                 // Last, so a confirm that is ready wins over the timer.
-                _ = &mut stall_timer, if !inflight.is_empty() => {
+                _ = &mut stall_timer, if !pass.inflight.is_empty() => {
                     if self.publisher.is_blocked() {
                         progress_at = Instant::now();
                     }
@@ -656,9 +706,9 @@ impl<P: DrainPublisher> Drainer<P> {
                         stall_timer.as_mut().reset(due.into());
                         continue;
                     }
-                    let e = format!("no confirm for {stall:?} with {} publishes in flight", inflight.len());
-                    let stop = Stop::Publish { error: e, abandoned: inflight.len() };
-                    return self.stop_with(stop, deleting, confirmed).await;
+                    let abandoned = pass.inflight.len();
+                    let stop = Stop::Publish(format!("no confirm for {stall:?} with {abandoned} publishes in flight"));
+                    return self.finish(stop, pass, Settle::Abandon(abandoned)).await;
                 }
             }
         }
@@ -678,52 +728,52 @@ impl<P: DrainPublisher> Drainer<P> {
         }
     }
 
-    /// A send failed: collect the confirms already in flight before it (in
-    /// order, up to the first failure), delete that prefix, then stop.
-    async fn fail_after_inflight(
-        &self,
-        error: String,
-        mut inflight: FuturesOrdered<ConfirmFuture<P::Error>>,
-        deleting: Option<BoxFuture<'static, DeleteResult>>,
-        mut confirmed: Vec<Entry>,
-    ) -> Stop {
-        let wait = tokio::time::timeout(Duration::from_secs(5), async {
-            while let Some((entry, result)) = inflight.next().await {
-                match result {
-                    Ok(()) => confirmed.push(entry),
-                    // This one and all behind it are given up.
-                    Err(_) => return 1,
+    /// End a pass with `stop`. With [`Settle::Collect`], first await the
+    /// confirms still in flight (no more sends: in order, up to the first
+    /// failure, for as long as they keep coming); then finish the delete in
+    /// flight and delete everything confirmed. What Redis cannot delete now
+    /// is kept for the next pass, so a Redis failure never republishes a
+    /// confirmed entry. Publishes given up without an outcome (the broker
+    /// may have routed them; they come again) halve the window.
+    async fn finish(&mut self, stop: Stop, mut pass: Pass<P::Error>, settle: Settle) -> Stop {
+        let abandoned = match settle {
+            Settle::Drop => 0,
+            Settle::Abandon(n) => n,
+            Settle::Collect => {
+                let stall = Duration::from_millis(self.cfg.stall_timeout_ms);
+                loop {
+                    match tokio::time::timeout(stall, pass.inflight.next()).await {
+                        Ok(None) => break 0,
+                        Ok(Some((entry, Ok(())))) => pass.confirmed.push(entry),
+                        Ok(Some((_, Err(_)))) => break pass.inflight.len() + 1,
+                        Err(_) => break pass.inflight.len(),
+                    }
                 }
             }
-            0
-        });
-        let failed = wait.await.unwrap_or(0);
-        let abandoned = inflight.len() + failed;
-        let stop = Stop::Publish { error, abandoned };
-        self.stop_with(stop, deleting, confirmed).await
-    }
-
-    /// Finish the delete in flight, delete the rest of what was confirmed,
-    /// then stop with `stop`.
-    async fn stop_with(
-        &self,
-        stop: Stop,
-        deleting: Option<BoxFuture<'static, DeleteResult>>,
-        confirmed: Vec<Entry>,
-    ) -> Stop {
+        };
+        if abandoned > 0 {
+            self.shrink_window();
+        }
         let mut failure = None;
-        if let Some(d) = deleting {
+        if let Some(d) = pass.deleting {
             match tokio::time::timeout(Duration::from_secs(5), d).await {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => failure = Some(e),
+                Ok(Err((e, g, entries))) => {
+                    self.unsettled.extend(entries);
+                    failure = Some((e, g));
+                }
+                // Unknown outcome: the entries may be deleted or not; if
+                // not, they are read and published again (at least once).
                 Err(_) => {}
             }
         }
-        if failure.is_none()
-            && !confirmed.is_empty()
-            && let Err(e) = delete_entries(self.shared.clone(), confirmed).await
-        {
-            failure = Some(e);
+        self.unsettled.extend(pass.confirmed);
+        if failure.is_none() && !self.unsettled.is_empty() {
+            let entries = std::mem::take(&mut self.unsettled);
+            if let Err((e, g, entries)) = delete_entries(self.shared.clone(), entries).await {
+                self.unsettled = entries;
+                failure = Some((e, g));
+            }
         }
         match (stop, failure) {
             (Stop::Cancelled, _) => Stop::Cancelled,

@@ -547,3 +547,92 @@ async fn a_blocked_broker_is_waited_for() {
     run.stop().await;
     cleanup(&key).await;
 }
+
+/// Redis refusing writes for a while mid-drain (`NOREPLICAS`, as when the
+/// primary's replicas lag) fails deletes and lease renewals. The drainer
+/// stops sending, takes the confirms still in flight, keeps what it could
+/// not delete, and deletes that before it reads again: nothing confirmed is
+/// published twice. (It used to drop both and republish them.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_refusing_writes_mid_drain_republishes_nothing() {
+    const N: u64 = 400;
+    let topo = warren_it::sentinel::Topology::start().await.unwrap();
+    let mut spool_cfg = SpoolConfig::sentinel(
+        topo.sentinel_urls(),
+        topo.master_name.clone(),
+        host_id("drain-noreplicas"),
+    );
+    spool_cfg.status_interval_ms = 100;
+    let run = start(spool_cfg).await;
+    for n in 0..N {
+        run.handle.append(message(n)).await.unwrap();
+    }
+    let primary = topo.primary_port().await.unwrap();
+    let primary_url = format!("redis://127.0.0.1:{primary}");
+    let key = run.handle.stream_key().to_owned();
+
+    let publisher = paced(5, Hang::Never);
+    let sent = publisher.sent.clone();
+    let (drainer, _control) = Drainer::new(drain_cfg(), &run.handle, publisher).unwrap();
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(drainer.run(cancel.clone()));
+    wait::until_true("drain under way", Duration::from_secs(20), || async {
+        sent.lock().unwrap().len() >= 100
+    })
+    .await
+    .unwrap();
+
+    // More replicas required than exist: every write is refused.
+    let mut conn = topo.conn(primary).await.unwrap();
+    let before: (String, String) = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("min-replicas-to-write")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let set = |value: String| {
+        let mut conn = conn.clone();
+        async move {
+            let _: () = redis::cmd("CONFIG")
+                .arg("SET")
+                .arg("min-replicas-to-write")
+                .arg(value)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+    };
+    set("3".to_owned()).await;
+    wait::until_true("a drain pass failed", Duration::from_secs(20), || async {
+        run.handle.status().await.drain.pauses > 0
+    })
+    .await
+    .unwrap();
+    set(before.1).await;
+
+    wait::until_true("spool drained", Duration::from_secs(30), || async {
+        xlen(&primary_url, &key).await == 0
+    })
+    .await
+    .unwrap();
+    cancel.cancel();
+    task.await.unwrap();
+    let status = run.handle.status().await;
+    assert_eq!(
+        *sent.lock().unwrap(),
+        (0..N).collect::<Vec<_>>(),
+        "each entry published once, in order: {:?}",
+        status.drain
+    );
+    assert!(
+        status
+            .drain
+            .last_failure
+            .as_deref()
+            .is_some_and(|f| f.contains("replicas")),
+        "{:?}",
+        status.drain
+    );
+    assert_eq!(status.drained, N);
+    run.stop().await;
+}
