@@ -327,10 +327,12 @@ async fn gauntlet_loses_nothing() {
     // Straight to stderr, not `println!`: the harness captures the print
     // macros of passing tests, and CI's log must show this line.
     let summary = format!(
-        "gauntlet: messages={n} faults={} duplicates={duplicates} lost={lost} unacked={} dead_lettered={dead} spooled={} left_in_spool={} drain_state={:?} drain={:?} amqp_sessions={generation} handled_by_reloaded={on_v2} took={:.0}s (publishing {:.0}s)\ngauntlet faults: {}\n",
+        "gauntlet: messages={n} faults={} duplicates={duplicates} lost={lost} unacked={} dead_lettered={dead} spooled={} spool_refused={} redis_primaries={} left_in_spool={} drain_state={:?} drain={:?} amqp_sessions={generation} handled_by_reloaded={on_v2} took={:.0}s (publishing {:.0}s)\ngauntlet faults: {}\n",
         faults.len(),
         in_echo + in_router,
         spool.appended,
+        spool.refused,
+        spool.primary_generation,
         spool.depth,
         spool.drainer,
         spool.drain,
