@@ -179,17 +179,19 @@ impl SpoolConfig {
 pub struct DrainerConfig {
     /// Entries read per `XRANGE`.
     pub batch: usize,
-    /// Publishes awaiting their confirm at once. 1 gives strict order even
-    /// across publish failures; larger windows are needed for throughput
-    /// (see the drainer's module doc for what a failure does to order).
+    /// Publishes awaiting their confirm at once, at most. 1 gives strict
+    /// order even across publish failures; larger windows are needed for
+    /// throughput (see the drainer's module doc for what a failure does to
+    /// order). Each failed pass halves the window in use; a window's worth
+    /// of confirms in a row doubles it back up to this.
     pub window: usize,
     /// Lease time-to-live; renewed every third of it.
     pub lease_ttl_ms: u64,
     /// How long the drainer waits without progress (no send completing, no
-    /// confirm arriving) before it gives the broker up for failed and
-    /// republishes from the first unconfirmed entry. Progress, not age: a
-    /// slow broker confirming a full window in several times this long is
-    /// waited for.
+    /// confirm arriving, the broker not blocking publishes) before it gives
+    /// the broker up for failed and republishes from the first unconfirmed
+    /// entry. Progress, not age: a slow broker confirming a full window in
+    /// several times this long is waited for.
     pub stall_timeout_ms: u64,
     /// First pause after a failed publish; doubles up to `backoff_max_ms`,
     /// with full jitter.
