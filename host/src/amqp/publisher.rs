@@ -20,7 +20,7 @@ use tracing::{debug, warn};
 use super::convert::{short, to_basic_properties};
 use super::failure::{Failure, FailureClass, classify, is_connection_level};
 use super::metrics;
-use super::supervisor::{AmqpStatus, ConnectionState};
+use super::supervisor::AmqpStatus;
 use crate::message::OutboundMessage;
 
 /// Why a publish did not end confirmed.
@@ -150,7 +150,7 @@ impl Publisher {
 
     /// Whether the broker is blocking publishes (`connection.blocked`).
     pub fn is_blocked(&self) -> bool {
-        matches!(self.status.borrow().state, ConnectionState::Blocked { .. })
+        self.status.borrow().is_blocked()
     }
 
     /// Publish `msg` (mandatory) and wait for the broker's confirm. Returns
@@ -194,10 +194,7 @@ impl Publisher {
         let mut status = self.status.clone();
         // While blocked, wait (bounded by the deadline) for unblocked.
         loop {
-            let blocked = matches!(
-                status.borrow_and_update().state,
-                ConnectionState::Blocked { .. }
-            );
+            let blocked = status.borrow_and_update().is_blocked();
             if !blocked {
                 break;
             }

@@ -197,6 +197,11 @@ impl AmqpStatus {
         self.state == ConnectionState::Running
     }
 
+    /// The broker is blocking publishes (`connection.blocked`).
+    pub fn is_blocked(&self) -> bool {
+        matches!(self.state, ConnectionState::Blocked { .. })
+    }
+
     /// A session is up (running or blocked).
     pub fn is_connected(&self) -> bool {
         matches!(
