@@ -549,12 +549,8 @@ impl<P: DrainPublisher> Drainer<P> {
         // Entries confirmed by an earlier pass but not deleted (Redis
         // failed): delete them before reading, or they would be read and
         // published again.
-        if !self.unsettled.is_empty() {
-            let entries = std::mem::take(&mut self.unsettled);
-            if let Err((e, g, entries)) = delete_entries(self.shared.clone(), entries).await {
-                self.unsettled = entries;
-                return Stop::Redis(e, g);
-            }
+        if let Err((e, g)) = self.delete_unsettled().await {
+            return Stop::Redis(e, g);
         }
         let mut queue: VecDeque<(Entry, Result<OutboundMessage, String>)> = VecDeque::new();
         let mut pass = Pass {
@@ -768,18 +764,26 @@ impl<P: DrainPublisher> Drainer<P> {
             }
         }
         self.unsettled.extend(pass.confirmed);
-        if failure.is_none() && !self.unsettled.is_empty() {
-            let entries = std::mem::take(&mut self.unsettled);
-            if let Err((e, g, entries)) = delete_entries(self.shared.clone(), entries).await {
-                self.unsettled = entries;
-                failure = Some((e, g));
-            }
+        if failure.is_none() {
+            failure = self.delete_unsettled().await.err();
         }
         match (stop, failure) {
             (Stop::Cancelled, _) => Stop::Cancelled,
             (stop, None) => stop,
             (_, Some((e, g))) => Stop::Redis(e, g),
         }
+    }
+
+    /// Delete the confirmed entries an earlier delete could not; on failure
+    /// they stay in `unsettled`.
+    async fn delete_unsettled(&mut self) -> Result<(), (SpoolError, u64)> {
+        let entries = std::mem::take(&mut self.unsettled);
+        delete_entries(self.shared.clone(), entries)
+            .await
+            .map_err(|(e, g, entries)| {
+                self.unsettled = entries;
+                (e, g)
+            })
     }
 
     /// Move an undecodable entry aside (it is deleted in order like a
