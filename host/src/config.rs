@@ -136,8 +136,8 @@ impl Default for SpoolSection {
             wait_timeout_ms: 500,
             max_entries: 1_000_000,
             max_bytes: 512 << 20,
-            drain_window: 1024,
-            drain_stall_timeout_ms: 30_000,
+            drain_window: crate::buffer::DrainerConfig::default().window,
+            drain_stall_timeout_ms: crate::buffer::DrainerConfig::default().stall_timeout_ms,
         }
     }
 }

@@ -209,7 +209,7 @@ impl Default for DrainerConfig {
             batch: 1024,
             window: 1024,
             lease_ttl_ms: 10_000,
-            stall_timeout_ms: 10_000,
+            stall_timeout_ms: 30_000,
             backoff_min_ms: 200,
             backoff_max_ms: 10_000,
             idle_poll_ms: 500,
