@@ -11,9 +11,15 @@ use std::sync::OnceLock;
 
 use anyhow::{Context, Result, bail};
 
-/// The repository root (the parent of this crate).
+/// The repository root: the parent of the package whose test or bench is
+/// running (every package is a child of the root). Read at run time first:
+/// several clones sharing one `CARGO_TARGET_DIR` (CI's cache) can reuse this
+/// crate compiled in another clone, whose path `env!` would have baked in.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    manifest_dir
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from(".."))

@@ -30,8 +30,7 @@ pub struct Topology {
 }
 
 fn script_path() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
+    crate::plugins::repo_root()
         .join("sentinel-compose")
         .join("local.sh")
 }
