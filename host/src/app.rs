@@ -46,17 +46,24 @@ pub enum StartError {
     Admin(#[from] AdminError),
 }
 
-/// Whether Warren should receive work, and if not, why.
+/// Whether Warren should receive work, and if not, why; and what works
+/// but not as it should.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Readiness {
     pub ready: bool,
     /// Empty when ready.
     pub reasons: Vec<String>,
+    /// Working, but worse than it should: outputs waiting in the spool, a
+    /// drain that makes no progress while the broker is up, a spool that
+    /// is not highly available. Never makes `ready` false.
+    pub degraded: Vec<String>,
 }
 
 /// Read-only views of a running Warren, for the admin API and tests.
 #[derive(Clone)]
 pub struct AppHandle {
+    /// A drain idle this long with the broker connected is stalled.
+    pub drain_stalled_after: Duration,
     pub amqp: AmqpHandle,
     pub spool: SpoolHandle,
     pub drainer: DrainerHandle,
@@ -103,7 +110,40 @@ impl AppHandle {
         Readiness {
             ready: reasons.is_empty(),
             reasons,
+            degraded: self.degraded(&status),
         }
+    }
+
+    fn degraded(&self, amqp: &crate::amqp::AmqpStatus) -> Vec<String> {
+        let mut out = Vec::new();
+        let depth = self.spool.depth();
+        if depth > 0 {
+            out.push(format!("{depth} outputs wait in the spool for the broker"));
+        }
+        if let Some(stalled) = self.drain_stalled(amqp) {
+            let why = self
+                .spool
+                .last_drain_failure()
+                .unwrap_or_else(|| "no failure recorded".into());
+            out.push(format!(
+                "spool drain stalled: nothing drained for {}s with the broker connected and {depth} entries waiting (last failure: {why})",
+                stalled.as_secs()
+            ));
+        }
+        if !self.spool.is_highly_available() {
+            out.push("the spool is a single Redis, not highly available".into());
+        }
+        out
+    }
+
+    /// How long the drain has made no progress while it could have: the
+    /// spool has entries and the broker has been connected all along.
+    /// `None` unless that is at least `spool.drain-stalled-after-ms`.
+    pub fn drain_stalled(&self, amqp: &crate::amqp::AmqpStatus) -> Option<Duration> {
+        let idle = self.spool.drain_idle()?;
+        let session = amqp.session_started.filter(|_| amqp.is_connected())?;
+        let stalled = idle.min(session.elapsed());
+        (stalled >= self.drain_stalled_after).then_some(stalled)
     }
 
     /// Plugin files that failed to load at start or at the last reload.
@@ -240,6 +280,7 @@ impl App {
         }
 
         let handle = AppHandle {
+            drain_stalled_after: Duration::from_millis(config.spool.drain_stalled_after_ms),
             amqp: amqp_handle,
             spool: spool_handle,
             drainer: drainer_handle,

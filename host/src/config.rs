@@ -122,6 +122,10 @@ pub struct SpoolSection {
     /// confirm that never comes on a live connection. Default 30 s: a
     /// broker stalled a few seconds by its disk is slow, not failed.
     pub drain_stall_timeout_ms: u64,
+    /// With entries in the spool and the broker connected, how long the
+    /// drain may make no progress before `/ready` and `/status` list it as
+    /// stalled (a `degraded` reason, `warren_spool_drain_stalled` = 1).
+    pub drain_stalled_after_ms: u64,
 }
 
 impl Default for SpoolSection {
@@ -138,6 +142,7 @@ impl Default for SpoolSection {
             max_bytes: 512 << 20,
             drain_window: crate::buffer::DrainerConfig::default().window,
             drain_stall_timeout_ms: crate::buffer::DrainerConfig::default().stall_timeout_ms,
+            drain_stalled_after_ms: 30_000,
         }
     }
 }
@@ -493,6 +498,9 @@ impl Config {
         }
         if self.spool.drain_stall_timeout_ms == 0 {
             out.push("spool.drain-stall-timeout-ms must be at least 1".into());
+        }
+        if self.spool.drain_stalled_after_ms == 0 {
+            out.push("spool.drain-stalled-after-ms must be at least 1".into());
         }
         if self.spool.wait_timeout_ms == 0 {
             out.push("spool.wait-timeout-ms must be at least 1".into());

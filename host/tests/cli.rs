@@ -61,6 +61,8 @@ fn check_prints_the_manifest_of_a_valid_plugin() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(v["manifest"]["name"], "router");
     assert_eq!(v["manifest"]["subscriptions"][0]["queue"], "orders.in");
+    assert_eq!(v["manifest"]["outputs"]["exchanges"][0]["name"], "orders.routed");
+    assert_eq!(v["manifest"]["outputs"]["queues"][0]["name"], "orders.routed.all");
     assert_eq!(v["limits"]["deadline"], 1000);
 }
 
@@ -83,7 +85,13 @@ fn check_refuses_every_kind_of_invalid_file() {
 
     assert_check_fails(
         &wasm("not-a-plugin").unwrap(),
-        "not a warren:plugin@0.1.0 component",
+        "not a warren:plugin@0.2.0 component",
+    );
+
+    let old = wasm("old-contract").unwrap();
+    assert_check_fails(
+        &old,
+        "built for contract warren:plugin@0.1.0, but this Warren runs warren:plugin@0.2.0",
     );
 
     let bad = wasm("bad-manifest").unwrap();

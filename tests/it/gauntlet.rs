@@ -151,7 +151,7 @@ async fn gauntlet_loses_nothing() {
     );
     let region = unique("r").replace('.', "-");
     broker.declare_queue(&echo_out).await.unwrap();
-    broker.declare_routed(&routed, &region).await.unwrap();
+    broker.declare_routed(&routed, "orders.routed", &region).await.unwrap();
     let sink = unique("g-sink");
     broker.declare_queue(&sink).await.unwrap();
     drop(broker);

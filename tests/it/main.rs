@@ -11,5 +11,6 @@ mod gauntlet;
 mod host;
 mod outage;
 mod plugins;
+mod refusals;
 mod reload;
 mod run;

@@ -13,7 +13,7 @@ use warren_it::proxy::{Mode, Proxy};
 use warren_it::wait;
 
 /// Tracing, the shared broker, and a fault proxy in front of it.
-async fn shared_broker_behind_proxy() -> (Broker, Proxy) {
+pub(crate) async fn shared_broker_behind_proxy() -> (Broker, Proxy) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
@@ -25,10 +25,11 @@ async fn shared_broker_behind_proxy() -> (Broker, Proxy) {
     (broker, Proxy::start(upstream).await.unwrap())
 }
 
-/// Warren through `proxy` with the plugins in `dir`, its own spool stream
-/// and dead-letter names, `amqp` and `spool` lines added to `[amqp]` and
-/// `[spool]`, and `rest` (the plugin sections) appended.
-fn config(proxy: &Proxy, (amqp, spool): (&str, &str), dir: &Path, rest: &str) -> Config {
+/// Warren connecting to `url` (through a proxy) with the plugins in `dir`,
+/// its own spool stream and dead-letter names, `amqp` and `spool` lines
+/// added to `[amqp]` and `[spool]`, and `rest` (the plugin sections)
+/// appended.
+pub(crate) fn config(url: &str, (amqp, spool): (&str, &str), dir: &Path, rest: &str) -> Config {
     let text = format!(
         r#"
         [amqp]
@@ -47,7 +48,6 @@ fn config(proxy: &Proxy, (amqp, spool): (&str, &str), dir: &Path, rest: &str) ->
         dead-letter-queue = "{dlq}"
         {rest}
         "#,
-        url = proxy.amqp_url(),
         dir = dir.display(),
         stream = unique("spool"),
         retry = unique("retry"),
@@ -65,7 +65,7 @@ async fn broker_outage_under_load_spools_outputs_and_drains_them_in_order() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(wasm("echo").unwrap(), dir.path().join("echo.wasm")).unwrap();
     let config = config(
-        &proxy,
+        &proxy.amqp_url(),
         (
             "heartbeat-secs = 1\nconfirm-timeout-ms = 500\nconnect-timeout-ms = 1000\nbackoff-max-ms = 500",
             "",
@@ -167,7 +167,7 @@ async fn a_slow_broker_drains_the_spool_without_republishing() {
     broker.declare_queue(&sink).await.unwrap();
     let dir = crate::host::plugins_dir(&[("echo", "echo")]).unwrap();
     let config = config(
-        &proxy,
+        &proxy.amqp_url(),
         // A stall timeout far below the time a full window takes to confirm:
         // waiting must hinge on progress, not on age.
         (
@@ -203,7 +203,7 @@ async fn a_pausing_broker_is_waited_for_without_republishing() {
     broker.declare_queue(&sink).await.unwrap();
     let dir = crate::host::plugins_dir(&[("echo", "echo")]).unwrap();
     let config = config(
-        &proxy,
+        &proxy.amqp_url(),
         ("heartbeat-secs = 2\nconfirm-timeout-ms = 1000", ""),
         dir.path(),
         &format!(

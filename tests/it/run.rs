@@ -63,8 +63,11 @@ async fn ten_thousand_messages_through_router_and_echo() {
         unique("routed"),
     );
     let region = uuid_region();
+    // Its own exchange: outputs to `orders.routed` on the shared broker
+    // would also fill the quickstart's catch-all queue.
+    let exchange = unique("routed-x");
     broker.declare_queue(&echo_out).await.unwrap();
-    broker.declare_routed(&routed, &region).await.unwrap();
+    broker.declare_routed(&routed, &exchange, &region).await.unwrap();
     let dir = plugins_dir(&[("echo", "echo"), ("router", "router")]).unwrap();
     let dlq = unique("dlq");
     let cfg = config(
@@ -77,6 +80,7 @@ async fn ten_thousand_messages_through_router_and_echo() {
             config = {{ routing-key = "{echo_out}" }}
             [plugin.router]
             subscriptions = [{{ queue = "{router_in}", prefetch = 200 }}]
+            config = {{ exchange = "{exchange}" }}
             "#
         ),
     );

@@ -139,14 +139,21 @@ impl Broker {
     }
 
     /// Where the `router` example plugin's outputs for `region` land:
-    /// `queue`, bound to its topic exchange `orders.routed` with
+    /// `queue`, bound to the topic exchange it publishes to (`exchange`:
+    /// `orders.routed`, or what its `exchange` setting names) with
     /// `orders.<region>`.
-    pub async fn declare_routed(&self, queue: &str, region: &str) -> Result<()> {
+    pub async fn declare_routed(&self, queue: &str, exchange: &str, region: &str) -> Result<()> {
         self.declare_queue(queue).await?;
-        self.declare_exchange("orders.routed", ExchangeKind::Topic)
-            .await?;
-        self.bind(queue, "orders.routed", &format!("orders.{region}"))
+        self.declare_exchange(exchange, ExchangeKind::Topic).await?;
+        self.bind(queue, exchange, &format!("orders.{region}"))
             .await
+    }
+
+    pub async fn delete_exchange(&self, name: &str) -> Result<()> {
+        self.ch
+            .exchange_delete(name.into(), lapin::options::ExchangeDeleteOptions::default())
+            .await?;
+        Ok(())
     }
 
     pub async fn delete_queue(&self, name: &str) -> Result<()> {

@@ -30,6 +30,12 @@ impl RabbitNode {
     /// Boot a fresh node (about 9 s) and wait until it accepts AMQP
     /// connections. Fails loudly when RabbitMQ is not installed.
     pub async fn start() -> Result<RabbitNode> {
+        Self::start_with("").await
+    }
+
+    /// [`RabbitNode::start`] with `conf` (`rabbitmq.conf` lines, e.g.
+    /// `max_message_size = 4096`) added to the node's configuration.
+    pub async fn start_with(conf: &str) -> Result<RabbitNode> {
         if !Path::new(BIN).join("rabbitmq-server").exists() {
             bail!("RabbitMQ is not installed: {BIN}/rabbitmq-server is missing");
         }
@@ -44,7 +50,7 @@ impl RabbitNode {
         std::fs::create_dir_all(dir.join("mnesia"))?;
         std::fs::write(
             dir.join("rabbitmq.conf"),
-            format!("listeners.tcp.1 = 127.0.0.1:{port}\nloopback_users = none\n"),
+            format!("listeners.tcp.1 = 127.0.0.1:{port}\nloopback_users = none\n{conf}\n"),
         )?;
         std::fs::write(dir.join("enabled_plugins"), "[].\n")?;
         std::fs::write(dir.join("advanced.config"), "[].\n")?;

@@ -23,6 +23,9 @@ pub const BROKER_CONSUMERS: &str = "warren_broker_consumers";
 pub const QUEUE_DEPTH: &str = "warren_queue_depth";
 /// Gauge: 1 while ready.
 pub const READY: &str = "warren_ready";
+/// Gauge: 1 while the spool drain is stalled (entries waiting, the broker
+/// connected, nothing drained for `spool.drain-stalled-after-ms`).
+pub const DRAIN_STALLED: &str = "warren_spool_drain_stalled";
 /// Gauge: plugins loaded.
 pub const PLUGINS_LOADED: &str = "warren_plugins_loaded";
 /// Gauge: plugin files that failed at the last start or reload.
@@ -61,6 +64,8 @@ pub(crate) fn sample(app: &AppHandle) {
         }
     }
     metrics::gauge!(READY).set(if app.readiness().ready { 1.0 } else { 0.0 });
+    let stalled = app.drain_stalled(&status).is_some();
+    metrics::gauge!(DRAIN_STALLED).set(if stalled { 1.0 } else { 0.0 });
     metrics::gauge!(PLUGINS_LOADED).set(app.reloader.plugins().len() as f64);
     metrics::gauge!(PLUGINS_FAILED).set(app.failed_plugins().len() as f64);
 }

@@ -101,7 +101,11 @@ pub(crate) fn consumer_state(s: &ConsumerState) -> &'static str {
 
 impl Status {
     pub(crate) async fn collect(app: &AppHandle) -> Status {
-        let Readiness { ready, reasons } = app.readiness();
+        let Readiness {
+            ready,
+            reasons,
+            degraded,
+        } = app.readiness();
         let amqp = app.amqp.status_now();
         // A fresh snapshot, unless the spool is too slow to answer: then
         // the last published one.
@@ -109,16 +113,6 @@ impl Status {
             Ok(s) => s,
             Err(_) => app.spool.subscribe().borrow().clone(),
         };
-        let mut degraded = Vec::new();
-        if spool.depth > 0 {
-            degraded.push(format!(
-                "{} outputs wait in the spool for the broker",
-                spool.depth
-            ));
-        }
-        if !spool.highly_available {
-            degraded.push("the spool is a single Redis, not highly available".into());
-        }
         let consumers = app
             .amqp
             .consumers()

@@ -13,7 +13,8 @@
 //!
 //! Files: `supervisor` (connection owner, state, handle), `consumer`
 //! (subscriptions and deliveries), `ack` (ack coalescing), `publisher`
-//! (confirm channel), `topology` (registry and declarations), `failure`
+//! (confirm channel), `refusal` (permanent refusals, told apart from
+//! transient failures and remembered per session), `topology` (registry and declarations), `failure`
 //! (classes and errors), `backoff`, `convert` (lapin property conversion),
 //! `metrics` (names).
 
@@ -24,6 +25,7 @@ pub mod convert;
 pub mod failure;
 pub mod metrics;
 pub mod publisher;
+pub mod refusal;
 pub mod supervisor;
 pub mod topology;
 
@@ -34,6 +36,7 @@ pub use consumer::{
 pub use convert::{from_basic_properties, to_basic_properties};
 pub use failure::{AmqpError, Failure, FailureClass};
 pub use publisher::{PublishError, Publisher};
+pub use refusal::{Refusal, RefusalKind};
 pub use supervisor::{
     Amqp, AmqpConfig, AmqpHandle, AmqpStatus, ConnectionState, Subscription, redact,
 };

@@ -17,8 +17,11 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use lapin::protocol::AMQPErrorKind;
+
 use super::convert::{short, to_basic_properties};
 use super::failure::{Failure, FailureClass, classify, is_connection_level};
+use super::refusal::{Refusal, Screen, Subject, attribute};
 use super::metrics;
 use super::supervisor::AmqpStatus;
 use crate::message::OutboundMessage;
@@ -26,7 +29,8 @@ use crate::message::OutboundMessage;
 /// Why a publish did not end confirmed.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum PublishError {
-    /// No live session (or its publish channel is being re-opened).
+    /// No live session (or its publish channel could not be re-opened in
+    /// time).
     #[error("not connected to the broker")]
     NotConnected,
     /// The broker blocked publishing (resource alarm) for the whole
@@ -37,48 +41,59 @@ pub enum PublishError {
     /// have been routed.
     #[error("no publisher confirm within {0:?}")]
     ConfirmTimeout(Duration),
-    /// The broker refused the message (`basic.nack`).
+    /// The broker refused the message (`basic.nack`, e.g. under a resource
+    /// alarm or a full queue that rejects publishes).
     #[error("broker nacked the message")]
     Nacked,
-    /// No queue is bound for it (`basic.return` on a mandatory publish).
-    #[error(
-        "message to exchange '{exchange}' with key '{routing_key}' is unroutable: {reply_code} {reply_text}"
-    )]
-    Unroutable {
-        /// Exchange.
-        exchange: String,
-        /// Routing key.
-        routing_key: String,
-        /// AMQP reply code (312 NO_ROUTE).
-        reply_code: u16,
-        /// Broker text.
-        reply_text: String,
-    },
-    /// The exchange does not exist (404); the publish channel was closed by
-    /// the broker and is re-opened.
-    #[error("exchange '{0}' does not exist")]
-    ExchangeNotFound(String),
+    /// The broker will never take this message as it is (no route, no
+    /// exchange, no permission, too large): see [`Refusal`].
+    #[error(transparent)]
+    Refused(Refusal),
+    /// The message was refused, and so was its dead letter (the
+    /// dead-letter exchange is missing or not writable): nothing took it,
+    /// so it is kept and tried again; an operator must fix the exchange.
+    #[error("{0}; its dead letter was refused too")]
+    DeadLetterRefused(Refusal),
     /// The channel or connection failed while the publish was in flight
-    /// (possibly because another publish on the shared channel failed);
-    /// the outcome is unknown.
+    /// (possibly because another publish on the shared channel was
+    /// refused); the outcome is unknown.
     #[error("publish failed ({class}): {message}")]
     ConnectionLost {
-        /// Failure class (`not_found` for a missing exchange).
+        /// Failure class.
         class: FailureClass,
         /// Error text.
         message: String,
+        /// Only the publish channel closed; the connection is up and the
+        /// channel is re-opened, so sending again may go through at once.
+        channel_only: bool,
     },
 }
 
 impl PublishError {
-    /// Trying again (or spooling) may succeed: everything but an
-    /// unroutable message, a missing exchange, or a refused permission.
+    /// Trying again (or spooling) may succeed: everything but a permanent
+    /// refusal.
     pub fn is_transient(&self) -> bool {
+        !matches!(self, PublishError::Refused(_))
+    }
+
+    /// The permanent refusal, if this is one.
+    pub fn refusal(&self) -> Option<&Refusal> {
         match self {
-            PublishError::Unroutable { .. } | PublishError::ExchangeNotFound(_) => false,
-            PublishError::ConnectionLost { class, .. } => *class != FailureClass::AccessRefused,
-            _ => true,
+            PublishError::Refused(r) => Some(r),
+            _ => None,
         }
+    }
+
+    /// Only the publish channel failed (another publish's refusal closed
+    /// it): this message was not refused and may be sent again right away.
+    pub fn is_channel_only(&self) -> bool {
+        matches!(
+            self,
+            PublishError::ConnectionLost {
+                channel_only: true,
+                ..
+            }
+        )
     }
 
     /// The broker may have the message even though no confirm arrived
@@ -96,8 +111,8 @@ impl PublishError {
             PublishError::Blocked(_) => "blocked",
             PublishError::ConfirmTimeout(_) => "timeout",
             PublishError::Nacked => "nacked",
-            PublishError::Unroutable { .. } => "unroutable",
-            PublishError::ExchangeNotFound(_) => "exchange_not_found",
+            PublishError::Refused(r) => r.kind.as_str(),
+            PublishError::DeadLetterRefused(_) => "dead_letter_refused",
             PublishError::ConnectionLost { .. } => "connection_lost",
         }
     }
@@ -107,8 +122,19 @@ impl PublishError {
 #[derive(Clone)]
 pub(crate) struct PublisherLink {
     pub(crate) generation: u64,
+    /// Which opening of a publish channel this is (unique in the process).
+    pub(crate) epoch: u64,
     pub(crate) channel: Channel,
+    /// The session's connection, for the side channel of exchange checks.
+    pub(crate) conn: Arc<Connection>,
 }
+
+/// Publish channels opened so far, for [`PublisherLink::epoch`].
+static CHANNEL_EPOCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How long a publish waits for the publish channel to be re-opened while
+/// the session is up (a refusal closed it a moment ago).
+const REOPEN_WAIT: Duration = Duration::from_secs(2);
 
 /// A publish on the wire, resolving at its confirm.
 pub type PendingConfirm =
@@ -120,6 +146,7 @@ pub struct Publisher {
     link: watch::Receiver<Option<PublisherLink>>,
     status: watch::Receiver<AmqpStatus>,
     confirm_timeout: Duration,
+    screen: Screen,
 }
 
 impl Publisher {
@@ -132,6 +159,7 @@ impl Publisher {
             link,
             status,
             confirm_timeout,
+            screen: Screen::default(),
         }
     }
 
@@ -140,12 +168,15 @@ impl Publisher {
         self.confirm_timeout
     }
 
-    /// Whether a confirm channel is up right now.
+    /// Whether a confirm channel is up right now, or the session is and
+    /// the channel is being re-opened (a publish waits for it).
     pub fn is_ready(&self) -> bool {
-        self.link
-            .borrow()
-            .as_ref()
-            .is_some_and(|l| l.channel.status().connected())
+        self.status.borrow().is_connected()
+            || self
+                .link
+                .borrow()
+                .as_ref()
+                .is_some_and(|l| l.channel.status().connected())
     }
 
     /// Whether the broker is blocking publishes (`connection.blocked`).
@@ -169,26 +200,37 @@ impl Publisher {
     /// keep many confirms in flight and still publish in order.
     pub async fn send(&self, msg: &OutboundMessage) -> Result<PendingConfirm, PublishError> {
         let deadline = tokio::time::Instant::now() + self.confirm_timeout;
-        metered(self.send_inner(msg, Some(deadline)).await)
+        metered(self.send_inner(msg, Some(deadline), None).await)
     }
 
-    /// [`Publisher::send`] with no deadline: neither the send nor the
-    /// confirm times out here, the caller bounds them. For a window of
-    /// publishes in flight, where a slow broker confirms the tail of the
-    /// window many confirm timeouts after it was sent while every confirm
-    /// before it arrives steadily: the spool's drainer bounds the time
-    /// without progress instead.
+    /// [`Publisher::send`] with no deadline, on one channel: neither the
+    /// send nor the confirm times out here, the caller bounds them. For a
+    /// window of publishes in flight, where a slow broker confirms the tail
+    /// of the window many confirm timeouts after it was sent while every
+    /// confirm before it arrives steadily: the spool's drainer bounds the
+    /// time without progress instead.
+    ///
+    /// `channel` pins the window to one publish channel: `None` on the
+    /// window's first send (it is set to the channel used), and once that
+    /// channel closes every later send fails with
+    /// [`PublishError::NotConnected`] instead of going out on the next
+    /// channel. A channel closed by one message's refusal drops what was
+    /// sent after it; continuing on a new channel would put later messages
+    /// ahead of those, so the caller starts over from the first unconfirmed
+    /// one instead.
     pub async fn send_unbounded(
         &self,
         msg: &OutboundMessage,
+        channel: &mut Option<u64>,
     ) -> Result<PendingConfirm, PublishError> {
-        metered(self.send_inner(msg, None).await)
+        metered(self.send_inner(msg, None, Some(channel)).await)
     }
 
     async fn send_inner(
         &self,
         msg: &OutboundMessage,
         deadline: Option<tokio::time::Instant>,
+        pinned: Option<&mut Option<u64>>,
     ) -> Result<PendingConfirm, PublishError> {
         let timeout = self.confirm_timeout;
         let mut status = self.status.clone();
@@ -204,11 +246,27 @@ impl Publisher {
                 Err(_) => return Err(PublishError::Blocked(timeout)),
             }
         }
-        let Some(link) = self.link.borrow().clone() else {
-            return Err(PublishError::NotConnected);
+        let link = match pinned {
+            Some(Some(epoch)) => match self.link.borrow().as_ref() {
+                Some(l) if l.epoch == *epoch && l.channel.status().connected() => l.clone(),
+                _ => return Err(PublishError::NotConnected),
+            },
+            Some(pin) => {
+                let link = self.current_link(deadline).await?;
+                *pin = Some(link.epoch);
+                link
+            }
+            None => self.current_link(deadline).await?,
         };
-        if !link.channel.status().connected() {
-            return Err(PublishError::NotConnected);
+        let screened = until(
+            deadline,
+            self.screen.check(&link.conn, link.generation, msg),
+        )
+        .await;
+        match screened {
+            Ok(Some(refused)) => return Err(PublishError::Refused(refused)),
+            Ok(None) => {}
+            Err(_) => return Err(PublishError::ConfirmTimeout(timeout)),
         }
         let sent = until(
             deadline,
@@ -224,34 +282,82 @@ impl Publisher {
             ),
         )
         .await;
+        let generation = link.generation;
+        // What a channel failure needs to tell this message from the others
+        // on the channel.
+        let subject = Subject::of(msg);
         let confirm = match sent {
-            Ok(r) => r.map_err(|e| lost(&msg.exchange, e))?,
+            Ok(r) => r.map_err(|e| self.lost(generation, &subject, e))?,
             Err(_) => return Err(PublishError::ConfirmTimeout(timeout)),
         };
-        let generation = link.generation;
-        let (exchange, routing_key) = (msg.exchange.clone(), msg.routing_key.clone());
+        let this = self.clone();
         Ok(Box::pin(async move {
             let outcome = match until(deadline, confirm).await {
-                Ok(r) => r.map_err(|e| lost(&exchange, e))?,
+                Ok(r) => r.map_err(|e| this.lost(generation, &subject, e))?,
                 Err(_) => return Err(PublishError::ConfirmTimeout(timeout)),
             };
             match outcome {
                 Confirmation::Ack(None) => Ok(generation),
                 Confirmation::Ack(Some(ret)) | Confirmation::Nack(Some(ret)) => {
-                    Err(PublishError::Unroutable {
-                        exchange,
-                        routing_key,
-                        reply_code: ret.reply_code,
-                        reply_text: ret.reply_text.as_str().to_owned(),
-                    })
+                    Err(PublishError::Refused(subject.no_route(
+                        ret.reply_code,
+                        ret.reply_text.as_str().to_owned(),
+                    )))
                 }
                 Confirmation::Nack(None) => Err(PublishError::Nacked),
                 Confirmation::NotRequested => Err(PublishError::ConnectionLost {
                     class: FailureClass::Other,
                     message: "channel is not in confirm mode".to_owned(),
+                    channel_only: false,
                 }),
             }
         }))
+    }
+
+    /// The confirm channel. While the session is up but the channel is
+    /// being re-opened (a refusal closed it), wait for it a little, within
+    /// the deadline: the refused message's dead letter, and the messages
+    /// that shared the channel with it, go out on the new one.
+    async fn current_link(
+        &self,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<PublisherLink, PublishError> {
+        let mut link = self.link.clone();
+        let reopen = tokio::time::Instant::now() + REOPEN_WAIT;
+        let wait_until = deadline.map_or(reopen, |d| d.min(reopen));
+        loop {
+            if let Some(l) = link.borrow_and_update().as_ref()
+                && l.channel.status().connected()
+            {
+                return Ok(l.clone());
+            }
+            if !self.status.borrow().is_connected() {
+                return Err(PublishError::NotConnected);
+            }
+            match tokio::time::timeout_at(wait_until, link.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return Err(PublishError::NotConnected),
+            }
+        }
+    }
+
+    /// A publish that failed at the channel: refused when the broker's
+    /// reply names it (remembered for the session), else lost along with
+    /// the channel.
+    fn lost(&self, generation: u64, subject: &Subject, e: lapin::Error) -> PublishError {
+        if let lapin::ErrorKind::ProtocolError(amqp) = e.kind()
+            && let AMQPErrorKind::Soft(_) = amqp.kind()
+        {
+            if let Some(r) = attribute(amqp.get_id(), amqp.get_message().as_str(), subject) {
+                self.screen.remember(generation, &r);
+                return PublishError::Refused(r);
+            }
+        }
+        PublishError::ConnectionLost {
+            class: classify(&e),
+            message: e.to_string(),
+            channel_only: !is_connection_level(&e) && self.status.borrow().is_connected(),
+        }
     }
 }
 
@@ -282,19 +388,6 @@ fn metered(sent: Result<PendingConfirm, PublishError>) -> Result<PendingConfirm,
             metrics::publish(e.label());
             Err(e)
         }
-    }
-}
-
-/// A publish that failed at the channel. The broker's 404 names the
-/// exchange; only the publish that named it failed for that reason, the
-/// others in flight merely shared the channel it closed.
-fn lost(exchange: &str, e: lapin::Error) -> PublishError {
-    let class = classify(&e);
-    let message = e.to_string();
-    if class == FailureClass::NotFound && message.contains(&format!("no exchange '{exchange}'")) {
-        PublishError::ExchangeNotFound(exchange.to_owned())
-    } else {
-        PublishError::ConnectionLost { class, message }
     }
 }
 
@@ -343,7 +436,9 @@ pub(crate) async fn keep_channel(
         );
         link.send_replace(Some(PublisherLink {
             generation,
+            epoch: CHANNEL_EPOCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             channel: channel.clone(),
+            conn: conn.clone(),
         }));
         let mut poll = tokio::time::interval(Duration::from_millis(50));
         loop {

@@ -189,6 +189,8 @@ pub struct AmqpStatus {
     pub connect_attempts: u64,
     /// Topology declarations that failed in the current session.
     pub declaration_errors: Vec<String>,
+    /// When the current (or last) session's connection was established.
+    pub session_started: Option<std::time::Instant>,
 }
 
 impl AmqpStatus {
@@ -334,6 +336,7 @@ impl Amqp {
             last_failure: None,
             connect_attempts: 0,
             declaration_errors: Vec::new(),
+            session_started: None,
         });
         let (commands_tx, commands) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
@@ -505,6 +508,7 @@ impl Amqp {
         self.shared.status.send_modify(|s| {
             s.generation = generation;
             s.state = ConnectionState::Declaring;
+            s.session_started = Some(std::time::Instant::now());
         });
         let errors = declare_all(&conn, &self.shared.topology.snapshot()).await;
         if let Some(e) = errors
@@ -627,13 +631,9 @@ impl Amqp {
                     },
                     Command::Declare(t, done) => {
                         self.shared.topology.merge(t.clone());
-                        let res = match conn.create_channel().await {
-                            Ok(ch) => {
-                                let r = topology::declare(&ch, &t).await;
-                                let _ = ch.close(200, "declared".into()).await;
-                                r
-                            }
-                            Err(e) => Err(AmqpError::channel("channel.open", &e)),
+                        let res = match declare_all(&conn, &t).await.into_iter().next() {
+                            Some(e) => Err(e),
+                            None => Ok(()),
                         };
                         let _ = done.send(res);
                     }
@@ -751,6 +751,9 @@ async fn declare_all(conn: &Connection, t: &Topology) -> Vec<AmqpError> {
             if let Some(ch) = &channel {
                 if let Err(e) = $f(ch).await {
                     errors.push(e);
+                    channel = None;
+                } else if !ch.status().connected() {
+                    // A tolerated conflict (an existing output) closed it.
                     channel = None;
                 }
             }

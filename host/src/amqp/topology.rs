@@ -58,6 +58,10 @@ pub struct ExchangeSpec {
     pub auto_delete: bool,
     /// Extra arguments.
     pub arguments: Vec<(String, HeaderValue)>,
+    /// Declared only so that it exists (a plugin's output): one that
+    /// already exists with other settings is used as it is, not reported
+    /// as a conflict.
+    pub existing_ok: bool,
 }
 
 impl ExchangeSpec {
@@ -69,6 +73,7 @@ impl ExchangeSpec {
             durable: true,
             auto_delete: false,
             arguments: Vec::new(),
+            existing_ok: false,
         }
     }
 }
@@ -104,6 +109,10 @@ pub struct QueueSpec {
     pub delivery_limit: Option<u32>,
     /// Any other arguments, sent as given.
     pub arguments: Vec<(String, HeaderValue)>,
+    /// Declared only so that it exists (a plugin's output): one that
+    /// already exists with other arguments is used as it is, not reported
+    /// as a conflict.
+    pub existing_ok: bool,
 }
 
 impl QueueSpec {
@@ -213,6 +222,21 @@ impl Topology {
         self
     }
 
+    /// Add what `other` declares that this does not: an entity both name
+    /// keeps this one's declaration.
+    pub fn with_missing(mut self, other: Topology) -> Self {
+        for (name, e) in other.exchanges {
+            self.exchanges.entry(name).or_insert(e);
+        }
+        for (name, q) in other.queues {
+            self.queues.entry(name).or_insert(q);
+        }
+        for b in other.bindings {
+            self = self.binding(b);
+        }
+        self
+    }
+
     /// Everything one queue needs: the queue, its bindings and the exchanges
     /// they name.
     pub fn for_queue(&self, queue: &str) -> Topology {
@@ -302,7 +326,8 @@ impl TopologyRegistry {
 
 /// Declare `topology` on `channel`: exchanges, then queues, then bindings.
 /// Stops at the first error, because a failed declaration closes the
-/// channel.
+/// channel (an `existing_ok` entity that exists with other settings closes
+/// it too: use a channel per entity where the topology may hold one).
 pub async fn declare(channel: &Channel, topology: &Topology) -> Result<(), AmqpError> {
     for e in topology.exchanges.values() {
         declare_exchange(channel, e).await?;
@@ -332,6 +357,15 @@ pub async fn declare_exchange(channel: &Channel, e: &ExchangeSpec) -> Result<(),
         )
         .await
         .map_err(|err| declaration_error(format!("exchange '{}'", e.name), &err))
+        .or_else(|err| tolerate_existing(e.existing_ok, err))
+}
+
+/// An `existing_ok` entity that exists with other settings is fine.
+fn tolerate_existing(existing_ok: bool, err: AmqpError) -> Result<(), AmqpError> {
+    match err {
+        AmqpError::DeclarationConflict { .. } if existing_ok => Ok(()),
+        err => Err(err),
+    }
 }
 
 /// Declare one queue; returns the broker's consumer and message counts.
@@ -346,6 +380,7 @@ pub async fn declare_queue(channel: &Channel, q: &QueueSpec) -> Result<(u32, u32
         .await
         .map(|ok| (ok.consumer_count(), ok.message_count()))
         .map_err(|err| declaration_error(format!("queue '{}'", q.name), &err))
+        .or_else(|err| tolerate_existing(q.existing_ok, err).map(|()| (0, 0)))
 }
 
 /// Check a queue exists without changing it; returns the broker's consumer

@@ -149,6 +149,11 @@ pub trait DrainPublisher: Send + Sync + 'static {
     fn is_blocked(&self) -> bool {
         false
     }
+
+    /// A pass starts: what follows is sent from the first unconfirmed entry
+    /// on. A pipelined publisher keeps one pass on one channel (see
+    /// `Publisher::send_unbounded`).
+    fn begin_pass(&self) {}
 }
 
 /// Adapts an async closure `Fn(OutboundMessage) -> Future<Output =
@@ -552,6 +557,7 @@ impl<P: DrainPublisher> Drainer<P> {
         if let Err((e, g)) = self.delete_unsettled().await {
             return Stop::Redis(e, g);
         }
+        self.publisher.begin_pass();
         let mut queue: VecDeque<(Entry, Result<OutboundMessage, String>)> = VecDeque::new();
         let mut pass = Pass {
             inflight: FuturesOrdered::new(),

@@ -28,7 +28,7 @@
 //! the append script; past the limit, appends are refused with
 //! [`SpoolError::SpoolFull`], nothing is trimmed.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -136,6 +136,9 @@ pub struct SpoolStatus {
     pub drainer: DrainerState,
     /// How the drain has gone since start.
     pub drain: DrainStats,
+    /// With entries waiting: how long nothing has drained (counted from the
+    /// last drained entry or, if later, the oldest entry's append).
+    pub drain_idle_ms: Option<u64>,
 }
 
 /// The drainer's record since start: `republished - drained` is how many
@@ -171,6 +174,8 @@ pub(crate) struct Shared {
     mutations: AtomicU64,
     appended: AtomicU64,
     drained: AtomicU64,
+    /// When the drainer last deleted entries (start-up until then).
+    last_drained_at: Mutex<Instant>,
     refused: AtomicU64,
     republished: AtomicU64,
     drain_pauses: AtomicU64,
@@ -195,6 +200,11 @@ impl Shared {
         sub(&self.depth, deleted);
         sub(&self.bytes, bytes);
         self.drained.fetch_add(confirmed, Ordering::Relaxed);
+        if confirmed > 0
+            && let Ok(mut at) = self.last_drained_at.lock()
+        {
+            *at = Instant::now();
+        }
         metrics::counter!(metric::DRAINED).increment(confirmed);
     }
 
@@ -251,6 +261,22 @@ impl Shared {
         }
     }
 
+    /// With entries waiting, how long nothing has drained: since the last
+    /// drained entry or, if later, the oldest entry's append.
+    pub(crate) fn drain_idle(&self) -> Option<Duration> {
+        if self.depth.load(Ordering::SeqCst) == 0 {
+            return None;
+        }
+        let since_drained = self
+            .last_drained_at
+            .lock()
+            .map(|at| at.elapsed())
+            .unwrap_or_default();
+        let oldest = self.oldest_ms.load(Ordering::Relaxed);
+        let oldest_age = (oldest > 0).then(|| Duration::from_millis(now_ms().saturating_sub(oldest)));
+        Some(oldest_age.map_or(since_drained, |age| age.min(since_drained)))
+    }
+
     fn drainer_state(&self) -> DrainerState {
         self.drainer.lock().map(|g| g.clone()).unwrap_or_default()
     }
@@ -288,7 +314,13 @@ impl Shared {
                 window: self.drain_window.load(Ordering::Relaxed),
                 last_failure: self.last_drain_failure.lock().ok().and_then(|g| g.clone()),
             },
+            drain_idle_ms: self.drain_idle().map(|d| d.as_millis() as u64),
         }
+    }
+
+    /// The last drain failure, if any.
+    pub(crate) fn last_drain_failure(&self) -> Option<String> {
+        self.last_drain_failure.lock().ok().and_then(|g| g.clone())
     }
 }
 
@@ -363,6 +395,7 @@ impl Spool {
             mutations: AtomicU64::new(0),
             appended: AtomicU64::new(0),
             drained: AtomicU64::new(0),
+            last_drained_at: Mutex::new(Instant::now()),
             refused: AtomicU64::new(0),
             republished: AtomicU64::new(0),
             drain_pauses: AtomicU64::new(0),
@@ -462,6 +495,22 @@ impl SpoolHandle {
     /// Entries in the spool (cheap; refreshed from Redis periodically).
     pub fn depth(&self) -> u64 {
         self.shared.depth.load(Ordering::SeqCst)
+    }
+
+    /// With entries waiting: how long nothing has drained (see
+    /// [`SpoolStatus::drain_idle_ms`]).
+    pub fn drain_idle(&self) -> Option<Duration> {
+        self.shared.drain_idle()
+    }
+
+    /// Why the drainer's last failed pass failed.
+    pub fn last_drain_failure(&self) -> Option<String> {
+        self.shared.last_drain_failure()
+    }
+
+    /// True with Sentinel; false with a single Redis URL.
+    pub fn is_highly_available(&self) -> bool {
+        self.shared.cfg.is_sentinel()
     }
 
     /// A fresh status snapshot.

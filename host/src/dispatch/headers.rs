@@ -10,8 +10,18 @@ pub const ATTEMPT: &str = "x-warren-attempt";
 pub const PLUGIN: &str = "x-warren-plugin";
 pub const VERSION: &str = "x-warren-version";
 pub const REASON: &str = "x-warren-reason";
-/// On dead letters: `reject`, `retries-exhausted`, `trap` or `unroutable`.
+/// On dead letters: `reject`, `retries-exhausted`, `trap`, or for an
+/// output the broker refused, the refusal's kind (`unroutable`,
+/// `exchange_not_found`, `access_refused`, `too_large`,
+/// `invalid_property`).
 pub const OUTCOME: &str = "x-warren-outcome";
+/// On dead-lettered outputs: the broker's reply code (312, 403, 404, 406)
+/// and text.
+pub const REPLY_CODE: &str = "x-warren-reply-code";
+pub const REPLY_TEXT: &str = "x-warren-reply-text";
+/// On the dead letter of an output too large for the broker: the size of
+/// the body it had (the dead letter goes without it).
+pub const BODY_DROPPED: &str = "x-warren-body-dropped";
 /// On dead letters of traps: `deadline`, `memory`, `panic` or `other`.
 pub const TRAP: &str = "x-warren-trap";
 pub const ATTEMPTS: &str = "x-warren-attempts";

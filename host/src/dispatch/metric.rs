@@ -19,6 +19,10 @@ pub const RETRIED: &str = "warren_retries_total";
 /// Counter: deliveries whose channel went away before they were settled
 /// (the broker redelivers them), by `queue`.
 pub const STALE_SETTLES: &str = "warren_stale_settles_total";
+/// Counter: outputs the broker refused for good and Warren dead-lettered,
+/// by `reason` (unroutable, exchange_not_found, access_refused, too_large,
+/// invalid_property).
+pub const OUTPUTS_DEAD_LETTERED: &str = "warren_outputs_dead_lettered_total";
 /// Counter: outbox publishes refused by both broker and spool.
 pub const OUTBOX_REFUSED: &str = "warren_outbox_refused_total";
 
@@ -85,4 +89,8 @@ pub(crate) fn stale_settle(queue: &str) {
 
 pub(crate) fn outbox_refused() {
     metrics::counter!(OUTBOX_REFUSED).increment(1);
+}
+
+pub(crate) fn output_dead_lettered(kind: crate::amqp::RefusalKind) {
+    metrics::counter!(OUTPUTS_DEAD_LETTERED, "reason" => kind.as_str()).increment(1);
 }

@@ -32,7 +32,7 @@ use tracing::{info, warn};
 pub use outbox::{Outbox, OutboxError, Placement};
 pub use topology::DispatchConfig;
 
-use crate::amqp::{AmqpError, AmqpHandle, SubscriptionConfig};
+use crate::amqp::{AmqpError, AmqpHandle, SubscriptionConfig, Topology};
 use crate::plugins::Plugin;
 use crate::plugins::manifest::Subscription;
 
@@ -119,7 +119,10 @@ impl Dispatcher {
                 plugin: e.plugin.borrow().name().to_string(),
             });
         }
-        let topology = self.config.subscription_topology(&subscription);
+        let topology = self
+            .config
+            .subscription_topology(&subscription)
+            .with_missing(self.config.outputs_topology(&plugin.manifest().outputs));
         if let Err(e) = self.amqp.declare(topology).await {
             warn!(%queue, error = %e, "Could not declare the subscription's topology yet; the consumer declares it when it starts.");
         }
@@ -158,6 +161,19 @@ impl Dispatcher {
             },
         );
         Ok(())
+    }
+
+    /// Declare the destinations `plugin`'s manifest lists for its outputs
+    /// (before it serves a route; registered, so declared again on every
+    /// reconnect). Fails quietly while the broker is down.
+    pub async fn declare_outputs(&self, plugin: &Plugin) {
+        let outputs = self.config.outputs_topology(&plugin.manifest().outputs);
+        if outputs == Topology::default() {
+            return;
+        }
+        if let Err(e) = self.amqp.declare(outputs).await {
+            warn!(plugin = plugin.name(), error = %e, "Could not declare the plugin's outputs yet; they are declared on connect.");
+        }
     }
 
     /// Serve `queue` with `plugin` from now on: deliveries already being

@@ -4,13 +4,21 @@
 //! back. When neither takes a message, the caller gets [`OutboxError`] and
 //! must keep what it has (a delivery stays unacked): nothing is dropped.
 //!
-//! A message the broker cannot route (no queue bound, missing exchange)
-//! would block the spool forever if it were retried, so it goes to the
-//! dead-letter exchange instead, with the reason in its headers.
+//! A message the broker refuses for good ([`Refusal`]: no queue bound, no
+//! such exchange, no write permission, too large) would block the spool
+//! forever if it were retried, so it is never spooled: it goes to the
+//! dead-letter exchange at once, with the broker's reply, the exchange and
+//! the routing key in its headers, and the caller sees it placed. A spooled
+//! entry refused when it is drained is dead-lettered the same way (the
+//! drainer publishes through [`Outbox::drain_publisher`]), so nothing
+//! queues behind it. Repeated refusals of one destination log one line per
+//! [`REFUSAL_LOG_INTERVAL`], not one per message.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use crate::amqp::{PublishError, Publisher};
+use crate::amqp::{PublishError, Publisher, Refusal, RefusalKind};
 use crate::buffer::{DrainPublisher, SpoolError, SpoolHandle};
 use crate::message::{HeaderValue, OutboundMessage};
 
@@ -23,7 +31,8 @@ pub enum Placement {
     Broker,
     /// Durably in the spool.
     Spool,
-    /// Unroutable; confirmed into the dead-letter exchange.
+    /// Refused by the broker for good; confirmed into the dead-letter
+    /// exchange.
     DeadLettered,
 }
 
@@ -35,12 +44,16 @@ pub struct OutboxError {
     pub spool: String,
 }
 
+/// At most one log line per destination and refusal kind this often.
+pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
 /// Cheap to clone.
 #[derive(Clone)]
 pub struct Outbox {
     publisher: Publisher,
     spool: SpoolHandle,
     dead_letter_exchange: String,
+    refusals: Arc<RefusalLog>,
 }
 
 impl Outbox {
@@ -49,6 +62,7 @@ impl Outbox {
             publisher,
             spool,
             dead_letter_exchange,
+            refusals: Arc::default(),
         }
     }
 
@@ -84,14 +98,22 @@ impl Outbox {
             .map_err(|broker| refused(&broker.to_string(), &spool))
     }
 
-    /// Publish to the broker; an unroutable message is dead-lettered.
+    /// Publish to the broker; a refused message is dead-lettered. One that
+    /// failed only because another publish's refusal closed the shared
+    /// channel was not refused itself: it is sent again on the re-opened
+    /// channel, within the confirm timeout, instead of going to the spool.
     async fn to_broker(&self, msg: &OutboundMessage) -> Result<Placement, PublishError> {
-        let confirmed = self.publisher.publish(msg).await;
-        self.settle(msg, confirmed).await
+        let deadline = Instant::now() + self.publisher.confirm_timeout();
+        loop {
+            match self.publisher.publish(msg).await {
+                Err(e) if e.is_channel_only() && Instant::now() < deadline => {}
+                confirmed => return self.settle(msg, confirmed).await,
+            }
+        }
     }
 
-    /// What a broker confirm means: done, dead-letter an unroutable
-    /// message, or a (transient) failure for the caller.
+    /// What a broker confirm means: done, dead-letter a refused message,
+    /// or a (transient) failure for the caller.
     async fn settle(
         &self,
         msg: &OutboundMessage,
@@ -99,31 +121,44 @@ impl Outbox {
     ) -> Result<Placement, PublishError> {
         match confirmed {
             Ok(_) => Ok(Placement::Broker),
-            Err(e) if !e.is_transient() => {
-                tracing::warn!(exchange = %msg.exchange, routing_key = %msg.routing_key, error = %e, "Output is unroutable; dead-lettering it.");
-                let dead = self.unroutable(msg, &e);
-                self.publisher
-                    .publish(&dead)
-                    .await
-                    .map(|_| Placement::DeadLettered)
+            Err(PublishError::Refused(refusal)) => {
+                self.refusals.note(&refusal);
+                let dead = self.dead_letter(msg, &refusal);
+                match self.publisher.publish(&dead).await {
+                    Ok(_) => Ok(Placement::DeadLettered),
+                    Err(PublishError::Refused(again)) => {
+                        tracing::error!(dead_letter_exchange = %self.dead_letter_exchange, error = %again, "The dead letter of a refused output was refused too; keeping the output. Declare the dead-letter exchange (Warren does on every reconnect) or grant write access to it.");
+                        Err(PublishError::DeadLetterRefused(refusal))
+                    }
+                    Err(e) => Err(e),
+                }
             }
             Err(e) => Err(e),
         }
     }
 
-    fn unroutable(&self, msg: &OutboundMessage, e: &PublishError) -> OutboundMessage {
+    fn dead_letter(&self, msg: &OutboundMessage, r: &Refusal) -> OutboundMessage {
         let mut dead = msg.clone();
         let p = &mut dead.properties;
-        p.set_header(headers::OUTCOME, HeaderValue::String("unroutable".into()));
-        p.set_header(headers::REASON, HeaderValue::String(e.to_string()));
-        p.set_header(
-            headers::ORIGINAL_EXCHANGE,
-            HeaderValue::String(msg.exchange.clone()),
-        );
-        p.set_header(
-            headers::ORIGINAL_ROUTING_KEY,
-            HeaderValue::String(msg.routing_key.clone()),
-        );
+        let text = |s: &str| HeaderValue::String(s.to_owned());
+        p.set_header(headers::OUTCOME, text(r.kind.as_str()));
+        p.set_header(headers::REASON, text(&r.to_string()));
+        p.set_header(headers::REPLY_CODE, HeaderValue::I64(r.reply_code.into()));
+        p.set_header(headers::REPLY_TEXT, text(&r.reply_text));
+        p.set_header(headers::ORIGINAL_EXCHANGE, text(&msg.exchange));
+        p.set_header(headers::ORIGINAL_ROUTING_KEY, text(&msg.routing_key));
+        // A per-message TTL would let the dead letter expire in the queue.
+        p.expiration = None;
+        if r.kind == RefusalKind::TooLarge {
+            // The broker takes no body this large, not even as a dead
+            // letter: it goes without it (logged at ERROR by the refusal
+            // log), so the delivery can end and nothing queues behind it.
+            p.set_header(
+                headers::BODY_DROPPED,
+                HeaderValue::I64(i64::try_from(msg.body.len()).unwrap_or(i64::MAX)),
+            );
+            dead.body = bytes::Bytes::new();
+        }
         dead.exchange = self.dead_letter_exchange.clone();
         dead
     }
@@ -134,11 +169,12 @@ impl Outbox {
     }
 
     /// The publish function the spool's drainer uses: straight to the
-    /// broker (never back into the spool), unroutable messages
+    /// broker (never back into the spool), refused messages
     /// dead-lettered.
     pub fn drain_publisher(&self) -> OutboxDrain {
         OutboxDrain {
             outbox: self.clone(),
+            channel: Mutex::new(None),
         }
     }
 }
@@ -153,6 +189,9 @@ fn refused(broker: &str, spool: &SpoolError) -> OutboxError {
 /// [`DrainPublisher`] over the confirmed publisher.
 pub struct OutboxDrain {
     outbox: Outbox,
+    /// The publish channel this pass's window goes out on (see
+    /// [`Publisher::send_unbounded`]).
+    channel: Mutex<Option<u64>>,
 }
 
 /// Pipelined: `publish` returns once the message is on the channel (in
@@ -167,17 +206,96 @@ impl DrainPublisher for OutboxDrain {
     ) -> impl Future<Output = Result<Self::Confirm, PublishError>> + Send {
         let outbox = self.outbox.clone();
         async move {
+            // The drainer sends one at a time, so the lock is never
+            // contended; it is not held across the await.
+            let mut channel = *lock(&self.channel);
             // Unbounded here: the drainer bounds the time without progress.
-            let pending = outbox.publisher.send_unbounded(&message).await?;
-            let confirm: Self::Confirm = Box::pin(async move {
-                let confirmed = pending.await;
-                outbox.settle(&message, confirmed).await.map(|_| ())
-            });
+            let sent = outbox.publisher.send_unbounded(&message, &mut channel).await;
+            *lock(&self.channel) = channel;
+            let confirm: Self::Confirm = match sent {
+                Ok(pending) => Box::pin(async move {
+                    let confirmed = pending.await;
+                    outbox.settle(&message, confirmed).await.map(|_| ())
+                }),
+                // Refused before it was sent (a destination this session
+                // already knows is refused): its dead letter takes its
+                // place in the window, in stream order.
+                Err(e @ PublishError::Refused(_)) => Box::pin(async move {
+                    outbox.settle(&message, Err(e)).await.map(|_| ())
+                }),
+                Err(e) => return Err(e),
+            };
             Ok(confirm)
         }
     }
 
     fn is_blocked(&self) -> bool {
         self.outbox.publisher.is_blocked()
+    }
+
+    fn begin_pass(&self) {
+        *lock(&self.channel) = None;
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+/// Counts refused outputs and logs them, at most one line per destination
+/// and kind per [`REFUSAL_LOG_INTERVAL`] with the number since the last.
+#[derive(Default)]
+struct RefusalLog {
+    last: Mutex<HashMap<(String, RefusalKind), (Instant, u64)>>,
+}
+
+/// Destinations remembered at most (then the memory starts over).
+const MAX_LOGGED_DESTINATIONS: usize = 10_000;
+
+impl RefusalLog {
+    fn note(&self, r: &Refusal) {
+        super::metric::output_dead_lettered(r.kind);
+        let mut last = lock(&self.last);
+        if last.len() > MAX_LOGGED_DESTINATIONS {
+            last.clear();
+        }
+        let now = Instant::now();
+        let since = match last.get_mut(&(r.exchange.clone(), r.kind)) {
+            Some((at, n)) if now.duration_since(*at) < REFUSAL_LOG_INTERVAL => {
+                *n += 1;
+                return;
+            }
+            Some((at, n)) => {
+                *at = now;
+                std::mem::take(n)
+            }
+            None => {
+                last.insert((r.exchange.clone(), r.kind), (now, 0));
+                0
+            }
+        };
+        drop(last);
+        if r.kind == RefusalKind::TooLarge {
+            tracing::error!(
+                exchange = %r.exchange,
+                routing_key = %r.routing_key,
+                reply_text = %r.reply_text,
+                more_since_last_line = since,
+                "The broker refuses outputs this large; dead-lettering them without their body."
+            );
+        } else {
+            tracing::warn!(
+                exchange = %r.exchange,
+                routing_key = %r.routing_key,
+                reason = r.kind.as_str(),
+                reply_code = r.reply_code,
+                reply_text = %r.reply_text,
+                more_since_last_line = since,
+                "The broker refuses outputs to this destination; dead-lettering them."
+            );
+        }
     }
 }

@@ -458,9 +458,11 @@ impl Reloader {
         }
         // 2. Swap kept routes of changed plugins: atomic per route.
         for (name, queue) in &plan.swap {
-            if let Some(c) = scan.plugins.get(name)
-                && let Err(e) = self.dispatcher.swap_plugin(queue, c.plugin.clone())
-            {
+            let Some(c) = scan.plugins.get(name) else {
+                continue;
+            };
+            self.dispatcher.declare_outputs(&c.plugin).await;
+            if let Err(e) = self.dispatcher.swap_plugin(queue, c.plugin.clone()) {
                 warn!(%queue, error = %e, "Route to swap was not running.");
             }
         }

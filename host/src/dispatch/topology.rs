@@ -13,7 +13,7 @@
 use std::time::Duration;
 
 use crate::amqp::{BindingSpec, ExchangeSpec, ExchangeType, QueueSpec, QueueType, Topology};
-use crate::plugins::manifest::{ExchangeKind, QueueKind, Subscription};
+use crate::plugins::manifest::{Binding, ExchangeKind, Outputs, QueueKind, Subscription};
 
 /// Dispatch settings, from `[dispatch]`.
 #[derive(Debug, Clone)]
@@ -121,23 +121,48 @@ impl DispatchConfig {
                 s.queue.clone(),
             ));
         if let Some(b) = &s.bind {
-            t = t.exchange(ExchangeSpec::durable(
-                b.exchange.clone(),
-                exchange_type(b.kind),
-            ));
-            if b.keys.is_empty() {
-                t = t.binding(BindingSpec::new(s.queue.clone(), b.exchange.clone(), ""));
-            }
-            for key in &b.keys {
-                t = t.binding(BindingSpec::new(
-                    s.queue.clone(),
-                    b.exchange.clone(),
-                    key.clone(),
-                ));
+            t = bound(t, &s.queue, b, false);
+        }
+        t
+    }
+
+    /// The destinations a plugin's manifest lists for its outputs, each
+    /// declared only so that it exists (an existing one is used as it is).
+    pub fn outputs_topology(&self, o: &Outputs) -> Topology {
+        let mut t = Topology::default();
+        for e in &o.exchanges {
+            let mut spec = ExchangeSpec::durable(e.name.clone(), exchange_type(e.kind));
+            spec.existing_ok = true;
+            t = t.exchange(spec);
+        }
+        for q in &o.queues {
+            let mut spec = match q.kind {
+                QueueKind::Quorum => QueueSpec::quorum(q.name.clone()),
+                QueueKind::Classic => QueueSpec::durable(q.name.clone()),
+            };
+            spec.existing_ok = true;
+            t = t.queue(spec);
+            if let Some(b) = &q.bind {
+                t = bound(t, &q.name, b, true);
             }
         }
         t
     }
+}
+
+/// `t` with `b`'s exchange and one binding of `queue` per key (key "" when
+/// there are none).
+fn bound(mut t: Topology, queue: &str, b: &Binding, existing_ok: bool) -> Topology {
+    let mut exchange = ExchangeSpec::durable(b.exchange.clone(), exchange_type(b.kind));
+    exchange.existing_ok = existing_ok;
+    t = t.exchange(exchange);
+    if b.keys.is_empty() {
+        t = t.binding(BindingSpec::new(queue, b.exchange.clone(), ""));
+    }
+    for key in &b.keys {
+        t = t.binding(BindingSpec::new(queue, b.exchange.clone(), key.clone()));
+    }
+    t
 }
 
 fn exchange_type(k: ExchangeKind) -> ExchangeType {
@@ -165,6 +190,42 @@ mod tests {
         assert_eq!(c.retry_delay_for(4), Duration::from_millis(400));
         assert_eq!(c.retry_delay_for(5), Duration::from_millis(500));
         assert_eq!(c.retry_delay_for(99), Duration::from_millis(500));
+    }
+
+    #[test]
+    fn outputs_are_declared_only_to_exist() {
+        use crate::plugins::manifest::{OutputExchange, OutputQueue};
+        let c = DispatchConfig::default();
+        let t = c.outputs_topology(&Outputs {
+            exchanges: vec![OutputExchange {
+                name: "orders.routed".into(),
+                kind: ExchangeKind::Topic,
+            }],
+            queues: vec![OutputQueue {
+                name: "orders.routed.all".into(),
+                kind: QueueKind::Quorum,
+                bind: Some(Binding {
+                    exchange: "orders.routed".into(),
+                    kind: ExchangeKind::Topic,
+                    keys: vec!["#".into()],
+                }),
+            }],
+        });
+        assert!(t.exchanges["orders.routed"].existing_ok);
+        assert!(t.queues["orders.routed.all"].existing_ok);
+        assert_eq!(t.bindings, vec![BindingSpec::new("orders.routed.all", "orders.routed", "#")]);
+        // A subscription's own declaration of the same queue wins.
+        let sub = Subscription {
+            queue: "orders.routed.all".into(),
+            kind: QueueKind::Quorum,
+            bind: None,
+            prefetch: 1,
+            message_ttl_ms: None,
+            max_attempts: None,
+        };
+        let both = c.subscription_topology(&sub).with_missing(t);
+        assert!(!both.queues["orders.routed.all"].existing_ok);
+        assert!(both.exchanges["orders.routed"].existing_ok);
     }
 
     #[test]

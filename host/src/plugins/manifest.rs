@@ -15,7 +15,40 @@ pub struct Manifest {
     pub name: String,
     pub version: String,
     pub subscriptions: Vec<Subscription>,
+    #[serde(default)]
+    pub outputs: Outputs,
     pub limits: RequestedLimits,
+}
+
+/// Where a plugin's outputs go: declared by Warren so they exist before
+/// the first output (an existing one is used as it is).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Outputs {
+    #[serde(default)]
+    pub exchanges: Vec<OutputExchange>,
+    #[serde(default)]
+    pub queues: Vec<OutputQueue>,
+}
+
+/// An exchange a plugin publishes to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct OutputExchange {
+    pub name: String,
+    #[serde(default)]
+    pub kind: ExchangeKind,
+}
+
+/// A queue a plugin's outputs land in, optionally bound to an exchange.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct OutputQueue {
+    pub name: String,
+    #[serde(default)]
+    pub kind: QueueKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bind: Option<Binding>,
 }
 
 /// A queue the plugin consumes and how to declare it.
@@ -139,7 +172,66 @@ impl Manifest {
                 out.push(format!("queue {:?} is subscribed twice", s.queue));
             }
         }
+        out.extend(self.outputs.problems());
         out.extend(self.limits.problems());
+        out
+    }
+}
+
+/// Problems with a queue name, described as `what`.
+fn queue_name_problems(what: &str, q: &str) -> Option<String> {
+    if q.is_empty() || q.len() > MAX_SHORTSTR {
+        Some(format!("{what} {q:?} must be 1 to {MAX_SHORTSTR} bytes"))
+    } else if q.starts_with("amq.") {
+        Some(format!(
+            "{what} {q:?}: names starting with 'amq.' are reserved by the broker"
+        ))
+    } else {
+        None
+    }
+}
+
+/// Problems with an exchange name, described as `what`.
+fn exchange_name_problems(what: &str, e: &str) -> Option<String> {
+    if e.is_empty() || e.len() > MAX_SHORTSTR {
+        Some(format!("{what} {e:?} must be 1 to {MAX_SHORTSTR} bytes"))
+    } else if e.starts_with("amq.") {
+        Some(format!("{what} {e:?} is reserved by the broker"))
+    } else {
+        None
+    }
+}
+
+impl Binding {
+    /// Problems with this binding, for the entity `owner` names.
+    fn problems(&self, owner: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        out.extend(exchange_name_problems(
+            &format!("{owner}: binding exchange"),
+            &self.exchange,
+        ));
+        if let Some(k) = self.keys.iter().find(|k| k.len() > MAX_SHORTSTR) {
+            out.push(format!(
+                "{owner}: binding key {k:?} is longer than {MAX_SHORTSTR} bytes"
+            ));
+        }
+        out
+    }
+}
+
+impl Outputs {
+    /// Every problem with these output declarations.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for e in &self.exchanges {
+            out.extend(exchange_name_problems("output exchange", &e.name));
+        }
+        for q in &self.queues {
+            out.extend(queue_name_problems("output queue", &q.name));
+            if let Some(b) = &q.bind {
+                out.extend(b.problems(&format!("output queue {:?}", q.name)));
+            }
+        }
         out
     }
 }
@@ -149,15 +241,7 @@ impl Subscription {
     pub fn problems(&self) -> Vec<String> {
         let mut out = Vec::new();
         let q = &self.queue;
-        if q.is_empty() || q.len() > MAX_SHORTSTR {
-            out.push(format!(
-                "subscription queue {q:?} must be 1 to {MAX_SHORTSTR} bytes"
-            ));
-        } else if q.starts_with("amq.") {
-            out.push(format!(
-                "subscription queue {q:?}: names starting with 'amq.' are reserved by the broker"
-            ));
-        }
+        out.extend(queue_name_problems("subscription queue", q));
         if self.prefetch == 0 {
             out.push(format!("subscription {q:?}: prefetch must be at least 1"));
         }
@@ -172,22 +256,7 @@ impl Subscription {
             ));
         }
         if let Some(b) = &self.bind {
-            if b.exchange.is_empty() || b.exchange.len() > MAX_SHORTSTR {
-                out.push(format!(
-                    "subscription {q:?}: binding exchange {:?} must be 1 to {MAX_SHORTSTR} bytes",
-                    b.exchange
-                ));
-            } else if b.exchange.starts_with("amq.") {
-                out.push(format!(
-                    "subscription {q:?}: exchange {:?} is reserved by the broker",
-                    b.exchange
-                ));
-            }
-            if let Some(k) = b.keys.iter().find(|k| k.len() > MAX_SHORTSTR) {
-                out.push(format!(
-                    "subscription {q:?}: binding key {k:?} is longer than {MAX_SHORTSTR} bytes"
-                ));
-            }
+            out.extend(b.problems(&format!("subscription {q:?}")));
         }
         out
     }
@@ -221,6 +290,27 @@ impl From<wit::Manifest> for Manifest {
             name: m.name,
             version: m.version,
             subscriptions: m.subscriptions.into_iter().map(Into::into).collect(),
+            outputs: Outputs {
+                exchanges: m
+                    .outputs
+                    .exchanges
+                    .into_iter()
+                    .map(|e| OutputExchange {
+                        name: e.name,
+                        kind: e.kind.into(),
+                    })
+                    .collect(),
+                queues: m
+                    .outputs
+                    .queues
+                    .into_iter()
+                    .map(|q| OutputQueue {
+                        name: q.name,
+                        kind: q.kind.into(),
+                        bind: q.bind.map(Into::into),
+                    })
+                    .collect(),
+            },
             limits: RequestedLimits {
                 memory_bytes: m.limits.memory_bytes,
                 deadline_ms: m.limits.deadline_ms,
@@ -234,23 +324,41 @@ impl From<wit::Subscription> for Subscription {
     fn from(s: wit::Subscription) -> Self {
         Self {
             queue: s.queue,
-            kind: match s.kind {
-                wit::QueueKind::Quorum => QueueKind::Quorum,
-                wit::QueueKind::Classic => QueueKind::Classic,
-            },
-            bind: s.bind.map(|b| Binding {
-                exchange: b.exchange,
-                kind: match b.kind {
-                    wit::ExchangeKind::Direct => ExchangeKind::Direct,
-                    wit::ExchangeKind::Fanout => ExchangeKind::Fanout,
-                    wit::ExchangeKind::Topic => ExchangeKind::Topic,
-                    wit::ExchangeKind::Headers => ExchangeKind::Headers,
-                },
-                keys: b.keys,
-            }),
+            kind: s.kind.into(),
+            bind: s.bind.map(Into::into),
             prefetch: s.prefetch,
             message_ttl_ms: s.message_ttl_ms,
             max_attempts: s.max_attempts,
+        }
+    }
+}
+
+impl From<wit::QueueKind> for QueueKind {
+    fn from(k: wit::QueueKind) -> Self {
+        match k {
+            wit::QueueKind::Quorum => QueueKind::Quorum,
+            wit::QueueKind::Classic => QueueKind::Classic,
+        }
+    }
+}
+
+impl From<wit::ExchangeKind> for ExchangeKind {
+    fn from(k: wit::ExchangeKind) -> Self {
+        match k {
+            wit::ExchangeKind::Direct => ExchangeKind::Direct,
+            wit::ExchangeKind::Fanout => ExchangeKind::Fanout,
+            wit::ExchangeKind::Topic => ExchangeKind::Topic,
+            wit::ExchangeKind::Headers => ExchangeKind::Headers,
+        }
+    }
+}
+
+impl From<wit::Binding> for Binding {
+    fn from(b: wit::Binding) -> Self {
+        Binding {
+            exchange: b.exchange,
+            kind: b.kind.into(),
+            keys: b.keys,
         }
     }
 }
@@ -275,6 +383,17 @@ mod tests {
                 message_ttl_ms: None,
                 max_attempts: Some(3),
             }],
+            outputs: Outputs {
+                exchanges: vec![OutputExchange {
+                    name: "orders.routed".into(),
+                    kind: ExchangeKind::Topic,
+                }],
+                queues: vec![OutputQueue {
+                    name: "orders.audit".into(),
+                    kind: QueueKind::Quorum,
+                    bind: None,
+                }],
+            },
             limits: RequestedLimits::default(),
         }
     }
@@ -292,7 +411,11 @@ mod tests {
         m.subscriptions[0].prefetch = 0;
         m.subscriptions.push(m.subscriptions[0].clone());
         m.limits.deadline_ms = Some(0);
+        m.outputs.exchanges[0].name = "amq.topic".into();
+        m.outputs.queues[0].name = String::new();
         let p = m.problems();
+        assert!(p.iter().any(|s| s.contains("output exchange \"amq.topic\"")), "{p:?}");
+        assert!(p.iter().any(|s| s.contains("output queue \"\"")), "{p:?}");
         assert!(p.iter().any(|s| s.contains("name \"Bad Name\"")), "{p:?}");
         assert!(p.iter().any(|s| s.contains("version")), "{p:?}");
         assert!(p.iter().any(|s| s.contains("prefetch")), "{p:?}");

@@ -87,8 +87,16 @@ pub enum LoadError {
     CoreModule { path: PathBuf },
     #[error("{path}: invalid component: {message}")]
     Compile { path: PathBuf, message: String },
-    #[error("{path}: not a warren:plugin@0.1.0 component: {message}")]
+    #[error("{path}: not a warren:plugin@{} component: {message}", super::plugin::CONTRACT_VERSION)]
     WrongWorld { path: PathBuf, message: String },
+    #[error(
+        "{path}: built for contract warren:plugin@{found}, but this Warren runs warren:plugin@{expected}; rebuild the plugin with the SDK for {expected}"
+    )]
+    WrongContract {
+        path: PathBuf,
+        found: String,
+        expected: &'static str,
+    },
     #[error("{path}: manifest() failed: {message}")]
     ManifestCall { path: PathBuf, message: String },
     #[error("{path}: invalid manifest: {}", problems.join("; "))]
@@ -107,6 +115,7 @@ impl LoadError {
             | LoadError::CoreModule { path }
             | LoadError::Compile { path, .. }
             | LoadError::WrongWorld { path, .. }
+            | LoadError::WrongContract { path, .. }
             | LoadError::ManifestCall { path, .. }
             | LoadError::InvalidManifest { path, .. } => path,
         }

@@ -178,6 +178,15 @@ impl PluginRuntime {
             path: path.clone(),
             message: format!("{e:#}"),
         })?;
+        if let Some(found) = contract_version(&self.inner().engine, &component)
+            && found != CONTRACT_VERSION
+        {
+            return Err(LoadError::WrongContract {
+                path,
+                found,
+                expected: CONTRACT_VERSION,
+            });
+        }
         let pre = self
             .inner()
             .linker
@@ -261,8 +270,21 @@ impl PluginRuntime {
     }
 }
 
+/// The contract version this host runs (`package` in `wit/plugin.wit`).
+pub const CONTRACT_VERSION: &str = "0.2.0";
 /// The exported interface plugins implement.
-const HANDLER: &str = "warren:plugin/handler@0.1.0";
+const HANDLER: &str = "warren:plugin/handler@0.2.0";
+/// What every version of that interface's name starts with.
+const HANDLER_ANY_VERSION: &str = "warren:plugin/handler@";
+
+/// The contract version `component` exports its handler for, if it
+/// exports one of any version.
+fn contract_version(engine: &wasmtime::Engine, component: &Component) -> Option<String> {
+    component
+        .component_type()
+        .exports(engine)
+        .find_map(|(name, _)| name.strip_prefix(HANDLER_ANY_VERSION).map(str::to_owned))
+}
 
 fn handle_export(component: &Component) -> Option<ComponentExportIndex> {
     let interface = component.get_export_index(None, HANDLER)?;
@@ -472,5 +494,20 @@ fn delivery_to_wit(d: &Delivery) -> wit::Delivery {
             .collect(),
         redelivered: d.redelivered,
         attempt: d.attempt.max(1),
+    }
+}
+
+#[cfg(test)]
+mod contract_tests {
+    use super::*;
+
+    #[test]
+    fn the_contract_version_is_the_wit_package_version() {
+        let wit = include_str!("../../../wit/plugin.wit");
+        assert!(
+            wit.contains(&format!("package warren:plugin@{CONTRACT_VERSION};")),
+            "wit/plugin.wit is not warren:plugin@{CONTRACT_VERSION}"
+        );
+        assert_eq!(HANDLER, format!("{HANDLER_ANY_VERSION}{CONTRACT_VERSION}"));
     }
 }

@@ -1,8 +1,8 @@
 //! `echo`: republishes each delivery's body, content type, correlation id
 //! and headers to the exchange and routing key set in the host config
 //! (`exchange`, default "" = the default exchange; `routing-key`, default
-//! `echo.out`). The simplest useful plugin, and the one the end-to-end and
-//! chaos tests push load through.
+//! `echo.out`, which the manifest declares). The simplest useful plugin,
+//! and the one the end-to-end and chaos tests push load through.
 
 use warren_sdk::{Delivery, HandleError, Manifest, Message, Plugin, Subscription};
 
@@ -10,7 +10,9 @@ struct Echo;
 
 impl Plugin for Echo {
     fn manifest() -> Manifest {
-        Manifest::new("echo", env!("CARGO_PKG_VERSION")).subscribe(Subscription::queue("echo.in"))
+        Manifest::new("echo", env!("CARGO_PKG_VERSION"))
+            .subscribe(Subscription::queue("echo.in"))
+            .output_queue("echo.out")
     }
 
     fn handle(d: Delivery) -> Result<(), HandleError> {

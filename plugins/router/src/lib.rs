@@ -1,9 +1,13 @@
 //! `router`: reads the JSON field `region` of each order and republishes it
-//! to exchange `orders.routed` with routing key `orders.<region>`; orders
-//! that are not JSON or have no region are dead-lettered. The whole plugin
-//! is the ~15 lines below: the SDK's showcase.
+//! to the topic exchange `orders.routed` (host config `exchange` names
+//! another) with routing key `orders.<region>`; orders that are not JSON or
+//! have no region are dead-lettered. Its manifest declares the exchange and
+//! the queue `orders.routed.all`, bound with `#`, where the quickstart's
+//! routed orders land (a production router would leave queues to the
+//! services downstream). The whole plugin is the ~20 lines below: the SDK's
+//! showcase.
 
-use warren_sdk::{Delivery, HandleError, Manifest, Message, Plugin, Subscription};
+use warren_sdk::{Delivery, ExchangeKind, HandleError, Manifest, Message, Plugin, Subscription};
 
 struct Router;
 
@@ -11,6 +15,8 @@ impl Plugin for Router {
     fn manifest() -> Manifest {
         Manifest::new("router", env!("CARGO_PKG_VERSION"))
             .subscribe(Subscription::queue("orders.in"))
+            .output_exchange("orders.routed", ExchangeKind::Topic)
+            .output_queue_bound("orders.routed.all", "orders.routed", ExchangeKind::Topic, &["#"])
     }
 
     fn handle(d: Delivery) -> Result<(), HandleError> {
@@ -19,8 +25,9 @@ impl Plugin for Router {
         let Some(region) = order["region"].as_str() else {
             return Err(HandleError::reject("order has no \"region\" field"));
         };
+        let exchange = warren_sdk::config("exchange").unwrap_or_else(|| "orders.routed".into());
         warren_sdk::publish(Message::new(
-            "orders.routed",
+            &exchange,
             &format!("orders.{region}"),
             d.body,
         ))?;

@@ -1,5 +1,5 @@
 //! The Warren plugin SDK: a thin layer over `wit-bindgen` for the
-//! `warren:plugin@0.1.0` world (`wit/plugin.wit`).
+//! `warren:plugin@0.2.0` world (`wit/plugin.wit`).
 //!
 //! A plugin is a `cdylib` crate built for `wasm32-wasip2` with one `impl`
 //! and one macro call:
@@ -51,7 +51,7 @@ pub use wit_bindgen as __wit_bindgen;
 pub use bindings::exports::warren::plugin::handler::Guest as Plugin;
 pub use bindings::warren::plugin::types::{
     Binding, Delivery, ExchangeKind, HandleError, Header, HeaderValue, Limits, LogLevel, Manifest,
-    Message, PublishError, QueueKind, Subscription,
+    Message, OutputExchange, OutputQueue, Outputs, PublishError, QueueKind, Subscription,
 };
 
 /// Export `$t` (a type implementing [`Plugin`]) as the component's handler.
@@ -92,12 +92,17 @@ pub mod log {
 }
 
 impl Manifest {
-    /// A manifest with no subscriptions and default limits.
+    /// A manifest with no subscriptions, no declared outputs and default
+    /// limits.
     pub fn new(name: &str, version: &str) -> Self {
         Self {
             name: name.to_string(),
             version: version.to_string(),
             subscriptions: Vec::new(),
+            outputs: Outputs {
+                exchanges: Vec::new(),
+                queues: Vec::new(),
+            },
             limits: Limits {
                 memory_bytes: None,
                 deadline_ms: None,
@@ -109,6 +114,50 @@ impl Manifest {
     /// Add a subscription.
     pub fn subscribe(mut self, s: Subscription) -> Self {
         self.subscriptions.push(s);
+        self
+    }
+
+    /// Declare exchange `name` (durable, of `kind`) as a destination of
+    /// this plugin's outputs: Warren declares it on every (re)connect, so
+    /// the first output finds it. An existing exchange is used as it is.
+    pub fn output_exchange(mut self, name: &str, kind: ExchangeKind) -> Self {
+        self.outputs.exchanges.push(OutputExchange {
+            name: name.to_string(),
+            kind,
+        });
+        self
+    }
+
+    /// Declare quorum queue `name` as a destination of this plugin's
+    /// outputs (published to through the default exchange, routing key =
+    /// `name`). An existing queue is used as it is.
+    pub fn output_queue(mut self, name: &str) -> Self {
+        self.outputs.queues.push(OutputQueue {
+            name: name.to_string(),
+            kind: QueueKind::Quorum,
+            bind: None,
+        });
+        self
+    }
+
+    /// Declare quorum queue `name` bound to `exchange` (declared with
+    /// `kind`) with `keys`: where this plugin's outputs to `exchange` land.
+    pub fn output_queue_bound(
+        mut self,
+        name: &str,
+        exchange: &str,
+        kind: ExchangeKind,
+        keys: &[&str],
+    ) -> Self {
+        self.outputs.queues.push(OutputQueue {
+            name: name.to_string(),
+            kind: QueueKind::Quorum,
+            bind: Some(Binding {
+                exchange: exchange.to_string(),
+                kind,
+                keys: keys.iter().map(|k| k.to_string()).collect(),
+            }),
+        });
         self
     }
 

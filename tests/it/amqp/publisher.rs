@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use warren::amqp::PublishError;
+use warren::amqp::{PublishError, RefusalKind};
 use warren::message::OutboundMessage;
 use warren_it::proxy::{Mode, Proxy};
 use warren_it::wait;
@@ -61,7 +61,9 @@ async fn unroutable_and_missing_exchange_are_typed_errors() -> Result<()> {
     .await?;
     let msg = OutboundMessage::new("amq.direct", qname("nobody"), "x");
     match p.publish(&msg).await {
-        Err(PublishError::Unroutable { reply_code, .. }) => assert_eq!(reply_code, 312),
+        Err(PublishError::Refused(r)) => {
+            assert_eq!((r.kind, r.reply_code), (RefusalKind::NoRoute, 312))
+        }
         other => panic!("expected unroutable, got {other:?}"),
     }
     let err = p.publish(&msg).await.unwrap_err();
@@ -69,8 +71,10 @@ async fn unroutable_and_missing_exchange_are_typed_errors() -> Result<()> {
 
     let missing = OutboundMessage::new(qname("no-such-exchange"), "k", "x");
     match p.publish(&missing).await {
-        Err(PublishError::ExchangeNotFound(name)) => {
-            assert_eq!(name, missing.exchange)
+        Err(PublishError::Refused(r)) => {
+            assert_eq!((r.kind, r.reply_code), (RefusalKind::NotFound, 404));
+            assert_eq!(r.exchange, missing.exchange);
+            assert!(r.reply_text.contains(&missing.exchange), "{r}");
         }
         other => panic!("expected not-found, got {other:?}"),
     }
