@@ -61,8 +61,14 @@ fn check_prints_the_manifest_of_a_valid_plugin() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(v["manifest"]["name"], "router");
     assert_eq!(v["manifest"]["subscriptions"][0]["queue"], "orders.in");
-    assert_eq!(v["manifest"]["outputs"]["exchanges"][0]["name"], "orders.routed");
-    assert_eq!(v["manifest"]["outputs"]["queues"][0]["name"], "orders.routed.all");
+    assert_eq!(
+        v["manifest"]["outputs"]["exchanges"][0]["name"],
+        "orders.routed"
+    );
+    assert_eq!(
+        v["manifest"]["outputs"]["queues"][0]["name"],
+        "orders.routed.all"
+    );
     assert_eq!(v["limits"]["deadline"], 1000);
 }
 

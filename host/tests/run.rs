@@ -14,11 +14,21 @@ use warren_it::wait;
 
 /// Run `warren run --config cfg` and wait until it consumes `queue`.
 async fn spawn_consuming(cfg: &std::path::Path, broker: &Broker, queue: &str) -> Child {
+    spawn_logging_to(cfg, broker, queue, Stdio::inherit()).await
+}
+
+/// [`spawn_consuming`] with Warren's log (its stderr) going to `log`.
+async fn spawn_logging_to(
+    cfg: &std::path::Path,
+    broker: &Broker,
+    queue: &str,
+    log: Stdio,
+) -> Child {
     let child = Command::new(env!("CARGO_BIN_EXE_warren"))
         .args(["run", "--config"])
         .arg(cfg)
         .env("RUST_LOG", "warn")
-        .stderr(Stdio::inherit())
+        .stderr(log)
         .spawn()
         .unwrap();
     wait::until_true("warren consuming", Duration::from_secs(30), || async {
@@ -27,6 +37,37 @@ async fn spawn_consuming(cfg: &std::path::Path, broker: &Broker, queue: &str) ->
     .await
     .unwrap();
     child
+}
+
+/// Write `dir/warren.toml`: plugins from `dir`, its own spool stream,
+/// retry exchange and dead-letter names (queue `dlq`, exchange `<dlq>.x`),
+/// the admin API on `admin`, and `rest` (plugin sections and more)
+/// appended.
+fn write_config(dir: &std::path::Path, admin: &str, dlq: &str, rest: &str) -> std::path::PathBuf {
+    let cfg = dir.join("warren.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+            [plugins]
+            dir = "{dir}"
+            [spool]
+            stream-key = "{stream}"
+            [dispatch]
+            retry-exchange = "{retry}"
+            dead-letter-exchange = "{dlq}.x"
+            dead-letter-queue = "{dlq}"
+            [admin]
+            bind = "{admin}"
+            {rest}
+            "#,
+            dir = dir.display(),
+            stream = unique("spool"),
+            retry = unique("retry"),
+        ),
+    )
+    .unwrap();
+    cfg
 }
 
 fn sigterm(child: &Child) {
@@ -88,38 +129,23 @@ async fn sigterm_under_load_exits_zero_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(wasm("slow").unwrap(), dir.path().join("slow.wasm")).unwrap();
     std::fs::copy(wasm("echo").unwrap(), dir.path().join("echo.wasm")).unwrap();
-    let cfg = dir.path().join("warren.toml");
-    std::fs::write(
-        &cfg,
-        format!(
+    let cfg = write_config(
+        dir.path(),
+        "127.0.0.1:0",
+        &unique("dlq"),
+        &format!(
             r#"
-            [plugins]
-            dir = "{dir}"
-            [spool]
-            stream-key = "{stream}"
-            [dispatch]
-            retry-exchange = "{retry}"
-            dead-letter-exchange = "{dlx}"
-            dead-letter-queue = "{dlq}"
             [shutdown]
             grace-period-ms = 10000
-            [admin]
-            bind = "127.0.0.1:0"
             [plugin.echo]
             subscriptions = [{{ queue = "{echo_in}", prefetch = 100 }}]
             config = {{ routing-key = "{echo_out}" }}
             [plugin.slow]
             subscriptions = [{{ queue = "{slow_in}" }}]
             "#,
-            dir = dir.path().display(),
-            stream = unique("spool"),
-            retry = unique("retry"),
-            dlx = unique("dlx"),
-            dlq = unique("dlq"),
             slow_in = unique("slow-in"),
         ),
-    )
-    .unwrap();
+    );
     let mut child = spawn_consuming(&cfg, &broker, &echo_in).await;
 
     let n = 20_000;
@@ -172,6 +198,138 @@ async fn sigterm_under_load_exits_zero_and_loses_nothing() {
         outputs.len(),
         remaining.len()
     );
+}
+
+/// `warren run` with `echo` under load and `router` publishing every output
+/// to an exchange that does not exist: each of those is dead-lettered with
+/// the broker's 404 and the exchange, nothing goes to the spool, every echo
+/// output arrives, and the log names the refused destination once, not
+/// once per message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outputs_to_a_missing_exchange_are_dead_lettered_while_echo_flows() {
+    let broker = Broker::shared().await.unwrap();
+    let (echo_in, echo_out, orders_in) = (
+        unique("miss-echo-in"),
+        unique("miss-echo-out"),
+        unique("miss-orders"),
+    );
+    let (missing, dlq) = (unique("missing-x"), unique("miss-dlq"));
+    broker.declare_queue(&echo_out).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(wasm("echo").unwrap(), dir.path().join("echo.wasm")).unwrap();
+    std::fs::copy(wasm("router").unwrap(), dir.path().join("router.wasm")).unwrap();
+    let admin = warren_it::ports::free_port().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &format!("127.0.0.1:{admin}"),
+        &dlq,
+        &format!(
+            r#"
+            [plugin.echo]
+            subscriptions = [{{ queue = "{echo_in}", prefetch = 100 }}]
+            config = {{ routing-key = "{echo_out}" }}
+            [plugin.router]
+            subscriptions = [{{ queue = "{orders_in}", prefetch = 100 }}]
+            config = {{ exchange = "{missing}" }}
+            "#
+        ),
+    );
+    let log_path = dir.path().join("warren.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let child = spawn_logging_to(&cfg, &broker, &echo_in, Stdio::from(log)).await;
+    wait::until_true("router consuming", Duration::from_secs(30), || async {
+        broker.consumer_count(&orders_in).await.unwrap_or(0) == 1
+    })
+    .await
+    .unwrap();
+
+    let (n_echo, n_orders) = (2_000, 1_000);
+    let echo_bodies: Vec<String> = (0..n_echo).map(|i| format!("echo-{i}")).collect();
+    let orders: Vec<String> = (0..n_orders)
+        .map(|i| format!(r#"{{"id":{i},"region":"eu"}}"#))
+        .collect();
+    let (a, b) = tokio::join!(
+        broker.publish_all("", &echo_in, &echo_bodies),
+        broker.publish_all("", &orders_in, &orders),
+    );
+    a.unwrap();
+    b.unwrap();
+    let (echoed, dead) = tokio::join!(
+        broker.collect(&echo_out, n_echo, Duration::from_secs(120)),
+        broker.collect(&dlq, n_orders, Duration::from_secs(120)),
+    );
+    let (echoed, dead) = (echoed.unwrap(), dead.unwrap());
+    assert_eq!(echoed.len(), n_echo, "every echo output arrives");
+    assert_eq!(
+        dead.len(),
+        n_orders,
+        "every refused output is dead-lettered"
+    );
+    let ids: BTreeSet<String> = dead
+        .iter()
+        .map(|d| String::from_utf8(d.body.clone()).unwrap())
+        .collect();
+    assert_eq!(ids.len(), n_orders);
+    for d in &dead {
+        assert_eq!(d.header_i64("x-warren-reply-code"), Some(404), "{d:?}");
+        assert_eq!(
+            d.header_str("x-warren-outcome").as_deref(),
+            Some("exchange_not_found")
+        );
+        assert_eq!(
+            d.header_str("x-warren-original-exchange").as_deref(),
+            Some(missing.as_str())
+        );
+        assert_eq!(
+            d.header_str("x-warren-original-routing-key").as_deref(),
+            Some("orders.eu")
+        );
+        let text = d.header_str("x-warren-reply-text").unwrap();
+        assert!(text.contains(&format!("no exchange '{missing}'")), "{text}");
+    }
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], admin).into();
+    let status = warren_it::http::request(addr, "GET", "/status", &[], None)
+        .await
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(
+        status["spool"]["appended"], 0,
+        "nothing was spooled: {status}"
+    );
+    assert_eq!(status["spool"]["depth"], 0, "{status}");
+    let metrics = warren_it::http::request(addr, "GET", "/metrics", &[], None)
+        .await
+        .unwrap()
+        .text();
+    assert!(
+        metrics.contains(&format!(
+            "warren_outputs_dead_lettered_total{{reason=\"exchange_not_found\"}} {n_orders}"
+        )),
+        "{metrics}"
+    );
+
+    sigterm(&child);
+    let mut child = child;
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let naming: Vec<&str> = log.lines().filter(|l| l.contains(&missing)).collect();
+    // Warren's own lines; lapin also logs each once-a-second exchange
+    // check the broker answers with a 404.
+    let own = naming.iter().filter(|l| l.contains("warren::")).count();
+    eprintln!(
+        "missing exchange: {own} Warren log lines ({} in all) name it for {n_orders} refused outputs",
+        naming.len()
+    );
+    assert!(
+        (1..=3).contains(&own) && naming.len() < 50,
+        "one log line per destination and interval, not per message; got {own} ({}):\n{log}",
+        naming.len()
+    );
+    for q in [&echo_in, &echo_out, &orders_in, &dlq] {
+        broker.delete_queue(q).await.unwrap();
+    }
 }
 
 /// A stand-in OTLP/HTTP collector: answers 200 to every request and keeps
@@ -234,35 +392,20 @@ async fn delivery_spans_are_exported_over_otlp_with_the_ids_outputs_carry() {
     let (port, bodies) = collector();
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(wasm("echo").unwrap(), dir.path().join("echo.wasm")).unwrap();
-    let cfg = dir.path().join("warren.toml");
-    std::fs::write(
-        &cfg,
-        format!(
+    let cfg = write_config(
+        dir.path(),
+        "127.0.0.1:0",
+        &unique("dlq"),
+        &format!(
             r#"
-            [plugins]
-            dir = "{dir}"
-            [spool]
-            stream-key = "{stream}"
-            [dispatch]
-            retry-exchange = "{retry}"
-            dead-letter-exchange = "{dlx}"
-            dead-letter-queue = "{dlq}"
-            [admin]
-            bind = "127.0.0.1:0"
             [telemetry]
             otlp-endpoint = "http://127.0.0.1:{port}/v1/traces"
             [plugin.echo]
             subscriptions = [{{ queue = "{echo_in}" }}]
             config = {{ routing-key = "{echo_out}" }}
-            "#,
-            dir = dir.path().display(),
-            stream = unique("spool"),
-            retry = unique("retry"),
-            dlx = unique("dlx"),
-            dlq = unique("dlq"),
+            "#
         ),
-    )
-    .unwrap();
+    );
     let mut child = spawn_consuming(&cfg, &broker, &echo_in).await;
     let trace = "0af7651916cd43dd8448eb211c80319c";
     let parent = format!("00-{trace}-b7ad6b7169203331-01");

@@ -19,7 +19,10 @@ use crate::outage::{config, shared_broker_behind_proxy};
 
 /// An exchange bound to a queue with key `k`, both named from `prefix`.
 async fn destination(broker: &Broker, prefix: &str) -> (String, String) {
-    let (exchange, queue) = (unique(&format!("{prefix}-x")), unique(&format!("{prefix}-q")));
+    let (exchange, queue) = (
+        unique(&format!("{prefix}-x")),
+        unique(&format!("{prefix}-q")),
+    );
     broker.declare_queue(&queue).await.unwrap();
     broker
         .declare_exchange(&exchange, ExchangeKind::Direct)
@@ -99,7 +102,11 @@ fn first_copies(got: &[Got]) -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// Numbered bodies `from..to` that [`first_copies`] must list in order.
+/// A refused output as the test expects its dead letter: its number, the
+/// exchange it was published to, the broker's reply code.
+type Refused = (Vec<u8>, String, i64);
+
+/// The body (and id) of output `i`.
 fn numbered(i: usize) -> Vec<u8> {
     format!("{i:06}").into_bytes()
 }
@@ -110,7 +117,7 @@ fn numbered(i: usize) -> Vec<u8> {
 async fn assert_delivered_and_dead_lettered(
     broker: &Broker,
     (live_queue, live): (&str, &[Vec<u8>]),
-    (dlq, refused): (&str, &[(Vec<u8>, String, i64)]),
+    (dlq, refused): (&str, &[Refused]),
 ) {
     let want: BTreeSet<Vec<u8>> = live.iter().cloned().collect();
     let (got, missing) = broker
@@ -208,7 +215,7 @@ async fn spooled_outputs_to_a_deleted_exchange_are_dead_lettered_and_the_rest_dr
     .await;
 
     let live: Vec<Vec<u8>> = (0..2_000).step_by(2).map(numbered).collect();
-    let refused: Vec<(Vec<u8>, String, i64)> = (1..2_000)
+    let refused: Vec<Refused> = (1..2_000)
         .step_by(2)
         .map(|i| (numbered(i), doomed_x.clone(), 404))
         .collect();
@@ -235,7 +242,9 @@ async fn outputs_refused_for_permission_or_size_are_dead_lettered_live_and_from_
     let node = RabbitNode::start_with("max_message_size = 4096")
         .await
         .unwrap();
-    node.ctl(&["add_user", "limited", "limited-pw"]).await.unwrap();
+    node.ctl(&["add_user", "limited", "limited-pw"])
+        .await
+        .unwrap();
     node.ctl(&[
         "set_permissions",
         "-p",
@@ -290,7 +299,7 @@ async fn outputs_refused_for_permission_or_size_are_dead_lettered_live_and_from_
         .filter(|i| *i == 0 || *i == 3 || (*i >= 4 && i % 4 >= 2))
         .map(numbered)
         .collect();
-    let refused: Vec<(Vec<u8>, String, i64)> = (0..2_004)
+    let refused: Vec<Refused> = (0..2_004)
         .filter_map(|i| match i {
             1 => Some((numbered(i), forbidden_x.clone(), 403)),
             2 => Some((numbered(i), live_x.clone(), 406)),
@@ -332,29 +341,49 @@ async fn a_drain_that_cannot_progress_is_reported_stalled() {
     }
     let stalled = wait::until("drain reported stalled", Duration::from_secs(30), || {
         let r = handle.readiness();
-        async move { r.degraded.iter().find(|d| d.contains("stalled")).cloned().map(|d| (r.ready, d)) }
+        async move {
+            r.degraded
+                .iter()
+                .find(|d| d.contains("stalled"))
+                .cloned()
+                .map(|d| (r.ready, d))
+        }
     })
     .await
     .unwrap();
     assert!(stalled.0, "a stalled drain keeps Warren ready");
-    assert!(stalled.1.contains("dead letter was refused too"), "{}", stalled.1);
+    assert!(
+        stalled.1.contains("dead letter was refused too"),
+        "{}",
+        stalled.1
+    );
     assert!(stalled.1.contains("10 entries"), "{}", stalled.1);
     let metrics = warren_it::http::request(app.admin_addr(), "GET", "/metrics", &[], None)
         .await
         .unwrap()
         .text();
-    assert!(metrics.contains("warren_spool_drain_stalled 1"), "{metrics}");
+    assert!(
+        metrics.contains("warren_spool_drain_stalled 1"),
+        "{metrics}"
+    );
 
     broker
         .declare_exchange(&dlx, ExchangeKind::Fanout)
         .await
         .unwrap();
     broker.bind(&dlq, &dlx, "").await.unwrap();
-    let dead = broker.collect(&dlq, 10, Duration::from_secs(60)).await.unwrap();
+    let dead = broker
+        .collect(&dlq, 10, Duration::from_secs(60))
+        .await
+        .unwrap();
     assert_eq!(dead.len(), 10);
     drained(&handle).await;
     assert!(
-        !handle.readiness().degraded.iter().any(|d| d.contains("stalled")),
+        !handle
+            .readiness()
+            .degraded
+            .iter()
+            .any(|d| d.contains("stalled")),
         "{:?}",
         handle.readiness()
     );

@@ -67,7 +67,10 @@ async fn ten_thousand_messages_through_router_and_echo() {
     // would also fill the quickstart's catch-all queue.
     let exchange = unique("routed-x");
     broker.declare_queue(&echo_out).await.unwrap();
-    broker.declare_routed(&routed, &exchange, &region).await.unwrap();
+    broker
+        .declare_routed(&routed, &exchange, &region)
+        .await
+        .unwrap();
     let dir = plugins_dir(&[("echo", "echo"), ("router", "router")]).unwrap();
     let dlq = unique("dlq");
     let cfg = config(

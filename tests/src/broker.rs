@@ -151,7 +151,10 @@ impl Broker {
 
     pub async fn delete_exchange(&self, name: &str) -> Result<()> {
         self.ch
-            .exchange_delete(name.into(), lapin::options::ExchangeDeleteOptions::default())
+            .exchange_delete(
+                name.into(),
+                lapin::options::ExchangeDeleteOptions::default(),
+            )
             .await?;
         Ok(())
     }

@@ -21,8 +21,8 @@ use lapin::protocol::AMQPErrorKind;
 
 use super::convert::{short, to_basic_properties};
 use super::failure::{Failure, FailureClass, classify, is_connection_level};
-use super::refusal::{Refusal, Screen, Subject, attribute};
 use super::metrics;
+use super::refusal::{Refusal, Screen, Subject, attribute};
 use super::supervisor::AmqpStatus;
 use crate::message::OutboundMessage;
 
@@ -298,12 +298,11 @@ impl Publisher {
             };
             match outcome {
                 Confirmation::Ack(None) => Ok(generation),
-                Confirmation::Ack(Some(ret)) | Confirmation::Nack(Some(ret)) => {
-                    Err(PublishError::Refused(subject.no_route(
-                        ret.reply_code,
-                        ret.reply_text.as_str().to_owned(),
-                    )))
-                }
+                Confirmation::Ack(Some(ret)) | Confirmation::Nack(Some(ret)) => Err(
+                    PublishError::Refused(
+                        subject.no_route(ret.reply_code, ret.reply_text.as_str().to_owned()),
+                    ),
+                ),
                 Confirmation::Nack(None) => Err(PublishError::Nacked),
                 Confirmation::NotRequested => Err(PublishError::ConnectionLost {
                     class: FailureClass::Other,
@@ -347,11 +346,10 @@ impl Publisher {
     fn lost(&self, generation: u64, subject: &Subject, e: lapin::Error) -> PublishError {
         if let lapin::ErrorKind::ProtocolError(amqp) = e.kind()
             && let AMQPErrorKind::Soft(_) = amqp.kind()
+            && let Some(r) = attribute(amqp.get_id(), amqp.get_message().as_str(), subject)
         {
-            if let Some(r) = attribute(amqp.get_id(), amqp.get_message().as_str(), subject) {
-                self.screen.remember(generation, &r);
-                return PublishError::Refused(r);
-            }
+            self.screen.remember(generation, &r);
+            return PublishError::Refused(r);
         }
         PublishError::ConnectionLost {
             class: classify(&e),

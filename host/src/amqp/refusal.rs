@@ -382,16 +382,25 @@ mod tests {
             Some(RefusalKind::AccessRefused)
         );
         assert_eq!(attribute(403, text, &Subject::of(&msg("open", 1))), None);
-        let text = "ACCESS_REFUSED - access to exchange 'amq.default' in vhost '/' refused for user 'u'";
+        let text =
+            "ACCESS_REFUSED - access to exchange 'amq.default' in vhost '/' refused for user 'u'";
         assert!(attribute(403, text, &Subject::of(&msg("", 1))).is_some());
 
-        let text = "PRECONDITION_FAILED - message size 2048 is larger than configured max size 1024";
+        let text =
+            "PRECONDITION_FAILED - message size 2048 is larger than configured max size 1024";
         assert_eq!(
             attribute(406, text, &Subject::of(&msg("any", 2048))).map(|r| r.kind),
             Some(RefusalKind::TooLarge)
         );
         assert_eq!(attribute(406, text, &Subject::of(&msg("any", 10))), None);
-        assert_eq!(attribute(406, "PRECONDITION_FAILED - something else", &Subject::of(&msg("a", 1))), None);
+        assert_eq!(
+            attribute(
+                406,
+                "PRECONDITION_FAILED - something else",
+                &Subject::of(&msg("a", 1))
+            ),
+            None
+        );
 
         let mut m = msg("a", 1);
         m.properties.user_id = Some("mallory".into());
@@ -406,10 +415,14 @@ mod tests {
     #[test]
     fn a_learned_size_limit_refuses_larger_bodies_for_the_session() {
         let screen = Screen::default();
-        let text = "PRECONDITION_FAILED - message size 2048 is larger than configured max size 1024";
+        let text =
+            "PRECONDITION_FAILED - message size 2048 is larger than configured max size 1024";
         let r = attribute(406, text, &Subject::of(&msg("a", 2048))).unwrap();
         screen.remember(1, &r);
-        assert!(matches!(screen.remembered(1, &msg("", 1025)), Known::Refused(_)));
+        assert!(matches!(
+            screen.remembered(1, &msg("", 1025)),
+            Known::Refused(_)
+        ));
         assert!(matches!(screen.remembered(1, &msg("", 1024)), Known::Fine));
         // A new session forgets it.
         assert!(matches!(screen.remembered(2, &msg("", 4096)), Known::Fine));
@@ -425,6 +438,9 @@ mod tests {
             Known::Refused(again) => assert_eq!(again.kind, RefusalKind::AccessRefused),
             _ => panic!("not remembered"),
         }
-        assert!(matches!(screen.remembered(1, &msg("other", 1)), Known::Unknown));
+        assert!(matches!(
+            screen.remembered(1, &msg("other", 1)),
+            Known::Unknown
+        ));
     }
 }

@@ -28,8 +28,8 @@
 //! the append script; past the limit, appends are refused with
 //! [`SpoolError::SpoolFull`], nothing is trimmed.
 
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use redis::Value;
@@ -273,7 +273,8 @@ impl Shared {
             .map(|at| at.elapsed())
             .unwrap_or_default();
         let oldest = self.oldest_ms.load(Ordering::Relaxed);
-        let oldest_age = (oldest > 0).then(|| Duration::from_millis(now_ms().saturating_sub(oldest)));
+        let oldest_age =
+            (oldest > 0).then(|| Duration::from_millis(now_ms().saturating_sub(oldest)));
         Some(oldest_age.map_or(since_drained, |age| age.min(since_drained)))
     }
 

@@ -210,7 +210,10 @@ impl DrainPublisher for OutboxDrain {
             // contended; it is not held across the await.
             let mut channel = *lock(&self.channel);
             // Unbounded here: the drainer bounds the time without progress.
-            let sent = outbox.publisher.send_unbounded(&message, &mut channel).await;
+            let sent = outbox
+                .publisher
+                .send_unbounded(&message, &mut channel)
+                .await;
             *lock(&self.channel) = channel;
             let confirm: Self::Confirm = match sent {
                 Ok(pending) => Box::pin(async move {
@@ -220,9 +223,9 @@ impl DrainPublisher for OutboxDrain {
                 // Refused before it was sent (a destination this session
                 // already knows is refused): its dead letter takes its
                 // place in the window, in stream order.
-                Err(e @ PublishError::Refused(_)) => Box::pin(async move {
-                    outbox.settle(&message, Err(e)).await.map(|_| ())
-                }),
+                Err(e @ PublishError::Refused(_)) => {
+                    Box::pin(async move { outbox.settle(&message, Err(e)).await.map(|_| ()) })
+                }
                 Err(e) => return Err(e),
             };
             Ok(confirm)

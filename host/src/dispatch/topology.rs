@@ -13,6 +13,7 @@
 use std::time::Duration;
 
 use crate::amqp::{BindingSpec, ExchangeSpec, ExchangeType, QueueSpec, QueueType, Topology};
+use crate::message::HeaderValue;
 use crate::plugins::manifest::{Binding, ExchangeKind, Outputs, QueueKind, Subscription};
 
 /// Dispatch settings, from `[dispatch]`.
@@ -141,6 +142,10 @@ impl DispatchConfig {
                 QueueKind::Classic => QueueSpec::durable(q.name.clone()),
             };
             spec.existing_ok = true;
+            if let Some(n) = q.max_length {
+                spec.arguments
+                    .push(("x-max-length".into(), HeaderValue::I64(n.into())));
+            }
             t = t.queue(spec);
             if let Some(b) = &q.bind {
                 t = bound(t, &q.name, b, true);
@@ -209,11 +214,19 @@ mod tests {
                     kind: ExchangeKind::Topic,
                     keys: vec!["#".into()],
                 }),
+                max_length: Some(1000),
             }],
         });
         assert!(t.exchanges["orders.routed"].existing_ok);
         assert!(t.queues["orders.routed.all"].existing_ok);
-        assert_eq!(t.bindings, vec![BindingSpec::new("orders.routed.all", "orders.routed", "#")]);
+        assert_eq!(
+            t.queues["orders.routed.all"].arguments,
+            vec![("x-max-length".to_owned(), HeaderValue::I64(1000))]
+        );
+        assert_eq!(
+            t.bindings,
+            vec![BindingSpec::new("orders.routed.all", "orders.routed", "#")]
+        );
         // A subscription's own declaration of the same queue wins.
         let sub = Subscription {
             queue: "orders.routed.all".into(),

@@ -49,6 +49,8 @@ pub struct OutputQueue {
     pub kind: QueueKind,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bind: Option<Binding>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_length: Option<u32>,
 }
 
 /// A queue the plugin consumes and how to declare it.
@@ -228,6 +230,12 @@ impl Outputs {
         }
         for q in &self.queues {
             out.extend(queue_name_problems("output queue", &q.name));
+            if q.max_length == Some(0) {
+                out.push(format!(
+                    "output queue {:?}: max-length must be at least 1",
+                    q.name
+                ));
+            }
             if let Some(b) = &q.bind {
                 out.extend(b.problems(&format!("output queue {:?}", q.name)));
             }
@@ -308,6 +316,7 @@ impl From<wit::Manifest> for Manifest {
                         name: q.name,
                         kind: q.kind.into(),
                         bind: q.bind.map(Into::into),
+                        max_length: q.max_length,
                     })
                     .collect(),
             },
@@ -392,6 +401,7 @@ mod tests {
                     name: "orders.audit".into(),
                     kind: QueueKind::Quorum,
                     bind: None,
+                    max_length: None,
                 }],
             },
             limits: RequestedLimits::default(),
@@ -414,7 +424,11 @@ mod tests {
         m.outputs.exchanges[0].name = "amq.topic".into();
         m.outputs.queues[0].name = String::new();
         let p = m.problems();
-        assert!(p.iter().any(|s| s.contains("output exchange \"amq.topic\"")), "{p:?}");
+        assert!(
+            p.iter()
+                .any(|s| s.contains("output exchange \"amq.topic\"")),
+            "{p:?}"
+        );
         assert!(p.iter().any(|s| s.contains("output queue \"\"")), "{p:?}");
         assert!(p.iter().any(|s| s.contains("name \"Bad Name\"")), "{p:?}");
         assert!(p.iter().any(|s| s.contains("version")), "{p:?}");

@@ -87,7 +87,10 @@ pub enum LoadError {
     CoreModule { path: PathBuf },
     #[error("{path}: invalid component: {message}")]
     Compile { path: PathBuf, message: String },
-    #[error("{path}: not a warren:plugin@{} component: {message}", super::plugin::CONTRACT_VERSION)]
+    #[error(
+        "{path}: not a warren:plugin@{} component: {message}",
+        super::plugin::CONTRACT_VERSION
+    )]
     WrongWorld { path: PathBuf, message: String },
     #[error(
         "{path}: built for contract warren:plugin@{found}, but this Warren runs warren:plugin@{expected}; rebuild the plugin with the SDK for {expected}"

@@ -2,12 +2,14 @@
 //! to the topic exchange `orders.routed` (host config `exchange` names
 //! another) with routing key `orders.<region>`; orders that are not JSON or
 //! have no region are dead-lettered. Its manifest declares the exchange and
-//! the queue `orders.routed.all`, bound with `#`, where the quickstart's
-//! routed orders land (a production router would leave queues to the
-//! services downstream). The whole plugin is the ~20 lines below: the SDK's
-//! showcase.
+//! the classic queue `orders.routed.all`, bound with `#` and keeping the
+//! last 1,000, where the quickstart's routed orders land (a production
+//! router would leave queues to the services downstream). The whole plugin
+//! is the ~20 lines below: the SDK's showcase.
 
-use warren_sdk::{Delivery, ExchangeKind, HandleError, Manifest, Message, Plugin, Subscription};
+use warren_sdk::{
+    Delivery, ExchangeKind, HandleError, Manifest, Message, OutputQueue, Plugin, Subscription,
+};
 
 struct Router;
 
@@ -16,7 +18,13 @@ impl Plugin for Router {
         Manifest::new("router", env!("CARGO_PKG_VERSION"))
             .subscribe(Subscription::queue("orders.in"))
             .output_exchange("orders.routed", ExchangeKind::Topic)
-            .output_queue_bound("orders.routed.all", "orders.routed", ExchangeKind::Topic, &["#"])
+            .output(OutputQueue::bounded_catch_all(
+                "orders.routed.all",
+                "orders.routed",
+                ExchangeKind::Topic,
+                &["#"],
+                1_000,
+            ))
     }
 
     fn handle(d: Delivery) -> Result<(), HandleError> {
@@ -26,11 +34,7 @@ impl Plugin for Router {
             return Err(HandleError::reject("order has no \"region\" field"));
         };
         let exchange = warren_sdk::config("exchange").unwrap_or_else(|| "orders.routed".into());
-        warren_sdk::publish(Message::new(
-            &exchange,
-            &format!("orders.{region}"),
-            d.body,
-        ))?;
+        warren_sdk::publish(Message::new(&exchange, &format!("orders.{region}"), d.body))?;
         Ok(())
     }
 }

@@ -136,28 +136,15 @@ impl Manifest {
             name: name.to_string(),
             kind: QueueKind::Quorum,
             bind: None,
+            max_length: None,
         });
         self
     }
 
-    /// Declare quorum queue `name` bound to `exchange` (declared with
-    /// `kind`) with `keys`: where this plugin's outputs to `exchange` land.
-    pub fn output_queue_bound(
-        mut self,
-        name: &str,
-        exchange: &str,
-        kind: ExchangeKind,
-        keys: &[&str],
-    ) -> Self {
-        self.outputs.queues.push(OutputQueue {
-            name: name.to_string(),
-            kind: QueueKind::Quorum,
-            bind: Some(Binding {
-                exchange: exchange.to_string(),
-                kind,
-                keys: keys.iter().map(|k| k.to_string()).collect(),
-            }),
-        });
+    /// Declare queue `q` as a destination of this plugin's outputs, with
+    /// everything [`OutputQueue`] can say (a binding, a length limit).
+    pub fn output(mut self, q: OutputQueue) -> Self {
+        self.outputs.queues.push(q);
         self
     }
 
@@ -220,6 +207,30 @@ impl Subscription {
     pub fn max_attempts(mut self, n: u32) -> Self {
         self.max_attempts = Some(n);
         self
+    }
+}
+
+impl OutputQueue {
+    /// Classic queue `name` bound to `exchange` (declared with `kind`) with
+    /// `keys`, keeping at most `max_length` messages (the oldest are
+    /// dropped past it): a catch-all for outputs nobody may read.
+    pub fn bounded_catch_all(
+        name: &str,
+        exchange: &str,
+        kind: ExchangeKind,
+        keys: &[&str],
+        max_length: u32,
+    ) -> Self {
+        OutputQueue {
+            name: name.to_string(),
+            kind: QueueKind::Classic,
+            bind: Some(Binding {
+                exchange: exchange.to_string(),
+                kind,
+                keys: keys.iter().map(|k| k.to_string()).collect(),
+            }),
+            max_length: Some(max_length),
+        }
     }
 }
 

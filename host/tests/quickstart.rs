@@ -1,0 +1,210 @@
+//! The README's quickstart, typed as a newcomer types it: every `sh` block
+//! of its Quickstart section runs exactly as written (with `bash`, from the
+//! repository root), against the shared broker and Redis, and what the
+//! README says happens is checked.
+//!
+//! The blocks build with cargo while `cargo test` holds the lock on its own
+//! target directory, so they get one of their own (`quickstart/` inside
+//! it, kept between runs); the README's copy step honours
+//! `CARGO_TARGET_DIR` as any user's shell would set it.
+
+// Test code: failing loudly is the point.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::os::unix::process::CommandExt as _;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use warren_it::broker::Broker;
+use warren_it::plugins::repo_root;
+
+/// Queues the quickstart's plugins and Warren's defaults declare, removed
+/// before and after so the counts the README shows start from nothing.
+const QUEUES: [&str; 7] = [
+    "orders.in",
+    "echo.in",
+    "echo.out",
+    "orders.routed.all",
+    "warren.dlq",
+    "warren.retry.orders.in",
+    "warren.retry.echo.in",
+];
+
+/// The `sh` blocks of the README's Quickstart section (its `###`
+/// subsections included), in order.
+fn quickstart_blocks() -> Vec<String> {
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
+    let start = readme
+        .find("\n## Quickstart")
+        .expect("README has a Quickstart");
+    let section = &readme[start + 1..];
+    let end = section[3..].find("\n## ").map_or(section.len(), |i| i + 3);
+    let mut blocks = Vec::new();
+    let mut rest = &section[..end];
+    while let Some(open) = rest.find("```sh\n") {
+        let body = &rest[open + 6..];
+        let close = body.find("```").expect("closed block");
+        blocks.push(body[..close].trim_end().to_owned());
+        rest = &body[close + 3..];
+    }
+    blocks
+}
+
+/// Where the blocks' cargo builds go.
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"))
+        .join("quickstart")
+}
+
+/// `line` as the user's shell runs it, in its own process group (as a
+/// terminal's foreground job is).
+fn sh(line: &str) -> Command {
+    let mut cmd = Command::new("bash");
+    cmd.arg("-c")
+        .arg(line)
+        .current_dir(repo_root())
+        .env("CARGO_TARGET_DIR", target_dir())
+        // The settings of the cargo running this test are not the user's.
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("CARGO_BUILD_TARGET")
+        .env_remove("CARGO_MANIFEST_DIR")
+        .env_remove("CARGO_PKG_NAME")
+        .stdin(Stdio::null())
+        .process_group(0);
+    cmd
+}
+
+fn run(line: &str) -> Output {
+    let out = sh(line).output().unwrap();
+    assert!(
+        out.status.success(),
+        "`{line}` failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Ctrl-C to the job, as a terminal sends it to its process group.
+fn interrupt(child: &Child) {
+    let group = format!("-{}", child.id());
+    let sent = Command::new("kill")
+        .args(["-INT", "--", &group])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
+
+async fn ready() -> bool {
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], 9090).into();
+    warren_it::http::request(addr, "GET", "/ready", &[], None)
+        .await
+        .is_ok_and(|r| r.status == 200)
+}
+
+async fn clean(broker: &Broker) {
+    for q in QUEUES {
+        broker.delete_queue(q).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_quickstart_works_as_written() {
+    let blocks = quickstart_blocks();
+    let [build, start, publish, invoke] = blocks.as_slice() else {
+        panic!("expected four sh blocks in the quickstart, found {blocks:#?}");
+    };
+    let broker = Broker::shared().await.unwrap();
+    clean(&broker).await;
+
+    run(build);
+
+    // A cold build of Warren comes first.
+    let log_path =
+        std::env::temp_dir().join(format!("warren-quickstart-{}.log", std::process::id()));
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut warren = sh(start)
+        .stdout(Stdio::from(log.try_clone().unwrap()))
+        .stderr(Stdio::from(log))
+        .spawn()
+        .unwrap();
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(30 * 60);
+    while !ready().await {
+        if let Some(status) = warren.try_wait().unwrap() {
+            panic!(
+                "`{start}` exited ({status}) before Warren was ready:\n{}",
+                log()
+            );
+        }
+        assert!(Instant::now() < deadline, "Warren not ready:\n{}", log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let mut lines = publish.lines();
+    let (post, see) = (lines.next().unwrap(), lines.next().unwrap());
+    assert_eq!(stdout(&run(post)).trim(), r#"{"placement":"broker"}"#);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let shown = stdout(&run(see));
+        if shown
+            .lines()
+            .any(|l| l.split_whitespace().eq(["orders.routed.all", "1"]))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the routed order never showed in orders.routed.all:\n{shown}\n{}",
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let routed = broker
+        .collect("orders.routed.all", 1, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(routed[0].routing_key, "orders.eu");
+    assert_eq!(routed[0].body, br#"{"id":7,"region":"eu"}"#);
+    assert_eq!(
+        broker.message_count("warren.dlq").await.unwrap(),
+        0,
+        "{}",
+        log()
+    );
+
+    let invoked: serde_json::Value = serde_json::from_str(&stdout(&run(invoke))).unwrap();
+    assert_eq!(invoked["outcome"], "ack");
+    assert_eq!(invoked["outputs"][0]["exchange"], "orders.routed");
+    assert_eq!(invoked["outputs"][0]["routing_key"], "orders.eu");
+
+    interrupt(&warren);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = warren.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Ctrl-C did not stop Warren:\n{}",
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        status.success(),
+        "Ctrl-C stops Warren cleanly ({status}):\n{}",
+        log()
+    );
+    clean(&broker).await;
+    let _ = std::fs::remove_file(&log_path);
+}
