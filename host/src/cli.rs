@@ -29,9 +29,18 @@ pub struct InvokeArgs {
     /// Read the message body from a file.
     #[arg(long)]
     pub body_file: Option<PathBuf>,
-    /// A text header, `key=value`; repeatable.
-    #[arg(long = "header", value_name = "KEY=VALUE", value_parser = parse_pair)]
-    pub headers: Vec<(String, String)>,
+    /// A header, `key=value` (text) or `key=TYPE:value` with TYPE one of
+    /// text, int8, uint8, int16, uint16, int32, uint32, int, float32,
+    /// float, decimal (e.g. `decimal:1.50`), bool, timestamp, bytes and
+    /// byte-array (base64), void, table and array (JSON); repeatable.
+    #[arg(long = "header", value_name = "KEY=[TYPE:]VALUE", value_parser = parse_header)]
+    pub headers: Vec<(String, HeaderValue)>,
+    /// A basic property, `name=value`: content-type, content-encoding,
+    /// delivery-mode (1, 2, transient, persistent), priority,
+    /// correlation-id, reply-to, expiration, message-id, timestamp, type,
+    /// user-id, app-id; repeatable.
+    #[arg(long = "property", value_name = "NAME=VALUE", value_parser = parse_pair)]
+    pub properties: Vec<(String, String)>,
     /// Routing key of the delivery.
     #[arg(long, default_value = "")]
     pub routing_key: String,
@@ -66,6 +75,124 @@ fn parse_pair(s: &str) -> Result<(String, String), String> {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
         _ => Err(format!("expected KEY=VALUE, got {s:?}")),
     }
+}
+
+/// A `--header` argument: `key=value`, or `key=TYPE:value`.
+fn parse_header(s: &str) -> Result<(String, HeaderValue), String> {
+    let (key, value) = parse_pair(s)?;
+    let typed = value.split_once(':').and_then(|(ty, v)| {
+        let parsed: Option<Result<HeaderValue, String>> = Some(match ty {
+            "text" => Ok(HeaderValue::String(v.to_owned())),
+            "int8" => v.parse().map(HeaderValue::I8).map_err(|e| e.to_string()),
+            "uint8" => v.parse().map(HeaderValue::U8).map_err(|e| e.to_string()),
+            "int16" => v.parse().map(HeaderValue::I16).map_err(|e| e.to_string()),
+            "uint16" => v.parse().map(HeaderValue::U16).map_err(|e| e.to_string()),
+            "int32" => v.parse().map(HeaderValue::I32).map_err(|e| e.to_string()),
+            "uint32" => v.parse().map(HeaderValue::U32).map_err(|e| e.to_string()),
+            "int" => v.parse().map(HeaderValue::I64).map_err(|e| e.to_string()),
+            "float32" => v.parse().map(HeaderValue::F32).map_err(|e| e.to_string()),
+            "float" => v.parse().map(HeaderValue::F64).map_err(|e| e.to_string()),
+            "bool" => v.parse().map(HeaderValue::Bool).map_err(|e| e.to_string()),
+            "timestamp" => v
+                .parse()
+                .map(HeaderValue::Timestamp)
+                .map_err(|e| e.to_string()),
+            "decimal" => parse_decimal(v),
+            "bytes" | "byte-array" => base64::engine::general_purpose::STANDARD
+                .decode(v)
+                .map(|b| {
+                    if ty == "bytes" {
+                        HeaderValue::Bytes(Bytes::from(b))
+                    } else {
+                        HeaderValue::ByteArray(Bytes::from(b))
+                    }
+                })
+                .map_err(|e| e.to_string()),
+            "void" => Ok(HeaderValue::Void),
+            "table" | "array" => serde_json::from_str::<Value>(v)
+                .map_err(|e| e.to_string())
+                .and_then(|j| match (ty, &j) {
+                    ("table", Value::Object(_)) | ("array", Value::Array(_)) => Ok(from_json(&j)),
+                    _ => Err(format!(
+                        "not a JSON {}",
+                        if ty == "table" { "object" } else { "array" }
+                    )),
+                }),
+            // Not a type name: the whole value is text (e.g. a URL).
+            _ => return None,
+        });
+        parsed.map(|r| r.map_err(|e| format!("header {key:?}: {ty} value {v:?}: {e}")))
+    });
+    match typed {
+        Some(v) => Ok((key, v?)),
+        None => Ok((key, HeaderValue::String(value))),
+    }
+}
+
+/// `1.50` as a decimal (scale 2, value 150).
+fn parse_decimal(v: &str) -> Result<HeaderValue, String> {
+    let (int, frac) = v.split_once('.').unwrap_or((v, ""));
+    let scale = u8::try_from(frac.len()).map_err(|_| "too many digits".to_owned())?;
+    let value = format!("{int}{frac}")
+        .parse::<u32>()
+        .map_err(|e| format!("{e} (a decimal is unsigned, at most 4294967295 unscaled)"))?;
+    Ok(HeaderValue::Decimal { scale, value })
+}
+
+/// A JSON value as header values: integers as `int`, other numbers as
+/// `float`, objects as tables, arrays as arrays, null as void.
+fn from_json(j: &Value) -> HeaderValue {
+    match j {
+        Value::Null => HeaderValue::Void,
+        Value::Bool(b) => HeaderValue::Bool(*b),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => HeaderValue::I64(i),
+            None => HeaderValue::F64(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        Value::String(s) => HeaderValue::String(s.clone()),
+        Value::Array(a) => HeaderValue::Array(a.iter().map(from_json).collect()),
+        Value::Object(o) => {
+            HeaderValue::Table(o.iter().map(|(k, v)| (k.clone(), from_json(v))).collect())
+        }
+    }
+}
+
+/// Set the basic property `name` of `p` from `--property name=value`.
+fn set_property(p: &mut MessageProperties, name: &str, value: &str) -> Result<(), String> {
+    let text = Some(value.to_owned());
+    let number = |what: &str| format!("property {name}: {value:?} is not {what}");
+    match name {
+        "content-type" => p.content_type = text,
+        "content-encoding" => p.content_encoding = text,
+        "delivery-mode" => {
+            p.delivery_mode = Some(match value {
+                "1" | "transient" => 1,
+                "2" | "persistent" => 2,
+                _ => return Err(number("1, 2, transient or persistent")),
+            })
+        }
+        "priority" => p.priority = Some(value.parse().map_err(|_| number("0 to 255"))?),
+        "correlation-id" => p.correlation_id = text,
+        "reply-to" => p.reply_to = text,
+        "expiration" => p.expiration = text,
+        "message-id" => p.message_id = text,
+        "timestamp" => {
+            p.timestamp = Some(
+                value
+                    .parse()
+                    .map_err(|_| number("seconds since the epoch"))?,
+            )
+        }
+        "type" => p.kind = text,
+        "user-id" => p.user_id = text,
+        "app-id" => p.app_id = text,
+        _ => {
+            return Err(format!(
+                "unknown property {name:?}; known: content-type, content-encoding, delivery-mode, priority, correlation-id, reply-to, expiration, message-id, timestamp, type, user-id, app-id"
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn runtime() -> Result<PluginRuntime, ExitCode> {
@@ -150,8 +277,14 @@ pub async fn invoke(args: InvokeArgs) -> ExitCode {
         content_type: args.content_type.clone(),
         ..MessageProperties::default()
     };
+    for (name, value) in &args.properties {
+        if let Err(e) = set_property(&mut properties, name, value) {
+            eprintln!("warren: {e}");
+            return ExitCode::from(2);
+        }
+    }
     for (k, v) in &args.headers {
-        properties.set_header(k.clone(), HeaderValue::String(v.clone()));
+        properties.set_header(k.clone(), v.clone());
     }
     let queue = args.queue.clone().unwrap_or_else(|| {
         plugin
@@ -222,4 +355,75 @@ fn output_json(m: &OutboundMessage) -> Value {
         }
     }
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_parse_with_and_without_a_type() {
+        let h = |s| parse_header(s).unwrap().1;
+        assert_eq!(h("k=plain"), HeaderValue::String("plain".into()));
+        assert_eq!(h("k=http://x"), HeaderValue::String("http://x".into()));
+        assert_eq!(h("k=int16:-3"), HeaderValue::I16(-3));
+        assert_eq!(h("k=uint8:200"), HeaderValue::U8(200));
+        assert_eq!(h("k=float32:1.5"), HeaderValue::F32(1.5));
+        assert_eq!(
+            h("k=decimal:1.50"),
+            HeaderValue::Decimal {
+                scale: 2,
+                value: 150
+            }
+        );
+        assert_eq!(
+            h("k=byte-array:AQI="),
+            HeaderValue::ByteArray(Bytes::from_static(&[1, 2]))
+        );
+        assert_eq!(h("k=void:"), HeaderValue::Void);
+        assert_eq!(
+            h(r#"k=table:{"a":1,"b":{"c":"x"}}"#),
+            HeaderValue::Table(vec![
+                ("a".into(), HeaderValue::I64(1)),
+                (
+                    "b".into(),
+                    HeaderValue::Table(vec![("c".into(), HeaderValue::String("x".into()))])
+                ),
+            ])
+        );
+        let e = parse_header("k=int8:300").unwrap_err();
+        assert!(e.contains("int8") && e.contains("300"), "{e}");
+    }
+
+    #[test]
+    fn properties_are_set_by_name_and_bad_ones_are_named() {
+        let mut p = MessageProperties::default();
+        for (n, v) in [
+            ("reply-to", "r"),
+            ("priority", "4"),
+            ("delivery-mode", "transient"),
+            ("type", "t"),
+        ] {
+            set_property(&mut p, n, v).unwrap();
+        }
+        assert_eq!(
+            (
+                p.reply_to.as_deref(),
+                p.priority,
+                p.delivery_mode,
+                p.kind.as_deref()
+            ),
+            (Some("r"), Some(4), Some(1), Some("t"))
+        );
+        assert!(
+            set_property(&mut p, "priority", "high")
+                .unwrap_err()
+                .contains("priority")
+        );
+        assert!(
+            set_property(&mut p, "colour", "red")
+                .unwrap_err()
+                .contains("unknown property")
+        );
+    }
 }

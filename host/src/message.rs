@@ -128,6 +128,9 @@ pub enum HeaderValue {
     /// `String` and anything not UTF-8 as `Bytes`.
     String(String),
     Bytes(#[serde(with = "body_bytes")] Bytes),
+    /// An AMQP byte array (`x`), kept apart from a long string so it is
+    /// published as the type it came as.
+    ByteArray(#[serde(with = "body_bytes")] Bytes),
     /// Seconds since the Unix epoch.
     Timestamp(u64),
     Array(Vec<HeaderValue>),

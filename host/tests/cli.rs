@@ -164,3 +164,58 @@ fn invoke_rejects_a_malformed_pair() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("expected KEY=VALUE"));
 }
+
+#[test]
+fn invoke_takes_every_property_and_typed_headers_and_prints_them_on_outputs() {
+    let file = wasm("echo").unwrap();
+    let out = warren(&[
+        "invoke",
+        path(&file),
+        "--body",
+        "x",
+        "--property",
+        "reply-to=replies",
+        "--property",
+        "priority=3",
+        "--property",
+        "type=order.created",
+        "--property",
+        "content-encoding=gzip",
+        "--header",
+        "x-n=int16:-3",
+        "--header",
+        r#"x-t=table:{"a":1,"b":{"c":"x"}}"#,
+        "--header",
+        "x-url=http://example",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let p = &v["outputs"][0]["properties"];
+    assert_eq!(p["reply_to"], "replies");
+    assert_eq!(p["priority"], 3);
+    assert_eq!(p["kind"], "order.created");
+    assert_eq!(p["content_encoding"], "gzip");
+    let header = |k: &str| {
+        p["headers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h[0] == k)
+            .map(|h| h[1].clone())
+            .unwrap_or_else(|| panic!("no header {k} in {p}"))
+    };
+    assert_eq!(header("x-n"), serde_json::json!({"t": "i16", "v": -3}));
+    assert_eq!(header("x-t")["t"], "table");
+    assert_eq!(
+        header("x-url"),
+        serde_json::json!({"t": "string", "v": "http://example"})
+    );
+
+    let bad = warren(&["invoke", path(&file), "--property", "colour=red"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown property \"colour\""));
+}

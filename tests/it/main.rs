@@ -7,6 +7,7 @@
 mod admin;
 mod amqp;
 mod buffer;
+mod fidelity;
 mod gauntlet;
 mod host;
 mod outage;

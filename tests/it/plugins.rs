@@ -307,3 +307,14 @@ async fn concurrency_permits_follow_the_limit() {
         .expect("permit after release")
         .expect("permit");
 }
+
+/// The SDK's unit tests: `Message::forward` keeps every property and
+/// header, each builder sets its property, the typed header accessors.
+#[test]
+fn the_sdk_unit_tests_pass() {
+    let out = warren_it::plugins::sdk_tests().unwrap();
+    assert!(
+        out.contains("forward_keeps_every_property_and_header ... ok"),
+        "{out}"
+    );
+}

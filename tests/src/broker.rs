@@ -166,6 +166,30 @@ impl Broker {
         Ok(())
     }
 
+    /// Publish one message with exactly `properties`, confirmed and routed.
+    pub async fn publish_with_properties(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<()> {
+        let confirm = self
+            .ch
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                body,
+                properties,
+            )
+            .await?;
+        Self::await_confirms(&mut vec![confirm]).await
+    }
+
     /// Publish persistent messages with confirms, pipelined; fails unless
     /// every one was confirmed (and routed).
     pub async fn publish_all<I, B>(

@@ -79,3 +79,46 @@ pub fn wasm(name: &str) -> Result<PathBuf> {
         _ => bail!("plugin {name} was not built: {} is missing", lib.display()),
     }
 }
+
+/// Run the SDK's unit tests (`cargo test -p warren-sdk`) natively, where
+/// wit-bindgen stubs the host imports, into a target dir of their own;
+/// returns their output, or fails with it.
+pub fn sdk_tests() -> Result<String> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let version = Command::new(rustc)
+        .arg("-vV")
+        .output()
+        .context("failed to run rustc -vV")?;
+    let host = String::from_utf8_lossy(&version.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("host: ").map(str::to_owned))
+        .context("rustc -vV names no host")?;
+    let target_dir = plugins_target_dir().with_file_name("sdk-native");
+    let out = Command::new(cargo)
+        .current_dir(repo_root().join("plugins"))
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("CARGO_BUILD_TARGET")
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .args([
+            "test",
+            "-p",
+            "warren-sdk",
+            "--target",
+            &host,
+            "--target-dir",
+        ])
+        .arg(&target_dir)
+        .output()
+        .context("failed to run cargo test for the SDK")?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() {
+        bail!("the SDK's tests failed:\n{text}");
+    }
+    Ok(text)
+}

@@ -1,11 +1,12 @@
 //! Conversions between Warren's [`MessageProperties`] / [`HeaderValue`] and
 //! lapin's `BasicProperties` / `FieldTable`, in both directions.
 //!
-//! Lossless for everything Warren publishes, with two documented type
-//! folds: a `u64` header above `i64::MAX` is sent as an AMQP timestamp (the
-//! only unsigned 64-bit field type), and an AMQP byte array (`x`) is read
-//! back as [`HeaderValue::Bytes`], which is written as a long string (`S`).
-//! Does no I/O.
+//! Lossless for every field type RabbitMQ sends, with two documented
+//! folds on the way out: a `u64` header above `i64::MAX` (which only
+//! Warren's own config can hold) is sent as an AMQP timestamp, the only
+//! unsigned 64-bit field type; and a short string (`s` in the 0-9-1 spec,
+//! never sent by RabbitMQ, which reads `s` as a 16-bit integer) is read as
+//! text and written back as a long string. Does no I/O.
 
 use bytes::Bytes;
 use lapin::BasicProperties;
@@ -125,6 +126,7 @@ pub fn to_amqp_value(v: &HeaderValue) -> AMQPValue {
         }),
         HeaderValue::String(s) => AMQPValue::LongString(LongString::from(s.as_bytes().to_vec())),
         HeaderValue::Bytes(b) => AMQPValue::LongString(LongString::from(b.to_vec())),
+        HeaderValue::ByteArray(b) => AMQPValue::ByteArray(b.to_vec().into()),
         HeaderValue::Timestamp(t) => AMQPValue::Timestamp(*t),
         HeaderValue::Array(items) => AMQPValue::FieldArray(FieldArray::from(
             items.iter().map(to_amqp_value).collect::<Vec<_>>(),
@@ -158,7 +160,7 @@ pub fn from_amqp_value(v: &AMQPValue) -> HeaderValue {
         }
         AMQPValue::Timestamp(t) => HeaderValue::Timestamp(*t),
         AMQPValue::FieldTable(t) => HeaderValue::Table(from_field_table(t)),
-        AMQPValue::ByteArray(b) => HeaderValue::Bytes(Bytes::copy_from_slice(b.as_slice())),
+        AMQPValue::ByteArray(b) => HeaderValue::ByteArray(Bytes::copy_from_slice(b.as_slice())),
         AMQPValue::Void => HeaderValue::Void,
     }
 }
@@ -222,6 +224,12 @@ mod tests {
             },
         );
         p.set_header("g-ts", HeaderValue::Timestamp(9));
+        p.set_header(
+            "h-byte-array",
+            HeaderValue::ByteArray(Bytes::from_static(&[1, 2, 0xff])),
+        );
+        p.set_header("i-f32", HeaderValue::F32(1.5));
+        p.set_header("j-u8", HeaderValue::U8(200));
         let back = from_basic_properties(&to_basic_properties(&p));
         assert_eq!(back, p);
     }

@@ -29,10 +29,65 @@ pub const ATTEMPTS: &str = "x-warren-attempts";
 pub const QUEUE: &str = "x-warren-queue";
 pub const ORIGINAL_EXCHANGE: &str = "x-warren-original-exchange";
 pub const ORIGINAL_ROUTING_KEY: &str = "x-warren-original-routing-key";
+/// A message's own `expiration`, kept here while Warren uses the property
+/// (a retry copy's delay) or must not (a dead letter must not expire).
+/// Restored into the property when the retried message is delivered again.
+pub const ORIGINAL_EXPIRATION: &str = "x-warren-original-expiration";
 /// W3C trace context: read from a delivery, written on its outputs as the
 /// context of the delivery's span.
 pub const TRACEPARENT: &str = "traceparent";
 pub const TRACESTATE: &str = "tracestate";
+
+/// Move `p.expiration` into [`ORIGINAL_EXPIRATION`] (one already there,
+/// from an earlier retry, is the original and stays).
+pub fn stash_expiration(p: &mut MessageProperties) {
+    if let Some(e) = p.expiration.take()
+        && p.header(ORIGINAL_EXPIRATION).is_none()
+    {
+        p.set_header(ORIGINAL_EXPIRATION, HeaderValue::String(e));
+    }
+}
+
+/// `p` as its publisher sent it, after a stay in Warren's retry queue
+/// `retry_queue`: a stashed expiration back in the property (the header
+/// gone), and the dead-lettering record the broker added when the delay
+/// ran out (its `x-death` entry for that queue, and `x-first-death-*` /
+/// `x-last-death-*` naming it) removed. Records of the publisher's own
+/// dead-lettering stay.
+pub fn as_published(mut p: MessageProperties, retry_queue: &str) -> MessageProperties {
+    // Per delivery: most have neither.
+    if p.header("x-death").is_none() && p.header(ORIGINAL_EXPIRATION).is_none() {
+        return p;
+    }
+    if let Some(HeaderValue::String(e)) = p.header(ORIGINAL_EXPIRATION).cloned() {
+        p.headers.retain(|(k, _)| k != ORIGINAL_EXPIRATION);
+        p.expiration = Some(e);
+    }
+    for prefix in ["x-first-death", "x-last-death"] {
+        let queue = p
+            .header(&format!("{prefix}-queue"))
+            .and_then(HeaderValue::as_str);
+        if queue == Some(retry_queue) {
+            let start = format!("{prefix}-");
+            p.headers.retain(|(k, _)| !k.starts_with(&start));
+        }
+    }
+    if let Some((_, HeaderValue::Array(deaths))) =
+        p.headers.iter_mut().find(|(k, _)| k == "x-death")
+    {
+        deaths.retain(|d| {
+            let queue = match d {
+                HeaderValue::Table(t) => t.iter().find(|(k, _)| k == "queue").map(|(_, v)| v),
+                _ => None,
+            };
+            queue.and_then(HeaderValue::as_str) != Some(retry_queue)
+        });
+        if deaths.is_empty() {
+            p.headers.retain(|(k, _)| k != "x-death");
+        }
+    }
+    p
+}
 
 /// The attempt number of a delivery: its `x-warren-attempt` header, else 1.
 pub fn attempt(p: &MessageProperties) -> u32 {
@@ -111,6 +166,37 @@ mod tests {
         assert_eq!(
             own.header(TRACEPARENT).and_then(HeaderValue::as_str),
             Some("00-c-d-01")
+        );
+    }
+
+    #[test]
+    fn a_retried_delivery_is_as_its_publisher_sent_it() {
+        let retry = "warren.retry.orders";
+        let mut p = MessageProperties::default();
+        p.set_header("tenant", HeaderValue::String("acme".into()));
+        p.set_header(ORIGINAL_EXPIRATION, HeaderValue::String("60000".into()));
+        p.set_header("x-first-death-queue", HeaderValue::String(retry.into()));
+        p.set_header(
+            "x-first-death-reason",
+            HeaderValue::String("expired".into()),
+        );
+        let death =
+            |q: &str| HeaderValue::Table(vec![("queue".into(), HeaderValue::String(q.into()))]);
+        p.set_header(
+            "x-death",
+            HeaderValue::Array(vec![death(retry), death("their-own")]),
+        );
+        let back = as_published(p, retry);
+        assert_eq!(back.expiration.as_deref(), Some("60000"));
+        assert_eq!(
+            back.headers,
+            vec![
+                ("tenant".into(), HeaderValue::String("acme".into())),
+                (
+                    "x-death".into(),
+                    HeaderValue::Array(vec![death("their-own")])
+                ),
+            ]
         );
     }
 }

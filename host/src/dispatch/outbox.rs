@@ -147,8 +147,8 @@ impl Outbox {
         p.set_header(headers::REPLY_TEXT, text(&r.reply_text));
         p.set_header(headers::ORIGINAL_EXCHANGE, text(&msg.exchange));
         p.set_header(headers::ORIGINAL_ROUTING_KEY, text(&msg.routing_key));
-        // A per-message TTL would let the dead letter expire in the queue.
-        p.expiration = None;
+        // A dead letter must not expire in the queue.
+        headers::stash_expiration(p);
         if r.kind == RefusalKind::TooLarge {
             // The broker takes no body this large, not even as a dead
             // letter: it goes without it (logged at ERROR by the refusal

@@ -32,6 +32,8 @@ use crate::telemetry::{self, TraceContext};
 /// What a route's tasks share.
 pub(crate) struct RouteContext {
     pub(crate) queue: String,
+    /// The queue's retry queue (see [`DispatchConfig::retry_queue`]).
+    pub(crate) retry_queue: String,
     pub(crate) max_attempts: u32,
     pub(crate) outbox: Outbox,
     pub(crate) config: Arc<DispatchConfig>,
@@ -135,12 +137,14 @@ async fn handle_in_span(
     trace: &TraceContext,
 ) {
     let attempt = headers::attempt(&d.properties);
+    // As its publisher sent it, also after a stay in the retry queue.
+    let properties = headers::as_published(d.properties.clone(), &ctx.retry_queue);
     let input = plugins::Delivery {
         body: d.body.clone(),
         exchange: d.exchange.clone(),
         routing_key: d.routing_key.clone(),
         queue: d.queue.clone(),
-        properties: d.properties.clone(),
+        properties,
         redelivered: d.redelivered,
         attempt,
     };
@@ -152,12 +156,12 @@ async fn handle_in_span(
     let mut settle: Vec<OutboundMessage> = match outcome {
         Outcome::Ack { outputs } => outputs,
         Outcome::Retry { reason } if attempt < ctx.max_attempts => {
-            vec![retry_copy(ctx, &d, attempt + 1, &reason)]
+            vec![retry_copy(ctx, &input, attempt + 1, &reason)]
         }
         Outcome::Retry { reason } => vec![dead_letter(
             ctx,
             plugin,
-            &d,
+            &input,
             attempt,
             "retries-exhausted",
             None,
@@ -165,7 +169,7 @@ async fn handle_in_span(
         )],
         Outcome::Reject { reason } => {
             vec![dead_letter(
-                ctx, plugin, &d, attempt, "reject", None, &reason,
+                ctx, plugin, &input, attempt, "reject", None, &reason,
             )]
         }
         Outcome::Trapped { kind, message } => {
@@ -173,7 +177,7 @@ async fn handle_in_span(
             vec![dead_letter(
                 ctx,
                 plugin,
-                &d,
+                &input,
                 attempt,
                 "trap",
                 Some(kind.as_str()),
@@ -229,13 +233,17 @@ async fn publish_all(
     true
 }
 
+/// The delivery `d` again, for the retry queue: its properties and headers
+/// as they came, plus Warren's (the attempt, the reason, the queue, and
+/// the delay as `expiration`, the message's own kept in a header).
 fn retry_copy(
     ctx: &RouteContext,
-    d: &amqp::Delivery,
+    d: &plugins::Delivery,
     next_attempt: u32,
     reason: &str,
 ) -> OutboundMessage {
     let mut properties = d.properties.clone();
+    headers::stash_expiration(&mut properties);
     properties.set_header(headers::ATTEMPT, HeaderValue::I64(next_attempt.into()));
     properties.set_header(headers::REASON, HeaderValue::String(reason.to_string()));
     properties.set_header(headers::QUEUE, HeaderValue::String(ctx.queue.clone()));
@@ -258,17 +266,20 @@ fn retry_copy(
     }
 }
 
+/// The delivery `d` for the dead-letter queue: its properties and headers
+/// as they came, plus Warren's `x-warren-*` (the message's own
+/// `expiration` kept in a header: a dead letter must not expire).
 fn dead_letter(
     ctx: &RouteContext,
     plugin: &Plugin,
-    d: &amqp::Delivery,
+    d: &plugins::Delivery,
     attempts: u32,
     outcome: &str,
     trap: Option<&str>,
     reason: &str,
 ) -> OutboundMessage {
     let mut p: MessageProperties = d.properties.clone();
-    p.expiration = None;
+    headers::stash_expiration(&mut p);
     let text = |s: &str| HeaderValue::String(s.to_string());
     p.set_header(headers::PLUGIN, text(plugin.name()));
     p.set_header(headers::VERSION, text(plugin.version()));

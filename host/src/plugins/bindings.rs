@@ -11,8 +11,8 @@ pub(crate) use self::exports::warren::plugin::handler::HandleError;
 pub(crate) use self::warren::plugin::host::Host;
 pub(crate) use self::warren::plugin::types::Host as TypesHost;
 pub(crate) use self::warren::plugin::types::{
-    Binding, Delivery, ExchangeKind, Header, HeaderValue, LogLevel, Manifest, Message,
-    PublishError, QueueKind, Subscription,
+    Binding, Decimal, Delivery, DeliveryMode, ExchangeKind, Header, HeaderValue, LogLevel,
+    Manifest, Message, Properties, PublishError, QueueKind, Subscription,
 };
 pub(crate) use Plugin as PluginWorld;
 pub(crate) use PluginPre as PluginWorldPre;

@@ -18,7 +18,7 @@ use super::bindings as wit;
 use super::limits::Limits;
 use super::outcome::TrapKind;
 use super::runtime::RuntimeInner;
-use crate::message::{HeaderValue, MessageProperties, OutboundMessage};
+use crate::message::OutboundMessage;
 
 /// How much of a guest's stderr is kept per invocation (panic messages).
 const STDERR_CAPACITY: usize = 64 << 10;
@@ -236,8 +236,10 @@ impl wit::Host for State {
                 self.max_output_bytes
             )));
         }
-        self.output_bytes += msg.body.len();
-        self.outputs.push(outbound_from_wit(msg));
+        let body_len = msg.body.len();
+        let out = outbound_from_wit(msg).map_err(wit::PublishError::Invalid)?;
+        self.output_bytes += body_len;
+        self.outputs.push(out);
         Ok(())
     }
 
@@ -246,51 +248,11 @@ impl wit::Host for State {
     }
 }
 
-fn outbound_from_wit(msg: wit::Message) -> OutboundMessage {
-    let mut properties = MessageProperties::persistent();
-    properties.content_type = msg.content_type;
-    properties.correlation_id = msg.correlation_id;
-    properties.message_id = msg.message_id;
-    for h in msg.headers {
-        properties.set_header(h.key, header_from_wit(h.value));
-    }
-    OutboundMessage {
+fn outbound_from_wit(msg: wit::Message) -> Result<OutboundMessage, String> {
+    Ok(OutboundMessage {
         exchange: msg.exchange,
         routing_key: msg.routing_key,
-        properties,
+        properties: super::properties::from_wit(msg.properties)?,
         body: Bytes::from(msg.body),
-    }
-}
-
-fn header_from_wit(v: wit::HeaderValue) -> HeaderValue {
-    match v {
-        wit::HeaderValue::Text(s) => HeaderValue::String(s),
-        wit::HeaderValue::Bytes(b) => HeaderValue::Bytes(Bytes::from(b)),
-        wit::HeaderValue::Boolean(b) => HeaderValue::Bool(b),
-        wit::HeaderValue::Int(i) => HeaderValue::I64(i),
-        wit::HeaderValue::Float(f) => HeaderValue::F64(f),
-        wit::HeaderValue::Timestamp(t) => HeaderValue::Timestamp(t),
-        wit::HeaderValue::Void => HeaderValue::Void,
-    }
-}
-
-/// Host header to the WIT form; tables and arrays become their JSON text.
-pub(crate) fn header_to_wit(v: &HeaderValue) -> wit::HeaderValue {
-    match v {
-        HeaderValue::Bool(b) => wit::HeaderValue::Boolean(*b),
-        HeaderValue::F32(f) => wit::HeaderValue::Float(f64::from(*f)),
-        HeaderValue::F64(f) => wit::HeaderValue::Float(*f),
-        HeaderValue::Decimal { scale, value } => {
-            wit::HeaderValue::Float(f64::from(*value) / 10f64.powi(i32::from(*scale)))
-        }
-        HeaderValue::String(s) => wit::HeaderValue::Text(s.clone()),
-        HeaderValue::Bytes(b) => wit::HeaderValue::Bytes(b.to_vec()),
-        HeaderValue::Timestamp(t) => wit::HeaderValue::Timestamp(*t),
-        HeaderValue::Void => wit::HeaderValue::Void,
-        HeaderValue::U64(u) if i64::try_from(*u).is_err() => wit::HeaderValue::Text(u.to_string()),
-        HeaderValue::Array(_) | HeaderValue::Table(_) => {
-            wit::HeaderValue::Text(serde_json::to_string(v).unwrap_or_default())
-        }
-        other => wit::HeaderValue::Int(other.as_i64().unwrap_or_default()),
-    }
+    })
 }

@@ -20,6 +20,7 @@ pub mod limits;
 pub mod manifest;
 pub mod outcome;
 pub mod plugin;
+mod properties;
 pub mod runtime;
 
 pub use directory::DirectoryError;

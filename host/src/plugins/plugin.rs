@@ -16,7 +16,7 @@ use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
 use wasmtime::component::{Component, ComponentExportIndex, TypedFunc};
 
 use super::bindings::{self as wit, PluginWorldPre};
-use super::instance::{Ident, Invocation, header_to_wit};
+use super::instance::{Ident, Invocation};
 use super::limits::{Limits, LimitsOverride};
 use super::manifest::Manifest;
 use super::outcome::{LoadError, Outcome};
@@ -472,26 +472,12 @@ impl ReusedInstance {
 }
 
 fn delivery_to_wit(d: &Delivery) -> wit::Delivery {
-    let p = &d.properties;
     wit::Delivery {
         body: d.body.to_vec(),
         exchange: d.exchange.clone(),
         routing_key: d.routing_key.clone(),
         queue: d.queue.clone(),
-        content_type: p.content_type.clone(),
-        content_encoding: p.content_encoding.clone(),
-        message_id: p.message_id.clone(),
-        correlation_id: p.correlation_id.clone(),
-        reply_to: p.reply_to.clone(),
-        timestamp: p.timestamp,
-        headers: p
-            .headers
-            .iter()
-            .map(|(k, v)| wit::Header {
-                key: k.clone(),
-                value: header_to_wit(v),
-            })
-            .collect(),
+        properties: super::properties::to_wit(&d.properties),
         redelivered: d.redelivered,
         attempt: d.attempt.max(1),
     }

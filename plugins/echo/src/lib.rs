@@ -1,5 +1,5 @@
-//! `echo`: republishes each delivery's body, content type, correlation id
-//! and headers to the exchange and routing key set in the host config
+//! `echo`: republishes each delivery (body, every property and header) to
+//! the exchange and routing key set in the host config
 //! (`exchange`, default "" = the default exchange; `routing-key`, default
 //! `echo.out`, which the manifest declares). The simplest useful plugin,
 //! and the one the end-to-end and chaos tests push load through.
@@ -18,11 +18,7 @@ impl Plugin for Echo {
     fn handle(d: Delivery) -> Result<(), HandleError> {
         let exchange = warren_sdk::config("exchange").unwrap_or_default();
         let routing_key = warren_sdk::config("routing-key").unwrap_or_else(|| "echo.out".into());
-        let mut out = Message::new(&exchange, &routing_key, d.body);
-        out.content_type = d.content_type;
-        out.correlation_id = d.correlation_id;
-        out.headers = d.headers;
-        warren_sdk::publish(out)?;
+        warren_sdk::publish(Message::forward(&d, &exchange, &routing_key))?;
         Ok(())
     }
 }

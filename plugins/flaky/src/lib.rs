@@ -1,6 +1,7 @@
 //! Test fixture `flaky`: returns `retry` while the delivery's attempt is at
-//! most `fail-attempts` (host config; default: always), then republishes
-//! the body to routing key `flaky.out`. The dispatch tests use it for
+//! most `fail-attempts` (host config; default: always), then forwards the
+//! delivery (every property and header) to routing key `routing-key` (host
+//! config; default `flaky.out`). The dispatch tests use it for
 //! bounded retries ending in the dead-letter queue, and for retries that
 //! eventually succeed.
 
@@ -25,7 +26,8 @@ impl Plugin for Flaky {
                 d.attempt
             )));
         }
-        warren_sdk::publish(Message::new("", "flaky.out", d.body))?;
+        let routing_key = warren_sdk::config("routing-key").unwrap_or_else(|| "flaky.out".into());
+        warren_sdk::publish(Message::forward(&d, "", &routing_key))?;
         Ok(())
     }
 }

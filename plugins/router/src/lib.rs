@@ -1,6 +1,7 @@
 //! `router`: reads the JSON field `region` of each order and republishes it
-//! to the topic exchange `orders.routed` (host config `exchange` names
-//! another) with routing key `orders.<region>`; orders that are not JSON or
+//! (with every property and header it came with) to the topic exchange
+//! `orders.routed` (host config `exchange` names another) with routing key
+//! `orders.<region>`; orders that are not JSON or
 //! have no region are dead-lettered. Its manifest declares the exchange and
 //! the classic queue `orders.routed.all`, bound with `#` and keeping the
 //! last 1,000, where the quickstart's routed orders land (a production
@@ -34,7 +35,7 @@ impl Plugin for Router {
             return Err(HandleError::reject("order has no \"region\" field"));
         };
         let exchange = warren_sdk::config("exchange").unwrap_or_else(|| "orders.routed".into());
-        warren_sdk::publish(Message::new(&exchange, &format!("orders.{region}"), d.body))?;
+        warren_sdk::publish(Message::forward(&d, &exchange, &format!("orders.{region}")))?;
         Ok(())
     }
 }

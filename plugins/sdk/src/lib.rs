@@ -14,13 +14,18 @@
 //!         Manifest::new("echo", "1.0.0").subscribe(Subscription::queue("echo.in"))
 //!     }
 //!     fn handle(d: Delivery) -> Result<(), HandleError> {
-//!         warren_sdk::publish(Message::new("", "echo.out", d.body))?;
+//!         warren_sdk::publish(Message::forward(&d, "", "echo.out"))?;
 //!         Ok(())
 //!     }
 //! }
 //!
 //! warren_sdk::export_plugin!(Echo);
 //! ```
+//!
+//! A [`Delivery`] carries every AMQP basic property and header
+//! (`d.properties`; nested tables and arrays are flattened into the header
+//! list, each member naming its parent); [`Message::forward`] republishes a
+//! delivery with all of them, byte for byte.
 //!
 //! Warren instantiates the plugin afresh for every delivery: statics do not
 //! survive between calls. Messages passed to [`publish`] are sent only if
@@ -42,6 +47,8 @@ pub mod bindings {
         export_macro_name: "__export_plugin_world",
         default_bindings_module: "::warren_sdk::bindings",
         runtime_path: "::warren_sdk::__wit_bindgen::rt",
+        // Compare deliveries, properties and headers in plugins and tests.
+        additional_derives: [PartialEq],
     });
 }
 
@@ -50,8 +57,9 @@ pub use wit_bindgen as __wit_bindgen;
 
 pub use bindings::exports::warren::plugin::handler::Guest as Plugin;
 pub use bindings::warren::plugin::types::{
-    Binding, Delivery, ExchangeKind, HandleError, Header, HeaderValue, Limits, LogLevel, Manifest,
-    Message, OutputExchange, OutputQueue, Outputs, PublishError, QueueKind, Subscription,
+    Binding, Decimal, Delivery, DeliveryMode, ExchangeKind, HandleError, Header, HeaderValue,
+    Limits, LogLevel, Manifest, Message, OutputExchange, OutputQueue, Outputs, Properties,
+    PublishError, QueueKind, Subscription,
 };
 
 /// Export `$t` (a type implementing [`Plugin`]) as the component's handler.
@@ -234,34 +242,246 @@ impl OutputQueue {
     }
 }
 
+impl Default for Properties {
+    /// No property set and no headers (published persistent).
+    fn default() -> Self {
+        Properties {
+            content_type: None,
+            content_encoding: None,
+            headers: Vec::new(),
+            delivery_mode: None,
+            priority: None,
+            correlation_id: None,
+            reply_to: None,
+            expiration: None,
+            message_id: None,
+            timestamp: None,
+            message_type: None,
+            user_id: None,
+            app_id: None,
+        }
+    }
+}
+
+impl Properties {
+    /// The top-level header `key` (not a member of a nested table).
+    pub fn header(&self, key: &str) -> Option<&HeaderValue> {
+        self.headers
+            .iter()
+            .find(|h| h.parent == 0 && h.key == key)
+            .map(|h| &h.value)
+    }
+
+    /// Set the top-level header `key` to the scalar `value`, replacing it
+    /// (and, if it was a table or array, its members).
+    pub fn set_header(&mut self, key: &str, value: HeaderValue) {
+        if let Some(i) = self
+            .headers
+            .iter()
+            .position(|h| h.parent == 0 && h.key == key)
+        {
+            self.remove_subtree(i);
+        }
+        self.headers.push(Header {
+            key: key.to_string(),
+            value,
+            parent: 0,
+        });
+    }
+
+    /// Remove entry `i` and every entry nested under it, renumbering the
+    /// parents of those after it.
+    fn remove_subtree(&mut self, i: usize) {
+        let mut gone = vec![false; self.headers.len()];
+        gone[i] = true;
+        for j in i + 1..self.headers.len() {
+            let p = self.headers[j].parent as usize;
+            gone[j] = p > 0 && gone[p - 1];
+        }
+        // New index of each kept entry.
+        let mut index = Vec::with_capacity(gone.len());
+        let mut next = 0u32;
+        for g in &gone {
+            index.push(next);
+            if !g {
+                next += 1;
+            }
+        }
+        let mut kept = Vec::with_capacity(next as usize);
+        for (j, h) in std::mem::take(&mut self.headers).into_iter().enumerate() {
+            if gone[j] {
+                continue;
+            }
+            let parent = match h.parent {
+                0 => 0,
+                p => index[p as usize - 1] + 1,
+            };
+            kept.push(Header { parent, ..h });
+        }
+        self.headers = kept;
+    }
+}
+
 impl Message {
-    /// A message for `exchange` with `routing_key` and `body`.
+    /// A persistent message for `exchange` with `routing_key` and `body`,
+    /// no other property set.
     pub fn new(exchange: &str, routing_key: &str, body: impl Into<Vec<u8>>) -> Self {
         Self {
             exchange: exchange.to_string(),
             routing_key: routing_key.to_string(),
             body: body.into(),
-            content_type: None,
-            correlation_id: None,
-            message_id: None,
-            headers: Vec::new(),
+            properties: Properties::default(),
         }
     }
 
-    /// Add a text header.
+    /// `d` again, to `exchange` with `routing_key`: the same body and every
+    /// property and header exactly as it came (nested tables and arrays
+    /// included). Warren adds only its own `traceparent`.
+    pub fn forward(d: &Delivery, exchange: &str, routing_key: &str) -> Self {
+        Self {
+            exchange: exchange.to_string(),
+            routing_key: routing_key.to_string(),
+            body: d.body.clone(),
+            properties: d.properties.clone(),
+        }
+    }
+
+    /// Add (or replace) a text header.
     pub fn header(mut self, key: &str, value: &str) -> Self {
-        self.headers.push(Header {
-            key: key.to_string(),
-            value: HeaderValue::Text(value.to_string()),
+        self.properties
+            .set_header(key, HeaderValue::Text(value.to_string()));
+        self
+    }
+
+    /// Add (or replace) a header of any scalar type.
+    pub fn header_value(mut self, key: &str, value: HeaderValue) -> Self {
+        self.properties.set_header(key, value);
+        self
+    }
+
+    /// Set the content type, e.g. `application/json`.
+    pub fn content_type(mut self, v: &str) -> Self {
+        self.properties.content_type = Some(v.to_string());
+        self
+    }
+
+    /// Set the content encoding, e.g. `gzip`.
+    pub fn content_encoding(mut self, v: &str) -> Self {
+        self.properties.content_encoding = Some(v.to_string());
+        self
+    }
+
+    /// Persistent (the default) or transient.
+    pub fn persistent(mut self, yes: bool) -> Self {
+        self.properties.delivery_mode = Some(if yes {
+            DeliveryMode::Persistent
+        } else {
+            DeliveryMode::Transient
         });
+        self
+    }
+
+    /// Set the priority (0 to 9 on RabbitMQ).
+    pub fn priority(mut self, v: u8) -> Self {
+        self.properties.priority = Some(v);
+        self
+    }
+
+    /// Set the correlation id.
+    pub fn correlation_id(mut self, v: &str) -> Self {
+        self.properties.correlation_id = Some(v.to_string());
+        self
+    }
+
+    /// Set where a reply is expected.
+    pub fn reply_to(mut self, v: &str) -> Self {
+        self.properties.reply_to = Some(v.to_string());
+        self
+    }
+
+    /// Expire the message after `ms` milliseconds in a queue.
+    pub fn expiration_ms(mut self, ms: u64) -> Self {
+        self.properties.expiration = Some(ms.to_string());
+        self
+    }
+
+    /// Set the message id.
+    pub fn message_id(mut self, v: &str) -> Self {
+        self.properties.message_id = Some(v.to_string());
+        self
+    }
+
+    /// Set the timestamp, seconds since the Unix epoch.
+    pub fn timestamp(mut self, secs: u64) -> Self {
+        self.properties.timestamp = Some(secs);
+        self
+    }
+
+    /// Set the AMQP `type` property.
+    pub fn message_type(mut self, v: &str) -> Self {
+        self.properties.message_type = Some(v.to_string());
+        self
+    }
+
+    /// Set the user id (RabbitMQ refuses one that is not the connection's
+    /// user).
+    pub fn user_id(mut self, v: &str) -> Self {
+        self.properties.user_id = Some(v.to_string());
+        self
+    }
+
+    /// Set the application id.
+    pub fn app_id(mut self, v: &str) -> Self {
+        self.properties.app_id = Some(v.to_string());
         self
     }
 }
 
 impl Delivery {
-    /// The value of header `key`, if present.
+    /// The top-level header `key`, if present.
     pub fn header(&self, key: &str) -> Option<&HeaderValue> {
-        self.headers.iter().find(|h| h.key == key).map(|h| &h.value)
+        self.properties.header(key)
+    }
+
+    /// Header `key` as text, if it is text.
+    pub fn header_str(&self, key: &str) -> Option<&str> {
+        match self.header(key)? {
+            HeaderValue::Text(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// Header `key` as an integer, if it is one of any width.
+    pub fn header_i64(&self, key: &str) -> Option<i64> {
+        Some(match *self.header(key)? {
+            HeaderValue::Int8(n) => n.into(),
+            HeaderValue::Uint8(n) => n.into(),
+            HeaderValue::Int16(n) => n.into(),
+            HeaderValue::Uint16(n) => n.into(),
+            HeaderValue::Int32(n) => n.into(),
+            HeaderValue::Uint32(n) => n.into(),
+            HeaderValue::Int(n) => n,
+            _ => return None,
+        })
+    }
+
+    /// Header `key` as a boolean, if it is one.
+    pub fn header_bool(&self, key: &str) -> Option<bool> {
+        match self.header(key)? {
+            HeaderValue::Boolean(b) => Some(*b),
+            _ => None,
+        }
+    }
+
+    /// The members of the table or array at index `i` of the header list,
+    /// in order, as (index, header) pairs.
+    pub fn members(&self, i: usize) -> impl Iterator<Item = (usize, &Header)> {
+        let parent = u32::try_from(i + 1).unwrap_or(u32::MAX);
+        self.properties
+            .headers
+            .iter()
+            .enumerate()
+            .filter(move |(_, h)| h.parent == parent)
     }
 }
 
@@ -287,5 +507,123 @@ impl From<PublishError> for HandleError {
             }
             PublishError::Invalid(why) => HandleError::Reject(format!("invalid output: {why}")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delivery() -> Delivery {
+        let mut properties = Properties {
+            content_type: Some("application/json".into()),
+            content_encoding: Some("gzip".into()),
+            delivery_mode: Some(DeliveryMode::Transient),
+            priority: Some(5),
+            correlation_id: Some("corr".into()),
+            reply_to: Some("replies".into()),
+            expiration: Some("60000".into()),
+            message_id: Some("id-7".into()),
+            timestamp: Some(1_700_000_000),
+            message_type: Some("order".into()),
+            user_id: Some("guest".into()),
+            app_id: Some("shop".into()),
+            ..Properties::default()
+        };
+        let h = |key: &str, value, parent| Header {
+            key: key.into(),
+            value,
+            parent,
+        };
+        properties.headers = vec![
+            h("tenant", HeaderValue::Text("acme".into()), 0),
+            h("n", HeaderValue::Int16(-3), 0),
+            h("t", HeaderValue::Table, 0),
+            h(
+                "a",
+                HeaderValue::Decimal(Decimal {
+                    scale: 1,
+                    value: 15,
+                }),
+                3,
+            ),
+            h("inner", HeaderValue::Array, 3),
+            h("", HeaderValue::ByteArray(vec![1, 2]), 5),
+            h("flag", HeaderValue::Boolean(true), 0),
+        ];
+        Delivery {
+            body: b"\x00\xffbody".to_vec(),
+            exchange: "in".into(),
+            routing_key: "k".into(),
+            queue: "q".into(),
+            properties,
+            redelivered: false,
+            attempt: 1,
+        }
+    }
+
+    #[test]
+    fn forward_keeps_every_property_and_header() {
+        let d = delivery();
+        let m = Message::forward(&d, "out", "rk");
+        assert_eq!((m.exchange.as_str(), m.routing_key.as_str()), ("out", "rk"));
+        assert_eq!(m.body, d.body);
+        assert_eq!(m.properties, d.properties);
+    }
+
+    #[test]
+    fn typed_header_accessors_read_top_level_headers() {
+        let d = delivery();
+        assert_eq!(d.header_str("tenant"), Some("acme"));
+        assert_eq!(d.header_i64("n"), Some(-3));
+        assert_eq!(d.header_bool("flag"), Some(true));
+        // Members of a nested table are not top-level headers.
+        assert_eq!(d.header("a"), None);
+        let members: Vec<&str> = d.members(2).map(|(_, h)| h.key.as_str()).collect();
+        assert_eq!(members, ["a", "inner"]);
+    }
+
+    #[test]
+    fn replacing_a_table_drops_its_members_and_keeps_the_rest_consistent() {
+        let mut p = delivery().properties;
+        p.set_header("t", HeaderValue::Text("flat".into()));
+        let keys: Vec<(&str, u32)> = p
+            .headers
+            .iter()
+            .map(|h| (h.key.as_str(), h.parent))
+            .collect();
+        assert_eq!(keys, [("tenant", 0), ("n", 0), ("flag", 0), ("t", 0)]);
+    }
+
+    #[test]
+    fn builders_set_each_property() {
+        let m = Message::new("x", "k", "b")
+            .content_type("text/plain")
+            .content_encoding("br")
+            .persistent(false)
+            .priority(1)
+            .correlation_id("c")
+            .reply_to("r")
+            .expiration_ms(500)
+            .message_id("m")
+            .timestamp(3)
+            .message_type("t")
+            .user_id("u")
+            .app_id("a")
+            .header("h", "v");
+        let p = &m.properties;
+        assert_eq!(p.content_type.as_deref(), Some("text/plain"));
+        assert_eq!(p.content_encoding.as_deref(), Some("br"));
+        assert_eq!(p.delivery_mode, Some(DeliveryMode::Transient));
+        assert_eq!(p.priority, Some(1));
+        assert_eq!(p.correlation_id.as_deref(), Some("c"));
+        assert_eq!(p.reply_to.as_deref(), Some("r"));
+        assert_eq!(p.expiration.as_deref(), Some("500"));
+        assert_eq!(p.message_id.as_deref(), Some("m"));
+        assert_eq!(p.timestamp, Some(3));
+        assert_eq!(p.message_type.as_deref(), Some("t"));
+        assert_eq!(p.user_id.as_deref(), Some("u"));
+        assert_eq!(p.app_id.as_deref(), Some("a"));
+        assert_eq!(p.header("h"), Some(&HeaderValue::Text("v".into())));
     }
 }

@@ -5,9 +5,7 @@
 //! this one source, so the reload tests and benchmark can tell which
 //! version handled each message.
 
-use warren_sdk::{
-    Delivery, HandleError, Header, HeaderValue, Manifest, Message, Plugin, Subscription,
-};
+use warren_sdk::{Delivery, HandleError, Manifest, Message, Plugin, Subscription};
 
 struct Stamp;
 
@@ -18,12 +16,8 @@ impl Plugin for Stamp {
 
     fn handle(d: Delivery) -> Result<(), HandleError> {
         let routing_key = warren_sdk::config("routing-key").unwrap_or_else(|| "stamp.out".into());
-        let mut out = Message::new("", &routing_key, d.body);
-        out.headers = d.headers;
-        out.headers.push(Header {
-            key: "x-stamp-version".into(),
-            value: HeaderValue::Text(env!("CARGO_PKG_VERSION").into()),
-        });
+        let out = Message::forward(&d, "", &routing_key)
+            .header("x-stamp-version", env!("CARGO_PKG_VERSION"));
         warren_sdk::publish(out)?;
         Ok(())
     }
