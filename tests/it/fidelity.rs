@@ -97,6 +97,25 @@ fn everything() -> BasicProperties {
         .with_app_id("shop".into())
 }
 
+/// Publish [`everything`] with [`body`] to `queue`, as a client that is not
+/// Warren's would.
+async fn publish_everything(broker: &Broker, queue: &str) {
+    broker
+        .publish_with_properties("", queue, &body(), everything())
+        .await
+        .unwrap();
+}
+
+/// Collect the one message `queue` gets.
+async fn the_one(broker: &Broker, queue: &str) -> Got {
+    let mut got = broker
+        .collect(queue, 1, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 1, "one message in {queue}");
+    got.remove(0)
+}
+
 /// Every byte value, and a zero byte at either end.
 fn body() -> Vec<u8> {
     let mut b: Vec<u8> = (0..=255).collect();
@@ -166,16 +185,8 @@ async fn echo_forwards_every_property_and_field_type_straight_and_through_the_sp
     let (app, handle) = crate::host::start_ready(cfg).await.unwrap();
     let sent = everything();
 
-    broker
-        .publish_with_properties("", &input, &body(), sent.clone())
-        .await
-        .unwrap();
-    let got = broker
-        .collect(&output, 1, Duration::from_secs(30))
-        .await
-        .unwrap();
-    assert_eq!(got.len(), 1);
-    assert_same(&got[0], &sent, false);
+    publish_everything(&broker, &input).await;
+    assert_same(&the_one(&broker, &output).await, &sent, false);
 
     // Through the spool: with the drainer paused and an entry ahead of it,
     // the output is appended; then the link is cut, and the output drains
@@ -183,10 +194,7 @@ async fn echo_forwards_every_property_and_field_type_straight_and_through_the_sp
     handle.drainer.pause();
     let ahead = warren::message::OutboundMessage::new("", output.clone(), "ahead");
     handle.spool.append(ahead).await.unwrap();
-    broker
-        .publish_with_properties("", &input, &body(), sent.clone())
-        .await
-        .unwrap();
+    publish_everything(&broker, &input).await;
     warren_it::wait::until_true("output spooled", Duration::from_secs(30), || {
         let h = handle.clone();
         async move { h.spool.status().await.depth == 2 }
@@ -247,31 +255,17 @@ async fn retry_copies_and_dead_letters_keep_every_property_and_header() {
     .await
     .unwrap();
     let sent = everything();
-    broker
-        .publish_with_properties("", &retried_in, &body(), sent.clone())
-        .await
-        .unwrap();
-    broker
-        .publish_with_properties("", &dead_in, &body(), sent.clone())
-        .await
-        .unwrap();
+    publish_everything(&broker, &retried_in).await;
+    publish_everything(&broker, &dead_in).await;
 
-    let retried = broker
-        .collect(&retried_out, 1, Duration::from_secs(30))
-        .await
-        .unwrap();
-    assert_eq!(retried.len(), 1);
-    assert_same(&retried[0], &sent, false);
-    assert_eq!(retried[0].header_i64("x-warren-attempt"), Some(2));
+    let retried = the_one(&broker, &retried_out).await;
+    assert_same(&retried, &sent, false);
+    assert_eq!(retried.header_i64("x-warren-attempt"), Some(2));
 
-    let dead = broker
-        .collect(&dlq, 1, Duration::from_secs(30))
-        .await
-        .unwrap();
-    assert_eq!(dead.len(), 1);
-    assert_same(&dead[0], &sent, true);
+    let dead = the_one(&broker, &dlq).await;
+    assert_same(&dead, &sent, true);
     assert_eq!(
-        dead[0].header_str("x-warren-outcome").as_deref(),
+        dead.header_str("x-warren-outcome").as_deref(),
         Some("retries-exhausted")
     );
 

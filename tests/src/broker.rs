@@ -174,7 +174,19 @@ impl Broker {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<()> {
-        let confirm = self
+        let confirm = self.send(exchange, routing_key, body, properties).await?;
+        Self::await_confirms(&mut vec![confirm]).await
+    }
+
+    /// A mandatory publish on the confirm channel; resolves once sent.
+    async fn send(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<lapin::PublisherConfirm> {
+        Ok(self
             .ch
             .basic_publish(
                 exchange.into(),
@@ -186,8 +198,7 @@ impl Broker {
                 body,
                 properties,
             )
-            .await?;
-        Self::await_confirms(&mut vec![confirm]).await
+            .await?)
     }
 
     /// Publish persistent messages with confirms, pipelined; fails unless
@@ -224,17 +235,7 @@ impl Broker {
         let mut pending = Vec::new();
         for body in bodies {
             let confirm = self
-                .ch
-                .basic_publish(
-                    exchange.into(),
-                    routing_key.into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..Default::default()
-                    },
-                    body.as_ref(),
-                    props.clone(),
-                )
+                .send(exchange, routing_key, body.as_ref(), props.clone())
                 .await?;
             pending.push(confirm);
             if pending.len() >= 1000 {

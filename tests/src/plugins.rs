@@ -44,16 +44,22 @@ pub fn build_all() -> Result<PathBuf> {
         .map_err(|e| anyhow::anyhow!(e))
 }
 
-fn build() -> Result<PathBuf> {
-    let target_dir = plugins_target_dir();
+/// `cargo` in `plugins/`, without the settings of the cargo running the
+/// tests (they must not leak into the plugins' build).
+fn plugins_cargo() -> Command {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let out = Command::new(cargo)
-        .current_dir(repo_root().join("plugins"))
-        // The outer cargo's settings must not leak into the wasm build.
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(repo_root().join("plugins"))
         .env_remove("CARGO_TARGET_DIR")
         .env_remove("CARGO_BUILD_TARGET")
         .env_remove("RUSTFLAGS")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS");
+    cmd
+}
+
+fn build() -> Result<PathBuf> {
+    let target_dir = plugins_target_dir();
+    let out = plugins_cargo()
         .args(["build", "--release", "--quiet", "--target-dir"])
         .arg(&target_dir)
         .output()
@@ -84,7 +90,6 @@ pub fn wasm(name: &str) -> Result<PathBuf> {
 /// wit-bindgen stubs the host imports, into a target dir of their own;
 /// returns their output, or fails with it.
 pub fn sdk_tests() -> Result<String> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
     let version = Command::new(rustc)
         .arg("-vV")
@@ -95,12 +100,7 @@ pub fn sdk_tests() -> Result<String> {
         .find_map(|l| l.strip_prefix("host: ").map(str::to_owned))
         .context("rustc -vV names no host")?;
     let target_dir = plugins_target_dir().with_file_name("sdk-native");
-    let out = Command::new(cargo)
-        .current_dir(repo_root().join("plugins"))
-        .env_remove("CARGO_TARGET_DIR")
-        .env_remove("CARGO_BUILD_TARGET")
-        .env_remove("RUSTFLAGS")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+    let out = plugins_cargo()
         .args([
             "test",
             "-p",

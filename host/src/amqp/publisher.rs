@@ -127,6 +127,9 @@ pub(crate) struct PublisherLink {
     pub(crate) channel: Channel,
     /// The session's connection, for the side channel of exchange checks.
     pub(crate) conn: Arc<Connection>,
+    /// Set by [`Publisher::retire_channel`]: the keeper closes this channel
+    /// and opens another.
+    retire: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Publish channels opened so far, for [`PublisherLink::epoch`].
@@ -177,6 +180,19 @@ impl Publisher {
                 .borrow()
                 .as_ref()
                 .is_some_and(|l| l.channel.status().connected())
+    }
+
+    /// Replace the publish channel `epoch` (as [`Publisher::send_unbounded`]
+    /// pinned it) with a new one, if it is still the current one: its
+    /// publishes made no progress for a long time on a connection that is
+    /// alive, so the channel is suspect (e.g. a confirm it will never
+    /// deliver). Publishes in flight on it fail and are sent again.
+    pub fn retire_channel(&self, epoch: u64) {
+        if let Some(l) = self.link.borrow().as_ref()
+            && l.epoch == epoch
+        {
+            l.retire.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// Whether the broker is blocking publishes (`connection.blocked`).
@@ -432,11 +448,13 @@ pub(crate) async fn keep_channel(
             channel = channel.id(),
             "Publish channel open in confirm mode."
         );
+        let retire = Arc::new(std::sync::atomic::AtomicBool::new(false));
         link.send_replace(Some(PublisherLink {
             generation,
             epoch: CHANNEL_EPOCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             channel: channel.clone(),
             conn: conn.clone(),
+            retire: retire.clone(),
         }));
         let mut poll = tokio::time::interval(Duration::from_millis(50));
         loop {
@@ -448,6 +466,12 @@ pub(crate) async fn keep_channel(
                     return;
                 }
                 _ = poll.tick() => {
+                    if retire.load(std::sync::atomic::Ordering::Relaxed) {
+                        warn!(generation, channel = channel.id(), "No confirm for a long time on a live connection; replacing the publish channel.");
+                        link.send_replace(None);
+                        let _ = tokio::time::timeout(Duration::from_secs(1), channel.close(200, "replaced: no confirms".into())).await;
+                        break;
+                    }
                     if !channel.status().connected() {
                         break;
                     }

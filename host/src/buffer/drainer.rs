@@ -154,6 +154,12 @@ pub trait DrainPublisher: Send + Sync + 'static {
     /// on. A pipelined publisher keeps one pass on one channel (see
     /// `Publisher::send_unbounded`).
     fn begin_pass(&self) {}
+
+    /// The publishes in flight made no progress for the stall timeout while
+    /// the broker did not say it was blocking them: whatever carries them
+    /// is suspect. A pipelined publisher replaces its channel (a channel
+    /// that lost track of a confirm would stall every pass after this one).
+    fn stalled(&self) {}
 }
 
 /// Adapts an async closure `Fn(OutboundMessage) -> Future<Output =
@@ -709,6 +715,7 @@ impl<P: DrainPublisher> Drainer<P> {
                         continue;
                     }
                     let abandoned = pass.inflight.len();
+                    self.publisher.stalled();
                     let stop = Stop::Publish(format!("no confirm for {stall:?} with {abandoned} publishes in flight"));
                     return self.finish(stop, pass, Settle::Abandon(abandoned)).await;
                 }
@@ -725,7 +732,10 @@ impl<P: DrainPublisher> Drainer<P> {
             match tokio::time::timeout(stall, &mut send).await {
                 Ok(sent) => return sent.map_err(|e| e.to_string()),
                 Err(_) if self.publisher.is_blocked() => {}
-                Err(_) => return Err(format!("a send made no progress for {stall:?}")),
+                Err(_) => {
+                    self.publisher.stalled();
+                    return Err(format!("a send made no progress for {stall:?}"));
+                }
             }
         }
     }
@@ -748,7 +758,10 @@ impl<P: DrainPublisher> Drainer<P> {
                         Ok(None) => break 0,
                         Ok(Some((entry, Ok(())))) => pass.confirmed.push(entry),
                         Ok(Some((_, Err(_)))) => break pass.inflight.len() + 1,
-                        Err(_) => break pass.inflight.len(),
+                        Err(_) => {
+                            self.publisher.stalled();
+                            break pass.inflight.len();
+                        }
                     }
                 }
             }

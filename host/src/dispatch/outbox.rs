@@ -239,6 +239,12 @@ impl DrainPublisher for OutboxDrain {
     fn begin_pass(&self) {
         *lock(&self.channel) = None;
     }
+
+    fn stalled(&self) {
+        if let Some(epoch) = *lock(&self.channel) {
+            self.outbox.publisher.retire_channel(epoch);
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
