@@ -3,7 +3,11 @@
 //! Modes, switched from the test at any time:
 //! - [`Mode::Pass`]: forward both ways.
 //! - [`Mode::Blackhole`]: keep every socket open and forward nothing (a
-//!   partition: only heartbeats or timeouts notice).
+//!   partition: only heartbeats or timeouts notice). A connection that lost
+//!   bytes this way is reset when forwarding resumes: TCP delivers every
+//!   byte or breaks the connection, it never resumes with a gap (a gap of
+//!   whole frames would leave both ends alive and out of step, e.g. the
+//!   client counting publishes the broker never saw).
 //! - [`Mode::Refuse`]: reset every live socket and reset new ones as soon
 //!   as they are accepted (a dead broker).
 //! - [`Mode::Throttle`]: forward both ways, but client-to-broker bytes at
@@ -222,6 +226,9 @@ async fn pipe(
     let mut pending: Vec<u8> = Vec::new();
     let mut client_open = true;
     let mut server_open = true;
+    // Bytes were read and dropped (blackhole): this connection must not
+    // forward again.
+    let mut lost = false;
     loop {
         let limit = read_limit(ctl.borrow().mode);
         let hold = ctl.borrow().mode == Mode::Hold;
@@ -229,7 +236,7 @@ async fn pipe(
             changed = ctl.changed() => {
                 if changed.is_err() { return; }
                 let now = *ctl.borrow_and_update();
-                if now.cuts != start.cuts || now.mode == Mode::Refuse {
+                if now.cuts != start.cuts || now.mode == Mode::Refuse || (lost && now.mode.forwards()) {
                     return; // both sockets reset on drop (linger 0)
                 }
             }
@@ -240,7 +247,8 @@ async fn pipe(
                 }
                 Ok(n) => {
                     let mode = ctl.borrow().mode;
-                    if mode.forwards() && sw.write_all(&cbuf[..n]).await.is_err() { return; }
+                    if !mode.forwards() { lost = true; continue; }
+                    if sw.write_all(&cbuf[..n]).await.is_err() { return; }
                     if let Mode::Throttle(rate) = mode {
                         tokio::time::sleep(Duration::from_secs_f64(n as f64 / f64::from(rate.max(1)))).await;
                     }
@@ -254,6 +262,7 @@ async fn pipe(
                 Ok(n) => {
                     if !ctl.borrow().mode.forwards() {
                         pending.clear();
+                        lost = true;
                         continue;
                     }
                     pending.extend_from_slice(&sbuf[..n]);
