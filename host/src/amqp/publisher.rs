@@ -76,14 +76,6 @@ impl PublishError {
         !matches!(self, PublishError::Refused(_))
     }
 
-    /// The permanent refusal, if this is one.
-    pub fn refusal(&self) -> Option<&Refusal> {
-        match self {
-            PublishError::Refused(r) => Some(r),
-            _ => None,
-        }
-    }
-
     /// Only the publish channel failed (another publish's refusal closed
     /// it): this message was not refused and may be sent again right away.
     pub fn is_channel_only(&self) -> bool {

@@ -95,11 +95,17 @@ pub struct Refusal {
 }
 
 impl Refusal {
-    fn of(msg: &OutboundMessage, kind: RefusalKind, reply_code: u16, reply_text: String) -> Self {
+    fn of(
+        exchange: &str,
+        routing_key: &str,
+        kind: RefusalKind,
+        reply_code: u16,
+        reply_text: String,
+    ) -> Self {
         Refusal {
             kind,
-            exchange: msg.exchange.clone(),
-            routing_key: msg.routing_key.clone(),
+            exchange: exchange.to_owned(),
+            routing_key: routing_key.to_owned(),
             reply_code,
             reply_text,
         }
@@ -130,13 +136,13 @@ impl Subject {
     }
 
     fn refusal(&self, kind: RefusalKind, reply_code: u16, reply_text: String) -> Refusal {
-        Refusal {
+        Refusal::of(
+            &self.exchange,
+            &self.routing_key,
             kind,
-            exchange: self.exchange.clone(),
-            routing_key: self.routing_key.clone(),
             reply_code,
             reply_text,
-        }
+        )
     }
 
     /// A 312 NO_ROUTE `basic.return` of this message.
@@ -266,7 +272,13 @@ impl Screen {
                 None
             }
             Err(Some(text)) => {
-                let r = Refusal::of(msg, RefusalKind::NotFound, 404, text);
+                let r = Refusal::of(
+                    &msg.exchange,
+                    &msg.routing_key,
+                    RefusalKind::NotFound,
+                    404,
+                    text,
+                );
                 self.remember(generation, &r);
                 Some(r)
             }
@@ -285,7 +297,13 @@ impl Screen {
                 "{text} (learned from an earlier refusal; this message is {} bytes)",
                 msg.body.len()
             );
-            return Known::Refused(Refusal::of(msg, RefusalKind::TooLarge, 406, text));
+            return Known::Refused(Refusal::of(
+                &msg.exchange,
+                &msg.routing_key,
+                RefusalKind::TooLarge,
+                406,
+                text,
+            ));
         }
         if msg.exchange.is_empty() {
             return Known::Fine;
