@@ -130,6 +130,24 @@ impl AppHandle {
                 stalled.as_secs()
             ));
         }
+        for (queue, diffs) in &amqp.queue_differences {
+            let each: Vec<String> = diffs
+                .iter()
+                .map(|d| {
+                    format!(
+                        "{} is {} where Warren declares {} ({})",
+                        d.argument,
+                        d.existing,
+                        d.declared,
+                        d.remedy()
+                    )
+                })
+                .collect();
+            out.push(format!(
+                "queue {queue:?} exists with other settings and is consumed as it is: {}",
+                each.join("; ")
+            ));
+        }
         if !self.spool.is_highly_available() {
             out.push("the spool is a single Redis, not highly available".into());
         }
@@ -176,7 +194,13 @@ fn host_name() -> String {
 /// The AMQP supervisor's settings from `[amqp]`.
 pub fn amqp_config(config: &Config) -> AmqpConfig {
     let a = &config.amqp;
-    let mut c = AmqpConfig::new(a.url.clone(), "main");
+    let mut urls = a.urls.clone();
+    if urls.is_empty() {
+        urls.push(a.url.clone());
+    }
+    let mut c = AmqpConfig::new(urls.remove(0), "main");
+    c.more_urls = urls;
+    c.refused_retry = Duration::from_millis(a.refused_retry_ms);
     c.heartbeat = Duration::from_secs(a.heartbeat_secs.into());
     c.connect_timeout = Duration::from_millis(a.connect_timeout_ms);
     c.confirm_timeout = Duration::from_millis(a.confirm_timeout_ms);

@@ -44,6 +44,10 @@ pub struct Config {
 pub struct AmqpSection {
     /// `amqp://` or `amqps://` URL; the password is redacted in logs.
     pub url: String,
+    /// The nodes of a cluster, each an `amqp://` or `amqps://` URL; when
+    /// set it replaces `url`. Each (re)connect tries them in a shuffled
+    /// order.
+    pub urls: Vec<String>,
     /// Requested heartbeat, seconds.
     pub heartbeat_secs: u16,
     /// Limit on one connection attempt, ms.
@@ -54,6 +58,11 @@ pub struct AmqpSection {
     pub backoff_initial_ms: u64,
     /// Largest reconnect delay, ms.
     pub backoff_max_ms: u64,
+    /// Largest delay after a connect that every endpoint refused outright
+    /// (nothing listening: a broker restarting), ms. Refused connects cost
+    /// the broker nothing, so they are retried this often and a broker
+    /// that comes back is used within about this long.
+    pub refused_retry_ms: u64,
     /// How often consumers compare broker-side consumer counts, ms.
     pub consumer_check_ms: u64,
 }
@@ -62,11 +71,13 @@ impl Default for AmqpSection {
     fn default() -> Self {
         Self {
             url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            urls: Vec::new(),
             heartbeat_secs: 10,
             connect_timeout_ms: 5_000,
             confirm_timeout_ms: 5_000,
             backoff_initial_ms: 100,
-            backoff_max_ms: 5_000,
+            backoff_max_ms: 2_000,
+            refused_retry_ms: 250,
             consumer_check_ms: 5_000,
         }
     }
@@ -236,6 +247,18 @@ pub struct DispatchSection {
     pub dead_letter_exchange: String,
     /// Dead-letter queue bound to it.
     pub dead_letter_queue: String,
+    /// `x-delivery-limit` of the quorum queues Warren declares: a message
+    /// returned to its queue this many times (a channel closed while it was
+    /// unacknowledged, a consumer timeout, a host killed mid-delivery) is
+    /// dead-lettered by the broker into `dead-letter-queue`. RabbitMQ 4
+    /// applies 20 when a queue sets none, and drops such a message when
+    /// the queue has no dead-letter exchange; Warren sets both.
+    pub delivery_limit: u32,
+    /// The broker's consumer timeout, ms (RabbitMQ's `consumer_timeout`,
+    /// 30 min unless the broker or a queue's `x-consumer-timeout` says
+    /// otherwise). A route whose plugin deadline is longer is warned about
+    /// at start: the broker would take each such delivery back mid-handle.
+    pub broker_consumer_timeout_ms: u64,
 }
 
 impl Default for DispatchSection {
@@ -247,6 +270,8 @@ impl Default for DispatchSection {
             retry_exchange: "warren.retry".into(),
             dead_letter_exchange: "warren.dlx".into(),
             dead_letter_queue: "warren.dlq".into(),
+            delivery_limit: 20,
+            broker_consumer_timeout_ms: 1_800_000,
         }
     }
 }
@@ -457,12 +482,18 @@ impl Config {
     /// Semantic problems (values of the right type but wrong).
     fn problems(&self) -> Vec<String> {
         let mut out = Vec::new();
-        let url = &self.amqp.url;
-        if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
-            out.push(format!(
-                "amqp.url {:?} must start with amqp:// or amqps://",
-                redact_url(url)
-            ));
+        for (key, url) in std::iter::once(("amqp.url", &self.amqp.url))
+            .chain(self.amqp.urls.iter().map(|u| ("amqp.urls", u)))
+        {
+            if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+                out.push(format!(
+                    "{key} {:?} must start with amqp:// or amqps://",
+                    redact_url(url)
+                ));
+            }
+        }
+        if self.amqp.refused_retry_ms == 0 {
+            out.push("amqp.refused-retry-ms must be at least 1".into());
         }
         if self.amqp.heartbeat_secs == 0 {
             out.push("amqp.heartbeat-secs must be at least 1".into());
@@ -524,6 +555,9 @@ impl Config {
         }
         if self.dispatch.max_attempts == 0 {
             out.push("dispatch.max-attempts must be at least 1".into());
+        }
+        if self.dispatch.delivery_limit == 0 {
+            out.push("dispatch.delivery-limit must be at least 1".into());
         }
         if self.dispatch.retry_delay_ms > self.dispatch.retry_delay_max_ms {
             out.push("dispatch.retry-delay-ms exceeds retry-delay-max-ms".into());
@@ -614,7 +648,8 @@ fn value<T: DeserializeOwned>(v: toml::Value, what: &str, problems: &mut Vec<Str
 
 /// Apply `WARREN_<SECTION>_<KEY>=value` pairs. A value is parsed as a TOML
 /// value when it is one (number, boolean, array), else taken as a string;
-/// `WARREN_SPOOL_SENTINELS` also accepts a comma-separated list.
+/// `WARREN_SPOOL_SENTINELS` and `WARREN_AMQP_URLS` also accept a
+/// comma-separated list.
 fn apply_env(
     root: &mut toml::Table,
     env: impl IntoIterator<Item = (String, String)>,
@@ -650,7 +685,7 @@ fn apply_env(
 }
 
 fn parse_env_value(key: &str, raw: &str) -> toml::Value {
-    if key == "sentinels" && !raw.trim_start().starts_with('[') {
+    if (key == "sentinels" || key == "urls") && !raw.trim_start().starts_with('[') {
         return toml::Value::Array(
             raw.split(',')
                 .map(str::trim)

@@ -15,6 +15,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+use warren_it::rabbit::Shared;
 
 use warren::app::{App, AppHandle};
 use warren::config::Config;
@@ -127,8 +128,8 @@ async fn spool_some(proxy: &Proxy, handle: &AppHandle, sink: &str, round: u32) -
     bodies
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn gauntlet_loses_nothing() {
+each_version!(gauntlet_loses_nothing);
+async fn gauntlet_loses_nothing(target: Shared) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -138,7 +139,10 @@ async fn gauntlet_loses_nothing() {
         .try_init();
     let n = messages();
     let started = Instant::now();
-    let (rabbit, redis) = tokio::join!(RabbitNode::start(), Topology::start());
+    let (rabbit, redis) = tokio::join!(
+        RabbitNode::start_version(target.version, ""),
+        Topology::start()
+    );
     let (mut rabbit, redis) = (rabbit.unwrap(), redis.unwrap());
     let proxy = Proxy::start(rabbit.addr()).await.unwrap();
 

@@ -2,9 +2,9 @@
 //! moves them to the broker, in order, once it is back.
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
+use warren_it::rabbit::Shared;
 
 use warren::config::Config;
 use warren_it::broker::{Broker, unique};
@@ -14,15 +14,22 @@ use warren_it::wait;
 
 /// Tracing, the shared broker, and a fault proxy in front of it.
 pub(crate) async fn shared_broker_behind_proxy() -> (Broker, Proxy) {
+    let target = warren_it::rabbit::shared(warren_it::rabbit::Version::V3_10)
+        .await
+        .unwrap();
+    broker_behind_proxy(&target).await
+}
+
+/// The shared broker of `target`'s version, and a fault proxy in front of it.
+pub(crate) async fn broker_behind_proxy(target: &Shared) -> (Broker, Proxy) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .with_test_writer()
         .try_init();
-    let broker = Broker::shared().await.unwrap();
-    let upstream: SocketAddr = "127.0.0.1:5672".parse().unwrap();
-    (broker, Proxy::start(upstream).await.unwrap())
+    let broker = Broker::connect(&target.url).await.unwrap();
+    (broker, Proxy::start(target.addr).await.unwrap())
 }
 
 /// Warren connecting to `url` (through a proxy) with the plugins in `dir`,
@@ -57,9 +64,9 @@ pub(crate) fn config(url: &str, (amqp, spool): (&str, &str), dir: &Path, rest: &
     Config::parse(&text, Vec::new()).unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn broker_outage_under_load_spools_outputs_and_drains_them_in_order() {
-    let (broker, proxy) = shared_broker_behind_proxy().await;
+each_version!(broker_outage_under_load_spools_outputs_and_drains_them_in_order);
+async fn broker_outage_under_load_spools_outputs_and_drains_them_in_order(target: Shared) {
+    let (broker, proxy) = broker_behind_proxy(&target).await;
     let (echo_in, echo_out) = (unique("outage-in"), unique("outage-out"));
     broker.declare_queue(&echo_out).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -155,14 +162,14 @@ async fn broker_outage_under_load_spools_outputs_and_drains_them_in_order() {
     );
 }
 
+each_version!(a_slow_broker_drains_the_spool_without_republishing);
 /// A slow broker is not a failed one. Through a throttled link a full drain
 /// window takes several stall timeouts to confirm; the drainer must keep
 /// waiting while confirms keep arriving, not give up on the tail of the
 /// window and republish it (in CI that livelocked: ~1,000 duplicates per
 /// pass, a few entries of progress, the backlog never drained).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slow_broker_drains_the_spool_without_republishing() {
-    let (broker, proxy) = shared_broker_behind_proxy().await;
+async fn a_slow_broker_drains_the_spool_without_republishing(target: Shared) {
+    let (broker, proxy) = broker_behind_proxy(&target).await;
     let sink = unique("slow-sink");
     broker.declare_queue(&sink).await.unwrap();
     let dir = crate::host::plugins_dir(&[("echo", "echo")]).unwrap();
@@ -190,15 +197,15 @@ async fn a_slow_broker_drains_the_spool_without_republishing() {
     app.shutdown().await;
 }
 
+each_version!(a_pausing_broker_is_waited_for_without_republishing);
 /// A broker that pauses for longer than the confirm timeout, again and
 /// again, while the spool drains (its disk stalls an fsync, a GC, a starved
 /// CPU): nothing is lost on the link, every confirm comes, late. With the
 /// default stall timeout the drainer waits each pause out: no failed pass,
 /// nothing published twice. (A stall timeout at the confirm timeout made a
 /// pass fail at each pause and republish the window in flight.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pausing_broker_is_waited_for_without_republishing() {
-    let (broker, proxy) = shared_broker_behind_proxy().await;
+async fn a_pausing_broker_is_waited_for_without_republishing(target: Shared) {
+    let (broker, proxy) = broker_behind_proxy(&target).await;
     let sink = unique("pausing-sink");
     broker.declare_queue(&sink).await.unwrap();
     let dir = crate::host::plugins_dir(&[("echo", "echo")]).unwrap();

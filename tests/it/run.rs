@@ -4,6 +4,7 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
+use warren_it::rabbit::Shared;
 
 use crate::host::plugins_dir;
 use warren::app::{App, AppHandle};
@@ -12,7 +13,7 @@ use warren_it::broker::{Broker, Got, unique};
 
 /// Test-friendly settings: unique retry/dead-letter names and spool
 /// stream, short delays. `extra` is appended TOML.
-fn config(dir: &Path, dlq: &str, extra: &str) -> Config {
+fn config(target: &Shared, dir: &Path, dlq: &str, extra: &str) -> Config {
     let text = format!(
         r#"
         [plugins]
@@ -20,6 +21,7 @@ fn config(dir: &Path, dlq: &str, extra: &str) -> Config {
         [spool]
         stream-key = "{stream}"
         [amqp]
+        url = "{url}"
         heartbeat-secs = 2
         backoff-max-ms = 1000
         [dispatch]
@@ -36,6 +38,7 @@ fn config(dir: &Path, dlq: &str, extra: &str) -> Config {
         {extra}
         "#,
         dir = dir.display(),
+        url = target.url,
         stream = unique("spool"),
         retry = unique("retry"),
         dlx = unique("dlx"),
@@ -53,9 +56,9 @@ fn ids(got: &[Got]) -> BTreeSet<String> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ten_thousand_messages_through_router_and_echo() {
-    let broker = Broker::shared().await.unwrap();
+each_version!(ten_thousand_messages_through_router_and_echo);
+async fn ten_thousand_messages_through_router_and_echo(target: Shared) {
+    let broker = Broker::connect(&target.url).await.unwrap();
     let (echo_in, echo_out, router_in, routed) = (
         unique("echo-in"),
         unique("echo-out"),
@@ -74,6 +77,7 @@ async fn ten_thousand_messages_through_router_and_echo() {
     let dir = plugins_dir(&[("echo", "echo"), ("router", "router")]).unwrap();
     let dlq = unique("dlq");
     let cfg = config(
+        &target,
         dir.path(),
         &dlq,
         &format!(
@@ -132,9 +136,9 @@ fn uuid_region() -> String {
     unique("r").replace('.', "-")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn poison_messages_end_in_the_dead_letter_queue_and_the_rest_keeps_flowing() {
-    let broker = Broker::shared().await.unwrap();
+each_version!(poison_messages_end_in_the_dead_letter_queue_and_the_rest_keeps_flowing);
+async fn poison_messages_end_in_the_dead_letter_queue_and_the_rest_keeps_flowing(target: Shared) {
+    let broker = Broker::connect(&target.url).await.unwrap();
     let q = |p: &str| unique(p);
     let (panic_in, spin_in, flaky_in, echo_in, echo_out) = (
         q("panic"),
@@ -153,6 +157,7 @@ async fn poison_messages_end_in_the_dead_letter_queue_and_the_rest_keeps_flowing
     .unwrap();
     let dlq = unique("dlq");
     let cfg = config(
+        &target,
         dir.path(),
         &dlq,
         &format!(
@@ -250,15 +255,16 @@ async fn poison_messages_end_in_the_dead_letter_queue_and_the_rest_keeps_flowing
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_broken_plugin_file_is_reported_and_the_good_ones_run() {
-    let broker = Broker::shared().await.unwrap();
+each_version!(a_broken_plugin_file_is_reported_and_the_good_ones_run);
+async fn a_broken_plugin_file_is_reported_and_the_good_ones_run(target: Shared) {
+    let broker = Broker::connect(&target.url).await.unwrap();
     let (echo_in, echo_out) = (unique("echo-in"), unique("echo-out"));
     broker.declare_queue(&echo_out).await.unwrap();
     let dir = plugins_dir(&[("echo", "echo")]).unwrap();
     std::fs::write(dir.path().join("broken.wasm"), b"\0asm\x0d\0\x01\0garbage").unwrap();
     let dlq = unique("dlq");
     let cfg = config(
+        &target,
         dir.path(),
         &dlq,
         &format!(

@@ -97,6 +97,11 @@ impl Broker {
     }
 
     pub async fn declare_queue(&self, name: &str) -> Result<()> {
+        self.declare_queue_with(name, FieldTable::default()).await
+    }
+
+    /// A durable queue with `arguments` (`x-queue-type`, `x-max-length`, ...).
+    pub async fn declare_queue_with(&self, name: &str, arguments: FieldTable) -> Result<()> {
         self.ch
             .queue_declare(
                 name.into(),
@@ -104,7 +109,7 @@ impl Broker {
                     durable: true,
                     ..Default::default()
                 },
-                FieldTable::default(),
+                arguments,
             )
             .await?;
         Ok(())

@@ -32,6 +32,14 @@ pub(crate) struct Connection {
     pub connect_attempts: u64,
     pub last_failure: Option<FailureView>,
     pub declaration_errors: Vec<String>,
+    /// The broker's product and version, from the connection's server
+    /// properties (the current or last session).
+    pub server: Option<crate::amqp::ServerInfo>,
+    /// The endpoint (redacted URL) of the current or last session.
+    pub endpoint: Option<String>,
+    /// Queues consumed as they exist although their settings differ from
+    /// Warren's declaration, with each difference.
+    pub queue_differences: std::collections::BTreeMap<String, Vec<crate::amqp::ArgumentDiff>>,
 }
 
 #[derive(Serialize)]
@@ -70,6 +78,11 @@ pub(crate) struct Consumer {
     pub zombies: u64,
     /// Periodic checks that got no answer in time.
     pub check_timeouts: u64,
+    /// Times the broker's consumer timeout ended the consumer.
+    pub consumer_timeouts: u64,
+    /// Why the consumer was last lost on a live connection
+    /// (`consumer_timeout`, or `other` with the reason).
+    pub last_loss: Option<FailureView>,
     pub last_error: Option<String>,
     pub last_error_class: Option<&'static str>,
 }
@@ -128,6 +141,8 @@ impl Status {
                 reestablished: c.reestablished,
                 zombies: c.zombies,
                 check_timeouts: c.check_timeouts,
+                consumer_timeouts: c.consumer_timeouts,
+                last_loss: c.last_loss.as_ref().map(FailureView::from),
                 last_error: c.last_error,
                 last_error_class: c.last_error_class.map(|c| c.as_str()),
                 queue: c.queue,
@@ -151,6 +166,9 @@ impl Status {
                     })
                     .map(FailureView::from),
                 declaration_errors: amqp.declaration_errors,
+                server: amqp.server,
+                endpoint: amqp.endpoint,
+                queue_differences: amqp.queue_differences,
             },
             consumers,
             spool: Spool {

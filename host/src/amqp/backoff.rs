@@ -66,6 +66,13 @@ impl Backoff {
         jitter(Duration::ZERO, ceiling)
     }
 
+    /// [`Backoff::next_delay`] with the ceiling lowered to `cap`.
+    pub fn next_delay_within(&mut self, cap: Duration) -> Duration {
+        let ceiling = self.ceiling().min(cap);
+        self.attempt = self.attempt.saturating_add(1);
+        jitter(Duration::ZERO, ceiling)
+    }
+
     /// The next delay for a failure that fast retries cannot fix: uniformly
     /// in `max/2..=max`.
     pub fn slow_delay(&mut self) -> Duration {

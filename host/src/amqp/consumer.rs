@@ -121,6 +121,11 @@ pub struct SubscriptionStatus {
     pub last_error_class: Option<FailureClass>,
     /// Acks for deliveries of an older channel or session (no-ops).
     pub stale_acks: u64,
+    /// Times the broker's consumer timeout ended the consumer.
+    pub consumer_timeouts: u64,
+    /// Why the consumer was last lost on a live connection (kept after it
+    /// is re-established).
+    pub last_loss: Option<Failure>,
 }
 
 impl SubscriptionStatus {
@@ -140,6 +145,8 @@ impl SubscriptionStatus {
             last_error: None,
             last_error_class: None,
             stale_acks: 0,
+            consumer_timeouts: 0,
+            last_loss: None,
         }
     }
 }
@@ -274,6 +281,9 @@ enum End {
     Aborted,
     /// The consumer is gone but the connection may be fine.
     Lost(String),
+    /// The broker gave up waiting for an acknowledgement (its consumer
+    /// timeout) and closed the channel or cancelled the consumer.
+    TimedOut(String),
 }
 
 /// The consumer task; returns the queue name when it ends.
@@ -381,12 +391,34 @@ pub(crate) async fn run(ctx: ConsumerCtx) -> String {
                 break;
             }
             End::Aborted => break,
-            End::Lost(why) => {
+            End::Lost(ref why) | End::TimedOut(ref why) => {
                 if !ctx.conn.status().connected() {
                     // The supervisor learns of this from the connection.
                     break;
                 }
-                warn!(queue = %queue, generation = ctx.generation, reason = %why, "Consumer lost; re-establishing it on the live connection.");
+                if matches!(end, End::TimedOut(_)) {
+                    // Its deliveries are back in the queue; each return
+                    // counts toward the queue's delivery limit.
+                    error!(queue = %queue, generation = ctx.generation, reason = %why, "The broker's consumer timeout expired: a delivery was held unacknowledged too long. Re-establishing the consumer; raise the queue's consumer timeout above the longest hold.");
+                    metrics::consumer_timeout(&queue);
+                    ctx.shared.update_sub(&queue, |s| {
+                        s.consumer_timeouts += 1;
+                        s.last_loss = Some(Failure::new(
+                            FailureClass::ConsumerTimeout,
+                            why.clone(),
+                            Some(ctx.generation),
+                        ));
+                    });
+                } else {
+                    warn!(queue = %queue, generation = ctx.generation, reason = %why, "Consumer lost; re-establishing it on the live connection.");
+                    ctx.shared.update_sub(&queue, |s| {
+                        s.last_loss = Some(Failure::new(
+                            FailureClass::Other,
+                            why.clone(),
+                            Some(ctx.generation),
+                        ));
+                    });
+                }
                 ctx.shared.update_sub(&queue, |s| s.reestablished += 1);
                 if channel.status().connected() {
                     let _ = tokio::time::timeout(
@@ -431,15 +463,7 @@ async fn subscribe(
         .await
         .map_err(|e| lapin_err("channel.open", e))?;
     let needs = ctx.shared.topology.snapshot().for_queue(&config.queue);
-    let counts = if needs.queues.is_empty() {
-        topology::inspect_queue(&channel, &config.queue).await
-    } else {
-        match topology::declare(&channel, &needs).await {
-            Ok(()) => Ok((0, 0)),
-            Err(e) => Err(e),
-        }
-    };
-    if let Err(e) = counts {
+    if let Err(e) = declare_own(ctx, &channel, &config.queue, &needs).await {
         return Err((e, false));
     }
     channel
@@ -457,6 +481,46 @@ async fn subscribe(
         .await
         .map_err(|e| lapin_err("basic.consume", e))?;
     Ok((channel, consumer))
+}
+
+/// Why a consumer's stream ended without an error. RabbitMQ 4.3+ sends
+/// `basic.cancel` when a delivery outlives the consumer timeout (the channel
+/// stays open); up to 4.2 it closes the channel with a 406 whose text names
+/// the timeout. A cancel with deliveries still unacknowledged on an open
+/// channel is taken as a consumer timeout: a queue deleted under Warren
+/// also cancels, and is then found missing on re-subscribe.
+fn stream_ended(channel: &Channel, outstanding: usize) -> End {
+    if channel.status().connected() && outstanding > 0 {
+        return End::TimedOut(format!(
+            "the broker cancelled the consumer with {outstanding} deliveries unacknowledged (consumer timeout)"
+        ));
+    }
+    End::Lost("consumer stream ended (cancelled by the broker or channel closed)".to_owned())
+}
+
+/// Declare what the subscription's queue needs (or check it exists, when
+/// Warren does not declare it). A queue that exists with other settings is
+/// consumed as it is, its differences recorded for `/status`.
+async fn declare_own(
+    ctx: &ConsumerCtx,
+    channel: &Channel,
+    queue: &str,
+    needs: &topology::Topology,
+) -> Result<(), AmqpError> {
+    let Some(spec) = needs.queues.get(queue) else {
+        return topology::inspect_queue(channel, queue).await.map(|_| ());
+    };
+    for e in needs.exchanges.values() {
+        topology::declare_exchange(channel, e).await?;
+    }
+    let diffs =
+        topology::declare_or_adopt_queue(|| super::supervisor::open_channel(&ctx.conn), spec)
+            .await?;
+    ctx.shared.record_differences(queue, diffs);
+    for b in &needs.bindings {
+        topology::declare_binding(channel, b).await?;
+    }
+    Ok(())
 }
 
 /// How long a broker-side consumer check may take.
@@ -592,11 +656,13 @@ async fn pump(
                     let d = match item {
                         Some(Ok(d)) => d,
                         Some(Err(e)) => {
-                            end = Some(End::Lost(format!("consumer error ({}): {e}", classify(&e))));
+                            let class = classify(&e);
+                            let why = format!("consumer error ({class}): {e}");
+                            end = Some(if class == FailureClass::ConsumerTimeout { End::TimedOut(why) } else { End::Lost(why) });
                             break;
                         }
                         None => {
-                            end = Some(End::Lost("consumer stream ended (cancelled by the broker or channel closed)".to_owned()));
+                            end = Some(stream_ended(channel, book.outstanding()));
                             break;
                         }
                     };

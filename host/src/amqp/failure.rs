@@ -34,6 +34,11 @@ pub enum FailureClass {
     PreconditionFailed,
     /// The broker is shutting down (320 with a shutdown reason).
     BrokerShutdown,
+    /// The broker gave up waiting for an acknowledgement: a delivery was
+    /// held unacknowledged past its `consumer_timeout` (RabbitMQ closes the
+    /// channel with 406 "delivery acknowledgement … timed out" up to 4.2,
+    /// and cancels the consumer from 4.3). Its deliveries are requeued.
+    ConsumerTimeout,
     /// TLS handshake or certificate failure.
     Tls,
     /// Anything else.
@@ -52,6 +57,7 @@ impl FailureClass {
             FailureClass::NotFound => "not_found",
             FailureClass::PreconditionFailed => "precondition_failed",
             FailureClass::BrokerShutdown => "broker_shutdown",
+            FailureClass::ConsumerTimeout => "consumer_timeout",
             FailureClass::Tls => "tls",
             FailureClass::Other => "other",
         }
@@ -134,9 +140,19 @@ pub fn classify_amqp(kind: &AMQPErrorKind, text: &str) -> FailureClass {
         AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED) => FailureClass::NotAllowed,
         AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) => FailureClass::AccessRefused,
         AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) => FailureClass::NotFound,
+        AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED) if is_consumer_timeout(text) => {
+            FailureClass::ConsumerTimeout
+        }
         AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED) => FailureClass::PreconditionFailed,
         _ => FailureClass::Other,
     }
+}
+
+/// RabbitMQ's text when a delivery outlived `consumer_timeout`
+/// (`PRECONDITION_FAILED - delivery acknowledgement on channel 1 timed out.
+/// Timeout value used: 1800000 ms. …`).
+pub fn is_consumer_timeout(text: &str) -> bool {
+    text.contains("delivery acknowledgement") && text.contains("timed out")
 }
 
 fn classify_io(e: &io::Error) -> FailureClass {
@@ -331,6 +347,19 @@ mod tests {
         assert_eq!(classify(&hb), FailureClass::HeartbeatTimeout);
         let tls = lapin::Error::from(io::Error::other("invalid peer certificate: UnknownIssuer"));
         assert_eq!(classify(&tls), FailureClass::Tls);
+    }
+
+    #[test]
+    fn a_consumer_timeout_is_its_own_class() {
+        let text = "PRECONDITION_FAILED - delivery acknowledgement on channel 1 timed out. Timeout value used: 3000 ms. This timeout value can be configured, see consumers doc guide to learn more";
+        assert_eq!(
+            classify_amqp(
+                &AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED),
+                text
+            ),
+            FailureClass::ConsumerTimeout
+        );
+        assert!(!FailureClass::ConsumerTimeout.is_slow_retry());
     }
 
     #[test]

@@ -13,6 +13,8 @@ pub const CONSUMER_REESTABLISHED: &str = "warren_amqp_consumer_reestablished_tot
 pub const ZOMBIE_CONSUMERS: &str = "warren_amqp_zombie_consumers_total";
 /// Acks for deliveries of an older channel or generation (no-ops), by queue.
 pub const STALE_ACKS: &str = "warren_amqp_stale_acks_total";
+/// Consumers ended by the broker's consumer timeout, by queue.
+pub const CONSUMER_TIMEOUTS: &str = "warren_amqp_consumer_timeouts_total";
 /// Publishes by outcome.
 pub const PUBLISHES: &str = "warren_amqp_publishes_total";
 /// 1 while the connection is running, 0 otherwise.
@@ -32,6 +34,10 @@ pub(crate) fn consumer_reestablished(queue: &str) {
 
 pub(crate) fn zombie(queue: &str) {
     metrics::counter!(ZOMBIE_CONSUMERS, "queue" => queue.to_owned()).increment(1);
+}
+
+pub(crate) fn consumer_timeout(queue: &str) {
+    metrics::counter!(CONSUMER_TIMEOUTS, "queue" => queue.to_owned()).increment(1);
 }
 
 pub(crate) fn stale_ack(queue: &str) {

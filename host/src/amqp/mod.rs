@@ -26,6 +26,7 @@ pub mod failure;
 pub mod metrics;
 pub mod publisher;
 pub mod refusal;
+pub mod server;
 pub mod supervisor;
 pub mod topology;
 
@@ -37,9 +38,11 @@ pub use convert::{from_basic_properties, to_basic_properties};
 pub use failure::{AmqpError, Failure, FailureClass};
 pub use publisher::{PublishError, Publisher};
 pub use refusal::{Refusal, RefusalKind};
+pub use server::ServerInfo;
 pub use supervisor::{
     Amqp, AmqpConfig, AmqpHandle, AmqpStatus, ConnectionState, Subscription, redact,
 };
 pub use topology::{
-    BindingSpec, ExchangeSpec, ExchangeType, QueueSpec, QueueType, Topology, TopologyRegistry,
+    ArgumentDiff, BindingSpec, ExchangeSpec, ExchangeType, QueueSpec, QueueType, Topology,
+    TopologyRegistry,
 };

@@ -30,13 +30,17 @@ use super::consumer::{self, ConsumerCtx, Delivery, SubscriptionConfig, Subscript
 use super::failure::{AmqpError, Failure, FailureClass, classify, is_connection_level};
 use super::metrics;
 use super::publisher::{self, Publisher, PublisherLink};
-use super::topology::{self, Topology, TopologyRegistry};
+use super::server::{self, ServerInfo};
+use super::topology::{self, ArgumentDiff, Topology, TopologyRegistry};
 
 /// Settings of one supervised connection. Plain data.
 #[derive(Clone)]
 pub struct AmqpConfig {
     /// `amqp://user:password@host:port/vhost` or `amqps://…`.
     pub url: String,
+    /// Other nodes of the same cluster (same forms). Each connect tries
+    /// `url` and these in a shuffled order.
+    pub more_urls: Vec<String>,
     /// The role in the connection name `warren@<host>/<role>`.
     pub role: String,
     /// The host part of the connection name; the machine's host name when
@@ -48,6 +52,12 @@ pub struct AmqpConfig {
     pub connect_timeout: Duration,
     /// Reconnect backoff.
     pub backoff: BackoffConfig,
+    /// The longest wait after a connect that every endpoint refused at once
+    /// (nothing listens: a broker restarting). Such an attempt costs the
+    /// broker nothing, so it is retried within this, jittered, instead of
+    /// the growing backoff: a broker that comes back is used again within
+    /// about this long.
+    pub refused_retry: Duration,
     /// A session that lived this long resets the backoff.
     pub healthy_after: Duration,
     /// How often the watchdog checks the connection status.
@@ -82,11 +92,13 @@ impl AmqpConfig {
     pub fn new(url: impl Into<String>, role: impl Into<String>) -> Self {
         Self {
             url: url.into(),
+            more_urls: Vec::new(),
             role: role.into(),
             host_name: None,
             heartbeat: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             backoff: BackoffConfig::default(),
+            refused_retry: Duration::from_millis(250),
             healthy_after: Duration::from_secs(30),
             watchdog_interval: Duration::from_secs(1),
             consumer_check_interval: Duration::from_secs(30),
@@ -191,6 +203,14 @@ pub struct AmqpStatus {
     pub declaration_errors: Vec<String>,
     /// When the current (or last) session's connection was established.
     pub session_started: Option<std::time::Instant>,
+    /// Queues that exist with other settings than Warren declares, each
+    /// used as it is, and what differs.
+    pub queue_differences: BTreeMap<String, Vec<ArgumentDiff>>,
+    /// The broker the current (or last) session talks to, from the
+    /// connection's server properties.
+    pub server: Option<ServerInfo>,
+    /// The endpoint (redacted URL) of the current (or last) session.
+    pub endpoint: Option<String>,
 }
 
 impl AmqpStatus {
@@ -279,10 +299,26 @@ impl Shared {
     }
 }
 
+/// Why a connect found no endpoint: the failure to report, and whether
+/// every endpoint refused the TCP connection outright.
+struct ConnectFailed {
+    failure: Failure,
+    all_refused: bool,
+}
+
+/// A connect that nothing listened for (RST to the SYN).
+fn is_refused(err: &lapin::Error) -> bool {
+    match err.kind() {
+        lapin::ErrorKind::IOError(e) => e.kind() == std::io::ErrorKind::ConnectionRefused,
+        _ => false,
+    }
+}
+
 /// The supervisor. Create with [`Amqp::new`], run with [`Amqp::run`].
 pub struct Amqp {
     config: AmqpConfig,
-    uri: AMQPUri,
+    /// Every endpoint, with its redacted form for logs and status.
+    endpoints: Vec<(AMQPUri, String)>,
     shared: Arc<Shared>,
     commands: mpsc::UnboundedReceiver<Command>,
     publisher_link: watch::Sender<Option<PublisherLink>>,
@@ -324,12 +360,18 @@ impl futures::Stream for Subscription {
 impl Amqp {
     /// Validate `config` and build the supervisor and its handle.
     pub fn new(config: AmqpConfig) -> Result<(Amqp, AmqpHandle), AmqpError> {
-        let mut uri = AMQPUri::from_str(&config.url)
-            .map_err(|e| AmqpError::InvalidUrl(format!("{}: {e}", redact(&config.url))))?;
         let hb = u16::try_from(config.heartbeat.as_secs().max(1)).unwrap_or(u16::MAX);
-        uri.query.heartbeat = Some(hb);
-        uri.query.connection_timeout =
-            Some(u64::try_from(config.connect_timeout.as_millis()).unwrap_or(u64::MAX));
+        let endpoints = std::iter::once(&config.url)
+            .chain(&config.more_urls)
+            .map(|url| {
+                let mut uri = AMQPUri::from_str(url)
+                    .map_err(|e| AmqpError::InvalidUrl(format!("{}: {e}", redact(url))))?;
+                uri.query.heartbeat = Some(hb);
+                uri.query.connection_timeout =
+                    Some(u64::try_from(config.connect_timeout.as_millis()).unwrap_or(u64::MAX));
+                Ok((uri, redact(url)))
+            })
+            .collect::<Result<Vec<_>, AmqpError>>()?;
         let (status, _) = watch::channel(AmqpStatus {
             state: ConnectionState::Connecting { attempt: 0 },
             generation: 0,
@@ -337,6 +379,9 @@ impl Amqp {
             connect_attempts: 0,
             declaration_errors: Vec::new(),
             session_started: None,
+            queue_differences: BTreeMap::new(),
+            server: None,
+            endpoint: None,
         });
         let (commands_tx, commands) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
@@ -355,7 +400,7 @@ impl Amqp {
         Ok((
             Amqp {
                 config,
-                uri,
+                endpoints,
                 shared,
                 commands,
                 publisher_link,
@@ -383,12 +428,16 @@ impl Amqp {
                 _ = cancel.cancelled() => break,
                 r = self.connect() => r,
             };
+            let mut refused = false;
             let failure = match connected {
-                Ok(conn) => {
+                Ok((conn, uri, endpoint)) => {
                     generation += 1;
                     last_logged = None;
                     let started = Instant::now();
-                    let outcome = self.session(conn, generation, &cancel).await;
+                    self.shared
+                        .status
+                        .send_modify(|s| s.endpoint = Some(endpoint));
+                    let outcome = self.session(conn, &uri, generation, &cancel).await;
                     if started.elapsed() >= self.config.healthy_after {
                         backoff.reset();
                     }
@@ -401,13 +450,19 @@ impl Amqp {
                         }
                     }
                 }
-                Err(f) => {
-                    metrics::connect_failure(f.class);
-                    f
+                Err(ConnectFailed {
+                    failure,
+                    all_refused,
+                }) => {
+                    metrics::connect_failure(failure.class);
+                    refused = all_refused;
+                    failure
                 }
             };
             let delay = if failure.class.is_slow_retry() {
                 backoff.slow_delay()
+            } else if refused {
+                backoff.next_delay_within(self.config.refused_retry)
             } else {
                 backoff.next_delay()
             };
@@ -415,7 +470,7 @@ impl Amqp {
             let key = (failure.class, failure.message.clone());
             if last_logged.as_ref() != Some(&key) {
                 if failure.class.is_slow_retry() {
-                    error!(class = %failure.class, error = %failure.message, url = %redact(&self.config.url), ?delay, "Broker refused the connection; operator action needed, retrying slowly.");
+                    error!(class = %failure.class, error = %failure.message, ?delay, "Broker refused the connection; operator action needed, retrying slowly.");
                 } else {
                     warn!(class = %failure.class, error = %failure.message, attempt, ?delay, "Cannot connect to the broker; retrying.");
                 }
@@ -472,27 +527,56 @@ impl Amqp {
         }
     }
 
-    async fn connect(&self) -> Result<Connection, Failure> {
-        let props = ConnectionProperties::default()
-            .with_connection_name(self.config.connection_name().into());
-        match tokio::time::timeout(
-            self.config.connect_timeout,
-            Connection::connect_uri(self.uri.clone(), props),
-        )
-        .await
-        {
-            Ok(Ok(conn)) => Ok(conn),
-            Ok(Err(e)) => Err(Failure::from_lapin(&e, None)),
-            Err(_) => Err(Failure::new(
-                FailureClass::HeartbeatTimeout,
-                format!(
-                    "connect to {} timed out after {:?}",
-                    redact(&self.config.url),
-                    self.config.connect_timeout
-                ),
-                None,
-            )),
+    /// Connect to the first endpoint that takes the connection, trying
+    /// them in a shuffled order (a fleet spreads over the cluster's nodes,
+    /// and a dead node is not always tried first).
+    async fn connect(&self) -> Result<(Connection, AMQPUri, String), ConnectFailed> {
+        use rand::seq::SliceRandom;
+        let mut order: Vec<&(AMQPUri, String)> = self.endpoints.iter().collect();
+        order.shuffle(&mut rand::rng());
+        let mut all_refused = true;
+        let mut last = None;
+        for (uri, shown) in order {
+            let props = ConnectionProperties::default()
+                .with_connection_name(self.config.connection_name().into());
+            let failure = match tokio::time::timeout(
+                self.config.connect_timeout,
+                Connection::connect_uri(uri.clone(), props),
+            )
+            .await
+            {
+                Ok(Ok(conn)) => return Ok((conn, uri.clone(), shown.clone())),
+                Ok(Err(e)) => {
+                    all_refused &= is_refused(&e);
+                    let mut f = Failure::from_lapin(&e, None);
+                    f.message = format!("{shown}: {}", f.message);
+                    f
+                }
+                Err(_) => {
+                    all_refused = false;
+                    Failure::new(
+                        FailureClass::HeartbeatTimeout,
+                        format!(
+                            "connect to {shown} timed out after {:?}",
+                            self.config.connect_timeout
+                        ),
+                        None,
+                    )
+                }
+            };
+            debug!(endpoint = %shown, class = %failure.class, error = %failure.message, "Connect attempt failed.");
+            // The most telling failure wins: one that needs an operator
+            // over one that retrying fixes.
+            last = match last {
+                Some(prev) if !failure.class.is_slow_retry() => Some(prev),
+                _ => Some(failure),
+            };
         }
+        Err(ConnectFailed {
+            failure: last
+                .unwrap_or_else(|| Failure::new(FailureClass::Other, "no endpoints", None)),
+            all_refused,
+        })
     }
 
     /// One session on `conn`. Returns `None` after a clean stop, or the
@@ -500,6 +584,7 @@ impl Amqp {
     async fn session(
         &mut self,
         conn: Connection,
+        uri: &AMQPUri,
         generation: u64,
         cancel: &CancellationToken,
     ) -> Option<Failure> {
@@ -510,7 +595,12 @@ impl Amqp {
             s.state = ConnectionState::Declaring;
             s.session_started = Some(std::time::Instant::now());
         });
-        let errors = declare_all(&conn, &self.shared.topology.snapshot()).await;
+        let topology = self.shared.topology.snapshot();
+        let (errors, server) = tokio::join!(
+            declare_all(&conn, &topology, &self.shared),
+            server::ask(uri),
+        );
+        self.shared.status.send_modify(|s| s.server = Some(server));
         if let Some(e) = errors
             .iter()
             .find(|e| !e.is_transient() || e.class() == FailureClass::NotFound)
@@ -631,7 +721,7 @@ impl Amqp {
                     },
                     Command::Declare(t, done) => {
                         self.shared.topology.merge(t.clone());
-                        let res = match declare_all(&conn, &t).await.into_iter().next() {
+                        let res = match declare_all(&conn, &t, &self.shared).await.into_iter().next() {
                             Some(e) => Err(e),
                             None => Ok(()),
                         };
@@ -733,8 +823,9 @@ impl Amqp {
 }
 
 /// Declare everything, one channel per failed entity so one conflict does
-/// not hide the rest. Returns every error.
-async fn declare_all(conn: &Connection, t: &Topology) -> Vec<AmqpError> {
+/// not hide the rest. A queue that exists with other settings is used as
+/// it is and its differences recorded in the status. Returns every error.
+async fn declare_all(conn: &Connection, t: &Topology, shared: &Shared) -> Vec<AmqpError> {
     let mut errors = Vec::new();
     let mut channel = None;
     macro_rules! step {
@@ -763,7 +854,20 @@ async fn declare_all(conn: &Connection, t: &Topology) -> Vec<AmqpError> {
         step!(|ch| topology::declare_exchange(ch, e));
     }
     for q in t.queues.values() {
-        step!(|ch| async move { topology::declare_queue(ch, q).await.map(|_| ()) });
+        step!(|ch| async move {
+            match topology::declare_queue(ch, q).await {
+                Ok(_) => {
+                    shared.record_differences(&q.name, Vec::new());
+                    Ok(())
+                }
+                Err(AmqpError::DeclarationConflict { .. }) => {
+                    let diffs = topology::declare_or_adopt_queue(|| open_channel(conn), q).await?;
+                    shared.record_differences(&q.name, diffs);
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            }
+        });
     }
     for b in &t.bindings {
         step!(|ch| topology::declare_binding(ch, b));
@@ -772,6 +876,35 @@ async fn declare_all(conn: &Connection, t: &Topology) -> Vec<AmqpError> {
         let _ = ch.close(200, "declared".into()).await;
     }
     errors
+}
+
+/// A fresh channel on `conn`.
+pub(crate) async fn open_channel(conn: &Connection) -> Result<lapin::Channel, AmqpError> {
+    conn.create_channel()
+        .await
+        .map_err(|e| AmqpError::channel("channel.open", &e))
+}
+
+impl Shared {
+    /// Record what differs on `queue` (nothing: it matches). Logged once
+    /// per change, with the fix.
+    pub(crate) fn record_differences(&self, queue: &str, diffs: Vec<ArgumentDiff>) {
+        self.status.send_if_modified(|s| {
+            let known = s.queue_differences.get(queue).map_or(&[][..], Vec::as_slice);
+            if known == diffs.as_slice() {
+                return false;
+            }
+            for d in &diffs {
+                warn!(queue, argument = %d.argument, declared = %d.declared, existing = %d.existing, remedy = d.remedy(), "Queue exists with another setting than Warren declares; consuming it as it is.");
+            }
+            if diffs.is_empty() {
+                s.queue_differences.remove(queue);
+            } else {
+                s.queue_differences.insert(queue.to_owned(), diffs);
+            }
+            true
+        });
+    }
 }
 
 impl AmqpHandle {

@@ -383,6 +383,181 @@ pub async fn declare_queue(channel: &Channel, q: &QueueSpec) -> Result<(u32, u32
         .or_else(|err| tolerate_existing(q.existing_ok, err).map(|()| (0, 0)))
 }
 
+/// One setting of an existing queue that differs from what Warren declares
+/// for it. The queue is used as it is; the difference is shown in
+/// `/status` and as a `degraded` reason until it is fixed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ArgumentDiff {
+    /// `x-dead-letter-exchange`, `x-queue-type`, `durable`, ...
+    pub argument: String,
+    /// What Warren declares (`none`: Warren sets nothing).
+    pub declared: String,
+    /// What the queue has (`none`: it has no such argument).
+    pub existing: String,
+}
+
+impl ArgumentDiff {
+    /// How an operator makes the queue match: a policy can set most
+    /// optional arguments on a live queue; the queue type and the
+    /// declaration flags are fixed at creation.
+    pub fn remedy(&self) -> &'static str {
+        match self.argument.as_str() {
+            "x-queue-type" | "durable" | "auto_delete" | "exclusive" => {
+                "delete and re-create the queue (fixed at creation)"
+            }
+            _ => "set it with a policy, or delete and re-create the queue",
+        }
+    }
+}
+
+/// Queue settings the broker reported as differing, most learned from one
+/// 406 each: a bound on the re-declarations a conflict costs.
+const MAX_DIFFS: usize = 16;
+
+/// Declare `q` and, when it exists with other settings, use it as it is:
+/// re-declare with each setting the broker names as different (its 406
+/// says what the queue has) until the declaration matches, which changes
+/// nothing on the broker and yields every difference, not only the first.
+/// Each 406 closes its channel, so `open` is called for a fresh one per
+/// try. A difference whose value cannot be read back ends the probing with
+/// a passive declare (the queue is still used, the difference named).
+pub async fn declare_or_adopt_queue<F, Fut>(
+    mut open: F,
+    q: &QueueSpec,
+) -> Result<Vec<ArgumentDiff>, AmqpError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Channel, AmqpError>>,
+{
+    let mut opts = QueueDeclareOptions {
+        durable: q.durable || q.queue_type == QueueType::Quorum,
+        auto_delete: q.auto_delete,
+        ..QueueDeclareOptions::default()
+    };
+    let mut table = q.field_table();
+    let mut diffs: Vec<ArgumentDiff> = Vec::new();
+    loop {
+        let channel = open().await?;
+        let err = match channel
+            .queue_declare(short(&q.name), opts, table.clone())
+            .await
+        {
+            Ok(_) => {
+                let _ = channel.close(200, "declared".into()).await;
+                return Ok(diffs);
+            }
+            Err(err) => declaration_error(format!("queue '{}'", q.name), &err),
+        };
+        let AmqpError::DeclarationConflict { message, .. } = &err else {
+            return Err(err);
+        };
+        let Some(found) = Inequivalent::parse(message) else {
+            return Err(err);
+        };
+        if diffs.iter().any(|d| d.argument == found.argument) || diffs.len() >= MAX_DIFFS {
+            return Err(err);
+        }
+        let applied = found.apply(&mut opts, &mut table);
+        diffs.push(found.diff);
+        if !applied {
+            let channel = open().await?;
+            inspect_queue(&channel, &q.name).await?;
+            let _ = channel.close(200, "inspected".into()).await;
+            return Ok(diffs);
+        }
+    }
+}
+
+/// A parsed `inequivalent arg 'A' for queue 'q' in vhost '/': received X but
+/// current is Y`, where X and Y are `none`, `'V'` or `the value 'V' of type
+/// 'T'`.
+struct Inequivalent {
+    argument: String,
+    diff: ArgumentDiff,
+    /// The existing value and its AMQP type, when it has one.
+    current: Option<(String, Option<String>)>,
+}
+
+impl Inequivalent {
+    fn parse(text: &str) -> Option<Inequivalent> {
+        let argument = conflicting_argument(text)?;
+        let (_, rest) = text.split_once("received ")?;
+        let (received, current) = rest.split_once(" but current is ")?;
+        let value = |s: &str| -> Option<(String, Option<String>)> {
+            let s = s.trim();
+            if s == "none" {
+                return None;
+            }
+            if let Some(v) = s.strip_prefix("the value '") {
+                let (v, ty) = v.rsplit_once("' of type '")?;
+                return Some((v.to_owned(), Some(ty.trim_end_matches('\'').to_owned())));
+            }
+            Some((s.trim_matches('\'').to_owned(), None))
+        };
+        let show = |v: &Option<(String, Option<String>)>| match v {
+            None => "none".to_owned(),
+            Some((v, _)) => v.clone(),
+        };
+        let received = value(received);
+        let current = value(current);
+        Some(Inequivalent {
+            diff: ArgumentDiff {
+                argument: argument.clone(),
+                declared: show(&received),
+                existing: show(&current),
+            },
+            argument,
+            current,
+        })
+    }
+
+    /// Make the declaration carry the existing setting; false when it cannot
+    /// be expressed (an AMQP type this does not read).
+    fn apply(&self, opts: &mut QueueDeclareOptions, table: &mut FieldTable) -> bool {
+        let flag = |v: &Option<(String, Option<String>)>| matches!(v, Some((v, _)) if v == "true");
+        match self.argument.as_str() {
+            "durable" => opts.durable = flag(&self.current),
+            "auto_delete" => opts.auto_delete = flag(&self.current),
+            "exclusive" => opts.exclusive = flag(&self.current),
+            arg => {
+                let mut inner = table.inner().clone();
+                match &self.current {
+                    None => {
+                        inner.remove(arg);
+                    }
+                    Some((v, ty)) => {
+                        let Some(value) = typed(v, ty.as_deref()) else {
+                            return false;
+                        };
+                        inner.insert(short(arg), value);
+                    }
+                }
+                *table = FieldTable::from(inner);
+            }
+        }
+        true
+    }
+}
+
+/// An argument value as RabbitMQ prints it, in its AMQP type (`x-queue-type`
+/// is printed without one: a string).
+fn typed(v: &str, ty: Option<&str>) -> Option<AMQPValue> {
+    Some(match ty {
+        None | Some("longstr") => long(v),
+        Some("long") => AMQPValue::LongLongInt(v.parse().ok()?),
+        Some("signedint") => AMQPValue::LongInt(v.parse().ok()?),
+        Some("unsignedint") => AMQPValue::LongUInt(v.parse().ok()?),
+        Some("short") => AMQPValue::ShortInt(v.parse().ok()?),
+        Some("unsignedshort") => AMQPValue::ShortUInt(v.parse().ok()?),
+        Some("byte") => AMQPValue::ShortShortInt(v.parse().ok()?),
+        Some("unsignedbyte") => AMQPValue::ShortShortUInt(v.parse().ok()?),
+        Some("bool") => AMQPValue::Boolean(v.parse().ok()?),
+        Some("double") => AMQPValue::Double(v.parse().ok()?),
+        Some("float") => AMQPValue::Float(v.parse().ok()?),
+        Some(_) => return None,
+    })
+}
+
 /// Check a queue exists without changing it; returns the broker's consumer
 /// and message counts.
 pub async fn inspect_queue(channel: &Channel, name: &str) -> Result<(u32, u32), AmqpError> {
@@ -460,6 +635,52 @@ mod tests {
             Some(&AMQPValue::LongLongInt(2000))
         );
         assert!(t.contains_key("x-max-length"));
+    }
+
+    #[test]
+    fn reads_what_the_broker_says_differs() {
+        let t = |text: &str| {
+            let i = Inequivalent::parse(text).unwrap();
+            (i.diff, i.current)
+        };
+        let (d, cur) = t(
+            "PRECONDITION_FAILED - inequivalent arg 'x-message-ttl' for queue 'probe.q' in vhost '/': received none but current is the value '1000' of type 'signedint'",
+        );
+        assert_eq!(
+            (
+                d.argument.as_str(),
+                d.declared.as_str(),
+                d.existing.as_str()
+            ),
+            ("x-message-ttl", "none", "1000")
+        );
+        assert_eq!(cur, Some(("1000".into(), Some("signedint".into()))));
+        let (d, cur) = t(
+            "PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'q' in vhost '/': received 'classic' but current is 'quorum'",
+        );
+        assert_eq!(
+            (d.declared.as_str(), d.existing.as_str()),
+            ("classic", "quorum")
+        );
+        assert_eq!(cur, Some(("quorum".into(), None)));
+        let (d, cur) = t(
+            "PRECONDITION_FAILED - inequivalent arg 'x-dead-letter-exchange' for queue 'q' in vhost '/': received the value 'warren.dlx' of type 'longstr' but current is none",
+        );
+        assert_eq!(
+            (d.declared.as_str(), d.existing.as_str()),
+            ("warren.dlx", "none")
+        );
+        assert_eq!(cur, None);
+        let i = Inequivalent::parse(
+            "PRECONDITION_FAILED - inequivalent arg 'durable' for queue 'q' in vhost '/': received 'false' but current is 'true'",
+        )
+        .unwrap();
+        let mut opts = QueueDeclareOptions::default();
+        let mut table = FieldTable::default();
+        assert!(i.apply(&mut opts, &mut table));
+        assert!(opts.durable);
+        assert_eq!(typed("7", Some("signedint")), Some(AMQPValue::LongInt(7)));
+        assert_eq!(typed("x", Some("table")), None);
     }
 
     #[test]

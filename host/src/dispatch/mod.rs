@@ -119,6 +119,10 @@ impl Dispatcher {
                 plugin: e.plugin.borrow().name().to_string(),
             });
         }
+        let deadline = plugin.limits().deadline;
+        if deadline > self.config.broker_consumer_timeout {
+            warn!(%queue, plugin = %plugin.name(), deadline_ms = deadline.as_millis(), consumer_timeout_ms = self.config.broker_consumer_timeout.as_millis(), "The plugin's deadline is longer than the broker's consumer timeout: a delivery that takes that long is taken back by the broker mid-handle and redelivered. Raise the queue's consumer timeout (policy consumer-timeout) or shorten the deadline.");
+        }
         let topology = self
             .config
             .subscription_topology(&subscription)

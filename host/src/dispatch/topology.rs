@@ -27,6 +27,10 @@ pub struct DispatchConfig {
     pub retry_exchange: String,
     pub dead_letter_exchange: String,
     pub dead_letter_queue: String,
+    /// `x-delivery-limit` of subscribed quorum queues.
+    pub delivery_limit: u32,
+    /// The broker's consumer timeout (see `DispatchSection`).
+    pub broker_consumer_timeout: Duration,
 }
 
 impl Default for DispatchConfig {
@@ -44,6 +48,8 @@ impl From<&crate::config::DispatchSection> for DispatchConfig {
             retry_exchange: s.retry_exchange.clone(),
             dead_letter_exchange: s.dead_letter_exchange.clone(),
             dead_letter_queue: s.dead_letter_queue.clone(),
+            delivery_limit: s.delivery_limit,
+            broker_consumer_timeout: Duration::from_millis(s.broker_consumer_timeout_ms),
         }
     }
 }
@@ -98,10 +104,20 @@ impl DispatchConfig {
     }
 
     /// The topology one subscription needs: its queue (and exchange and
-    /// bindings) and its retry queue.
+    /// bindings) and its retry queue. A quorum queue gets Warren's
+    /// dead-letter exchange and an explicit delivery limit, so a message
+    /// the broker gives up on (returned `delivery_limit` times) ends in the
+    /// dead-letter queue with the broker's reason in `x-death`, never
+    /// dropped. Messages that expire by the subscription's `message-ttl-ms`
+    /// go there too (reason `expired`).
     pub fn subscription_topology(&self, s: &Subscription) -> Topology {
         let mut queue = match s.kind {
-            QueueKind::Quorum => QueueSpec::quorum(s.queue.clone()),
+            QueueKind::Quorum => {
+                let mut q = QueueSpec::quorum(s.queue.clone());
+                q.dead_letter_exchange = Some(self.dead_letter_exchange.clone());
+                q.delivery_limit = Some(self.delivery_limit);
+                q
+            }
             QueueKind::Classic => QueueSpec::durable(s.queue.clone()),
         };
         queue.message_ttl = s.message_ttl_ms.map(|ms| Duration::from_millis(ms.into()));
@@ -238,6 +254,10 @@ mod tests {
         };
         let both = c.subscription_topology(&sub).with_missing(t);
         assert!(!both.queues["orders.routed.all"].existing_ok);
+        // A subscribed quorum queue dead-letters what the broker gives up on.
+        let own = &both.queues["orders.routed.all"];
+        assert_eq!(own.dead_letter_exchange.as_deref(), Some("warren.dlx"));
+        assert_eq!(own.delivery_limit, Some(20));
         assert!(both.exchanges["orders.routed"].existing_ok);
     }
 

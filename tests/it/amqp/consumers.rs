@@ -1,21 +1,22 @@
 //! Consumer repair and life cycle on the shared broker.
 
 use std::time::Duration;
+use warren_it::rabbit::Shared;
 
 use warren::amqp::{AckOutcome, ConnectionState};
 use warren_it::wait;
 
 use super::*;
 
+each_version!(queue_deleted_under_consumer_is_redeclared_and_consumed -> Result<()>);
 /// The queue is deleted under a running consumer: the consumer is
 /// re-established on a redeclared queue without a reconnect, and messages
 /// published afterwards are consumed.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn queue_deleted_under_consumer_is_redeclared_and_consumed() -> Result<()> {
+async fn queue_deleted_under_consumer_is_redeclared_and_consumed(target: Shared) -> Result<()> {
     init_tracing();
     let queue = qname("deleted");
     let (r, seen, _task) =
-        start_consuming(config(SHARED_URL, queue_topology(&queue)), &queue, 10).await?;
+        start_consuming(config(&target.url, queue_topology(&queue)), &queue, 10).await?;
     r.publish_confirmed(&numbered(&queue, 1), Duration::from_secs(5))
         .await?;
     wait::until_true("first delivery", Duration::from_secs(5), || {
@@ -24,7 +25,7 @@ async fn queue_deleted_under_consumer_is_redeclared_and_consumed() -> Result<()>
     })
     .await?;
 
-    delete_queue(SHARED_URL, &queue).await?;
+    delete_queue(&target.url, &queue).await?;
     wait::until_true("consumer re-established", Duration::from_secs(10), || {
         let ok = r
             .handle
@@ -43,21 +44,21 @@ async fn queue_deleted_under_consumer_is_redeclared_and_consumed() -> Result<()>
         async move { ok }
     })
     .await?;
-    let (_conn, ch) = plain(SHARED_URL).await?;
+    let (_conn, ch) = plain(&target.url).await?;
     assert_eq!(broker_consumers(&ch, &queue).await?, 1);
     r.stop().await?;
-    delete_queue(SHARED_URL, &queue).await?;
+    delete_queue(&target.url, &queue).await?;
     Ok(())
 }
 
+each_version!(subscriptions_added_and_removed_at_runtime_and_clean_stop -> Result<()>);
 /// Subscriptions are added and removed at run time; removal waits for the
 /// in-flight delivery's ack; a clean stop leaves no consumer behind.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn subscriptions_added_and_removed_at_runtime_and_clean_stop() -> Result<()> {
+async fn subscriptions_added_and_removed_at_runtime_and_clean_stop(target: Shared) -> Result<()> {
     init_tracing();
     let a = qname("runtime-a");
     let b = qname("runtime-b");
-    let r = Running::start(config(SHARED_URL, queue_topology(&a)))?;
+    let r = Running::start(config(&target.url, queue_topology(&a)))?;
     r.until_running(1, Duration::from_secs(10)).await?;
     // `b` is added to the topology at run time.
     r.handle.declare(queue_topology(&b)).await?;
@@ -85,7 +86,7 @@ async fn subscriptions_added_and_removed_at_runtime_and_clean_stop() -> Result<(
     let h = r.handle.clone();
     let qa = a.clone();
     let removal = tokio::spawn(async move { h.remove_subscription(&qa).await });
-    let (_conn, ch) = plain(SHARED_URL).await?;
+    let (_conn, ch) = plain(&target.url).await?;
     wait::until_true(
         "broker cancelled the consumer on a",
         Duration::from_secs(5),
@@ -141,26 +142,26 @@ async fn subscriptions_added_and_removed_at_runtime_and_clean_stop() -> Result<(
         async move { broker_consumers(&ch, &q).await.ok() == Some(0) }
     })
     .await?;
-    delete_queue(SHARED_URL, &a).await?;
-    delete_queue(SHARED_URL, &b).await?;
+    delete_queue(&target.url, &a).await?;
+    delete_queue(&target.url, &b).await?;
     Ok(())
 }
 
+each_version!(zombie_consumer_is_found_by_the_periodic_check_and_repaired -> Result<()>);
 /// A zombie: the broker cancels the consumer (queue deleted and re-created
 /// behind Warren's back) but the cancel never arrives (the proxy drops
 /// `basic.cancel`). The periodic check sees 0 consumers on the broker,
 /// counts a zombie and re-subscribes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn zombie_consumer_is_found_by_the_periodic_check_and_repaired() -> Result<()> {
+async fn zombie_consumer_is_found_by_the_periodic_check_and_repaired(target: Shared) -> Result<()> {
     init_tracing();
     let queue = qname("zombie");
-    let proxy = warren_it::proxy::Proxy::start(shared_addr()).await?;
+    let proxy = warren_it::proxy::Proxy::start(target.addr).await?;
     let mut c = config(&proxy.amqp_url(), queue_topology(&queue));
     c.consumer_check_interval = Duration::from_secs(2);
     let (r, seen, _task) = start_consuming(c, &queue, 10).await?;
 
     proxy.drop_server_methods(&[(60, 30)]);
-    let (_conn, ch) = plain(SHARED_URL).await?;
+    let (_conn, ch) = plain(&target.url).await?;
     ch.queue_delete(queue.as_str().into(), Default::default())
         .await?;
     ch.queue_declare(
@@ -205,20 +206,20 @@ async fn zombie_consumer_is_found_by_the_periodic_check_and_repaired() -> Result
     .await?;
     assert_eq!(r.status().generation, 1, "no reconnect was needed");
     r.stop().await?;
-    delete_queue(SHARED_URL, &queue).await?;
+    delete_queue(&target.url, &queue).await?;
     Ok(())
 }
 
+each_version!(a_congested_link_does_not_make_the_consumer_lost -> Result<()>);
 /// A congested link is not a lost consumer. A 200 kB publish through a
 /// 20 kB/s link holds the connection for ~10 s; the periodic check's
 /// passive declare queues behind it and gets no answer within its timeout.
 /// The consumer must stay (re-establishing it would requeue its deliveries
 /// onto a broker that is slow already) and deliver once the link clears.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_congested_link_does_not_make_the_consumer_lost() -> Result<()> {
+async fn a_congested_link_does_not_make_the_consumer_lost(target: Shared) -> Result<()> {
     init_tracing();
     let queue = qname("congested");
-    let proxy = warren_it::proxy::Proxy::start(shared_addr()).await?;
+    let proxy = warren_it::proxy::Proxy::start(target.addr).await?;
     let mut c = config(&proxy.amqp_url(), queue_topology(&queue));
     c.consumer_check_interval = Duration::from_millis(500);
     c.confirm_timeout = Duration::from_secs(60);
@@ -255,6 +256,6 @@ async fn a_congested_link_does_not_make_the_consumer_lost() -> Result<()> {
     );
     assert_eq!(r.status().generation, 1, "no reconnect either");
     r.stop().await?;
-    delete_queue(SHARED_URL, &queue).await?;
+    delete_queue(&target.url, &queue).await?;
     Ok(())
 }

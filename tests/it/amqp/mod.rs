@@ -1,6 +1,7 @@
-//! The resilient AMQP core against real RabbitMQ: the shared broker on
-//! 127.0.0.1:5672 for non-destructive tests (random queue names), the fault
-//! proxy and a private node for destructive ones.
+//! The resilient AMQP core against real RabbitMQ, each test on both
+//! versions (`each_version!`): the shared broker of the version for
+//! non-destructive tests (random queue names), the fault proxy and a
+//! private node for destructive ones.
 
 // Test helpers outside `#[test]` functions: a failed helper should fail the
 // test loudly, like an assertion.
@@ -26,9 +27,6 @@ use warren::amqp::{
 };
 use warren::message::OutboundMessage;
 use warren_it::wait;
-
-pub const SHARED_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-pub const SHARED_ADDR: &str = "127.0.0.1:5672";
 
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
@@ -219,10 +217,6 @@ pub async fn delete_queue(url: &str, queue: &str) -> Result<()> {
         .await?;
     let _ = conn.close(200, "bye".into()).await;
     Ok(())
-}
-
-pub fn shared_addr() -> std::net::SocketAddr {
-    SHARED_ADDR.parse().unwrap()
 }
 
 pub fn subscribe(r: &Running, queue: &str, prefetch: u16) -> warren::amqp::Subscription {

@@ -1,6 +1,7 @@
 //! The confirmed publisher.
 
 use std::time::{Duration, Instant};
+use warren_it::rabbit::Shared;
 
 use warren::amqp::{PublishError, RefusalKind};
 use warren::message::OutboundMessage;
@@ -9,13 +10,13 @@ use warren_it::wait;
 
 use super::*;
 
+each_version!(confirm_times_out_under_blackhole -> Result<()>);
 /// A stalled (blackholed) connection: the publish fails with a confirm
 /// timeout within the configured time.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn confirm_times_out_under_blackhole() -> Result<()> {
+async fn confirm_times_out_under_blackhole(target: Shared) -> Result<()> {
     init_tracing();
     let queue = qname("stall");
-    let proxy = Proxy::start(shared_addr()).await?;
+    let proxy = Proxy::start(target.addr).await?;
     let mut c = config(&proxy.amqp_url(), queue_topology(&queue));
     c.heartbeat = Duration::from_secs(30);
     c.confirm_timeout = Duration::from_secs(1);
@@ -41,17 +42,17 @@ async fn confirm_times_out_under_blackhole() -> Result<()> {
     );
     proxy.set_mode(Mode::Pass);
     drop(r);
-    delete_queue(SHARED_URL, &queue).await?;
+    delete_queue(&target.url, &queue).await?;
     Ok(())
 }
 
+each_version!(unroutable_and_missing_exchange_are_typed_errors -> Result<()>);
 /// A mandatory publish nobody can route gives the unroutable error; a
 /// publish to a missing exchange fails with not-found and the publisher
 /// re-opens its channel.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unroutable_and_missing_exchange_are_typed_errors() -> Result<()> {
+async fn unroutable_and_missing_exchange_are_typed_errors(target: Shared) -> Result<()> {
     init_tracing();
-    let r = Running::start(config(SHARED_URL, Topology::default()))?;
+    let r = Running::start(config(&target.url, Topology::default()))?;
     r.until_running(1, Duration::from_secs(10)).await?;
     let p = r.handle.publisher();
     wait::until_true("publisher ready", Duration::from_secs(5), || {
@@ -98,6 +99,6 @@ async fn unroutable_and_missing_exchange_are_typed_errors() -> Result<()> {
     }
     eprintln!("500 concurrent confirmed publishes in {:?}", t0.elapsed());
     r.stop().await?;
-    delete_queue(SHARED_URL, &queue).await?;
+    delete_queue(&target.url, &queue).await?;
     Ok(())
 }

@@ -2,6 +2,7 @@
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
+use warren_it::rabbit::Shared;
 
 use futures::StreamExt;
 use warren::amqp::{AckOutcome, ConnectionState, FailureClass, PublishError};
@@ -11,16 +12,16 @@ use warren_it::wait;
 
 use super::*;
 
+each_version!(cut_while_consuming_10k_resumes_without_loss -> Result<()>);
 /// The proxy cuts the connection while 10,000 persistent messages are being
 /// consumed: consumption resumes by itself, every confirmed message
 /// arrives, the broker sees exactly one consumer again, and an ack for a
 /// delivery of the dead session is a counted no-op.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cut_while_consuming_10k_resumes_without_loss() -> Result<()> {
+async fn cut_while_consuming_10k_resumes_without_loss(target: Shared) -> Result<()> {
     init_tracing();
     const N: u64 = 10_000;
     let queue = qname("cut");
-    let proxy = Proxy::start(shared_addr()).await?;
+    let proxy = Proxy::start(target.addr).await?;
     let r = Running::start(config(&proxy.amqp_url(), queue_topology(&queue)))?;
     r.until_running(1, Duration::from_secs(10)).await?;
     wait::until_true("publisher ready", Duration::from_secs(5), || {
@@ -75,7 +76,7 @@ async fn cut_while_consuming_10k_resumes_without_loss() -> Result<()> {
     assert_eq!(held.generation, 1);
     assert_eq!(held.acker.ack(), AckOutcome::Stale);
 
-    let (_conn, ch) = plain(SHARED_URL).await?;
+    let (_conn, ch) = plain(&target.url).await?;
     wait::until_true(
         "broker-side consumer count 1",
         Duration::from_secs(10),
@@ -100,17 +101,17 @@ async fn cut_while_consuming_10k_resumes_without_loss() -> Result<()> {
     )
     .await?;
     r.stop().await?;
-    delete_queue(SHARED_URL, &queue).await?;
+    delete_queue(&target.url, &queue).await?;
     Ok(())
 }
 
+each_version!(blackhole_is_detected_within_two_heartbeats_and_recovered -> Result<()>);
 /// A blackholed connection is detected within 2× heartbeat (2 s here) and
 /// recovered once traffic flows again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn blackhole_is_detected_within_two_heartbeats_and_recovered() -> Result<()> {
+async fn blackhole_is_detected_within_two_heartbeats_and_recovered(target: Shared) -> Result<()> {
     init_tracing();
     let queue = qname("blackhole");
-    let proxy = Proxy::start(shared_addr()).await?;
+    let proxy = Proxy::start(target.addr).await?;
     let (r, seen, _task) = start_consuming(
         config(&proxy.amqp_url(), queue_topology(&queue)),
         &queue,
@@ -150,17 +151,19 @@ async fn blackhole_is_detected_within_two_heartbeats_and_recovered() -> Result<(
     })
     .await?;
     r.stop().await?;
-    delete_queue(SHARED_URL, &queue).await?;
+    delete_queue(&target.url, &queue).await?;
     Ok(())
 }
 
+each_version!(forced_close_and_kill9_recover_without_losing_confirmed_messages -> Result<()>);
 /// On a private node: `close_all_connections` (320), a memory alarm
 /// (`connection.blocked`), then `kill -9` plus restart. Each recovers by
 /// itself, classes are reported, and no confirmed message is lost.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn forced_close_and_kill9_recover_without_losing_confirmed_messages() -> Result<()> {
+async fn forced_close_and_kill9_recover_without_losing_confirmed_messages(
+    target: Shared,
+) -> Result<()> {
     init_tracing();
-    let mut node = RabbitNode::start().await?;
+    let mut node = RabbitNode::start_version(target.version, "").await?;
     let queue = qname("kill9");
     let mut c = config(&node.amqp_url(), queue_topology(&queue));
     c.confirm_timeout = Duration::from_secs(2);
