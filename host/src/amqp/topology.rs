@@ -454,11 +454,13 @@ where
         let Some(found) = Inequivalent::parse(message) else {
             return Err(err);
         };
-        if diffs.iter().any(|d| d.argument == found.argument) || diffs.len() >= MAX_DIFFS {
-            return Err(err);
+        // A setting named twice (its value did not read back as the
+        // broker's) or too many: stop probing, use the queue as it is.
+        let repeated = diffs.iter().any(|d| d.argument == found.argument);
+        let applied = !repeated && diffs.len() < MAX_DIFFS && found.apply(&mut opts, &mut table);
+        if !repeated {
+            diffs.push(found.diff);
         }
-        let applied = found.apply(&mut opts, &mut table);
-        diffs.push(found.diff);
         if !applied {
             let channel = open().await?;
             inspect_queue(&channel, &q.name).await?;
@@ -539,11 +541,17 @@ impl Inequivalent {
     }
 }
 
-/// An argument value as RabbitMQ prints it, in its AMQP type (`x-queue-type`
-/// is printed without one: a string).
+/// An argument value as RabbitMQ prints it, in its AMQP type. When both
+/// sides have a value the broker prints no type (`received '2000' but
+/// current is '60000'`): a number is then an integer (the broker compares
+/// integers of any width as equal), anything else a string.
 fn typed(v: &str, ty: Option<&str>) -> Option<AMQPValue> {
     Some(match ty {
-        None | Some("longstr") => long(v),
+        None => match v.parse::<i64>() {
+            Ok(n) => AMQPValue::LongLongInt(n),
+            Err(_) => long(v),
+        },
+        Some("longstr") => long(v),
         Some("long") => AMQPValue::LongLongInt(v.parse().ok()?),
         Some("signedint") => AMQPValue::LongInt(v.parse().ok()?),
         Some("unsignedint") => AMQPValue::LongUInt(v.parse().ok()?),
@@ -680,6 +688,8 @@ mod tests {
         assert!(i.apply(&mut opts, &mut table));
         assert!(opts.durable);
         assert_eq!(typed("7", Some("signedint")), Some(AMQPValue::LongInt(7)));
+        assert_eq!(typed("60000", None), Some(AMQPValue::LongLongInt(60000)));
+        assert_eq!(typed("quorum", None), Some(long("quorum")));
         assert_eq!(typed("x", Some("table")), None);
     }
 
