@@ -32,6 +32,7 @@ mod admin;
 mod amqp;
 mod broker_rules;
 mod buffer;
+mod cluster;
 mod fidelity;
 mod gauntlet;
 mod host;

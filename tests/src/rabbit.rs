@@ -390,6 +390,61 @@ impl Drop for RabbitNode {
     }
 }
 
+/// A RabbitMQ cluster of private nodes on loopback, joined with
+/// `rabbitmqctl join_cluster` (they share one Erlang cookie). Quorum
+/// queues declared on it get a replica on every node.
+pub struct Cluster {
+    pub nodes: Vec<RabbitNode>,
+}
+
+impl Cluster {
+    /// Boot `n` nodes of `version` and join the others to the first.
+    pub async fn start(version: Version, n: usize) -> Result<Cluster> {
+        let cookie = format!("WARRENIT{}", uuid::Uuid::new_v4().simple()).to_uppercase();
+        let mut nodes = Vec::new();
+        for _ in 0..n {
+            let port = free_port()?;
+            let mut dist_port = free_port()?;
+            while dist_port == port {
+                dist_port = free_port()?;
+            }
+            let node = RabbitNode::prepare(
+                version,
+                port,
+                dist_port,
+                format!("warrenit{port}@localhost"),
+                PathBuf::from(format!("/tmp/warren-it-rabbit-{port}")),
+                "",
+                "[].",
+            )?;
+            node.set_cookie(&cookie)?;
+            nodes.push(node);
+        }
+        let boots = nodes.iter_mut().map(|n| n.boot());
+        for r in futures::future::join_all(boots).await {
+            r?;
+        }
+        let first = nodes[0].node_name().to_owned();
+        for node in &nodes[1..] {
+            node.ctl(&["stop_app"]).await?;
+            node.ctl(&["join_cluster", &first]).await?;
+            node.ctl(&["start_app"]).await?;
+            node.wait_accepting(Duration::from_secs(30)).await?;
+        }
+        Ok(Cluster { nodes })
+    }
+
+    /// Every node's AMQP URL.
+    pub fn amqp_urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RabbitNode::amqp_url).collect()
+    }
+
+    /// The node listening on `port`.
+    pub fn node_on(&mut self, port: u16) -> Option<&mut RabbitNode> {
+        self.nodes.iter_mut().find(|n| n.port() == port)
+    }
+}
+
 /// The broker of `version` that tests share: they only declare uniquely
 /// named queues on it and never stop it. 3.10 is the machine's service on
 /// 5672; 4.0 is a node the harness starts on first use on [`SHARED4_PORT`]
@@ -455,6 +510,16 @@ impl RabbitNode {
             child: None,
             keep: true,
         })
+    }
+
+    /// Give the node `cookie` as its Erlang cookie (nodes of one cluster
+    /// share it). Takes effect at the next boot.
+    fn set_cookie(&self, cookie: &str) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.host_path(&self.dir.join(".erlang.cookie"));
+        std::fs::write(&path, cookie)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400))?;
+        Ok(())
     }
 
     /// A fresh directory with the node's configuration: `conf` lines added

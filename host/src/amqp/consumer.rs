@@ -463,7 +463,10 @@ async fn subscribe(
         .await
         .map_err(|e| lapin_err("channel.open", e))?;
     let needs = ctx.shared.topology.snapshot().for_queue(&config.queue);
-    if let Err(e) = declare_own(ctx, &channel, &config.queue, &needs).await {
+    if let Err(e) =
+        super::supervisor::within_declare_timeout(declare_own(ctx, &channel, &config.queue, &needs))
+            .await
+    {
         return Err((e, false));
     }
     channel

@@ -840,7 +840,7 @@ async fn declare_all(conn: &Connection, t: &Topology, shared: &Shared) -> Vec<Am
                 }
             }
             if let Some(ch) = &channel {
-                if let Err(e) = $f(ch).await {
+                if let Err(e) = within_declare_timeout($f(ch)).await {
                     errors.push(e);
                     channel = None;
                 } else if !ch.status().connected() {
@@ -876,6 +876,28 @@ async fn declare_all(conn: &Connection, t: &Topology, shared: &Shared) -> Vec<Am
         let _ = ch.close(200, "declared".into()).await;
     }
     errors
+}
+
+/// How long one declaration may take. A quorum queue whose leader was on a
+/// node that just died answers only after the rest of the cluster elected
+/// a new one; without a limit one such declaration held the whole session
+/// in `declaring`. A declaration that times out is reported like one that
+/// failed, and the consumer that needs it retries.
+pub(crate) const DECLARE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `declaration` within [`DECLARE_TIMEOUT`].
+pub(crate) async fn within_declare_timeout<T>(
+    declaration: impl std::future::Future<Output = Result<T, AmqpError>>,
+) -> Result<T, AmqpError> {
+    tokio::time::timeout(DECLARE_TIMEOUT, declaration)
+        .await
+        .unwrap_or_else(|_| {
+            Err(AmqpError::DeclarationFailed {
+                entity: "topology".into(),
+                class: FailureClass::Other,
+                message: format!("no answer within {DECLARE_TIMEOUT:?}"),
+            })
+        })
 }
 
 /// A fresh channel on `conn`.
