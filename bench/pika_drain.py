@@ -14,7 +14,8 @@ import pika
 def main() -> None:
     queue, n = sys.argv[1], int(sys.argv[2])
     prefetch = int(sys.argv[3]) if len(sys.argv) > 3 else 1000
-    params = pika.URLParameters("amqp://guest:guest@127.0.0.1:5672/%2f")
+    url = sys.argv[4] if len(sys.argv) > 4 else "amqp://guest:guest@127.0.0.1:5672/%2f"
+    params = pika.URLParameters(url)
     conn = pika.BlockingConnection(params)
     ch = conn.channel()
     ch.basic_qos(prefetch_count=prefetch)

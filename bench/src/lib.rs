@@ -10,7 +10,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties};
 use warren::app::App;
 use warren::config::Config;
-use warren_it::broker::SHARED_URL;
+use warren_it::rabbit::{Shared, Version, shared};
 
 /// The message count given as the first command-line argument, or
 /// `default`.
@@ -22,11 +22,27 @@ pub fn count_arg(default: u64) -> Result<u64> {
         .map(|n| n.unwrap_or(default))
 }
 
-/// A connection to the shared RabbitMQ.
+/// The RabbitMQ version to measure: `WARREN_BENCH_RABBITMQ` (`3.10`, the
+/// default, or `4.0`).
+pub fn bench_version() -> Result<Version> {
+    match std::env::var("WARREN_BENCH_RABBITMQ").as_deref() {
+        Ok("4.0") => Ok(Version::V4_0),
+        Ok("3.10") | Err(_) => Ok(Version::V3_10),
+        Ok(other) => anyhow::bail!("WARREN_BENCH_RABBITMQ={other}: use 3.10 or 4.0"),
+    }
+}
+
+/// The shared broker of [`bench_version`].
+pub async fn bench_broker() -> Result<Shared> {
+    shared(bench_version()?).await
+}
+
+/// A connection to the shared broker of [`bench_version`].
 pub async fn connect_shared() -> Result<Connection> {
-    Connection::connect(SHARED_URL, ConnectionProperties::default())
+    let b = bench_broker().await?;
+    Connection::connect(&b.url, ConnectionProperties::default())
         .await
-        .context("RabbitMQ on 127.0.0.1:5672")
+        .with_context(|| format!("RabbitMQ {} on {}", b.version.label(), b.addr))
 }
 
 /// Declare a durable quorum queue, the type Warren declares by default.
@@ -115,8 +131,11 @@ pub async fn start_warren(plugins: &[&str], extra: &str) -> Result<Warren> {
         )
         .with_context(|| format!("copying plugin {name}"))?;
     }
+    let broker = bench_broker().await?;
     let text = format!(
         r#"
+        [amqp]
+        url = "{url}"
         [admin]
         bind = "127.0.0.1:0"
         [plugins]
@@ -132,6 +151,7 @@ pub async fn start_warren(plugins: &[&str], extra: &str) -> Result<Warren> {
         {extra}
         "#,
         dir = dir.path().display(),
+        url = broker.url,
         id = uuid::Uuid::new_v4().simple(),
     );
     let config = Config::parse(&text, Vec::new()).map_err(|p| anyhow::anyhow!("{p:?}"))?;

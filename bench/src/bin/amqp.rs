@@ -1,9 +1,18 @@
-//! AMQP benchmark: recovery time after broker restarts, and drain
-//! throughput of Warren's consumer next to plain lapin, in one run against
-//! a private RabbitMQ node. Prints markdown tables.
+//! AMQP benchmark: recovery time after broker faults with Warren's shipped
+//! defaults, and drain throughput of Warren's consumer next to plain lapin,
+//! in one run against private RabbitMQ nodes of one version. Prints
+//! markdown tables.
 //!
-//! `cargo run --release -p warren-bench --bin amqp [restarts] [messages]`
-//! (defaults 20 and 200000).
+//! `cargo run --release -p warren-bench --bin amqp [rounds] [messages]`
+//! (defaults 10 and 200000); `WARREN_BENCH_RABBITMQ=4.0` for RabbitMQ 4.0
+//! (default 3.10); `WARREN_BENCH_STOP_SECS` for the stop fault (default 30).
+//!
+//! Faults, `rounds` each: `kill -9` and an immediate restart; a clean stop,
+//! 30 s down, and a start; the connected node of a three-node cluster
+//! killed with `kill -9` (Warren given every node). Recovery is the time
+//! from the broker accepting TCP connections again (for the cluster: from
+//! the kill) to Warren's first delivery in its new session, with a plain
+//! lapin publisher sending to the quorum queue every 10 ms.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -14,10 +23,8 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOpti
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use tokio_util::sync::CancellationToken;
-use warren::amqp::{
-    Amqp, AmqpConfig, AmqpHandle, BackoffConfig, QueueSpec, SubscriptionConfig, Topology,
-};
-use warren_it::rabbit::RabbitNode;
+use warren::amqp::{Amqp, AmqpConfig, AmqpHandle, QueueSpec, SubscriptionConfig, Topology};
+use warren_it::rabbit::{Cluster, RabbitNode};
 
 const BODY: usize = 256;
 const PREFETCH: u16 = 1000;
@@ -25,7 +32,7 @@ const PREFETCH: u16 = 1000;
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
-    let restarts: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(20);
+    let rounds: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(10);
     let messages: u64 = args
         .next()
         .map(|a| a.parse())
@@ -33,18 +40,74 @@ async fn main() -> Result<()> {
         .unwrap_or(200_000);
     // Optional: which drain variants to run, e.g. "23" (default all).
     let only: String = args.next().unwrap_or_else(|| "0123".to_owned());
-    eprintln!("booting a private RabbitMQ node…");
-    let mut node = RabbitNode::start().await?;
-    let recovery = recovery(&mut node, restarts).await?;
-    let throughput = throughput(&node, messages, &only).await?;
-
-    println!("## Recovery after `kill -9` + restart of the broker ({restarts} restarts)\n");
-    println!(
-        "Time from \"broker accepts TCP connections\" to \"first delivery received again\" (includes a plain lapin publisher reconnecting and publishing every 10 ms).\n"
+    let version = warren_bench::bench_version()?;
+    let stop_for = Duration::from_secs(
+        std::env::var("WARREN_BENCH_STOP_SECS")
+            .ok()
+            .map(|s| s.parse())
+            .transpose()?
+            .unwrap_or(30),
     );
-    println!("| Warren backoff | median | max | min |");
+    eprintln!("booting a private RabbitMQ {} node…", version.label());
+    let mut node = RabbitNode::start_version(version, "").await?;
+    let mut rows = Vec::new();
+    let kill = recover(&node.amqp_url(), &[node.amqp_url()], rounds, async |_| {
+        node.kill9().await?;
+        node.spawn_again()?;
+        let accepted = wait_accepting(node.addr(), Duration::from_secs(60)).await?;
+        Ok((accepted, Some(node.addr())))
+    })
+    .await?;
+    rows.push((format!("`kill -9` + restart ({rounds}×)"), kill));
+    node.wait_booted().await?;
+    let stop = recover(&node.amqp_url(), &[node.amqp_url()], rounds, async |_| {
+        node.stop().await?;
+        tokio::time::sleep(stop_for).await;
+        node.spawn_again()?;
+        let accepted = wait_accepting(node.addr(), Duration::from_secs(60)).await?;
+        Ok((accepted, Some(node.addr())))
+    })
+    .await?;
+    rows.push((format!("stopped {} s, started ({rounds}×)", stop_for.as_secs()), stop));
+    node.wait_booted().await?;
+    let throughput = throughput(&node, messages, &only).await?;
+    drop(node);
+    eprintln!("booting a three-node RabbitMQ {} cluster…", version.label());
+    let mut cluster = Cluster::start(version, 3).await?;
+    let urls = cluster.amqp_urls();
+    let cluster_kill = recover(&urls[0], &urls, rounds, async |endpoint: String| {
+        let port = cluster
+            .nodes
+            .iter()
+            .map(RabbitNode::port)
+            .find(|p| endpoint.contains(&format!(":{p}/")))
+            .context("the endpoint in use is a cluster node")?;
+        // A quorum queue needs two of its three nodes: the last victim
+        // must be back first.
+        for n in &cluster.nodes {
+            n.wait_booted().await?;
+        }
+        let victim = cluster.node_on(port).context("node")?;
+        let killed = Instant::now();
+        victim.kill9().await?;
+        // Back before the next round, which may pick any node.
+        victim.spawn_again()?;
+        Ok((killed, None))
+    })
+    .await?;
+    rows.push((format!("connected cluster node `kill -9` ({rounds}×)"), cluster_kill));
+    drop(cluster);
+
+    println!(
+        "## Recovery on RabbitMQ {} with Warren's shipped defaults\n",
+        version.label()
+    );
+    println!(
+        "From \"broker accepts TCP connections\" (cluster: from the kill) to \"first delivery handled again\", a quorum queue fed every 10 ms by a plain lapin publisher.\n"
+    );
+    println!("| fault | median | max | min |");
     println!("|---|---|---|---|");
-    for (label, mut v) in recovery {
+    for (label, mut v) in rows {
         v.sort();
         let median = v.get(v.len() / 2).copied().unwrap_or_default();
         let max = v.last().copied().unwrap_or_default();
@@ -52,7 +115,8 @@ async fn main() -> Result<()> {
         println!("| {label} | {} | {} | {} |", ms(median), ms(max), ms(min));
     }
     println!(
-        "\n## Drain throughput: {messages} pre-filled {BODY}-byte messages, prefetch {PREFETCH}\n"
+        "\n## Drain throughput on RabbitMQ {}: {messages} pre-filled {BODY}-byte messages, prefetch {PREFETCH}\n",
+        version.label()
     );
     println!("| consumer | seconds | msg/s | left in queue after stop |");
     println!("|---|---|---|---|");
@@ -69,119 +133,108 @@ fn ms(d: Duration) -> String {
     format!("{:.0} ms", d.as_secs_f64() * 1000.0)
 }
 
-fn warren_config(url: &str, topology: Topology, max_backoff: Duration) -> AmqpConfig {
-    let mut c = AmqpConfig::new(url, "bench");
-    c.heartbeat = Duration::from_secs(5);
-    c.connect_timeout = Duration::from_secs(5);
-    c.backoff = BackoffConfig {
-        initial: Duration::from_millis(100),
-        max: max_backoff,
-    };
+/// What `warren run` uses with an empty config file, on `urls`.
+fn shipped(urls: &[String], topology: Topology) -> Result<AmqpConfig> {
+    let list = urls
+        .iter()
+        .map(|u| format!("{u:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let config = warren::config::Config::parse(&format!("[amqp]\nurls = [{list}]\n"), Vec::new())
+        .map_err(|p| anyhow::anyhow!("{p:?}"))?;
+    let mut c = warren::app::amqp_config(&config);
+    c.role = "bench".into();
     c.topology = topology;
-    c
+    Ok(c)
 }
 
-struct Instance {
-    label: String,
-    handle: AmqpHandle,
-    queue: String,
-    /// First delivery instant per generation.
-    firsts: Arc<Mutex<BTreeMap<u64, Instant>>>,
-}
-
-async fn recovery(node: &mut RabbitNode, restarts: usize) -> Result<Vec<(String, Vec<Duration>)>> {
+/// Run Warren (shipped defaults) on `urls`, consuming a quorum queue that a
+/// publisher on `publish_url`'s cluster feeds, and apply `fault` `rounds`
+/// times; `fault` gets the endpoint in use and returns the instant recovery
+/// is measured from (and the address to wait on, if any). Returns each
+/// round's recovery time.
+async fn recover(
+    publish_url: &str,
+    urls: &[String],
+    rounds: usize,
+    mut fault: impl AsyncFnMut(String) -> Result<(Instant, Option<std::net::SocketAddr>)>,
+) -> Result<Vec<Duration>> {
     let cancel = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
-    let mut instances = Vec::new();
-    for (label, max) in [
-        ("cap 1 s", Duration::from_secs(1)),
-        ("cap 2 s (default)", Duration::from_secs(2)),
-    ] {
-        let queue = format!("bench.recovery.{}", instances.len());
-        let topo = Topology::default().queue(QueueSpec::durable(&queue));
-        let (amqp, handle) = Amqp::new(warren_config(&node.amqp_url(), topo, max))?;
-        tasks.spawn(amqp.run(cancel.clone()));
-        let mut sub = handle.add_subscription(SubscriptionConfig::new(&queue))?;
-        let firsts = Arc::new(Mutex::new(BTreeMap::new()));
-        let f = firsts.clone();
-        tasks.spawn(async move {
-            while let Some(d) = sub.next().await {
-                let now = Instant::now();
-                if let Ok(mut f) = f.lock() {
-                    f.entry(d.generation).or_insert(now);
-                }
-                d.acker.ack();
+    let queue = format!("bench.recovery.{}", uuid::Uuid::new_v4().simple());
+    let topo = Topology::default().queue(QueueSpec::quorum(&queue));
+    let (amqp, handle) = Amqp::new(shipped(urls, topo)?)?;
+    tasks.spawn(amqp.run(cancel.clone()));
+    let mut sub = handle.add_subscription(SubscriptionConfig::new(&queue))?;
+    let firsts: Arc<Mutex<BTreeMap<u64, Instant>>> = Arc::new(Mutex::new(BTreeMap::new()));
+    let f = firsts.clone();
+    tasks.spawn(async move {
+        while let Some(d) = sub.next().await {
+            let now = Instant::now();
+            if let Ok(mut f) = f.lock() {
+                f.entry(d.generation).or_insert(now);
             }
-        });
-        instances.push(Instance {
-            label: label.to_owned(),
-            handle,
-            queue,
-            firsts,
-        });
-    }
-    let publisher_stop = CancellationToken::new();
-    let url = node.amqp_url();
-    let queues: Vec<String> = instances.iter().map(|i| i.queue.clone()).collect();
-    tasks.spawn(publish_forever(url, queues, publisher_stop.clone()));
-
-    let mut results: Vec<Vec<Duration>> = vec![Vec::new(); instances.len()];
-    for round in 0..=restarts {
-        // Wait until every instance received a delivery in its current
-        // generation.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut gens = Vec::new();
-        for inst in &instances {
-            loop {
-                let g = inst.handle.status_now().generation;
-                let got = inst.firsts.lock().ok().and_then(|f| f.get(&g).copied());
-                if g > 0 && inst.handle.status_now().is_running() && got.is_some() {
-                    gens.push((g, got));
-                    break;
-                }
-                if Instant::now() > deadline {
-                    bail!("{} did not receive a delivery in round {round}", inst.label);
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+            d.acker.ack();
         }
-        if round == restarts {
+    });
+    let publisher_stop = CancellationToken::new();
+    let mut publish_urls = vec![publish_url.to_owned()];
+    publish_urls.extend(urls.iter().filter(|u| *u != publish_url).cloned());
+    tasks.spawn(publish_forever(
+        publish_urls,
+        vec![queue.clone()],
+        publisher_stop.clone(),
+    ));
+    let mut results = Vec::new();
+    for round in 0..=rounds {
+        let generation = running_with_delivery(&handle, &firsts, round).await?;
+        if round == rounds {
             break;
         }
-        eprintln!("restart {}/{restarts}", round + 1);
-        node.kill9().await?;
-        node.spawn_again()?;
-        let accepted = wait_accepting(node.addr(), Duration::from_secs(60)).await?;
-        for (i, inst) in instances.iter().enumerate() {
-            let prev = gens[i].0;
-            let deadline = Instant::now() + Duration::from_secs(60);
-            let first = loop {
-                let found = inst
-                    .firsts
-                    .lock()
-                    .ok()
-                    .and_then(|f| f.range(prev + 1..).next().map(|(_, t)| *t));
-                if let Some(t) = found {
-                    break t;
-                }
-                if Instant::now() > deadline {
-                    bail!("{} did not recover after restart {round}", inst.label);
-                }
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            };
-            results[i].push(first.saturating_duration_since(accepted));
-        }
-        // Let the node finish booting before the next kill.
-        node.wait_booted().await?;
+        eprintln!("fault {}/{rounds}", round + 1);
+        let endpoint = handle.status_now().endpoint.unwrap_or_default();
+        let (from, _) = fault(endpoint).await?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let first = loop {
+            let found = firsts
+                .lock()
+                .ok()
+                .and_then(|f| f.range(generation + 1..).next().map(|(_, t)| *t));
+            if let Some(t) = found {
+                break t;
+            }
+            if Instant::now() > deadline {
+                bail!("no recovery after fault {round}");
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        };
+        results.push(first.saturating_duration_since(from));
     }
     publisher_stop.cancel();
     cancel.cancel();
     while tasks.join_next().await.is_some() {}
-    Ok(instances
-        .into_iter()
-        .map(|i| i.label)
-        .zip(results)
-        .collect())
+    Ok(results)
+}
+
+/// Wait until Warren runs and has a delivery in its current generation;
+/// returns that generation.
+async fn running_with_delivery(
+    handle: &AmqpHandle,
+    firsts: &Mutex<BTreeMap<u64, Instant>>,
+    round: usize,
+) -> Result<u64> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let s = handle.status_now();
+        let got = firsts.lock().ok().and_then(|f| f.get(&s.generation).copied());
+        if s.generation > 0 && s.is_running() && got.is_some() {
+            return Ok(s.generation);
+        }
+        if Instant::now() > deadline {
+            bail!("no delivery in round {round}: {s:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 async fn wait_accepting(addr: std::net::SocketAddr, timeout: Duration) -> Result<Instant> {
@@ -198,10 +251,13 @@ async fn wait_accepting(addr: std::net::SocketAddr, timeout: Duration) -> Result
 }
 
 /// Publish one persistent message to each queue every 10 ms, reconnecting
-/// as fast as possible.
-async fn publish_forever(url: String, queues: Vec<String>, stop: CancellationToken) {
+/// as fast as possible, to the first of `urls` that takes the connection.
+async fn publish_forever(urls: Vec<String>, queues: Vec<String>, stop: CancellationToken) {
+    let mut next = 0;
     while !stop.is_cancelled() {
-        let Ok(conn) = Connection::connect(&url, ConnectionProperties::default()).await else {
+        let url = &urls[next % urls.len()];
+        next += 1;
+        let Ok(conn) = Connection::connect(url, ConnectionProperties::default()).await else {
             tokio::time::sleep(Duration::from_millis(2)).await;
             continue;
         };
@@ -243,7 +299,10 @@ async fn prefill(url: &str, queue: &str, n: u64) -> Result<()> {
     let ch = conn.create_channel().await?;
     ch.queue_declare(
         queue.into(),
-        QueueDeclareOptions::default(),
+        QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        },
         FieldTable::default(),
     )
     .await?;
@@ -316,11 +375,8 @@ async fn drain_lapin(url: &str, queue: &str, n: u64, every: u64) -> Result<f64> 
 }
 
 async fn drain_warren(url: &str, queue: &str, n: u64, coalesce: bool) -> Result<f64> {
-    let topo = Topology::default().queue(QueueSpec {
-        name: queue.to_owned(),
-        ..QueueSpec::default()
-    });
-    let (amqp, handle) = Amqp::new(warren_config(url, topo, Duration::from_secs(1)))?;
+    let topo = Topology::default().queue(QueueSpec::durable(queue));
+    let (amqp, handle) = Amqp::new(shipped(&[url.to_owned()], topo)?)?;
     let cancel = CancellationToken::new();
     let task = tokio::spawn(amqp.run(cancel.clone()));
     let mut sub = handle.add_subscription(

@@ -135,6 +135,7 @@ async fn drain_pika(queue: &str, n: u64) -> Result<f64> {
         .arg(queue)
         .arg(n.to_string())
         .arg(PREFETCH.to_string())
+        .arg(warren_bench::bench_broker().await?.url)
         .output()
         .await
         .context("running python3 bench/pika_drain.py")?;

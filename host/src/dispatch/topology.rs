@@ -262,6 +262,27 @@ mod tests {
     }
 
     #[test]
+    fn nothing_rabbitmq_4_3_refuses_is_declared() {
+        // 4.3 refuses transient non-exclusive queues and `x-queue-mode`.
+        let c = DispatchConfig::default();
+        for kind in [QueueKind::Quorum, QueueKind::Classic] {
+            let sub = Subscription {
+                queue: "q".into(),
+                kind,
+                bind: None,
+                prefetch: 1,
+                message_ttl_ms: Some(1000),
+                max_attempts: None,
+            };
+            let t = c.base_topology().with_missing(c.subscription_topology(&sub));
+            for q in t.queues.values() {
+                assert!(q.durable, "{} is transient", q.name);
+                assert!(!q.field_table().contains_key("x-queue-mode"), "{}", q.name);
+            }
+        }
+    }
+
+    #[test]
     fn retry_queue_names_fit_amqp() {
         let c = DispatchConfig::default();
         assert_eq!(c.retry_queue("orders"), "warren.retry.orders");
