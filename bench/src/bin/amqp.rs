@@ -68,7 +68,10 @@ async fn main() -> Result<()> {
         Ok((accepted, Some(node.addr())))
     })
     .await?;
-    rows.push((format!("stopped {} s, started ({rounds}×)", stop_for.as_secs()), stop));
+    rows.push((
+        format!("stopped {} s, started ({rounds}×)", stop_for.as_secs()),
+        stop,
+    ));
     node.wait_booted().await?;
     let throughput = throughput(&node, messages, &only).await?;
     drop(node);
@@ -95,7 +98,10 @@ async fn main() -> Result<()> {
         Ok((killed, None))
     })
     .await?;
-    rows.push((format!("connected cluster node `kill -9` ({rounds}×)"), cluster_kill));
+    rows.push((
+        format!("connected cluster node `kill -9` ({rounds}×)"),
+        cluster_kill,
+    ));
     drop(cluster);
 
     println!(
@@ -226,7 +232,10 @@ async fn running_with_delivery(
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let s = handle.status_now();
-        let got = firsts.lock().ok().and_then(|f| f.get(&s.generation).copied());
+        let got = firsts
+            .lock()
+            .ok()
+            .and_then(|f| f.get(&s.generation).copied());
         if s.generation > 0 && s.is_running() && got.is_some() {
             return Ok(s.generation);
         }

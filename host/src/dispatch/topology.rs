@@ -274,7 +274,9 @@ mod tests {
                 message_ttl_ms: Some(1000),
                 max_attempts: None,
             };
-            let t = c.base_topology().with_missing(c.subscription_topology(&sub));
+            let t = c
+                .base_topology()
+                .with_missing(c.subscription_topology(&sub));
             for q in t.queues.values() {
                 assert!(q.durable, "{} is transient", q.name);
                 assert!(!q.field_table().contains_key("x-queue-mode"), "{}", q.name);
