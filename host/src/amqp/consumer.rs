@@ -315,7 +315,24 @@ pub(crate) async fn run(ctx: ConsumerCtx) -> String {
             s.subscribe_attempts += 1;
         });
         let epoch = ctx.shared.epochs.fetch_add(1, Ordering::AcqRel) + 1;
-        let (channel, lapin_consumer) = match subscribe(&ctx, &config, epoch).await {
+        let subscribed = tokio::time::timeout(SUBSCRIBE_TIMEOUT, subscribe(&ctx, &config, epoch))
+            .await
+            .unwrap_or_else(|_| {
+                // The channel's state is unknown (a late consume-ok would
+                // start deliveries nobody takes): only a new session is
+                // sure to close it.
+                Err((
+                    AmqpError::ChannelFailed {
+                        op: "basic.consume",
+                        class: FailureClass::Other,
+                        message: format!(
+                            "no answer within {SUBSCRIBE_TIMEOUT:?} (a queue that is not yet available)"
+                        ),
+                    },
+                    true,
+                ))
+            });
+        let (channel, lapin_consumer) = match subscribed {
             Ok(ok) => ok,
             Err((e, conn_level)) => {
                 if conn_level || !ctx.conn.status().connected() {
@@ -525,6 +542,12 @@ async fn declare_own(
     }
     Ok(())
 }
+
+/// How long subscribing (declarations, QoS, consume) may take. A quorum
+/// queue on a node that just restarted answered one `basic.consume` with
+/// INTERNAL_ERROR and the next one never (RabbitMQ 3.10): without a limit
+/// the consumer waited forever while the connection looked healthy.
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// How long a broker-side consumer check may take.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
