@@ -13,31 +13,18 @@ use warren_it::rabbit::{RabbitNode, Shared, Version};
 
 use crate::host::{plugins_dir, start_ready};
 
-fn config(url: &str, dir: &std::path::Path, dlq: &str, dispatch: &str, rest: &str) -> Config {
-    let text = format!(
-        r#"
-        [plugins]
-        dir = "{dir}"
-        [spool]
-        stream-key = "{stream}"
-        [amqp]
-        url = "{url}"
-        heartbeat-secs = 2
-        [dispatch]
-        retry-exchange = "{retry}"
-        dead-letter-exchange = "{dlx}"
-        dead-letter-queue = "{dlq}"
-        {dispatch}
-        [admin]
-        bind = "127.0.0.1:0"
-        {rest}
-        "#,
-        dir = dir.display(),
-        stream = unique("spool"),
-        retry = unique("retry"),
-        dlx = unique("dlx"),
+/// Warren on `url` with `outage::config`'s unique names, `dispatch` lines
+/// added to `[dispatch]` and the plugin sections `rest`; and its
+/// dead-letter queue.
+fn config(url: &str, dir: &std::path::Path, dispatch: &str, rest: &str) -> (Config, String) {
+    let cfg = crate::outage::config(
+        url,
+        ("heartbeat-secs = 2", ""),
+        dir,
+        &format!("{dispatch}\n{rest}"),
     );
-    Config::parse(&text, Vec::new()).unwrap_or_else(|p| panic!("test config: {p:?}"))
+    let dlq = cfg.dispatch.dead_letter_queue.clone();
+    (cfg, dlq)
 }
 
 fn long(s: &str) -> AMQPValue {
@@ -47,7 +34,7 @@ fn long(s: &str) -> AMQPValue {
 each_version!(a_queue_with_other_settings_is_consumed_and_each_difference_named);
 async fn a_queue_with_other_settings_is_consumed_and_each_difference_named(target: Shared) {
     let broker = Broker::connect(&target.url).await.unwrap();
-    let (input, output, dlq) = (unique("diff-in"), unique("diff-out"), unique("dlq"));
+    let (input, output) = (unique("diff-in"), unique("diff-out"));
     // Made by someone else: a quorum queue with a length limit and none of
     // the dead-letter settings Warren declares.
     let mut args = FieldTable::default();
@@ -56,10 +43,9 @@ async fn a_queue_with_other_settings_is_consumed_and_each_difference_named(targe
     broker.declare_queue_with(&input, args).await.unwrap();
     broker.declare_queue(&output).await.unwrap();
     let dir = plugins_dir(&[("echo", "echo")]).unwrap();
-    let cfg = config(
+    let (cfg, dlq) = config(
         &target.url,
         dir.path(),
-        &dlq,
         "",
         &format!(
             r#"
@@ -138,13 +124,12 @@ async fn on_rabbitmq_4_a_message_past_its_delivery_limit_ends_in_the_dead_letter
     .unwrap();
     let url = node.amqp_url();
     let broker = Broker::connect(&url).await.unwrap();
-    let (input, dlq) = (unique("slow-in"), unique("dlq"));
+    let input = unique("slow-in");
     let dir = plugins_dir(&[("slow", "slow")]).unwrap();
     let limit = 3;
-    let cfg = config(
+    let (cfg, dlq) = config(
         &url,
         dir.path(),
-        &dlq,
         &format!("delivery-limit = {limit}"),
         &format!(
             r#"

@@ -7,7 +7,6 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use warren::config::Config;
 use warren_it::broker::{Broker, unique};
 use warren_it::rabbit::{Cluster, Version};
 use warren_it::wait;
@@ -18,38 +17,25 @@ use crate::host::{plugins_dir, start_ready};
 async fn killing_the_connected_cluster_node_moves_warren_to_another_and_loses_nothing() {
     let mut cluster = Cluster::start(Version::V4_0, 3).await.unwrap();
     let urls = cluster.amqp_urls();
-    let (input, output, dlq) = (unique("cluster-in"), unique("cluster-out"), unique("dlq"));
+    let (input, output) = (unique("cluster-in"), unique("cluster-out"));
     let dir = plugins_dir(&[("echo", "echo")]).unwrap();
     let list = urls
         .iter()
         .map(|u| format!("{u:?}"))
         .collect::<Vec<_>>()
         .join(", ");
-    let text = format!(
-        r#"
-        [amqp]
-        urls = [{list}]
-        heartbeat-secs = 2
-        [admin]
-        bind = "127.0.0.1:0"
-        [plugins]
-        dir = "{dir}"
-        [spool]
-        stream-key = "{stream}"
-        [dispatch]
-        retry-exchange = "{retry}"
-        dead-letter-exchange = "{dlx}"
-        dead-letter-queue = "{dlq}"
-        [plugin.echo]
-        subscriptions = [{{ queue = "{input}", prefetch = 100 }}]
-        config = {{ routing-key = "{output}" }}
-        "#,
-        dir = dir.path().display(),
-        stream = unique("spool"),
-        retry = unique("retry"),
-        dlx = unique("dlx"),
+    let cfg = crate::outage::config(
+        &urls[0],
+        (&format!("urls = [{list}]\nheartbeat-secs = 2"), ""),
+        dir.path(),
+        &format!(
+            r#"
+            [plugin.echo]
+            subscriptions = [{{ queue = "{input}", prefetch = 100 }}]
+            config = {{ routing-key = "{output}" }}
+            "#
+        ),
     );
-    let cfg = Config::parse(&text, Vec::new()).unwrap();
     let (app, handle) = start_ready(cfg).await.unwrap();
     let endpoint = |h: &warren::app::AppHandle| h.amqp.status_now().endpoint.unwrap_or_default();
     let first = endpoint(&handle);
