@@ -108,12 +108,19 @@ impl RabbitNode {
     /// [`RabbitNode::start_version`] with an `advanced.config` too (Erlang
     /// terms, e.g. `[{rabbit, [{channel_tick_interval, 1000}]}].`).
     pub async fn start_full(version: Version, conf: &str, advanced: &str) -> Result<RabbitNode> {
+        let mut node = RabbitNode::private(version, conf, advanced)?;
+        node.boot().await?;
+        Ok(node)
+    }
+
+    /// A private node of `version` on free ports, not yet booted.
+    fn private(version: Version, conf: &str, advanced: &str) -> Result<RabbitNode> {
         let port = free_port()?;
         let mut dist_port = free_port()?;
         while dist_port == port {
             dist_port = free_port()?;
         }
-        let mut node = RabbitNode::prepare(
+        RabbitNode::prepare(
             version,
             port,
             dist_port,
@@ -121,9 +128,7 @@ impl RabbitNode {
             PathBuf::from(format!("/tmp/warren-it-rabbit-{port}")),
             conf,
             advanced,
-        )?;
-        node.boot().await?;
-        Ok(node)
+        )
     }
 
     fn prepare(
@@ -403,20 +408,7 @@ impl Cluster {
         let cookie = format!("WARRENIT{}", uuid::Uuid::new_v4().simple()).to_uppercase();
         let mut nodes = Vec::new();
         for _ in 0..n {
-            let port = free_port()?;
-            let mut dist_port = free_port()?;
-            while dist_port == port {
-                dist_port = free_port()?;
-            }
-            let node = RabbitNode::prepare(
-                version,
-                port,
-                dist_port,
-                format!("warrenit{port}@localhost"),
-                PathBuf::from(format!("/tmp/warren-it-rabbit-{port}")),
-                "",
-                "[].",
-            )?;
+            let node = RabbitNode::private(version, "", "[].")?;
             node.set_cookie(&cookie)?;
             nodes.push(node);
         }
