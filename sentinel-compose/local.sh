@@ -21,12 +21,44 @@
 #   READY_TIMEOUT_S      how long `start` waits for the sentinels (30)
 #   REDIS_SERVER         binary (redis-server on PATH)
 #
+# The secured variant (secure/: TLS only, passwords, an ACL user for Warren)
+# when SECURE_DIR is set: a directory holding ca.crt, redis.crt and
+# redis.key (secure/make-certs.sh makes them), with
+#   DATA_PASSWORD        the data nodes' requirepass and masterauth
+#   WARREN_PASSWORD      the password of the data nodes' ACL user `warren`
+#   SENTINEL_PASSWORD    the sentinels' requirepass
+#
 # `stop` signals only the PIDs in DIR's own pidfiles.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REDIS_SERVER=${REDIS_SERVER:-redis-server}
 MASTER_NAME=${MASTER_NAME:-mymaster}
+
+SECURE_DIR=${SECURE_DIR:-}
+if [ -n "$SECURE_DIR" ]; then
+  : "${DATA_PASSWORD:?SECURE_DIR needs DATA_PASSWORD}"
+  : "${WARREN_PASSWORD:?SECURE_DIR needs WARREN_PASSWORD}"
+  : "${SENTINEL_PASSWORD:?SECURE_DIR needs SENTINEL_PASSWORD}"
+  export DATA_PASSWORD WARREN_PASSWORD SENTINEL_PASSWORD
+fi
+
+# secure/<file> with its placeholders filled in.
+secure_conf() {
+  TLS_DIR=$SECURE_DIR MASTER_NAME=$MASTER_NAME sh "$HERE/secure/render.sh" "$1"
+}
+
+# redis-cli against a local node: the data nodes' or the sentinels'
+# password, over TLS in the secured variant.
+cli() { # data|sentinel port args...
+  local kind=$1 port=$2; shift 2
+  local args=(-p "$port")
+  if [ -n "$SECURE_DIR" ]; then
+    args+=(--tls --cacert "$SECURE_DIR/ca.crt" --no-auth-warning)
+    if [ "$kind" = sentinel ]; then args+=(-a "$SENTINEL_PASSWORD"); else args+=(-a "$DATA_PASSWORD"); fi
+  fi
+  redis-cli "${args[@]}" "$@"
+}
 
 usage() { echo "usage: $0 start|stop DIR [primary r1 r2 s1 s2 s3]" >&2; exit 64; }
 
@@ -53,8 +85,13 @@ data_node() { # port conf [replicaof-port]
   # Sentinel sends CONFIG REWRITE when it reconfigures a node: run from a
   # private copy so the shared file is never rewritten.
   cp "$HERE/$conf" "$DIR/$port/redis.conf"
+  local listen=(--port "$port")
+  if [ -n "$SECURE_DIR" ]; then
+    secure_conf redis.conf >> "$DIR/$port/redis.conf"
+    listen=(--port 0 --tls-port "$port")
+  fi
   local args=("$DIR/$port/redis.conf"
-    --port "$port" --bind 127.0.0.1 --dir "$DIR/$port" --daemonize yes
+    "${listen[@]}" --bind 127.0.0.1 --dir "$DIR/$port" --daemonize yes
     --pidfile "$DIR/$port/redis.pid" --logfile "$DIR/$port/redis.log"
     --replica-announce-ip 127.0.0.1)
   [ -n "${MIN_REPLICAS_MAX_LAG:-}" ] && args+=(--min-replicas-max-lag "$MIN_REPLICAS_MAX_LAG")
@@ -71,8 +108,11 @@ sentinel_node() { # port
       -e "s/^sentinel announce-hostnames .*/sentinel announce-hostnames no/" \
       -e "s/ mymaster / $MASTER_NAME /" \
       "$HERE/sentinel.conf" > "$conf"
+  if [ -n "$SECURE_DIR" ]; then
+    secure_conf sentinel.conf >> "$conf"
+  fi
   {
-    echo "port $port"
+    if [ -n "$SECURE_DIR" ]; then echo "port 0"; echo "tls-port $port"; else echo "port $port"; fi
     echo "bind 127.0.0.1"
     echo "daemonize yes"
     echo "pidfile $DIR/sentinel-$port.pid"
@@ -88,11 +128,11 @@ sentinel_node() { # port
 sentinels_ready() {
   local s out
   for s in "$S1" "$S2" "$S3"; do
-    out=$(redis-cli -p "$s" sentinel master "$MASTER_NAME" 2>/dev/null | paste - - |
+    out=$(cli sentinel "$s" sentinel master "$MASTER_NAME" 2>/dev/null | paste - - |
       awk '$1=="num-slaves"{a=$2} $1=="num-other-sentinels"{b=$2} END{print a"/"b}')
     [ "$out" = "2/2" ] || return 1
   done
-  redis-cli -p "$S1" sentinel ckquorum "$MASTER_NAME" 2>/dev/null | grep -q '^OK'
+  cli sentinel "$S1" sentinel ckquorum "$MASTER_NAME" 2>/dev/null | grep -q '^OK'
 }
 
 start() {

@@ -227,6 +227,17 @@ pub fn spool_config(config: &Config) -> SpoolConfig {
     c.wait_timeout_ms = s.wait_timeout_ms;
     c.max_entries = s.max_entries;
     c.max_bytes = s.max_bytes;
+    c.username = s.username.clone();
+    c.password = s.password.clone();
+    c.password_file = s.password_file.clone();
+    c.sentinel_username = s.sentinel_username.clone();
+    c.sentinel_password = s.sentinel_password.clone();
+    c.sentinel_password_file = s.sentinel_password_file.clone();
+    c.tls_ca_file = s.tls_ca_file.clone();
+    c.tls_cert_file = s.tls_cert_file.clone();
+    c.tls_key_file = s.tls_key_file.clone();
+    c.owner_lease_ms = s.owner_lease_ms;
+    c.adopt_orphans = s.adopt_orphans;
     c
 }
 

@@ -20,6 +20,7 @@ use serde::de::DeserializeOwned;
 
 use crate::plugins::manifest::Subscription;
 use crate::plugins::{LimitsOverride, RuntimeConfig};
+pub use crate::secret::Secret;
 
 /// Exit code for a configuration error (EX_USAGE).
 pub const EXIT_CONFIG: u8 = 64;
@@ -137,6 +138,34 @@ pub struct SpoolSection {
     /// drain may make no progress before `/ready` and `/status` list it as
     /// stalled (a `degraded` reason, `warren_spool_drain_stalled` = 1).
     pub drain_stalled_after_ms: u64,
+    /// ACL user on the data nodes (with `url`, the URL's own user works too).
+    pub username: Option<String>,
+    /// Password on the data nodes (`requirepass`, or the ACL user's).
+    pub password: Option<Secret>,
+    /// File holding the data nodes' password (a mounted secret); instead of
+    /// `password`.
+    pub password_file: Option<PathBuf>,
+    /// ACL user on the sentinels (the sentinel URLs' own user works too).
+    pub sentinel_username: Option<String>,
+    /// Password on the sentinels (their `requirepass`); the sentinel URLs'
+    /// own password works too.
+    pub sentinel_password: Option<Secret>,
+    /// File holding the sentinels' password; instead of `sentinel-password`.
+    pub sentinel_password_file: Option<PathBuf>,
+    /// CA certificate (PEM) that signed the Redis nodes' certificates; the
+    /// system's roots when unset. TLS itself is on when the URLs use
+    /// `rediss://`.
+    pub tls_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for Redis's `tls-auth-clients`.
+    pub tls_cert_file: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    pub tls_key_file: Option<PathBuf>,
+    /// How long this host's claim on its stream outlives it, ms: another
+    /// host adopts and drains a stream whose owner has not renewed its
+    /// claim for this long.
+    pub owner_lease_ms: u64,
+    /// Drain the streams of hosts that are gone (their claim expired).
+    pub adopt_orphans: bool,
 }
 
 impl Default for SpoolSection {
@@ -154,6 +183,17 @@ impl Default for SpoolSection {
             drain_window: crate::buffer::DrainerConfig::default().window,
             drain_stall_timeout_ms: crate::buffer::DrainerConfig::default().stall_timeout_ms,
             drain_stalled_after_ms: 30_000,
+            username: None,
+            password: None,
+            password_file: None,
+            sentinel_username: None,
+            sentinel_password: None,
+            sentinel_password_file: None,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            owner_lease_ms: crate::buffer::SpoolConfig::default().owner_lease_ms,
+            adopt_orphans: true,
         }
     }
 }
@@ -173,6 +213,106 @@ impl std::fmt::Debug for SpoolSection {
             .field("url", &redact_url(&self.url))
             .field("stream_key", &self.stream_key)
             .finish_non_exhaustive()
+    }
+}
+
+impl SpoolSection {
+    /// The addresses in use: the sentinels, or `url` when there are none.
+    fn addresses(&self) -> Vec<&String> {
+        if self.sentinels.is_empty() {
+            vec![&self.url]
+        } else {
+            self.sentinels.iter().collect()
+        }
+    }
+
+    /// Problems with the addresses, credentials and TLS settings.
+    fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let addresses = self.addresses();
+        for s in &addresses {
+            if !(s.starts_with("redis://") || s.starts_with("rediss://")) {
+                out.push(format!(
+                    "spool address {:?} must start with redis:// or rediss://",
+                    redact_url(s)
+                ));
+            }
+        }
+        let tls = addresses
+            .iter()
+            .filter(|s| s.starts_with("rediss://"))
+            .count();
+        if tls != 0 && tls != addresses.len() {
+            out.push(
+                "spool addresses mix redis:// and rediss://: TLS is on for every node or none"
+                    .into(),
+            );
+        }
+        let tls_files = [
+            ("tls-ca-file", &self.tls_ca_file),
+            ("tls-cert-file", &self.tls_cert_file),
+            ("tls-key-file", &self.tls_key_file),
+        ];
+        for (key, path) in tls_files {
+            let Some(path) = path else { continue };
+            if tls == 0 {
+                out.push(format!(
+                    "spool.{key} is set but the spool addresses use redis://; write rediss:// to turn TLS on"
+                ));
+            }
+            if let Err(e) = std::fs::metadata(path) {
+                out.push(format!("cannot read spool.{key} {}: {e}", path.display()));
+            }
+        }
+        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
+            out.push("spool.tls-cert-file and spool.tls-key-file go together".into());
+        }
+        let secrets = [
+            (
+                "password",
+                &self.password,
+                "password-file",
+                &self.password_file,
+            ),
+            (
+                "sentinel-password",
+                &self.sentinel_password,
+                "sentinel-password-file",
+                &self.sentinel_password_file,
+            ),
+        ];
+        for (key, value, file_key, file) in secrets {
+            match (value, file) {
+                (Some(_), Some(_)) => {
+                    out.push(format!("set spool.{key} or spool.{file_key}, not both"))
+                }
+                (None, Some(path)) => {
+                    if let Err(e) =
+                        crate::secret::read_secret_file(&format!("spool.{file_key}"), path)
+                    {
+                        out.push(e);
+                    }
+                }
+                _ => {}
+            }
+        }
+        if self.sentinels.is_empty()
+            && (self.sentinel_username.is_some()
+                || self.sentinel_password.is_some()
+                || self.sentinel_password_file.is_some())
+        {
+            out.push(
+                "spool.sentinel-username and spool.sentinel-password need spool.sentinels".into(),
+            );
+        }
+        let min_lease = 3 * crate::buffer::SpoolConfig::default().status_interval_ms;
+        if self.owner_lease_ms < min_lease {
+            out.push(format!(
+                "spool.owner-lease-ms must be at least {min_lease} (it is renewed every {} ms)",
+                min_lease / 3
+            ));
+        }
+        out
     }
 }
 
@@ -343,27 +483,6 @@ impl Default for ShutdownSection {
     }
 }
 
-/// A value that never appears in logs.
-#[derive(Clone, Deserialize, PartialEq, Eq)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(s: impl Into<String>) -> Self {
-        Self(s.into())
-    }
-    /// The secret itself, for the one place that compares it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("\"<redacted>\"")
-    }
-}
-
 /// `scheme://user:password@host/...` with the password replaced.
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
@@ -508,19 +627,7 @@ impl Config {
                 "amqp.backoff-initial-ms must be at least 1 and at most backoff-max-ms".into(),
             );
         }
-        for s in self
-            .spool
-            .sentinels
-            .iter()
-            .chain(Some(&self.spool.url).filter(|_| self.spool.sentinels.is_empty()))
-        {
-            if !(s.starts_with("redis://") || s.starts_with("rediss://")) {
-                out.push(format!(
-                    "spool address {:?} must start with redis:// or rediss://",
-                    redact_url(s)
-                ));
-            }
-        }
+        out.extend(self.spool.problems());
         if self.spool.max_entries == 0 || self.spool.max_bytes == 0 {
             out.push("spool.max-entries and spool.max-bytes must be at least 1".into());
         }
@@ -784,6 +891,55 @@ mod tests {
         let env = vec![("WARREN_NOPE_X".to_string(), "1".to_string())];
         let p = Config::parse("", env).unwrap_err();
         assert!(p[0].contains("WARREN_NOPE_X"), "{p:?}");
+    }
+
+    #[test]
+    fn spool_security_mistakes_are_reported_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "s3cret\n").unwrap();
+        let all = parse(&format!(
+            r#"
+            [spool]
+            sentinels = ["rediss://a:1", "redis://b:2"]
+            password = "inline"
+            password-file = "{pw}"
+            sentinel-password-file = "/nonexistent/sentinel-pw"
+            tls-cert-file = "{pw}"
+            owner-lease-ms = 100
+            "#,
+            pw = pw.display()
+        ))
+        .unwrap_err()
+        .join("\n");
+        for want in [
+            "spool addresses mix redis:// and rediss://",
+            "set spool.password or spool.password-file, not both",
+            "cannot read spool.sentinel-password-file /nonexistent/sentinel-pw",
+            "spool.tls-cert-file and spool.tls-key-file go together",
+            "spool.owner-lease-ms must be at least 3000",
+        ] {
+            assert!(all.contains(want), "missing {want:?} in:\n{all}");
+        }
+        assert!(!all.contains("inline") && !all.contains("s3cret"), "{all}");
+        let plain_tls = parse(
+            r#"
+            [spool]
+            tls-ca-file = "/etc/hostname"
+            "#,
+        )
+        .unwrap_err()
+        .join("\n");
+        assert!(
+            plain_tls.contains("write rediss:// to turn TLS on"),
+            "{plain_tls}"
+        );
+        let env = vec![(
+            "WARREN_SPOOL_PASSWORD_FILE".to_owned(),
+            pw.display().to_string(),
+        )];
+        let c = Config::parse("[spool]\nurl = \"redis://:x@127.0.0.1:6379\"", env).unwrap();
+        assert_eq!(c.spool.password_file.as_deref(), Some(pw.as_path()));
     }
 
     #[test]

@@ -18,6 +18,8 @@
 //!   the outbox (broker or spool).
 //! - [`app`]: `warren run` — builds, wires and stops everything.
 //! - [`admin`]: the admin HTTP API (axum); reads handles, owns no state.
+//! - [`secret`]: [`secret::Secret`] (never printed) and `*-file` secrets
+//!   (leaf).
 //! - [`shutdown`]: signals and the shutdown order.
 //! - [`cli`]: the offline commands `warren check` and `warren invoke`.
 //! - [`telemetry`]: logging, the Prometheus recorder, W3C trace context
@@ -32,5 +34,6 @@ pub mod config;
 pub mod dispatch;
 pub mod message;
 pub mod plugins;
+pub mod secret;
 pub mod shutdown;
 pub mod telemetry;

@@ -2,6 +2,11 @@
 //! through `sentinel-compose/local.sh` on free loopback ports in a temporary
 //! directory, with the faults tests need. Dropping it stops every process
 //! it started, by the PIDs in its own pidfiles.
+//!
+//! [`Topology::start_secured`] starts the secured variant
+//! (`sentinel-compose/secure/`): TLS only, with certificates made for the
+//! test by `secure/make-certs.sh`, a password on the data nodes and on the
+//! sentinels, and an ACL user `warren` for the spool.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -17,10 +22,28 @@ pub const DOWN_AFTER_MS: u64 = 1000;
 /// See [`DOWN_AFTER_MS`].
 pub const FAILOVER_TIMEOUT_MS: u64 = 5000;
 
+/// The secrets and certificates of a secured topology.
+#[derive(Debug, Clone)]
+pub struct Secured {
+    /// `ca.crt`, `redis.crt`, `redis.key`, `client.crt`, `client.key`.
+    pub tls_dir: PathBuf,
+    /// The data nodes' `requirepass` (the default user).
+    pub data_password: String,
+    /// The password of the data nodes' ACL user `warren`.
+    pub warren_password: String,
+    /// The sentinels' `requirepass`.
+    pub sentinel_password: String,
+}
+
+/// The ACL user the secured topology makes for Warren.
+pub const WARREN_USER: &str = "warren";
+
 /// A running topology.
 pub struct Topology {
     dir: tempfile::TempDir,
     script: PathBuf,
+    /// Set for the secured variant.
+    pub secured: Option<Secured>,
     /// The Sentinel master name.
     pub master_name: String,
     /// Ports of the three data nodes; `data_ports[0]` started as primary.
@@ -56,8 +79,29 @@ fn is_not_ready(e: &redis::RedisError) -> bool {
     matches!(e.code(), Some("NOGOODSLAVE" | "INPROG"))
 }
 
-async fn conn(port: u16) -> Result<redis::aio::MultiplexedConnection> {
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}"))?;
+/// A connection to `127.0.0.1:port` as the default user with `password`,
+/// over TLS trusting `tls`'s CA when given.
+async fn conn(
+    port: u16,
+    tls: Option<&Path>,
+    password: Option<&str>,
+) -> Result<redis::aio::MultiplexedConnection> {
+    let scheme = if tls.is_some() { "rediss" } else { "redis" };
+    let mut info =
+        redis::IntoConnectionInfo::into_connection_info(format!("{scheme}://127.0.0.1:{port}"))?;
+    if let Some(pw) = password {
+        info = info.set_redis_settings(redis::RedisConnectionInfo::default().set_password(pw));
+    }
+    let client = match tls {
+        Some(dir) => redis::Client::build_with_tls(
+            info,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(std::fs::read(dir.join("ca.crt"))?),
+            },
+        )?,
+        None => redis::Client::open(info)?,
+    };
     let cfg = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(1)))
         .set_response_timeout(Some(Duration::from_secs(2)));
@@ -70,13 +114,47 @@ impl Topology {
     /// Start the topology and return once every sentinel sees two replicas
     /// and two other sentinels and CKQUORUM is OK (the script waits).
     pub async fn start() -> Result<Topology> {
+        Self::start_with(false).await
+    }
+
+    /// [`Topology::start`] for the secured variant.
+    pub async fn start_secured() -> Result<Topology> {
+        Self::start_with(true).await
+    }
+
+    async fn start_with(secure: bool) -> Result<Topology> {
         let dir = tempfile::Builder::new()
             .prefix("warren-sentinel-")
             .tempdir()?;
+        let secured = if secure {
+            let tls_dir = dir.path().join("tls");
+            let script = crate::plugins::repo_root().join("sentinel-compose/secure/make-certs.sh");
+            let out = tokio::process::Command::new("bash")
+                .arg(script)
+                .arg(&tls_dir)
+                .output()
+                .await?;
+            if !out.status.success() {
+                bail!(
+                    "make-certs.sh failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            let secret = |what: &str| format!("{what}-{}", uuid::Uuid::new_v4().simple());
+            Some(Secured {
+                tls_dir,
+                data_password: secret("data"),
+                warren_password: secret("warren"),
+                sentinel_password: secret("sentinel"),
+            })
+        } else {
+            None
+        };
         let all: [u16; 6] = distinct_ports()?;
         let topo = Topology {
             dir,
             script: script_path(),
+            secured,
             master_name: "mymaster".into(),
             data_ports: [all[0], all[1], all[2]],
             sentinel_ports: [all[3], all[4], all[5]],
@@ -96,6 +174,12 @@ impl Topology {
             .env("DOWN_AFTER_MS", DOWN_AFTER_MS.to_string())
             .env("FAILOVER_TIMEOUT_MS", FAILOVER_TIMEOUT_MS.to_string())
             .env("MIN_REPLICAS_MAX_LAG", "2");
+        if let Some(s) = &self.secured {
+            c.env("SECURE_DIR", &s.tls_dir)
+                .env("DATA_PASSWORD", &s.data_password)
+                .env("WARREN_PASSWORD", &s.warren_password)
+                .env("SENTINEL_PASSWORD", &s.sentinel_password);
+        }
         let out = tokio::time::timeout(Duration::from_secs(60), c.output())
             .await
             .context("local.sh timed out")??;
@@ -114,17 +198,31 @@ impl Topology {
         self.dir.path()
     }
 
-    /// `redis://127.0.0.1:<port>` for each sentinel.
+    /// `redis://127.0.0.1:<port>` for each sentinel (`rediss://` when
+    /// secured).
     pub fn sentinel_urls(&self) -> Vec<String> {
+        let scheme = if self.secured.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
         self.sentinel_ports
             .iter()
-            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .map(|p| format!("{scheme}://127.0.0.1:{p}"))
             .collect()
     }
 
-    /// A connection to a node of this topology.
+    /// A connection to a node of this topology, as its administrator.
     pub async fn conn(&self, port: u16) -> Result<redis::aio::MultiplexedConnection> {
-        conn(port).await
+        let tls = self.secured.as_ref().map(|s| s.tls_dir.as_path());
+        let password = self.secured.as_ref().map(|s| {
+            if self.sentinel_ports.contains(&port) {
+                s.sentinel_password.as_str()
+            } else {
+                s.data_password.as_str()
+            }
+        });
+        conn(port, tls, password).await
     }
 
     /// The primary's port according to the first sentinel that answers.
@@ -132,7 +230,7 @@ impl Topology {
         let mut last = None;
         for s in self.sentinel_ports {
             let r = async {
-                let mut c = conn(s).await?;
+                let mut c = self.conn(s).await?;
                 let addr: Option<(String, u16)> = redis::cmd("SENTINEL")
                     .arg("GET-MASTER-ADDR-BY-NAME")
                     .arg(&self.master_name)
@@ -151,7 +249,7 @@ impl Topology {
 
     /// `ROLE` of a data node: "master", "slave", or an error if it is down.
     pub async fn role(&self, port: u16) -> Result<String> {
-        let mut c = conn(port).await?;
+        let mut c = self.conn(port).await?;
         let v: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut c).await?;
         match v.first() {
             Some(redis::Value::BulkString(b)) => Ok(String::from_utf8_lossy(b).into_owned()),
@@ -162,7 +260,7 @@ impl Topology {
 
     /// Replicas the node reports as online (`INFO replication`).
     pub async fn online_replicas(&self, port: u16) -> Result<usize> {
-        let mut c = conn(port).await?;
+        let mut c = self.conn(port).await?;
         let info: String = redis::cmd("INFO")
             .arg("replication")
             .query_async(&mut c)
@@ -253,7 +351,7 @@ impl Topology {
     pub async fn failover(&self) -> Result<()> {
         let deadline = std::time::Instant::now() + FAILOVER_READY;
         loop {
-            let mut c = conn(self.sentinel_ports[0]).await?;
+            let mut c = self.conn(self.sentinel_ports[0]).await?;
             let r: redis::RedisResult<String> = redis::cmd("SENTINEL")
                 .arg("FAILOVER")
                 .arg(&self.master_name)

@@ -1,11 +1,13 @@
 //! Plain serde configuration for the spool and its drainer. Validated up
 //! front by [`SpoolConfig::validate`], which reports every problem at once.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use super::SpoolError;
+use crate::secret::Secret;
 
 /// Where the spool's Redis is and how the spool behaves.
 ///
@@ -50,8 +52,34 @@ pub struct SpoolConfig {
     pub max_batch: usize,
     /// Appends that may wait for the writer before `append` itself waits.
     pub queue_capacity: usize,
-    /// How often depth, oldest age and the primary's role are refreshed.
+    /// How often depth, oldest age and the primary's role are refreshed,
+    /// and this host's claim on its stream is renewed.
     pub status_interval_ms: u64,
+    /// ACL user on the data nodes; with `url`, the URL's user when unset.
+    pub username: Option<String>,
+    /// Password on the data nodes; with `url`, the URL's password when unset.
+    pub password: Option<Secret>,
+    /// File holding the data nodes' password, instead of `password`.
+    pub password_file: Option<PathBuf>,
+    /// ACL user on the sentinels; the sentinel URLs' user when unset.
+    pub sentinel_username: Option<String>,
+    /// Password on the sentinels; the sentinel URLs' password when unset.
+    pub sentinel_password: Option<Secret>,
+    /// File holding the sentinels' password, instead of `sentinel_password`.
+    pub sentinel_password_file: Option<PathBuf>,
+    /// CA certificate (PEM) for `rediss://`; the system's roots when unset.
+    pub tls_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM), for servers with `tls-auth-clients yes`.
+    pub tls_cert_file: Option<PathBuf>,
+    /// The client certificate's key (PEM).
+    pub tls_key_file: Option<PathBuf>,
+    /// This host's claim on its stream (`{stream}:owner`) lives this long
+    /// unless renewed (every `status_interval_ms`); once it has lapsed,
+    /// another host may adopt the stream and drain it.
+    pub owner_lease_ms: u64,
+    /// Adopt and drain the `warren:spool:*` streams of hosts whose claim
+    /// has lapsed (see `buffer::adopt`).
+    pub adopt_orphans: bool,
 }
 
 impl Default for SpoolConfig {
@@ -72,6 +100,17 @@ impl Default for SpoolConfig {
             max_batch: 512,
             queue_capacity: 16_384,
             status_interval_ms: 1000,
+            username: None,
+            password: None,
+            password_file: None,
+            sentinel_username: None,
+            sentinel_password: None,
+            sentinel_password_file: None,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            owner_lease_ms: 10_000,
+            adopt_orphans: true,
         }
     }
 }
@@ -165,11 +204,25 @@ impl SpoolConfig {
         if self.append_timeout_ms == 0 || self.connect_timeout_ms == 0 {
             problems.push("`append_timeout_ms` and `connect_timeout_ms` must be > 0".into());
         }
+        if self.owner_lease_ms < self.status_interval_ms.saturating_mul(3) {
+            problems.push(
+                "`owner_lease_ms` must be at least 3 × `status_interval_ms` (it is renewed every interval)".into(),
+            );
+        }
         if problems.is_empty() {
             Ok(())
         } else {
             Err(SpoolError::InvalidConfig(problems))
         }
+    }
+
+    /// The owner-claim key of `stream`.
+    pub(crate) fn owner_key(stream: &str) -> String {
+        format!("{stream}:owner")
+    }
+
+    pub(crate) fn owner_lease(&self) -> Duration {
+        Duration::from_millis(self.owner_lease_ms)
     }
 }
 

@@ -5,6 +5,11 @@ use std::time::Duration;
 
 use redis::{ErrorKind, RedisError, ServerErrorKind};
 
+/// How long the resolver keeps answering with an authentication failure
+/// before it dials again: a wrong password is an operator's mistake, and
+/// redialling on every append would only flood the nodes' logs.
+pub const AUTH_RETRY: Duration = Duration::from_secs(2);
+
 /// What went wrong in the spool. Every error [`crate::buffer::SpoolHandle::append`]
 /// returns means the message was **not** accepted as durable: the caller
 /// must publish it some other way or refuse it upstream.
@@ -25,6 +30,13 @@ pub enum SpoolError {
         #[source]
         source: RedisError,
     },
+
+    /// The node refused Warren's credentials: a wrong password, an unknown
+    /// or disabled ACL user, or a command the ACL user may not run. Not
+    /// fixed by retrying at once: the resolver waits [`AUTH_RETRY`] before
+    /// dialling again.
+    #[error("authentication failed on {addr}: {detail}")]
+    AuthFailed { addr: String, detail: String },
 
     /// The node Sentinel named (or the configured URL) is not a primary.
     #[error("{addr} is not a primary (role {role})")]
@@ -141,6 +153,15 @@ impl SpoolError {
         }
     }
 
+    /// Credentials or permissions were refused.
+    pub fn is_auth(&self) -> bool {
+        match self {
+            SpoolError::AuthFailed { .. } => true,
+            SpoolError::Timeout { last, .. } => last.is_auth(),
+            _ => false,
+        }
+    }
+
     /// The spool refused because of its size limit.
     pub fn is_full(&self) -> bool {
         matches!(self, SpoolError::SpoolFull { .. })
@@ -152,6 +173,12 @@ impl SpoolError {
         let code = err.code().unwrap_or_default().to_owned();
         let detail = err.detail().unwrap_or_default().to_owned();
         match (err.kind(), code.as_str()) {
+            (ErrorKind::AuthenticationFailed, _) | (_, "NOAUTH" | "WRONGPASS" | "NOPERM") => {
+                SpoolError::AuthFailed {
+                    addr,
+                    detail: err.to_string(),
+                }
+            }
             (ErrorKind::Server(ServerErrorKind::ReadOnly), _) | (_, "READONLY") => {
                 SpoolError::PrimaryReadOnly { addr }
             }
@@ -160,6 +187,18 @@ impl SpoolError {
             }
             (_, "NOREPLICAS") => SpoolError::NoReplicas { addr, detail },
             _ => SpoolError::Command { addr, source: err },
+        }
+    }
+
+    /// Classify a failure to open a connection to `addr` (the handshake
+    /// includes `AUTH`).
+    pub(crate) fn from_connect(addr: &str, err: RedisError) -> SpoolError {
+        match SpoolError::from_redis(addr, err.clone()) {
+            auth @ SpoolError::AuthFailed { .. } => auth,
+            _ => SpoolError::ConnectFailed {
+                addr: addr.to_owned(),
+                source: err,
+            },
         }
     }
 
@@ -188,5 +227,24 @@ mod tests {
         };
         assert!(t.is_not_replicated());
         assert!(!SpoolError::Unencodable("x".into()).is_transient());
+    }
+
+    #[test]
+    fn classifies_refused_credentials() {
+        let wrong = RedisError::from((
+            ErrorKind::AuthenticationFailed,
+            "Password authentication failed",
+        ));
+        let e = SpoolError::from_connect("a:1", wrong);
+        assert!(e.is_auth() && !e.is_failover(), "{e:?}");
+        assert!(
+            e.to_string().starts_with("authentication failed on a:1"),
+            "{e}"
+        );
+        let refused = RedisError::from((ErrorKind::Io, "connection refused"));
+        assert!(matches!(
+            SpoolError::from_connect("a:1", refused),
+            SpoolError::ConnectFailed { .. }
+        ));
     }
 }

@@ -54,8 +54,19 @@
 //! trades that back (WAIT for `min_replicas` only) and accepts the loss
 //! window above.
 //!
-//! Deliberately not done here: connection pooling, TLS and AUTH to the data
-//! nodes (addresses from Sentinel are dialled as `redis://ip:port`).
+//! # Credentials and TLS
+//! [`Dialer`] builds every connection: to the sentinels (the sentinel URLs,
+//! with `sentinel_username` / `sentinel_password` if set), to the primary
+//! and the other data nodes Sentinel names (`username` / `password`: Redis
+//! keeps the data nodes' and the sentinels' passwords apart), and to the
+//! configured `url`. TLS is on for all of them when the URLs say
+//! `rediss://`; each certificate is checked against the address the node
+//! was reached at, which for data nodes is the one Sentinel announces (an
+//! IP unless `announce-hostnames yes`, so the certificates must name it).
+//! A refused credential is [`SpoolError::AuthFailed`], repeated without
+//! dialling for [`AUTH_RETRY`].
+//!
+//! Deliberately not done here: connection pooling.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -64,12 +75,172 @@ use std::time::Duration;
 use futures::StreamExt as _;
 use futures::future::join_all;
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, Role};
+use redis::{
+    AsyncConnectionConfig, Client, ClientTlsConfig, ConnectionInfo, IntoConnectionInfo,
+    RedisConnectionInfo, Role, TlsCertificates,
+};
 use tokio::sync::{Mutex, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::error::AUTH_RETRY;
 use super::{SpoolConfig, SpoolError};
+use crate::secret::{Secret, read_secret_file};
+
+/// Builds the spool's Redis clients: TLS material shared by every node, and
+/// the credentials of the data nodes (the sentinels' are baked into their
+/// clients at start).
+struct Dialer {
+    /// `rediss` or `redis`, for the data nodes Sentinel names.
+    scheme: &'static str,
+    /// CA and client certificate, when configured (else the system's roots).
+    certificates: Option<TlsCertificates>,
+    /// Credentials of the data nodes (and of `url`).
+    data: Credentials,
+    /// Credentials of the sentinels.
+    sentinel: Credentials,
+}
+
+/// A user and password that replace whatever a URL carries, where set.
+#[derive(Default)]
+struct Credentials {
+    username: Option<String>,
+    password: Option<Secret>,
+}
+
+impl Credentials {
+    /// `base` with these credentials put in where set.
+    fn apply(&self, mut base: RedisConnectionInfo) -> RedisConnectionInfo {
+        if let Some(u) = &self.username {
+            base = base.set_username(u);
+        }
+        if let Some(p) = &self.password {
+            base = base.set_password(p.expose());
+        }
+        base
+    }
+}
+
+impl Dialer {
+    /// Read the TLS files and password files of `cfg`; every problem at once.
+    fn new(cfg: &SpoolConfig, problems: &mut Vec<String>) -> Dialer {
+        let tls = match &cfg.url {
+            Some(url) => url.starts_with("rediss://"),
+            None => cfg.sentinels.iter().any(|s| s.starts_with("rediss://")),
+        };
+        let read = |key: &str, path: &std::path::Path, problems: &mut Vec<String>| {
+            std::fs::read(path)
+                .map_err(|e| problems.push(format!("cannot read {key} {}: {e}", path.display())))
+                .ok()
+        };
+        let root_cert = cfg
+            .tls_ca_file
+            .as_ref()
+            .and_then(|p| read("tls_ca_file", p, problems));
+        let client_tls = match (&cfg.tls_cert_file, &cfg.tls_key_file) {
+            (Some(cert), Some(key)) => {
+                match (
+                    read("tls_cert_file", cert, problems),
+                    read("tls_key_file", key, problems),
+                ) {
+                    (Some(client_cert), Some(client_key)) => Some(ClientTlsConfig {
+                        client_cert,
+                        client_key,
+                    }),
+                    _ => None,
+                }
+            }
+            (None, None) => None,
+            _ => {
+                problems.push("`tls_cert_file` and `tls_key_file` go together".into());
+                None
+            }
+        };
+        let certificates =
+            (root_cert.is_some() || client_tls.is_some()).then_some(TlsCertificates {
+                client_tls,
+                root_cert,
+            });
+        if certificates.is_some() && !tls {
+            problems.push("TLS files are set but the addresses use redis://, not rediss://".into());
+        }
+        let data = Credentials {
+            username: cfg.username.clone(),
+            password: secret(
+                "password_file",
+                cfg.password.as_ref(),
+                cfg.password_file.as_deref(),
+                problems,
+            ),
+        };
+        let sentinel = Credentials {
+            username: cfg.sentinel_username.clone(),
+            password: secret(
+                "sentinel_password_file",
+                cfg.sentinel_password.as_ref(),
+                cfg.sentinel_password_file.as_deref(),
+                problems,
+            ),
+        };
+        Dialer {
+            scheme: if tls { "rediss" } else { "redis" },
+            certificates,
+            data,
+            sentinel,
+        }
+    }
+
+    /// A client for a configured URL; `credentials`, where set, replace the
+    /// URL's own. The error never holds the URL (it may carry a password).
+    fn for_url(&self, url: &str, credentials: &Credentials) -> Result<Client, String> {
+        let info = url
+            .into_connection_info()
+            .map_err(|e| format!("bad redis url: {e}"))?;
+        let redis = credentials.apply(info.redis_settings().clone());
+        self.build(info.set_redis_settings(redis))
+            .map_err(|e| format!("bad redis url: {e}"))
+    }
+
+    /// A client for the data node at `addr` (`ip:port` as Sentinel names it).
+    fn data_node(&self, addr: &str) -> Result<Client, SpoolError> {
+        let fail = |source| SpoolError::ConnectFailed {
+            addr: addr.to_owned(),
+            source,
+        };
+        let host_port = match addr.rsplit_once(':') {
+            Some((host, port)) if host.contains(':') => format!("[{host}]:{port}"),
+            _ => addr.to_owned(),
+        };
+        let info = format!("{}://{host_port}", self.scheme)
+            .into_connection_info()
+            .map_err(fail)?
+            .set_redis_settings(self.data.apply(RedisConnectionInfo::default()));
+        self.build(info).map_err(fail)
+    }
+
+    fn build(&self, info: ConnectionInfo) -> redis::RedisResult<Client> {
+        match &self.certificates {
+            Some(certificates) => Client::build_with_tls(info, certificates.clone()),
+            None => Client::open(info),
+        }
+    }
+}
+
+/// The secret given inline, or read from `file`.
+fn secret(
+    file_key: &str,
+    inline: Option<&Secret>,
+    file: Option<&std::path::Path>,
+    problems: &mut Vec<String>,
+) -> Option<Secret> {
+    match (inline, file) {
+        (Some(s), _) => Some(s.clone()),
+        (None, Some(path)) => read_secret_file(file_key, path)
+            .map_err(|e| problems.push(e))
+            .ok(),
+        (None, None) => None,
+    }
+}
 
 /// A connection to the current primary, tagged with its generation.
 pub(crate) struct Link {
@@ -135,6 +306,10 @@ struct ReplInfo {
 /// The current primary and how to find the next one.
 pub(crate) struct Primary {
     target: Target,
+    dialer: Dialer,
+    /// An authentication failure and until when it is repeated without
+    /// dialling (see [`AUTH_RETRY`]).
+    refused: std::sync::Mutex<Option<(std::time::Instant, SpoolError)>>,
     min_replicas: u32,
     wait_for_all: bool,
     response_timeout: Duration,
@@ -151,30 +326,35 @@ pub(crate) struct Primary {
 
 impl Primary {
     pub(crate) fn new(cfg: &SpoolConfig) -> Result<Self, SpoolError> {
+        let mut problems = Vec::new();
+        let dialer = Dialer::new(cfg, &mut problems);
         let target = match &cfg.url {
-            Some(url) => {
-                let client = Client::open(url.as_str())
-                    .map_err(|e| SpoolError::InvalidConfig(vec![format!("bad redis url: {e}")]))?;
-                let addr = client.get_connection_info().addr().to_string();
-                Target::Plain { addr, client }
-            }
+            Some(url) => match dialer.for_url(url, &dialer.data) {
+                Ok(client) => Some(Target::Plain {
+                    addr: client.get_connection_info().addr().to_string(),
+                    client,
+                }),
+                Err(e) => {
+                    problems.push(e);
+                    None
+                }
+            },
             None => {
                 let mut sentinels = Vec::new();
-                let mut problems = Vec::new();
                 for url in &cfg.sentinels {
-                    match Client::open(url.as_str()) {
+                    match dialer.for_url(url, &dialer.sentinel) {
                         Ok(c) => sentinels.push((c.get_connection_info().addr().to_string(), c)),
-                        Err(e) => problems.push(format!("bad sentinel url: {e}")),
+                        Err(e) => problems.push(format!("sentinel: {e}")),
                     }
                 }
-                if !problems.is_empty() {
-                    return Err(SpoolError::InvalidConfig(problems));
-                }
-                Target::Sentinel {
+                Some(Target::Sentinel {
                     master: cfg.master_name.clone(),
                     sentinels,
-                }
+                })
             }
+        };
+        let (Some(target), true) = (target, problems.is_empty()) else {
+            return Err(SpoolError::InvalidConfig(problems));
         };
         // Checks (sentinel queries, ROLE, INFO) get a short response
         // timeout, so a frozen node costs little; a connection that is kept
@@ -185,6 +365,8 @@ impl Primary {
             .set_response_timeout(Some(probe_response));
         Ok(Self {
             target,
+            dialer,
+            refused: std::sync::Mutex::new(None),
             min_replicas: cfg.min_replicas(),
             wait_for_all: cfg.wait_for_all_replicas,
             response_timeout: cfg.response_timeout(),
@@ -212,6 +394,9 @@ impl Primary {
         let mut current = self.current.lock().await;
         if let Some(link) = current.as_ref() {
             return Ok(link.clone());
+        }
+        if let Some(refused) = self.still_refused() {
+            return Err(refused);
         }
         // A `+switch-master` during a resolution (typically stuck on the old,
         // frozen primary) cuts it short; the caller retries at once.
@@ -244,10 +429,31 @@ impl Primary {
                 Ok(link)
             }
             Err(e) => {
-                debug!(error = %e, "Could not resolve the Redis primary.");
+                if e.is_auth() {
+                    warn!(error = %e, retry_in = ?AUTH_RETRY, "Redis refused the spool's credentials.");
+                    if let Ok(mut g) = self.refused.lock() {
+                        *g = Some((std::time::Instant::now() + AUTH_RETRY, e.clone()));
+                    }
+                } else {
+                    debug!(error = %e, "Could not resolve the Redis primary.");
+                }
                 self.set_last_error(Some(e.to_string()));
                 Err(e)
             }
+        }
+    }
+
+    /// The last authentication failure while it is repeated without
+    /// dialling.
+    fn still_refused(&self) -> Option<SpoolError> {
+        let mut g = self.refused.lock().ok()?;
+        match g.as_ref() {
+            Some((until, e)) if std::time::Instant::now() < *until => Some(e.clone()),
+            Some(_) => {
+                *g = None;
+                None
+            }
+            None => None,
         }
     }
 
@@ -347,24 +553,27 @@ impl Primary {
                 for a in answers {
                     match a {
                         Ok(a) => ok.push(a),
-                        Err(e) => errors.push(e.to_string()),
+                        Err(e) => errors.push(e),
                     }
                 }
                 // Highest config-epoch first; ties in configured order.
                 ok.sort_by(|a, b| b.epoch.cmp(&a.epoch).then(a.index.cmp(&b.index)));
                 let Some(best) = ok.first() else {
+                    // Every sentinel refused the credentials: say so, not
+                    // "no primary".
+                    if let Some(auth) = errors.iter().find(|e| e.is_auth())
+                        && errors.iter().all(SpoolError::is_auth)
+                    {
+                        return Err(auth.clone());
+                    }
+                    let detail: Vec<String> = errors.iter().map(ToString::to_string).collect();
                     return Err(SpoolError::NoPrimary {
                         master: master.clone(),
-                        detail: errors.join("; "),
+                        detail: detail.join("; "),
                     });
                 };
                 let addr = best.addr.clone();
-                let client = Client::open(format!("redis://{addr}")).map_err(|e| {
-                    SpoolError::ConnectFailed {
-                        addr: addr.clone(),
-                        source: e,
-                    }
-                })?;
+                let client = self.dialer.data_node(&addr)?;
                 let mut conn = self.connect(&client, &addr, &self.probe_cfg).await?;
                 let info = check_primary(&mut conn, &addr).await?;
 
@@ -413,10 +622,7 @@ impl Primary {
         let fut = client.get_multiplexed_async_connection_with_config(cfg);
         match tokio::time::timeout(self.probe_timeout, fut).await {
             Ok(Ok(c)) => Ok(c),
-            Ok(Err(source)) => Err(SpoolError::ConnectFailed {
-                addr: addr.to_owned(),
-                source,
-            }),
+            Ok(Err(source)) => Err(SpoolError::from_connect(addr, source)),
             Err(_) => Err(SpoolError::ConnectFailed {
                 addr: addr.to_owned(),
                 source: redis::RedisError::from((redis::ErrorKind::Io, "connect timed out")),
@@ -480,7 +686,7 @@ impl Primary {
     /// the resolution.
     async fn probe(&self, addr: &str) -> Option<ReplInfo> {
         let work = async {
-            let client = Client::open(format!("redis://{addr}")).ok()?;
+            let client = self.dialer.data_node(addr).ok()?;
             let mut conn = self.connect(&client, addr, &self.probe_cfg).await.ok()?;
             repl_info(&mut conn, addr).await.ok()
         };
@@ -497,6 +703,12 @@ impl Primary {
             return;
         };
         let mut i = 0usize;
+        // After a failed subscription: short while another sentinel is left
+        // to try, doubled after each round in which every one failed (a
+        // password they all refuse must not be retried five times a second).
+        const FIRST_PAUSE: Duration = Duration::from_millis(200);
+        let mut pause = FIRST_PAUSE;
+        let mut failed_in_row = 0usize;
         loop {
             let Some((addr, client)) = sentinels.get(i % sentinels.len().max(1)) else {
                 return;
@@ -515,6 +727,8 @@ impl Primary {
             };
             match ps {
                 Ok(ps) => {
+                    pause = FIRST_PAUSE;
+                    failed_in_row = 0;
                     debug!(sentinel = %addr, "Subscribed to +switch-master.");
                     let mut stream = ps.into_on_message();
                     loop {
@@ -540,12 +754,18 @@ impl Primary {
                     }
                     debug!(sentinel = %addr, "Sentinel subscription ended; trying the next.");
                 }
-                Err(e) => debug!(sentinel = %addr, error = %e, "Cannot subscribe on sentinel."),
+                Err(e) => {
+                    debug!(sentinel = %addr, error = %e, "Cannot subscribe on sentinel.");
+                    failed_in_row += 1;
+                    if failed_in_row.is_multiple_of(sentinels.len()) {
+                        pause = (pause * 2).min(AUTH_RETRY);
+                    }
+                }
             }
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = tokio::time::sleep(pause) => {}
             }
         }
     }

@@ -1,6 +1,7 @@
 //! Following the primary through failures, without losing an acknowledged
 //! append: `kill -9` of the primary, a manual `SENTINEL FAILOVER`, and both
-//! replicas gone.
+//! replicas gone. The kill, manual-failover and no-replica tests run on the
+//! plain topology and on the secured one (TLS, passwords, an ACL user).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -11,7 +12,7 @@ use warren::buffer::{SpoolConfig, SpoolHandle};
 use warren_it::sentinel::Topology;
 use warren_it::wait;
 
-use super::{host_id, message, missing, start, stream_ids};
+use super::{host_id, message, missing, spool_config, start, stream_ids};
 
 /// Appenders running flat out, recording what was acknowledged and when.
 struct Load {
@@ -102,20 +103,38 @@ impl Load {
     }
 }
 
+/// `name::plain` and `name::secured`, each calling `async fn name(topo)`
+/// with a topology of that variant.
+macro_rules! each_topology {
+    ($name:ident) => {
+        mod $name {
+            use warren_it::sentinel::Topology;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn plain() {
+                super::$name(Topology::start().await.unwrap()).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn secured() {
+                super::$name(Topology::start_secured().await.unwrap()).await
+            }
+        }
+    };
+}
+
+each_topology!(kill9_primary_is_followed_and_loses_no_acknowledged_append);
+each_topology!(manual_failover_loses_no_acknowledged_append);
+each_topology!(both_replicas_stopped_appends_are_refused);
+
 fn sentinel_cfg(topo: &Topology, test: &str) -> SpoolConfig {
-    let mut cfg = SpoolConfig::sentinel(
-        topo.sentinel_urls(),
-        topo.master_name.clone(),
-        host_id(test),
-    );
+    let mut cfg = spool_config(&topo, &host_id(test));
     cfg.append_timeout_ms = 500;
     cfg.status_interval_ms = 200;
     cfg
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill9_primary_is_followed_and_loses_no_acknowledged_append() {
-    let topo = Topology::start().await.unwrap();
+async fn kill9_primary_is_followed_and_loses_no_acknowledged_append(topo: Topology) {
     let run = start(sentinel_cfg(&topo, "kill9")).await;
     let key = run.handle.stream_key().to_owned();
     let load = Load::start(&run.handle, 8);
@@ -144,7 +163,7 @@ async fn kill9_primary_is_followed_and_loses_no_acknowledged_append() {
         failed > 0,
         "appends during the failover gap must fail, not succeed silently"
     );
-    assert_none_lost(new, &key, &acked).await;
+    assert_none_lost(&topo, new, &key, &acked).await;
     let status = run.handle.status().await;
     assert_eq!(status.primary, Some(format!("127.0.0.1:{new}")));
 
@@ -215,14 +234,12 @@ async fn frozen_primary_is_followed_and_loses_no_acknowledged_append() {
         "appends while the primary hangs must fail, not succeed silently"
     );
     let primary = topo.primary_port().await.unwrap();
-    assert_none_lost(primary, &key, &acked).await;
+    assert_none_lost(&topo, primary, &key, &acked).await;
     let _ = new;
     run.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn manual_failover_loses_no_acknowledged_append() {
-    let topo = Topology::start().await.unwrap();
+async fn manual_failover_loses_no_acknowledged_append(topo: Topology) {
     let run = start(sentinel_cfg(&topo, "manual")).await;
     let key = run.handle.stream_key().to_owned();
     let load = Load::start(&run.handle, 8);
@@ -253,15 +270,13 @@ async fn manual_failover_loses_no_acknowledged_append() {
          {converted_after:?}, longest gap between acks {gap:?}, {} acked, {failed} refused (first: {first_error:?})",
         acked.len()
     );
-    assert_none_lost(new, &key, &acked).await;
+    assert_none_lost(&topo, new, &key, &acked).await;
     let status = run.handle.status().await;
     assert_eq!(status.primary, Some(format!("127.0.0.1:{new}")));
     run.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn both_replicas_stopped_appends_are_refused() {
-    let topo = Topology::start().await.unwrap();
+async fn both_replicas_stopped_appends_are_refused(topo: Topology) {
     let run = start(sentinel_cfg(&topo, "noreplicas")).await;
     let key = run.handle.stream_key().to_owned();
     run.handle.append(message(0)).await.unwrap();
@@ -289,7 +304,7 @@ async fn both_replicas_stopped_appends_are_refused() {
     assert!(status.refused >= 5);
     // Nothing beyond the first entry was written durably; at most the
     // refused ones exist on the primary unconfirmed (NOREPLICAS writes none).
-    let present = stream_ids(&format!("redis://127.0.0.1:{primary}"), &key).await;
+    let present = stream_ids(&mut topo.conn(primary).await.unwrap(), &key).await;
     assert_eq!(
         present.len(),
         1,
@@ -300,8 +315,8 @@ async fn both_replicas_stopped_appends_are_refused() {
 
 /// Every append that was acknowledged is in the stream on the node at
 /// `port` (the primary now).
-async fn assert_none_lost(port: u16, key: &str, acked: &[String]) {
-    let present = stream_ids(&format!("redis://127.0.0.1:{port}"), key).await;
+async fn assert_none_lost(topo: &Topology, port: u16, key: &str, acked: &[String]) {
+    let present = stream_ids(&mut topo.conn(port).await.unwrap(), key).await;
     let lost = missing(acked, &present);
     assert!(
         lost.is_empty(),

@@ -5,6 +5,7 @@
 mod drain;
 mod failover;
 mod limits;
+mod secured;
 
 use std::collections::HashSet;
 use std::sync::Once;
@@ -54,6 +55,19 @@ pub fn seq_of(m: &OutboundMessage) -> u64 {
     }
 }
 
+/// A spool config for `topo`: its sentinels and, when secured, the ACL
+/// user `warren`, the sentinels' password and the test CA.
+pub fn spool_config(topo: &warren_it::sentinel::Topology, host_id: &str) -> SpoolConfig {
+    let mut cfg = SpoolConfig::sentinel(topo.sentinel_urls(), topo.master_name.clone(), host_id);
+    if let Some(s) = &topo.secured {
+        cfg.username = Some(warren_it::sentinel::WARREN_USER.into());
+        cfg.password = Some(warren::secret::Secret::new(&s.warren_password));
+        cfg.sentinel_password = Some(warren::secret::Secret::new(&s.sentinel_password));
+        cfg.tls_ca_file = Some(s.tls_dir.join("ca.crt"));
+    }
+    cfg
+}
+
 /// A unique host id, so each test has its own stream.
 pub fn host_id(test: &str) -> String {
     format!("it-{test}-{}", uuid::Uuid::new_v4().simple())
@@ -94,16 +108,10 @@ pub async fn start(cfg: SpoolConfig) -> Running {
     }
 }
 
-/// Every entry id (`id` field) in `key` on the node at `url`, read in pages.
-pub async fn stream_ids(url: &str, key: &str) -> Vec<String> {
+/// Every entry id (`id` field) in `key` on the node `c` is connected to,
+/// read in pages.
+pub async fn stream_ids(c: &mut redis::aio::MultiplexedConnection, key: &str) -> Vec<String> {
     type Entries = Vec<(String, Vec<(String, Vec<u8>)>)>;
-    let client = redis::Client::open(url).unwrap();
-    let cfg =
-        redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(10)));
-    let mut c = client
-        .get_multiplexed_async_connection_with_config(&cfg)
-        .await
-        .unwrap();
     let mut ids = Vec::new();
     let mut start = "-".to_owned();
     loop {
@@ -113,7 +121,7 @@ pub async fn stream_ids(url: &str, key: &str) -> Vec<String> {
             .arg("+")
             .arg("COUNT")
             .arg(5000)
-            .query_async(&mut c)
+            .query_async(c)
             .await
             .unwrap();
         let Some((last, _)) = entries.last() else {

@@ -1,0 +1,83 @@
+//! Values that must never reach a log line, `/status` or an error message:
+//! [`Secret`] prints and serializes as `<redacted>`, and [`read_secret_file`]
+//! is the one way a `*-file` setting is read.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize, Serializer};
+
+/// A value that never appears in logs, `Debug` output or serialized status.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+
+    /// The secret itself, for the places that hand it to a peer or compare it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("\"<redacted>\"")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("<redacted>")
+    }
+}
+
+/// Read a secret from `path` (a `password-file` setting, a mounted
+/// Kubernetes or Docker secret): the whole file, one trailing newline
+/// removed. `key` names the setting in the error, which never holds the
+/// file's contents.
+pub fn read_secret_file(key: &str, path: &Path) -> Result<Secret, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {key} {}: {e}", path.display()))?;
+    let value = text
+        .strip_suffix("\r\n")
+        .or_else(|| text.strip_suffix('\n'))
+        .unwrap_or(&text);
+    if value.is_empty() {
+        return Err(format!("{key} {} is empty", path.display()));
+    }
+    Ok(Secret::new(value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn never_printed() {
+        let s = Secret::new("hunter2");
+        assert_eq!(format!("{s:?}"), "\"<redacted>\"");
+        assert_eq!(serde_json::to_string(&s).unwrap(), "\"<redacted>\"");
+        assert_eq!(s.expose(), "hunter2");
+    }
+
+    #[test]
+    fn file_loses_one_trailing_newline() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("pw");
+        std::fs::write(&p, "s3cret\n").unwrap();
+        assert_eq!(
+            read_secret_file("spool.password-file", &p)
+                .unwrap()
+                .expose(),
+            "s3cret"
+        );
+        std::fs::write(&p, "\n").unwrap();
+        let e = read_secret_file("spool.password-file", &p).unwrap_err();
+        assert!(e.contains("is empty"), "{e}");
+        let e = read_secret_file("spool.password-file", &dir.path().join("nope")).unwrap_err();
+        assert!(e.starts_with("cannot read spool.password-file"), "{e}");
+    }
+}
