@@ -22,7 +22,9 @@ use tracing::{info, warn};
 
 use crate::admin::{self, AdminError};
 use crate::amqp::{Amqp, AmqpConfig, AmqpHandle, BackoffConfig, ConsumerState};
-use crate::buffer::{Drainer, DrainerConfig, DrainerHandle, Spool, SpoolConfig, SpoolHandle};
+use crate::buffer::{
+    Adopter, Drainer, DrainerConfig, DrainerHandle, Spool, SpoolConfig, SpoolHandle,
+};
 use crate::config::Config;
 use crate::dispatch::reload::{self, Reloader};
 use crate::dispatch::{DispatchConfig, Dispatcher, Outbox};
@@ -277,17 +279,27 @@ impl App {
             spool_handle.clone(),
             dispatch_config.dead_letter_exchange.clone(),
         );
+        let drainer_config = DrainerConfig {
+            window: config.spool.drain_window,
+            stall_timeout_ms: config.spool.drain_stall_timeout_ms,
+            ..DrainerConfig::default()
+        };
         let (drainer, drainer_handle) = Drainer::new(
-            DrainerConfig {
-                window: config.spool.drain_window,
-                stall_timeout_ms: config.spool.drain_stall_timeout_ms,
-                ..DrainerConfig::default()
-            },
+            drainer_config.clone(),
             &spool_handle,
             outbox.drain_publisher(),
         )?;
         let drainer_cancel = CancellationToken::new();
         tasks.spawn(drainer.run(drainer_cancel.clone()));
+        if config.spool.adopt_orphans {
+            let adopter = Adopter::new(
+                drainer_config,
+                &spool_handle,
+                &drainer_handle,
+                outbox.drain_publisher(),
+            )?;
+            tasks.spawn(adopter.run(drainer_cancel.clone()));
+        }
 
         let dispatcher = Arc::new(Dispatcher::new(
             amqp_handle.clone(),

@@ -17,6 +17,7 @@ pub mod broker;
 pub mod http;
 pub mod plugins;
 pub mod ports;
+pub mod private_redis;
 pub mod proxy;
 pub mod rabbit;
 pub mod sentinel;

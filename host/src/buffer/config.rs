@@ -220,10 +220,6 @@ impl SpoolConfig {
     pub(crate) fn owner_key(stream: &str) -> String {
         format!("{stream}:owner")
     }
-
-    pub(crate) fn owner_lease(&self) -> Duration {
-        Duration::from_millis(self.owner_lease_ms)
-    }
 }
 
 /// How the drainer republishes.

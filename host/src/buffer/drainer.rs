@@ -103,6 +103,21 @@ end
 return 0
 ";
 
+/// [`LEASE_SCRIPT`] for an adopted stream: refused while its owner's claim
+/// (KEYS[2]) exists, so an owner that comes back is never raced.
+const ADOPT_LEASE_SCRIPT: &str = r"
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+local v = redis.call('GET', KEYS[1])
+if v == false then
+  redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
+  return 1
+elseif v == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+";
+
 /// Releases the lease if this drainer holds it.
 const RELEASE_SCRIPT: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -218,6 +233,11 @@ impl DrainerHandle {
     pub fn is_enabled(&self) -> bool {
         *self.enabled.borrow()
     }
+
+    /// Follow this drainer's pause and resume (the adopter does).
+    pub(crate) fn subscribe(&self) -> watch::Receiver<bool> {
+        self.enabled.subscribe()
+    }
 }
 
 /// Owner of the drain loop. `drainer.run(cancel)`; control it through the
@@ -229,6 +249,9 @@ pub struct Drainer<P: DrainPublisher> {
     enabled: watch::Receiver<bool>,
     lock_key: String,
     corrupt_key: String,
+    /// Set when draining another host's stream: that host's claim, whose
+    /// presence ends the lease (see `buffer::adopt`).
+    owner_key: Option<String>,
     token: String,
     /// Confirms awaited at once now (at most `cfg.window`).
     window: usize,
@@ -354,6 +377,18 @@ async fn delete_entries(shared: Arc<Shared>, confirmed: Vec<Entry>) -> DeleteRes
     result
 }
 
+/// How one attempt to drain an adopted stream ended.
+#[derive(Debug)]
+pub(crate) enum Adopted {
+    /// Empty: everything was republished and deleted.
+    Drained,
+    /// Not ours to drain: the owner is back or another host holds the lease.
+    Declined,
+    /// Stopped part-way (cancelled, paused, a failure); what is left stays
+    /// in the stream for the next attempt.
+    Interrupted(Option<String>),
+}
+
 enum Stop {
     Cancelled,
     Disabled,
@@ -372,29 +407,87 @@ impl<P: DrainPublisher> Drainer<P> {
         publisher: P,
     ) -> Result<(Drainer<P>, DrainerHandle), SpoolError> {
         cfg.validate()?;
-        let window = cfg.window;
         let shared = spool.shared.clone();
-        shared.set_drain_window(window);
         let (tx, rx) = watch::channel(true);
-        let key = shared.key.clone();
         Ok((
-            Drainer {
-                cfg,
-                shared: shared.clone(),
-                publisher,
-                enabled: rx,
-                lock_key: format!("{key}:drain-lock"),
-                corrupt_key: format!("{key}:corrupt"),
-                token: Uuid::new_v4().to_string(),
-                window,
-                confirms_at_window: 0,
-                unsettled: Vec::new(),
-            },
+            Drainer::for_stream(cfg, shared.clone(), publisher, rx, None),
             DrainerHandle {
                 enabled: tx,
                 shared,
             },
         ))
+    }
+
+    /// A drainer of `shared`'s stream; `owner_key` is set for an adopted
+    /// stream.
+    fn for_stream(
+        cfg: DrainerConfig,
+        shared: Arc<Shared>,
+        publisher: P,
+        enabled: watch::Receiver<bool>,
+        owner_key: Option<String>,
+    ) -> Drainer<P> {
+        let window = cfg.window;
+        shared.set_drain_window(window);
+        let key = shared.key.clone();
+        Drainer {
+            cfg,
+            shared,
+            publisher,
+            enabled,
+            lock_key: format!("{key}:drain-lock"),
+            corrupt_key: format!("{key}:corrupt"),
+            owner_key,
+            token: Uuid::new_v4().to_string(),
+            window,
+            confirms_at_window: 0,
+            unsettled: Vec::new(),
+        }
+    }
+
+    /// A drainer for an adopted stream: its lease is refused, and ends,
+    /// while the owner's claim `owner_key` exists.
+    pub(crate) fn adopting(
+        cfg: DrainerConfig,
+        stream: Arc<Shared>,
+        publisher: P,
+        enabled: watch::Receiver<bool>,
+        owner_key: String,
+    ) -> Drainer<P> {
+        Drainer::for_stream(cfg, stream, publisher, enabled, Some(owner_key))
+    }
+
+    /// Drain an adopted stream once, from its head until it is empty: take
+    /// the lease (refused while the owner's claim exists or another host
+    /// holds it), publish, release. Returns the publisher, for the next
+    /// stream, and what happened.
+    pub(crate) async fn run_adopted(mut self, cancel: &CancellationToken) -> (P, Adopted) {
+        let outcome = match self.extend_lease().await {
+            Ok(false) => Adopted::Declined,
+            Err((e, g)) => self.redis_failure(e, g).await,
+            Ok(true) => {
+                let mut lease_until = Instant::now() + self.ttl();
+                let mut renew = tokio::time::interval(self.ttl() / 3);
+                renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                renew.tick().await;
+                match self.drain_pass(cancel, &mut renew, &mut lease_until).await {
+                    Stop::Idle => Adopted::Drained,
+                    Stop::LeaseLost => Adopted::Declined,
+                    Stop::Cancelled | Stop::Disabled => Adopted::Interrupted(None),
+                    Stop::Publish(error) => Adopted::Interrupted(Some(error)),
+                    Stop::Redis(e, g) => self.redis_failure(e, g).await,
+                }
+            }
+        };
+        self.release_lease().await;
+        (self.publisher, outcome)
+    }
+
+    async fn redis_failure(&self, e: SpoolError, generation: u64) -> Adopted {
+        if e.is_failover() {
+            self.shared.primary.invalidate(generation, &e).await;
+        }
+        Adopted::Interrupted(Some(e.to_string()))
     }
 
     fn ttl(&self) -> Duration {
@@ -836,10 +929,16 @@ return 1
     async fn extend_lease(&self) -> Result<bool, (SpoolError, u64)> {
         let link = self.shared.primary.get().await.map_err(|e| (e, 0))?;
         let mut conn = link.conn();
-        let held: i64 = redis::cmd("EVAL")
-            .arg(LEASE_SCRIPT)
-            .arg(1)
-            .arg(&self.lock_key)
+        let mut cmd = redis::cmd("EVAL");
+        match &self.owner_key {
+            None => cmd.arg(LEASE_SCRIPT).arg(1).arg(&self.lock_key),
+            Some(owner) => cmd
+                .arg(ADOPT_LEASE_SCRIPT)
+                .arg(2)
+                .arg(&self.lock_key)
+                .arg(owner),
+        };
+        let held: i64 = cmd
             .arg(&self.token)
             .arg(self.cfg.lease_ttl_ms)
             .query_async(&mut conn)

@@ -34,17 +34,20 @@
 //! - `spool`: [`Spool`], [`SpoolHandle`], the group-committing writer,
 //!   status.
 //! - `drainer`: [`Drainer`], [`DrainerHandle`], [`DrainPublisher`].
+//! - `adopt`: [`Adopter`], which drains the streams of hosts that are gone.
 
+mod adopt;
 mod config;
 mod drainer;
 mod error;
 mod sentinel;
 mod spool;
 
+pub use adopt::Adopter;
 pub use config::{DrainerConfig, SpoolConfig};
 pub use drainer::{DrainPublisher, Drainer, DrainerHandle, FnPublisher};
 pub use error::SpoolError;
-pub use spool::{DrainStats, DrainerState, EntryId, Spool, SpoolHandle, SpoolStatus};
+pub use spool::{Adoption, DrainStats, DrainerState, EntryId, Spool, SpoolHandle, SpoolStatus};
 
 /// Metric names (Prometheus), defined in one place. No labels: one spool
 /// per process.
@@ -67,6 +70,8 @@ pub mod metric {
     pub const DRAIN_PAUSES: &str = "warren_spool_drain_pauses_total";
     /// Counter: (re)connections to a primary.
     pub const PRIMARY_RESOLVED: &str = "warren_spool_primary_resolved_total";
+    /// Counter: entries republished from other hosts' adopted streams.
+    pub const ADOPTED: &str = "warren_spool_adopted_total";
     /// Counter: `+switch-master` notifications for our master.
     pub const SWITCH_MASTER: &str = "warren_spool_switch_master_total";
 }

@@ -279,7 +279,8 @@ enum Target {
     },
     Plain {
         addr: String,
-        client: Client,
+        /// Boxed: a TLS client is far larger than the sentinel list.
+        client: Box<Client>,
     },
 }
 
@@ -332,7 +333,7 @@ impl Primary {
             Some(url) => match dialer.for_url(url, &dialer.data) {
                 Ok(client) => Some(Target::Plain {
                     addr: client.get_connection_info().addr().to_string(),
-                    client,
+                    client: Box::new(client),
                 }),
                 Err(e) => {
                     problems.push(e);

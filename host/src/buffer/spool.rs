@@ -139,6 +139,8 @@ pub struct SpoolStatus {
     /// With entries waiting: how long nothing has drained (counted from the
     /// last drained entry or, if later, the oldest entry's append).
     pub drain_idle_ms: Option<u64>,
+    /// Other hosts' streams drained by this one.
+    pub adoption: Adoption,
 }
 
 /// The drainer's record since start: `republished - drained` is how many
@@ -184,10 +186,65 @@ pub(crate) struct Shared {
     /// Woken after each acknowledged batch (wakes an idle drainer).
     pub(crate) appended_notify: Notify,
     drainer: std::sync::Mutex<DrainerState>,
+    adoption: std::sync::Mutex<Adoption>,
     status_tx: watch::Sender<SpoolStatus>,
 }
 
+/// Other hosts' streams this host has drained (see `buffer::adopt`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Adoption {
+    /// The stream being drained now, if any.
+    pub draining: Option<String>,
+    /// Streams drained empty since start.
+    pub streams: u64,
+    /// Entries republished from adopted streams and deleted.
+    pub entries: u64,
+    /// The last attempt that stopped part-way, and why.
+    pub last_failure: Option<String>,
+}
+
 impl Shared {
+    fn new(cfg: SpoolConfig, primary: Arc<Primary>, key: String) -> Shared {
+        let (status_tx, _) = watch::channel(SpoolStatus::default());
+        Shared {
+            bytes_key: format!("{key}:bytes"),
+            key,
+            cfg,
+            primary,
+            depth: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            oldest_ms: AtomicU64::new(0),
+            synced: AtomicBool::new(false),
+            mutating: AtomicU64::new(0),
+            mutations: AtomicU64::new(0),
+            appended: AtomicU64::new(0),
+            drained: AtomicU64::new(0),
+            last_drained_at: Mutex::new(Instant::now()),
+            refused: AtomicU64::new(0),
+            republished: AtomicU64::new(0),
+            drain_pauses: AtomicU64::new(0),
+            drain_window: AtomicU64::new(0),
+            last_drain_failure: std::sync::Mutex::new(None),
+            appended_notify: Notify::new(),
+            drainer: std::sync::Mutex::new(DrainerState::NotRunning),
+            adoption: std::sync::Mutex::new(Adoption::default()),
+            status_tx,
+        }
+    }
+
+    /// The state of another host's stream `key`, on the same primary, for
+    /// draining it (its counters are its own; this spool's stay as they are).
+    pub(crate) fn adopted(&self, key: String) -> Arc<Shared> {
+        Arc::new(Shared::new(self.cfg.clone(), self.primary.clone(), key))
+    }
+
+    /// Record what adoption is doing, for status.
+    pub(crate) fn set_adoption(&self, f: impl FnOnce(&mut Adoption)) {
+        if let Ok(mut g) = self.adoption.lock() {
+            f(&mut g);
+        }
+    }
+
     /// Mark an append or delete under way until the guard drops (also when
     /// the task doing it is cancelled or aborted mid-way).
     pub(crate) fn begin_mutation(&self) -> MutationGuard<'_> {
@@ -316,6 +373,7 @@ impl Shared {
                 last_failure: self.last_drain_failure.lock().ok().and_then(|g| g.clone()),
             },
             drain_idle_ms: self.drain_idle().map(|d| d.as_millis() as u64),
+            adoption: self.adoption.lock().map(|g| g.clone()).unwrap_or_default(),
         }
     }
 
@@ -382,30 +440,7 @@ impl Spool {
         let primary = Arc::new(Primary::new(&cfg)?);
         let key = cfg.stream_key();
         let (tx, rx) = mpsc::channel(cfg.queue_capacity);
-        let (status_tx, _) = watch::channel(SpoolStatus::default());
-        let shared = Arc::new(Shared {
-            bytes_key: format!("{key}:bytes"),
-            key,
-            cfg,
-            primary,
-            depth: AtomicU64::new(0),
-            bytes: AtomicU64::new(0),
-            oldest_ms: AtomicU64::new(0),
-            synced: AtomicBool::new(false),
-            mutating: AtomicU64::new(0),
-            mutations: AtomicU64::new(0),
-            appended: AtomicU64::new(0),
-            drained: AtomicU64::new(0),
-            last_drained_at: Mutex::new(Instant::now()),
-            refused: AtomicU64::new(0),
-            republished: AtomicU64::new(0),
-            drain_pauses: AtomicU64::new(0),
-            drain_window: AtomicU64::new(0),
-            last_drain_failure: std::sync::Mutex::new(None),
-            appended_notify: Notify::new(),
-            drainer: std::sync::Mutex::new(DrainerState::NotRunning),
-            status_tx,
-        });
+        let shared = Arc::new(Shared::new(cfg, primary, key));
         let handle = SpoolHandle {
             shared: shared.clone(),
             tx,
@@ -773,6 +808,7 @@ async fn refresh_loop(shared: Arc<Shared>, cancel: CancellationToken) {
         // Resolving here also runs the start-up checks before the first
         // append, so status shows them early.
         if let Ok(link) = shared.primary.get().await {
+            renew_claim(&shared, &link).await;
             refresh_depth(&shared, &link).await;
         }
         let status = shared.snapshot().await;
@@ -781,6 +817,24 @@ async fn refresh_loop(shared: Arc<Shared>, cancel: CancellationToken) {
         metrics::gauge!(metric::OLDEST_AGE).set(status.oldest_age_ms.unwrap_or(0) as f64 / 1000.0);
         metrics::gauge!(metric::CONNECTED).set(if status.primary.is_some() { 1.0 } else { 0.0 });
         shared.status_tx.send_replace(status);
+    }
+}
+
+/// This host's claim on its stream (`{stream}:owner`), renewed every status
+/// interval: while it exists no other host adopts the stream. A failure is
+/// only logged; the claim lapses after `owner_lease_ms` and the next
+/// renewal, once Redis answers, takes it back (an adopter then stops).
+async fn renew_claim(shared: &Shared, link: &super::sentinel::Link) {
+    let mut conn = link.conn();
+    let renewed: Result<(), _> = redis::cmd("SET")
+        .arg(SpoolConfig::owner_key(&shared.key))
+        .arg(&shared.cfg.host_id)
+        .arg("PX")
+        .arg(shared.cfg.owner_lease_ms)
+        .query_async(&mut conn)
+        .await;
+    if let Err(e) = renewed {
+        debug!(stream = %shared.key, error = %e, "Could not renew this host's claim on its stream.");
     }
 }
 

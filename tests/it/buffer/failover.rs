@@ -128,7 +128,7 @@ each_topology!(manual_failover_loses_no_acknowledged_append);
 each_topology!(both_replicas_stopped_appends_are_refused);
 
 fn sentinel_cfg(topo: &Topology, test: &str) -> SpoolConfig {
-    let mut cfg = spool_config(&topo, &host_id(test));
+    let mut cfg = spool_config(topo, &host_id(test));
     cfg.append_timeout_ms = 500;
     cfg.status_interval_ms = 200;
     cfg
