@@ -318,3 +318,81 @@ fn the_sdk_unit_tests_pass() {
         "{out}"
     );
 }
+
+/// A runtime whose compile cache is `dir`.
+fn cached_runtime(dir: &std::path::Path) -> PluginRuntime {
+    PluginRuntime::new(RuntimeConfig {
+        compile_cache_dir: Some(dir.to_path_buf()),
+        ..RuntimeConfig::default()
+    })
+    .expect("runtime")
+}
+
+/// Files in the compile cache (wasmtime keeps them under subdirectories).
+fn cache_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else if !p.to_string_lossy().contains("wasmtime-cache-") {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_second_load_is_served_from_the_compile_cache_and_a_corrupt_entry_is_recompiled() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = wasm("echo").expect("plugin build");
+
+    let cold = Instant::now();
+    let rt = cached_runtime(dir.path());
+    rt.load_file(&path, &settings(&[])).await.unwrap();
+    let cold = cold.elapsed();
+    let stats = rt.compile_cache_stats().unwrap();
+    assert_eq!((stats.hits, stats.misses), (0, 1), "{stats:?}");
+
+    // A new process (a new engine with the same settings) finds it.
+    let warm = Instant::now();
+    let rt = cached_runtime(dir.path());
+    let plugin = rt.load_file(&path, &settings(&[])).await.unwrap();
+    let warm = warm.elapsed();
+    let stats = rt.compile_cache_stats().unwrap();
+    assert_eq!((stats.hits, stats.misses), (1, 0), "{stats:?}");
+    eprintln!("echo load: {cold:?} compiled, {warm:?} from the cache");
+    let out = plugin.invoke(&delivery("cached")).await;
+    assert!(matches!(out, Outcome::Ack { .. }), "{out:?}");
+
+    // Pool sizes do not change the machine code: the entry is shared.
+    let rt = PluginRuntime::new(RuntimeConfig {
+        compile_cache_dir: Some(dir.path().to_path_buf()),
+        max_instances: 17,
+        ..RuntimeConfig::default()
+    })
+    .unwrap();
+    rt.load_file(&path, &settings(&[])).await.unwrap();
+    assert_eq!(rt.compile_cache_stats().unwrap().hits, 1);
+
+    // Garbage in every entry: recompiled, and the entry rewritten.
+    let files = cache_files(dir.path());
+    assert!(!files.is_empty());
+    for f in &files {
+        std::fs::write(f, b"not a compiled component").unwrap();
+    }
+    let rt = cached_runtime(dir.path());
+    let plugin = rt.load_file(&path, &settings(&[])).await.unwrap();
+    let stats = rt.compile_cache_stats().unwrap();
+    assert_eq!((stats.hits, stats.misses), (0, 1), "{stats:?}");
+    assert!(matches!(
+        plugin.invoke(&delivery("again")).await,
+        Outcome::Ack { .. }
+    ));
+    let rt = cached_runtime(dir.path());
+    rt.load_file(&path, &settings(&[])).await.unwrap();
+    assert_eq!(rt.compile_cache_stats().unwrap().hits, 1);
+}

@@ -23,6 +23,9 @@ pub(crate) struct Status {
     pub plugins: Vec<super::handlers::PluginView>,
     pub routes: Vec<RouteInfo>,
     pub failed_plugins: Vec<FailedPlugin>,
+    /// Components loaded from the compile cache and compiled since start
+    /// (absent with the cache off).
+    pub compile_cache: Option<crate::plugins::CompileCacheStats>,
 }
 
 #[derive(Serialize)]
@@ -182,6 +185,7 @@ impl Status {
             plugins: super::handlers::plugin_views(app),
             routes: app.dispatcher.route_info(),
             failed_plugins: app.failed_plugins(),
+            compile_cache: app.reloader.runtime().compile_cache_stats(),
         }
     }
 }

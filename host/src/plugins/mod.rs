@@ -28,4 +28,4 @@ pub use limits::{Limits, LimitsOverride};
 pub use manifest::Manifest;
 pub use outcome::{LoadError, Outcome, TrapKind};
 pub use plugin::{Delivery, Plugin, PluginCounters, PluginCountersSnapshot, PluginSettings};
-pub use runtime::{PluginRuntime, RuntimeConfig, RuntimeError};
+pub use runtime::{CompileCacheStats, PluginRuntime, RuntimeConfig, RuntimeError};

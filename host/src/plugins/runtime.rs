@@ -6,8 +6,23 @@
 //! environment) and Warren's `host` imports, and a global cap on live
 //! instances so the pool can never be exhausted by dispatch. Does not own
 //! plugins (see [`super::plugin`]) or decide what happens to an outcome.
+//!
+//! # The compile cache
+//! Compiling an interpreter-sized component (Python, SpiderMonkey) takes
+//! 14–18 s of CPU; loading its compilation from disk takes milliseconds.
+//! The engine uses wasmtime's own cache (`wasmtime::Cache`): entries are
+//! keyed by the component's bytes *and* a hash of everything in the engine
+//! configuration and wasmtime version that affects code, so an entry from
+//! another Warren build or other pool settings is never used; an entry
+//! that does not decompress or deserialize is recompiled and overwritten;
+//! a background worker keeps the directory under
+//! `compile-cache-max-bytes`. Every path that compiles — `run`, reloads,
+//! admin uploads, `check`, `invoke` — goes through the engine, so all of
+//! them use it. The directory must be writable only by Warren's user: an
+//! entry is machine code that is loaded without being compiled again.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -16,7 +31,9 @@ use std::time::Duration;
 use serde::Deserialize;
 use tokio::sync::Semaphore;
 use wasmtime::component::{HasSelf, Linker};
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+use wasmtime::{
+    Cache, CacheConfig, Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig,
+};
 
 use super::bindings::PluginWorld;
 use super::instance::State;
@@ -49,6 +66,12 @@ pub struct RuntimeConfig {
     /// Bytes of each linear memory kept mapped between instances and reset
     /// with `memset` instead of `madvise` (see docs/wasm-instantiation).
     pub memory_keep_resident: usize,
+    /// Where compiled components are kept; default
+    /// `$XDG_CACHE_HOME/warren/compiled` (or `~/.cache/warren/compiled`).
+    pub compile_cache_dir: Option<PathBuf>,
+    /// Size the compile cache is trimmed to (least recently used first);
+    /// 0 turns the cache off.
+    pub compile_cache_max_bytes: u64,
 }
 
 impl Default for RuntimeConfig {
@@ -66,6 +89,8 @@ impl Default for RuntimeConfig {
             max_output_bytes: 64 << 20,
             epoch_tick_ms: 5,
             memory_keep_resident: 1 << 20,
+            compile_cache_dir: None,
+            compile_cache_max_bytes: 1 << 30,
         }
     }
 }
@@ -95,7 +120,29 @@ impl RuntimeConfig {
         if self.epoch_tick_ms == 0 || self.epoch_tick_ms > 1000 {
             out.push("plugins.runtime.epoch-tick-ms must be between 1 and 1000".into());
         }
+        if let Some(dir) = &self.compile_cache_dir
+            && !dir.is_absolute()
+        {
+            out.push(format!(
+                "plugins.runtime.compile-cache-dir {} must be an absolute path",
+                dir.display()
+            ));
+        }
         out
+    }
+
+    /// The compile cache's directory, if the cache is on and one is known.
+    pub fn compile_cache_dir(&self) -> Option<PathBuf> {
+        if self.compile_cache_max_bytes == 0 {
+            return None;
+        }
+        self.compile_cache_dir.clone().or_else(|| {
+            let base = std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .filter(|p| p.is_absolute())
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+            Some(base.join("warren").join("compiled"))
+        })
     }
 
     /// Limits for a plugin that asks for none.
@@ -124,6 +171,8 @@ pub enum RuntimeError {
     InvalidConfig(Vec<String>),
     #[error("failed to create the wasmtime engine: {0}")]
     Engine(String),
+    #[error("cannot use the compile cache {dir}: {message}")]
+    CompileCache { dir: PathBuf, message: String },
     #[error("failed to link host imports: {0}")]
     Link(String),
     #[error("failed to start the epoch ticker thread: {0}")]
@@ -143,6 +192,9 @@ pub(super) struct RuntimeInner {
     /// One permit per pool slot: taken before instantiating, so the pool
     /// never refuses an instance.
     pub(super) instances: Arc<Semaphore>,
+    /// The compile cache, when on (a handle on the engine's; shares its
+    /// hit and miss counts).
+    cache: Option<Cache>,
     /// Outcome counters by plugin name; they outlive reloads.
     counters: std::sync::Mutex<BTreeMap<String, Arc<PluginCounters>>>,
     _ticker: EpochTicker,
@@ -163,8 +215,11 @@ impl PluginRuntime {
         if !problems.is_empty() {
             return Err(RuntimeError::InvalidConfig(problems));
         }
-        let engine = Engine::new(&engine_config(&config))
-            .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        let cache = compile_cache(&config)?;
+        let mut engine_cfg = engine_config(&config);
+        engine_cfg.cache(cache.clone());
+        let engine =
+            Engine::new(&engine_cfg).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         let mut linker = Linker::<State>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .map_err(|e| RuntimeError::Link(format!("{e:#}")))?;
@@ -182,6 +237,7 @@ impl PluginRuntime {
                 linker,
                 config,
                 instances,
+                cache,
                 counters: std::sync::Mutex::default(),
                 _ticker: ticker,
             }),
@@ -191,6 +247,16 @@ impl PluginRuntime {
     /// The settings the runtime was built with.
     pub fn config(&self) -> &RuntimeConfig {
         &self.inner.config
+    }
+
+    /// Compilations served from the compile cache, and compilations done
+    /// and stored, since start; `None` with the cache off.
+    pub fn compile_cache_stats(&self) -> Option<CompileCacheStats> {
+        self.inner.cache.as_ref().map(|c| CompileCacheStats {
+            dir: c.directory().clone(),
+            hits: c.cache_hits() as u64,
+            misses: c.cache_misses() as u64,
+        })
     }
 
     /// The counters of plugin `name`, shared by all its versions.
@@ -205,6 +271,32 @@ impl PluginRuntime {
     pub(super) fn inner(&self) -> &RuntimeInner {
         &self.inner
     }
+}
+
+/// What the compile cache has done since start.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CompileCacheStats {
+    pub dir: PathBuf,
+    /// Components loaded from a cached compilation.
+    pub hits: u64,
+    /// Components compiled (and stored).
+    pub misses: u64,
+}
+
+/// wasmtime's compile cache in `rc`'s directory, trimmed to its size.
+fn compile_cache(rc: &RuntimeConfig) -> Result<Option<Cache>, RuntimeError> {
+    let Some(dir) = rc.compile_cache_dir() else {
+        return Ok(None);
+    };
+    let fail = |message: String| RuntimeError::CompileCache {
+        dir: dir.clone(),
+        message,
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| fail(e.to_string()))?;
+    let mut cc = CacheConfig::new();
+    cc.with_directory(&dir)
+        .with_files_total_size_soft_limit(rc.compile_cache_max_bytes);
+    Cache::new(cc).map(Some).map_err(|e| fail(format!("{e:#}")))
 }
 
 fn engine_config(rc: &RuntimeConfig) -> Config {
