@@ -219,3 +219,12 @@ fn invoke_takes_every_property_and_typed_headers_and_prints_them_on_outputs() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown property \"colour\""));
 }
+
+#[test]
+fn check_refuses_a_plugin_whose_memory_floor_exceeds_its_limit() {
+    let file = wasm("big-floor").unwrap();
+    assert_check_fails(
+        &file,
+        "needs at least 3.1 MiB of memory to start; its limit is 2.0 MiB",
+    );
+}

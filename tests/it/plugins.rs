@@ -162,7 +162,7 @@ async fn slow_plugin_calling_the_clock_ends_as_deadline_trap() {
     assert_eq!(kind, TrapKind::Deadline, "{message}");
     assert!(message.contains("200 ms"), "{message}");
     // Below its deadline the same plugin succeeds.
-    let quick = slow.with_settings(&settings(&[("millis", "1")]));
+    let quick = slow.with_settings(&settings(&[("millis", "1")])).unwrap();
     assert!(matches!(
         quick.invoke(&delivery("x")).await,
         Outcome::Ack { .. }
@@ -395,4 +395,42 @@ async fn a_second_load_is_served_from_the_compile_cache_and_a_corrupt_entry_is_r
     let rt = cached_runtime(dir.path());
     rt.load_file(&path, &settings(&[])).await.unwrap();
     assert_eq!(rt.compile_cache_stats().unwrap().hits, 1);
+}
+
+#[tokio::test]
+async fn a_memory_floor_above_the_limit_is_refused_at_load_unless_the_operator_raises_it() {
+    let rt = runtime();
+    let path = wasm("big-floor").expect("plugin build");
+    let err = rt.load_file(&path, &settings(&[])).await.unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("needs at least 3.1 MiB of memory to start; its limit is 2.0 MiB"),
+        "{text}"
+    );
+    // `[plugin.big-floor] limits = { memory-bytes = 8 MiB }`.
+    let raised = PluginSettings {
+        limits: LimitsOverride {
+            memory_bytes: Some(8 << 20),
+            ..LimitsOverride::default()
+        },
+        config: BTreeMap::new(),
+    };
+    let plugin = rt
+        .load_bytes_with(&path, std::fs::read(&path).unwrap(), |name| {
+            assert_eq!(name, "big-floor");
+            raised.clone()
+        })
+        .await
+        .unwrap();
+    assert!(plugin.memory_floor() > 3 << 20, "{}", plugin.memory_floor());
+    assert!(matches!(
+        plugin.invoke(&delivery("x")).await,
+        Outcome::Ack { .. }
+    ));
+    // Lowering it again is refused the same way.
+    let lowered = plugin.with_settings(&settings(&[])).unwrap_err();
+    assert!(
+        lowered.to_string().contains("its limit is 2.0 MiB"),
+        "{lowered}"
+    );
 }

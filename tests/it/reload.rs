@@ -194,6 +194,25 @@ async fn a_truncated_file_is_reported_and_the_old_version_keeps_serving() {
     );
     assert_eq!(get(w.addr, "/ready").await.status, 200);
 
+    // A component that needs more memory than its limit to start: refused
+    // by reload and by upload, naming both numbers; 1.0.0 keeps serving.
+    let big = std::fs::read(wasm("big-floor").unwrap()).unwrap();
+    std::fs::write(&file, &big).unwrap();
+    let report = send(w.addr, "POST", "/plugins/reload", None)
+        .await
+        .json()
+        .unwrap();
+    let err = report["failed"][0]["error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("needs at least 3.1 MiB of memory to start; its limit is 2.0 MiB"),
+        "{report}"
+    );
+    let r = send(w.addr, "PUT", "/plugins/big-floor", Some(&big)).await;
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert!(r.text().contains("its limit is 2.0 MiB"), "{}", r.text());
+    let status = get(w.addr, "/status").await.json().unwrap();
+    assert_eq!(status["plugins"][0]["version"], "1.0.0", "{status}");
+
     // Fixing the file then replaces it.
     std::fs::write(&file, &v2).unwrap();
     let r = send(w.addr, "POST", "/plugins/reload", None).await;

@@ -245,14 +245,16 @@ pub(crate) async fn put_plugin(
     // Check before writing: a bad upload never reaches the directory. A
     // component compiled from these bytes before (a rollback) is reused.
     let digest = digest(&body);
+    let unprocessable = |e: crate::plugins::LoadError| {
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
+    };
     let plugin = match reloader.compiled(&path, digest) {
         Some(c) => c.plugin,
         None => reloader
             .runtime()
-            .load_bytes(&path, body.to_vec(), &Default::default())
+            .load_bytes_with(&path, body.to_vec(), |declared| reloader.settings(declared))
             .await
-            .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?
-            .with_settings(&reloader.settings(&name)),
+            .map_err(unprocessable)?,
     };
     if plugin.name() != name {
         return Err(ApiError::new(

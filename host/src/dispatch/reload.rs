@@ -116,15 +116,9 @@ pub async fn scan(
                 match known {
                     Some(c) => Ok(c.clone()),
                     None => runtime
-                        .load_bytes(&path, bytes, &PluginSettings::default())
+                        .load_bytes_with(&path, bytes, |name| plugin_settings(overrides, name))
                         .await
-                        .map(|p| {
-                            let settings = plugin_settings(overrides, p.name());
-                            Candidate {
-                                plugin: p.with_settings(&settings),
-                                digest,
-                            }
-                        })
+                        .map(|plugin| Candidate { plugin, digest })
                         .map_err(|e| e.to_string()),
                 }
             }

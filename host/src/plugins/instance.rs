@@ -62,6 +62,8 @@ impl WasiView for State {
 /// so exhaustion is told apart from other traps.
 struct MemoryLimiter {
     limit: usize,
+    /// The largest size any one memory asked for (granted or not).
+    peak: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +80,7 @@ impl ResourceLimiter for MemoryLimiter {
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
+        self.peak = self.peak.max(desired);
         if desired > self.limit {
             return Err(MemoryLimitExceeded {
                 limit: self.limit,
@@ -126,6 +129,7 @@ impl Invocation {
             table: ResourceTable::new(),
             limiter: MemoryLimiter {
                 limit: usize::try_from(limits.memory_bytes).unwrap_or(usize::MAX),
+                peak: 0,
             },
             ident,
             config,
@@ -149,6 +153,11 @@ impl Invocation {
             }
         });
         Self { store, stderr }
+    }
+
+    /// The largest size one of this store's memories asked for so far.
+    pub(crate) fn memory_peak(&self) -> u64 {
+        self.store.data().limiter.peak as u64
     }
 
     /// The messages `publish` collected.

@@ -107,6 +107,21 @@ pub enum LoadError {
         path: PathBuf,
         problems: Vec<String>,
     },
+    #[error(
+        "{path}: needs at least {} of memory to start; its limit is {} (raise limits.memory-bytes in its manifest or [plugin.<name>])",
+        mib(*needs),
+        mib(*limit)
+    )]
+    MemoryFloor {
+        path: PathBuf,
+        needs: u64,
+        limit: u64,
+    },
+}
+
+/// `bytes` as MiB with one decimal, the way limits are read.
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / f64::from(1 << 20))
 }
 
 impl LoadError {
@@ -120,7 +135,8 @@ impl LoadError {
             | LoadError::WrongWorld { path, .. }
             | LoadError::WrongContract { path, .. }
             | LoadError::ManifestCall { path, .. }
-            | LoadError::InvalidManifest { path, .. } => path,
+            | LoadError::InvalidManifest { path, .. }
+            | LoadError::MemoryFloor { path, .. } => path,
         }
     }
 }

@@ -62,6 +62,9 @@ struct PluginInner {
     manifest: Manifest,
     ident: Arc<Ident>,
     limits: Limits,
+    /// The memory one instance takes before it handles anything (measured
+    /// at load); a limit below it would trap every delivery.
+    memory_floor: u64,
     config: Arc<BTreeMap<String, String>>,
     permits: Arc<Semaphore>,
     /// Shared by every version of the plugin with this name.
@@ -159,6 +162,19 @@ impl PluginRuntime {
         bytes: Vec<u8>,
         settings: &PluginSettings,
     ) -> Result<Plugin, LoadError> {
+        self.load_bytes_with(path, bytes, |_| settings.clone())
+            .await
+    }
+
+    /// [`PluginRuntime::load_bytes`] with the settings for the name the
+    /// component's manifest declares (an operator's `[plugin.<name>]`), so
+    /// its limits are checked against what it needs before it is accepted.
+    pub async fn load_bytes_with(
+        &self,
+        path: &Path,
+        bytes: Vec<u8>,
+        settings_for: impl FnOnce(&str) -> PluginSettings,
+    ) -> Result<Plugin, LoadError> {
         let path = path.to_path_buf();
         if bytes.len() < 8 || &bytes[..4] != WASM_MAGIC {
             return Err(LoadError::NotWasm { path });
@@ -201,17 +217,19 @@ impl PluginRuntime {
             message: format!("no `{HANDLER}` export with a `handle` function"),
         })?;
 
-        let manifest = self.call_manifest(&path, &pre).await?;
+        let (manifest, memory_floor) = self.call_manifest(&path, &pre).await?;
         let problems = manifest.problems();
         if !problems.is_empty() {
             return Err(LoadError::InvalidManifest { path, problems });
         }
+        let settings = &settings_for(&manifest.name);
         let limits = Limits::resolve(
             self.config().default_limits(),
             self.config().caps(),
             manifest.limits,
             settings.limits,
         );
+        check_floor(&path, memory_floor, &limits)?;
         Ok(Plugin {
             inner: Arc::new(PluginInner {
                 runtime: self.clone(),
@@ -226,6 +244,7 @@ impl PluginRuntime {
                 counters: self.counters(&manifest.name),
                 manifest,
                 limits,
+                memory_floor,
                 config: Arc::new(settings.config.clone()),
             }),
         })
@@ -235,7 +254,7 @@ impl PluginRuntime {
         &self,
         path: &Path,
         pre: &PluginWorldPre<super::instance::State>,
-    ) -> Result<Manifest, LoadError> {
+    ) -> Result<(Manifest, u64), LoadError> {
         let fail = |message: String| LoadError::ManifestCall {
             path: path.to_path_buf(),
             message,
@@ -250,7 +269,9 @@ impl PluginRuntime {
             name: file_stem(path),
             version: "?".into(),
         });
-        let limits = self.config().default_limits();
+        // Under the largest limits any plugin may get: the manifest says
+        // what the plugin asks for, and what it takes here is its floor.
+        let limits = self.config().caps();
         let mut inv = Invocation::new(self.inner(), ident, Arc::default(), &limits);
         let result = async {
             let world = pre.instantiate_async(&mut inv.store).await?;
@@ -261,13 +282,25 @@ impl PluginRuntime {
         }
         .await;
         match result {
-            Ok(m) => Ok(Manifest::from(m)),
+            Ok(m) => Ok((Manifest::from(m), inv.memory_peak())),
             Err(e) => {
                 let (kind, message) = inv.classify(&e);
                 Err(fail(format!("{kind} trap: {message}")))
             }
         }
     }
+}
+
+/// Refuse `limits` that leave less memory than the plugin takes to start.
+fn check_floor(path: &Path, floor: u64, limits: &Limits) -> Result<(), LoadError> {
+    if floor > limits.memory_bytes {
+        return Err(LoadError::MemoryFloor {
+            path: path.to_path_buf(),
+            needs: floor,
+            limit: limits.memory_bytes,
+        });
+    }
+    Ok(())
 }
 
 /// The contract version this host runs (`package` in `wit/plugin.wit`).
@@ -325,7 +358,7 @@ impl Plugin {
 
     /// The same compiled plugin with other host settings (new limits, new
     /// config values, fresh permits). No recompilation.
-    pub fn with_settings(&self, settings: &PluginSettings) -> Plugin {
+    pub fn with_settings(&self, settings: &PluginSettings) -> Result<Plugin, LoadError> {
         let rt = &self.inner.runtime;
         let limits = Limits::resolve(
             rt.config().default_limits(),
@@ -333,7 +366,8 @@ impl Plugin {
             self.inner.manifest.limits,
             settings.limits,
         );
-        Plugin {
+        check_floor(&self.inner.path, self.inner.memory_floor, &limits)?;
+        Ok(Plugin {
             inner: Arc::new(PluginInner {
                 runtime: rt.clone(),
                 pre: self.inner.pre.clone(),
@@ -343,10 +377,16 @@ impl Plugin {
                 ident: self.inner.ident.clone(),
                 permits: Arc::new(Semaphore::new(limits.max_concurrency as usize)),
                 limits,
+                memory_floor: self.inner.memory_floor,
                 config: Arc::new(settings.config.clone()),
                 counters: self.inner.counters.clone(),
             }),
-        }
+        })
+    }
+
+    /// The memory one instance takes before it handles anything.
+    pub fn memory_floor(&self) -> u64 {
+        self.inner.memory_floor
     }
 
     /// Outcomes handled so far by every version of this plugin.
