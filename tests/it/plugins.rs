@@ -434,3 +434,32 @@ async fn a_memory_floor_above_the_limit_is_refused_at_load_unless_the_operator_r
         "{lowered}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_beyond_the_pool_wait_for_a_slot_and_none_traps() {
+    // A pool of 8 instances; 300 deliveries at once.
+    let rt = PluginRuntime::new(RuntimeConfig {
+        max_instances: 8,
+        ..RuntimeConfig::default()
+    })
+    .unwrap();
+    let echo = load(&rt, "echo", settings(&[])).await;
+    let f = echo.footprint();
+    eprintln!("echo footprint: {f:?}");
+    assert!(f.core_instances >= 1 && f.memories >= 1, "{f:?}");
+    let all = futures::future::join_all((0..300).map(|i| {
+        let echo = echo.clone();
+        async move { echo.invoke(&delivery(&format!("m{i}"))).await }
+    }))
+    .await;
+    let trapped: Vec<_> = all
+        .iter()
+        .filter(|o| !matches!(o, Outcome::Ack { .. }))
+        .collect();
+    assert!(
+        trapped.is_empty(),
+        "{} of 300 failed: {:?}",
+        trapped.len(),
+        trapped.first()
+    );
+}

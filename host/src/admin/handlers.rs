@@ -186,6 +186,10 @@ pub(crate) struct PluginView {
     pub file: PathBuf,
     pub queues: Vec<String>,
     pub counters: crate::plugins::PluginCountersSnapshot,
+    /// Pool slots one instance takes (admitted before each delivery).
+    pub footprint: crate::plugins::footprint::Footprint,
+    /// Memory one instance takes before it handles anything.
+    pub memory_floor_bytes: u64,
 }
 
 pub(crate) fn plugin_views(app: &crate::app::AppHandle) -> Vec<PluginView> {
@@ -202,6 +206,8 @@ pub(crate) fn plugin_views(app: &crate::app::AppHandle) -> Vec<PluginView> {
             version: p.version().to_string(),
             file: p.path().to_path_buf(),
             counters: p.counters(),
+            footprint: p.footprint(),
+            memory_floor_bytes: p.memory_floor(),
             name,
         })
         .collect()

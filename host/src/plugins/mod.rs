@@ -15,6 +15,7 @@
 
 mod bindings;
 pub mod directory;
+pub mod footprint;
 mod instance;
 pub mod limits;
 pub mod manifest;

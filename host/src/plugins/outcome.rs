@@ -117,6 +117,8 @@ pub enum LoadError {
         needs: u64,
         limit: u64,
     },
+    #[error("{path}: too large for the plugin pool: {reason}")]
+    TooBig { path: PathBuf, reason: String },
 }
 
 /// `bytes` as MiB with one decimal, the way limits are read.
@@ -136,7 +138,8 @@ impl LoadError {
             | LoadError::WrongContract { path, .. }
             | LoadError::ManifestCall { path, .. }
             | LoadError::InvalidManifest { path, .. }
-            | LoadError::MemoryFloor { path, .. } => path,
+            | LoadError::MemoryFloor { path, .. }
+            | LoadError::TooBig { path, .. } => path,
         }
     }
 }

@@ -16,6 +16,7 @@ use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
 use wasmtime::component::{Component, ComponentExportIndex, TypedFunc};
 
 use super::bindings::{self as wit, PluginWorldPre};
+use super::footprint::Footprint;
 use super::instance::{Ident, Invocation};
 use super::limits::{Limits, LimitsOverride};
 use super::manifest::Manifest;
@@ -65,6 +66,8 @@ struct PluginInner {
     /// The memory one instance takes before it handles anything (measured
     /// at load); a limit below it would trap every delivery.
     memory_floor: u64,
+    /// Pool slots one instance takes; admitted before each instantiation.
+    footprint: Footprint,
     config: Arc<BTreeMap<String, String>>,
     permits: Arc<Semaphore>,
     /// Shared by every version of the plugin with this name.
@@ -184,16 +187,24 @@ impl PluginRuntime {
             return Err(LoadError::CoreModule { path });
         }
         let engine = self.inner().engine.clone();
-        let compiled = tokio::task::spawn_blocking(move || Component::from_binary(&engine, &bytes))
-            .await
-            .map_err(|e| LoadError::Compile {
-                path: path.clone(),
-                message: format!("compiler task failed: {e}"),
-            })?;
-        let component = compiled.map_err(|e| LoadError::Compile {
+        let compiled = tokio::task::spawn_blocking(move || {
+            let component =
+                Component::from_binary(&engine, &bytes).map_err(|e| format!("{e:#}"))?;
+            let footprint = Footprint::of(&bytes, &component)?;
+            Ok::<_, String>((component, footprint))
+        })
+        .await
+        .map_err(|e| LoadError::Compile {
             path: path.clone(),
-            message: format!("{e:#}"),
+            message: format!("compiler task failed: {e}"),
         })?;
+        let (component, footprint) = compiled.map_err(|message| LoadError::Compile {
+            path: path.clone(),
+            message,
+        })?;
+        if let Some(reason) = self.inner().pool.refuses(&footprint) {
+            return Err(LoadError::TooBig { path, reason });
+        }
         if let Some(found) = contract_version(&self.inner().engine, &component)
             && found != CONTRACT_VERSION
         {
@@ -217,7 +228,7 @@ impl PluginRuntime {
             message: format!("no `{HANDLER}` export with a `handle` function"),
         })?;
 
-        let (manifest, memory_floor) = self.call_manifest(&path, &pre).await?;
+        let (manifest, memory_floor) = self.call_manifest(&path, &pre, &footprint).await?;
         let problems = manifest.problems();
         if !problems.is_empty() {
             return Err(LoadError::InvalidManifest { path, problems });
@@ -245,6 +256,7 @@ impl PluginRuntime {
                 manifest,
                 limits,
                 memory_floor,
+                footprint,
                 config: Arc::new(settings.config.clone()),
             }),
         })
@@ -254,6 +266,7 @@ impl PluginRuntime {
         &self,
         path: &Path,
         pre: &PluginWorldPre<super::instance::State>,
+        footprint: &Footprint,
     ) -> Result<(Manifest, u64), LoadError> {
         let fail = |message: String| LoadError::ManifestCall {
             path: path.to_path_buf(),
@@ -261,8 +274,8 @@ impl PluginRuntime {
         };
         let _slot = self
             .inner()
-            .instances
-            .acquire()
+            .pool
+            .admit(footprint)
             .await
             .map_err(|e| fail(e.to_string()))?;
         let ident = Arc::new(Ident {
@@ -378,6 +391,7 @@ impl Plugin {
                 permits: Arc::new(Semaphore::new(limits.max_concurrency as usize)),
                 limits,
                 memory_floor: self.inner.memory_floor,
+                footprint: self.inner.footprint,
                 config: Arc::new(settings.config.clone()),
                 counters: self.inner.counters.clone(),
             }),
@@ -387,6 +401,11 @@ impl Plugin {
     /// The memory one instance takes before it handles anything.
     pub fn memory_floor(&self) -> u64 {
         self.inner.memory_floor
+    }
+
+    /// Pool slots one instance takes.
+    pub fn footprint(&self) -> Footprint {
+        self.inner.footprint
     }
 
     /// Outcomes handled so far by every version of this plugin.
@@ -405,7 +424,7 @@ impl Plugin {
     pub async fn invoke(&self, delivery: &Delivery) -> Outcome {
         let inner = &*self.inner;
         let rt = inner.runtime.inner();
-        let Ok(_slot) = rt.instances.acquire().await else {
+        let Ok(_slot) = rt.pool.admit(&inner.footprint).await else {
             return Outcome::Trapped {
                 kind: super::outcome::TrapKind::Other,
                 message: "plugin runtime is shutting down".into(),

@@ -29,13 +29,13 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use serde::Deserialize;
-use tokio::sync::Semaphore;
 use wasmtime::component::{HasSelf, Linker};
 use wasmtime::{
     Cache, CacheConfig, Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig,
 };
 
 use super::bindings::PluginWorld;
+use super::footprint::{Footprint, Pool};
 use super::instance::State;
 use super::limits::Limits;
 use super::plugin::PluginCounters;
@@ -189,9 +189,9 @@ pub(super) struct RuntimeInner {
     pub(super) engine: Engine,
     pub(super) linker: Linker<State>,
     pub(super) config: RuntimeConfig,
-    /// One permit per pool slot: taken before instantiating, so the pool
-    /// never refuses an instance.
-    pub(super) instances: Arc<Semaphore>,
+    /// The pool's slots: an instance's footprint is taken before it is
+    /// instantiated, so the pool never refuses one.
+    pub(super) pool: Pool,
     /// The compile cache, when on (a handle on the engine's; shares its
     /// hit and miss counts).
     cache: Option<Cache>,
@@ -230,13 +230,13 @@ impl PluginRuntime {
             Duration::from_millis(config.epoch_tick_ms.into()),
         )
         .map_err(RuntimeError::Ticker)?;
-        let instances = Arc::new(Semaphore::new(config.max_instances as usize));
+        let pool = Pool::new(config.max_instances, pool_totals(&config));
         Ok(Self {
             inner: Arc::new(RuntimeInner {
                 engine,
                 linker,
                 config,
-                instances,
+                pool,
                 cache,
                 counters: std::sync::Mutex::default(),
                 _ticker: ticker,
@@ -299,14 +299,28 @@ fn compile_cache(rc: &RuntimeConfig) -> Result<Option<Cache>, RuntimeError> {
     Cache::new(cc).map(Some).map_err(|e| fail(format!("{e:#}")))
 }
 
+/// The pool's totals of core instances, memories and tables for
+/// `max_instances` component instances. A Rust wasip2 component takes one
+/// core module plus a few shims; the budget leaves room for interpreters
+/// (14 core instances for componentize-py), which admission by footprint
+/// then runs fewer of at once.
+fn pool_totals(rc: &RuntimeConfig) -> Footprint {
+    let n = rc.max_instances;
+    Footprint {
+        core_instances: n.saturating_mul(8),
+        memories: n.saturating_mul(2),
+        tables: n.saturating_mul(4),
+    }
+}
+
 fn engine_config(rc: &RuntimeConfig) -> Config {
     let mut pool = PoolingAllocationConfig::new();
     let n = rc.max_instances;
+    let totals = pool_totals(rc);
     pool.total_component_instances(n)
-        // A Rust wasip2 component is one core module plus a few shims.
-        .total_core_instances(n.saturating_mul(8))
-        .total_memories(n.saturating_mul(2))
-        .total_tables(n.saturating_mul(4))
+        .total_core_instances(totals.core_instances)
+        .total_memories(totals.memories)
+        .total_tables(totals.tables)
         .total_stacks(n)
         .max_memory_size(usize::try_from(rc.max_memory_bytes).unwrap_or(usize::MAX))
         // Reset the first pages of each memory and table with memset rather
