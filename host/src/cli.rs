@@ -265,6 +265,7 @@ pub async fn invoke(args: InvokeArgs) -> ExitCode {
             max_concurrency: None,
         },
         config: args.config.iter().cloned().collect::<BTreeMap<_, _>>(),
+        ..PluginSettings::default()
     };
     let plugin = match rt.load_file(&args.file, &settings).await {
         Ok(p) => p,

@@ -352,6 +352,34 @@ pub struct PluginOverride {
     pub config: BTreeMap<String, toml::Value>,
     /// Replaces the manifest's subscriptions when present.
     pub subscriptions: Option<Vec<Subscription>>,
+    /// `fresh` (default): a new instance per delivery; `reuse`: instances
+    /// serve deliveries one at a time, up to `reuse-max-deliveries` each,
+    /// and are dropped after any trap (see `plugins::InstancePolicy`).
+    pub instance: InstanceSetting,
+    /// Deliveries one reused instance serves before it is replaced
+    /// (default 1000).
+    pub reuse_max_deliveries: Option<u32>,
+}
+
+/// `[plugin.<name>] instance`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InstanceSetting {
+    #[default]
+    Fresh,
+    Reuse,
+}
+
+impl PluginOverride {
+    /// The instance policy these settings ask for.
+    pub fn instance_policy(&self) -> crate::plugins::InstancePolicy {
+        match self.instance {
+            InstanceSetting::Fresh => crate::plugins::InstancePolicy::Fresh,
+            InstanceSetting::Reuse => crate::plugins::InstancePolicy::Reuse {
+                max_deliveries: self.reuse_max_deliveries.unwrap_or(1000),
+            },
+        }
+    }
 }
 
 impl PluginOverride {
@@ -650,6 +678,11 @@ impl Config {
                     "[plugin.{name}]: {name:?} is not a valid plugin name"
                 ));
             }
+            if o.reuse_max_deliveries == Some(0) {
+                out.push(format!(
+                    "plugin.{name}.reuse-max-deliveries must be at least 1"
+                ));
+            }
             if let Some(subs) = &o.subscriptions {
                 for s in subs {
                     out.extend(
@@ -940,6 +973,31 @@ mod tests {
         )];
         let c = Config::parse("[spool]\nurl = \"redis://:x@127.0.0.1:6379\"", env).unwrap();
         assert_eq!(c.spool.password_file.as_deref(), Some(pw.as_path()));
+    }
+
+    #[test]
+    fn instance_policy_is_set_per_plugin() {
+        let c = parse(
+            r#"
+            [plugin.py-router]
+            instance = "reuse"
+            reuse-max-deliveries = 50
+            [plugin.echo]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.plugin["py-router"].instance_policy(),
+            crate::plugins::InstancePolicy::Reuse { max_deliveries: 50 }
+        );
+        assert_eq!(
+            c.plugin["echo"].instance_policy(),
+            crate::plugins::InstancePolicy::Fresh
+        );
+        let all = parse("[plugin.x]\ninstance = \"sometimes\"\nreuse-max-deliveries = 0\n")
+            .unwrap_err()
+            .join("\n");
+        assert!(all.contains("sometimes"), "{all}");
     }
 
     #[test]

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use warren::message::{HeaderValue, MessageProperties};
 use warren::plugins::{
-    Delivery, LimitsOverride, Outcome, Plugin, PluginRuntime, PluginSettings, RuntimeConfig,
-    TrapKind,
+    Delivery, InstancePolicy, LimitsOverride, Outcome, Plugin, PluginRuntime, PluginSettings,
+    RuntimeConfig, TrapKind,
 };
 use warren_it::plugins::wasm;
 
@@ -24,6 +24,7 @@ fn settings(pairs: &[(&str, &str)]) -> PluginSettings {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect::<BTreeMap<_, _>>(),
+        ..PluginSettings::default()
     }
 }
 
@@ -413,7 +414,7 @@ async fn a_memory_floor_above_the_limit_is_refused_at_load_unless_the_operator_r
             memory_bytes: Some(8 << 20),
             ..LimitsOverride::default()
         },
-        config: BTreeMap::new(),
+        ..PluginSettings::default()
     };
     let plugin = rt
         .load_bytes_with(&path, std::fs::read(&path).unwrap(), |name| {
@@ -461,5 +462,61 @@ async fn deliveries_beyond_the_pool_wait_for_a_slot_and_none_traps() {
         "{} of 300 failed: {:?}",
         trapped.len(),
         trapped.first()
+    );
+}
+
+/// What `counter` published for each of `bodies`, in order (`None` for a
+/// delivery that did not end in an ack).
+async fn counts(plugin: &Plugin, bodies: &[&str]) -> Vec<Option<String>> {
+    let mut out = Vec::new();
+    for b in bodies {
+        out.push(match plugin.invoke(&delivery(b)).await {
+            Outcome::Ack { outputs } => {
+                Some(String::from_utf8_lossy(&outputs[0].body).into_owned())
+            }
+            _ => None,
+        });
+    }
+    out
+}
+
+#[tokio::test]
+async fn reuse_keeps_state_between_deliveries_until_a_trap_and_fresh_never_does() {
+    let rt = runtime();
+    let fresh = load(&rt, "counter", settings(&[])).await;
+    assert_eq!(fresh.instance_policy(), InstancePolicy::Fresh);
+    let one = Some("1".to_owned());
+    assert_eq!(counts(&fresh, &["a", "b", "c"]).await, vec![one.clone(); 3]);
+
+    let reuse = fresh
+        .with_settings(&PluginSettings {
+            instance: InstancePolicy::Reuse { max_deliveries: 4 },
+            ..PluginSettings::default()
+        })
+        .unwrap();
+    let got = counts(&reuse, &["a", "b", "c", "panic", "d", "e", "f", "g", "h"]).await;
+    let s = |n: &str| Some(n.to_owned());
+    // Three deliveries share an instance; the panic traps and drops it;
+    // the next delivery starts at 1 again; after 4 an instance is replaced.
+    assert_eq!(
+        got,
+        vec![
+            s("1"),
+            s("2"),
+            s("3"),
+            None,
+            s("1"),
+            s("2"),
+            s("3"),
+            s("4"),
+            s("1")
+        ]
+    );
+    let out = reuse.invoke(&delivery("panic")).await;
+    let (kind, message) = trap(out);
+    assert_eq!(kind, TrapKind::Panic, "{message}");
+    assert!(
+        message.contains("asked to panic after 2 deliveries"),
+        "{message}"
     );
 }

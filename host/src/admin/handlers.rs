@@ -190,6 +190,8 @@ pub(crate) struct PluginView {
     pub footprint: crate::plugins::footprint::Footprint,
     /// Memory one instance takes before it handles anything.
     pub memory_floor_bytes: u64,
+    /// `fresh` or `reuse` (with its `max_deliveries`).
+    pub instance: crate::plugins::InstancePolicy,
 }
 
 pub(crate) fn plugin_views(app: &crate::app::AppHandle) -> Vec<PluginView> {
@@ -208,6 +210,7 @@ pub(crate) fn plugin_views(app: &crate::app::AppHandle) -> Vec<PluginView> {
             counters: p.counters(),
             footprint: p.footprint(),
             memory_floor_bytes: p.memory_floor(),
+            instance: p.instance_policy(),
             name,
         })
         .collect()

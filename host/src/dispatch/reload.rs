@@ -52,6 +52,7 @@ pub fn plugin_settings(overrides: &BTreeMap<String, PluginOverride>, name: &str)
         .map(|o| PluginSettings {
             limits: o.limits,
             config: o.config_strings(),
+            instance: o.instance_policy(),
         })
         .unwrap_or_default()
 }

@@ -155,6 +155,15 @@ impl Invocation {
         Self { store, stderr }
     }
 
+    /// Ready the store for another call of a reused instance: a new
+    /// deadline, no outputs.
+    pub(crate) fn begin_call(&mut self, limits: &Limits) {
+        let state = self.store.data_mut();
+        state.deadline = Instant::now() + limits.deadline;
+        state.outputs.clear();
+        state.output_bytes = 0;
+    }
+
     /// The largest size one of this store's memories asked for so far.
     pub(crate) fn memory_peak(&self) -> u64 {
         self.store.data().limiter.peak as u64

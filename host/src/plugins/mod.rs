@@ -28,5 +28,7 @@ pub use directory::DirectoryError;
 pub use limits::{Limits, LimitsOverride};
 pub use manifest::Manifest;
 pub use outcome::{LoadError, Outcome, TrapKind};
-pub use plugin::{Delivery, Plugin, PluginCounters, PluginCountersSnapshot, PluginSettings};
+pub use plugin::{
+    Delivery, InstancePolicy, Plugin, PluginCounters, PluginCountersSnapshot, PluginSettings,
+};
 pub use runtime::{CompileCacheStats, PluginRuntime, RuntimeConfig, RuntimeError};

@@ -43,6 +43,39 @@ pub struct Delivery {
 pub struct PluginSettings {
     pub limits: LimitsOverride,
     pub config: BTreeMap<String, String>,
+    /// Fresh instance per delivery, or reused ones.
+    pub instance: InstancePolicy,
+}
+
+/// How deliveries get their instance.
+///
+/// - `Fresh` (the default): every delivery runs in a new instance, so
+///   nothing a delivery leaves in memory (globals, caches, a half-updated
+///   structure after a bug) reaches the next one.
+/// - `Reuse`: an instance serves one delivery at a time, for at most
+///   `max_deliveries`, then is dropped; any trap (a panic, the deadline,
+///   the memory limit) drops it too, so a fault costs exactly the delivery
+///   in flight and the next delivery gets a fresh instance. Everything in
+///   linear memory survives between the deliveries one instance serves:
+///   module-level state in Python or JavaScript, `static`s in Rust. Worth
+///   it for interpreters, whose fresh instance costs 10–100× the handler.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "policy", rename_all = "kebab-case")]
+pub enum InstancePolicy {
+    #[default]
+    Fresh,
+    Reuse {
+        max_deliveries: u32,
+    },
+}
+
+/// An idle instance kept for the next delivery under
+/// [`InstancePolicy::Reuse`], with the pool slots it holds.
+struct Warm {
+    inv: Invocation,
+    instance: wasmtime::component::Instance,
+    served: u32,
+    _slot: super::footprint::Admitted,
 }
 
 /// A loaded, checked plugin. Cheap to clone; clones share permits.
@@ -68,6 +101,10 @@ struct PluginInner {
     memory_floor: u64,
     /// Pool slots one instance takes; admitted before each instantiation.
     footprint: Footprint,
+    policy: InstancePolicy,
+    /// Idle instances under [`InstancePolicy::Reuse`] (at most the
+    /// plugin's concurrency, since each served one delivery in flight).
+    warm: std::sync::Mutex<Vec<Warm>>,
     config: Arc<BTreeMap<String, String>>,
     permits: Arc<Semaphore>,
     /// Shared by every version of the plugin with this name.
@@ -257,6 +294,8 @@ impl PluginRuntime {
                 limits,
                 memory_floor,
                 footprint,
+                policy: settings.instance,
+                warm: std::sync::Mutex::default(),
                 config: Arc::new(settings.config.clone()),
             }),
         })
@@ -392,6 +431,8 @@ impl Plugin {
                 limits,
                 memory_floor: self.inner.memory_floor,
                 footprint: self.inner.footprint,
+                policy: settings.instance,
+                warm: std::sync::Mutex::default(),
                 config: Arc::new(settings.config.clone()),
                 counters: self.inner.counters.clone(),
             }),
@@ -419,38 +460,96 @@ impl Plugin {
         self.inner.permits.clone().acquire_owned().await
     }
 
-    /// Handle one delivery in a fresh instance. Never fails: every fault is
+    /// Handle one delivery in a fresh instance, or under
+    /// [`InstancePolicy::Reuse`] in an idle one. Never fails: every fault is
     /// an [`Outcome::Trapped`].
     pub async fn invoke(&self, delivery: &Delivery) -> Outcome {
         let inner = &*self.inner;
         let rt = inner.runtime.inner();
-        let Ok(_slot) = rt.pool.admit(&inner.footprint).await else {
-            return Outcome::Trapped {
-                kind: super::outcome::TrapKind::Other,
-                message: "plugin runtime is shutting down".into(),
-            };
+        let warm = match inner.policy {
+            InstancePolicy::Reuse { .. } => lock(&inner.warm).pop(),
+            InstancePolicy::Fresh => None,
         };
-        let mut inv = Invocation::new(rt, inner.ident.clone(), inner.config.clone(), &inner.limits);
-        let input = delivery_to_wit(delivery);
-        let result = async {
-            let handle = inner.instantiate(&mut inv).await?;
-            let (result,) = handle.call_async(&mut inv.store, (&input,)).await?;
-            wasmtime::Result::Ok(result)
-        }
-        .await;
-        let outcome = match result {
-            Ok(Ok(())) => Outcome::Ack {
-                outputs: inv.take_outputs(),
-            },
-            Ok(Err(wit::HandleError::Retry(reason))) => Outcome::Retry { reason },
-            Ok(Err(wit::HandleError::Reject(reason))) => Outcome::Reject { reason },
-            Err(e) => {
-                let (kind, message) = inv.classify(&e);
-                Outcome::Trapped { kind, message }
+        let (mut inv, instance, served, slot) = match warm {
+            Some(w) => (w.inv, Some(w.instance), w.served, w._slot),
+            None => {
+                let Ok(slot) = rt.pool.admit(&inner.footprint).await else {
+                    return Outcome::Trapped {
+                        kind: super::outcome::TrapKind::Other,
+                        message: "plugin runtime is shutting down".into(),
+                    };
+                };
+                let inv =
+                    Invocation::new(rt, inner.ident.clone(), inner.config.clone(), &inner.limits);
+                (inv, None, 0, slot)
             }
         };
+        inv.begin_call(&inner.limits);
+        let input = delivery_to_wit(delivery);
+        let result = async {
+            let instance = match instance {
+                Some(i) => i,
+                None => {
+                    inner
+                        .pre
+                        .instance_pre()
+                        .instantiate_async(&mut inv.store)
+                        .await?
+                }
+            };
+            let handle = instance
+                .get_typed_func::<(&wit::Delivery,), (Result<(), wit::HandleError>,)>(
+                    &mut inv.store,
+                    inner.handle,
+                )?;
+            let (result,) = handle.call_async(&mut inv.store, (&input,)).await?;
+            wasmtime::Result::Ok((instance, result))
+        }
+        .await;
+        let (outcome, instance) = match result {
+            Ok((instance, Ok(()))) => (
+                Outcome::Ack {
+                    outputs: inv.take_outputs(),
+                },
+                Some(instance),
+            ),
+            Ok((instance, Err(wit::HandleError::Retry(reason)))) => {
+                (Outcome::Retry { reason }, Some(instance))
+            }
+            Ok((instance, Err(wit::HandleError::Reject(reason)))) => {
+                (Outcome::Reject { reason }, Some(instance))
+            }
+            // A trap retires the instance: whatever state it left stays
+            // with it.
+            Err(e) => {
+                let (kind, message) = inv.classify(&e);
+                (Outcome::Trapped { kind, message }, None)
+            }
+        };
+        if let (InstancePolicy::Reuse { max_deliveries }, Some(instance)) = (inner.policy, instance)
+            && served + 1 < max_deliveries
+        {
+            lock(&inner.warm).push(Warm {
+                inv,
+                instance,
+                served: served + 1,
+                _slot: slot,
+            });
+        }
         inner.counters.count(&outcome);
         outcome
+    }
+
+    /// How deliveries get their instance.
+    pub fn instance_policy(&self) -> InstancePolicy {
+        self.inner.policy
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
     }
 }
 

@@ -28,7 +28,10 @@
 //! delivery with all of them, byte for byte.
 //!
 //! Warren instantiates the plugin afresh for every delivery: statics do not
-//! survive between calls. Messages passed to [`publish`] are sent only if
+//! survive between calls, unless the operator sets `instance = "reuse"`
+//! for the plugin, when one instance serves several deliveries in turn and
+//! statics do survive until it is dropped (after a set number of
+//! deliveries, or any trap; see `wit/plugin.wit`). Messages passed to [`publish`] are sent only if
 //! `handle` returns `Ok`, and the delivery is acknowledged once they are
 //! safe. Return [`HandleError::Retry`] for transient failures and
 //! [`HandleError::Reject`] to dead-letter the message. A panic is a trap:
