@@ -90,8 +90,12 @@ use super::spool::{DrainerState, Shared, SpoolHandle, refresh_depth};
 use super::{DrainerConfig, SpoolError};
 use crate::message::OutboundMessage;
 
-/// Extends the lease if this drainer holds it or nobody does.
-const LEASE_SCRIPT: &str = r"
+/// The lease script's body: take the lease if nobody holds it, extend it
+/// if this drainer does (KEYS[1] the lease, ARGV[1] the token, ARGV[2] the
+/// TTL in ms).
+macro_rules! lease_body {
+    () => {
+        r"
 local v = redis.call('GET', KEYS[1])
 if v == false then
   redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
@@ -101,22 +105,19 @@ elseif v == ARGV[1] then
   return 1
 end
 return 0
-";
+"
+    };
+}
+
+/// Extends the lease if this drainer holds it or nobody does.
+const LEASE_SCRIPT: &str = lease_body!();
 
 /// [`LEASE_SCRIPT`] for an adopted stream: refused while its owner's claim
 /// (KEYS[2]) exists, so an owner that comes back is never raced.
-const ADOPT_LEASE_SCRIPT: &str = r"
-if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
-local v = redis.call('GET', KEYS[1])
-if v == false then
-  redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
-  return 1
-elseif v == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-return 0
-";
+const ADOPT_LEASE_SCRIPT: &str = concat!(
+    "if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end",
+    lease_body!()
+);
 
 /// Releases the lease if this drainer holds it.
 const RELEASE_SCRIPT: &str = r"
