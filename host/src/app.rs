@@ -373,12 +373,6 @@ impl App {
         self.handle.clone()
     }
 
-    /// Run until `stop` resolves, then shut down in order.
-    pub async fn run_until(self, stop: impl Future<Output = ()>) {
-        stop.await;
-        self.shutdown().await;
-    }
-
     /// The ordered shutdown (see `shutdown.rs`).
     pub async fn shutdown(self) {
         info!(grace = ?self.grace, "Shutting down: readiness off, consumers cancelled, finishing in-flight deliveries.");

@@ -945,13 +945,6 @@ impl AmqpHandle {
         self.publisher.clone()
     }
 
-    /// The topology registry (cheap clone). Changes apply on the next
-    /// (re)connect or consumer re-establishment; use [`AmqpHandle::declare`]
-    /// to declare now as well.
-    pub fn topology(&self) -> TopologyRegistry {
-        self.shared.topology.clone()
-    }
-
     /// Add `t` to the registry and declare it on the live connection, if
     /// any.
     pub async fn declare(&self, t: Topology) -> Result<(), AmqpError> {

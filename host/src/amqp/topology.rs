@@ -308,14 +308,6 @@ impl TopologyRegistry {
         });
     }
 
-    /// Stop declaring exchange `name` and bindings to it.
-    pub fn remove_exchange(&self, name: &str) {
-        self.update(|t| {
-            t.exchanges.remove(name);
-            t.bindings.retain(|b| b.exchange != name);
-        });
-    }
-
     fn update(&self, f: impl FnOnce(&mut Topology)) {
         match self.inner.write() {
             Ok(mut t) => f(&mut t),

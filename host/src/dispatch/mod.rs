@@ -250,12 +250,4 @@ impl Dispatcher {
             })
             .collect()
     }
-
-    /// The subscription of each route, by queue.
-    pub fn subscriptions(&self) -> BTreeMap<String, Subscription> {
-        self.routes()
-            .iter()
-            .map(|(q, e)| (q.clone(), e.subscription.clone()))
-            .collect()
-    }
 }

@@ -163,11 +163,6 @@ impl Outbox {
         dead
     }
 
-    /// How long one publish may wait for a confirm.
-    pub fn confirm_timeout(&self) -> Duration {
-        self.publisher.confirm_timeout()
-    }
-
     /// The publish function the spool's drainer uses: straight to the
     /// broker (never back into the spool), refused messages
     /// dead-lettered.
