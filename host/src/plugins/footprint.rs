@@ -59,32 +59,50 @@ impl Footprint {
     }
 }
 
-/// The pool's totals, as semaphores: an instantiation holds its footprint
-/// of each until its store is dropped.
+/// Admission to the pool, in one semaphore. Its permits are "core
+/// instance equivalents": the pool's core-instance total, with a component
+/// instance, a memory and a table each priced at the pool's ratio of core
+/// instances to that resource (8, 4 and 2 with Warren's totals). An
+/// instance takes the largest of its four prices, so the admitted
+/// instances never use more of any one resource than the pool has, and a
+/// delivery takes a single permit batch rather than four (this is on the
+/// per-delivery path). The price of the guarantee: a mix of very
+/// different components may be admitted a little below the pool's true
+/// capacity.
 pub(crate) struct Pool {
-    components: Arc<Semaphore>,
-    core_instances: Arc<Semaphore>,
-    memories: Arc<Semaphore>,
-    tables: Arc<Semaphore>,
+    units: Arc<Semaphore>,
+    /// Units per component instance, memory and table.
+    prices: [u32; 3],
     /// The totals, for refusals.
     totals: Footprint,
 }
 
 /// Slots held for one live instance.
 pub(crate) struct Admitted {
-    _permits: [OwnedSemaphorePermit; 4],
+    _permit: OwnedSemaphorePermit,
 }
 
 impl Pool {
     pub(crate) fn new(total_components: u32, totals: Footprint) -> Pool {
-        let sem = |n: u32| Arc::new(Semaphore::new(n as usize));
+        let price = |of: u32| (totals.core_instances / of.max(1)).max(1);
         Pool {
-            components: sem(total_components),
-            core_instances: sem(totals.core_instances),
-            memories: sem(totals.memories),
-            tables: sem(totals.tables),
+            units: Arc::new(Semaphore::new(totals.core_instances as usize)),
+            prices: [
+                price(total_components),
+                price(totals.memories),
+                price(totals.tables),
+            ],
             totals,
         }
+    }
+
+    /// Units one instance of footprint `f` takes.
+    fn units(&self, f: &Footprint) -> u32 {
+        let [component, memory, table] = self.prices;
+        component
+            .max(f.core_instances)
+            .max(f.memories.saturating_mul(memory))
+            .max(f.tables.saturating_mul(table))
     }
 
     /// Why a component of footprint `f` can never be instantiated here.
@@ -101,19 +119,46 @@ impl Pool {
     }
 
     /// Wait until one instance of footprint `f` fits, and hold its slots.
-    /// Always in the same order, so two waiters never hold what the other
-    /// needs.
     pub(crate) async fn admit(&self, f: &Footprint) -> Result<Admitted, AcquireError> {
-        let component = self.components.clone().acquire_owned().await?;
-        let core = self
-            .core_instances
-            .clone()
-            .acquire_many_owned(f.core_instances)
-            .await?;
-        let memories = self.memories.clone().acquire_many_owned(f.memories).await?;
-        let tables = self.tables.clone().acquire_many_owned(f.tables).await?;
+        let units = self.units(f).min(self.totals.core_instances);
         Ok(Admitted {
-            _permits: [component, core, memories, tables],
+            _permit: self.units.clone().acquire_many_owned(units).await?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_instance_is_priced_by_its_scarcest_resource() {
+        // Warren's totals for 10 component instances.
+        let pool = Pool::new(
+            10,
+            Footprint {
+                core_instances: 80,
+                memories: 20,
+                tables: 40,
+            },
+        );
+        let rust = Footprint {
+            core_instances: 3,
+            memories: 1,
+            tables: 2,
+        };
+        let python = Footprint {
+            core_instances: 14,
+            memories: 1,
+            tables: 1,
+        };
+        let many_memories = Footprint {
+            core_instances: 2,
+            memories: 5,
+            tables: 0,
+        };
+        assert_eq!(pool.units(&rust), 8); // one component-instance slot
+        assert_eq!(pool.units(&python), 14);
+        assert_eq!(pool.units(&many_memories), 20);
     }
 }
