@@ -4,7 +4,6 @@
 wasmtime::component::bindgen!({
     world: "plugin",
     path: "../wit",
-    exports: { default: async },
 });
 
 pub(crate) use self::exports::warren::plugin::handler::HandleError;
