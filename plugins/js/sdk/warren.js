@@ -291,8 +291,11 @@ export function exportPlugin(plugin) {
   };
 }
 
+// Ends the call as a trap: the stack to the host's log, and an Error whose
+// message is the one-line summary thrown out of the export, which the
+// runtime turns into a trap and Warren into the trap's reason.
 function trap(e) {
-  host.log("error", e?.stack ? `${summary(e)}\n${e.stack}` : summary(e));
-  console.error(summary(e));
-  throw e;
+  const line = summary(e);
+  host.log("error", e?.stack ? `${line}\n${e.stack}` : line);
+  throw new Error(line);
 }
