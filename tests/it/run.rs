@@ -6,10 +6,11 @@ use std::path::Path;
 use std::time::Duration;
 use warren_it::rabbit::Shared;
 
-use crate::host::plugins_dir;
+use crate::host::{plugins_dir, plugins_dir_of};
 use warren::app::{App, AppHandle};
 use warren::config::Config;
 use warren_it::broker::{Broker, Got, unique};
+use warren_it::plugins::{Lang, js_wasm, polyglot_wasm, python_wasm};
 
 /// Test-friendly settings: unique retry/dead-letter names and spool
 /// stream, short delays. `extra` is appended TOML.
@@ -293,4 +294,147 @@ async fn a_broken_plugin_file_is_reported_and_the_good_ones_run(target: Shared) 
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].body, b"hello");
     app.shutdown().await;
+}
+
+each_version!(a_thousand_messages_through_the_python_router_and_the_js_echo);
+async fn a_thousand_messages_through_the_python_router_and_the_js_echo(target: Shared) {
+    let broker = Broker::connect(&target.url).await.unwrap();
+    let (echo_in, echo_out, router_in, routed) = (
+        unique("js-echo-in"),
+        unique("js-echo-out"),
+        unique("py-router-in"),
+        unique("py-routed"),
+    );
+    let region = uuid_region();
+    let exchange = unique("py-routed-x");
+    broker.declare_queue(&echo_out).await.unwrap();
+    broker
+        .declare_routed(&routed, &exchange, &region)
+        .await
+        .unwrap();
+    let dir = plugins_dir_of(&[
+        ("echo", js_wasm("echo").unwrap()),
+        ("router", python_wasm("router").unwrap()),
+    ])
+    .unwrap();
+    let dlq = unique("dlq");
+    let cfg = config(
+        &target,
+        dir.path(),
+        &dlq,
+        &format!(
+            r#"
+            [plugin.echo]
+            subscriptions = [{{ queue = "{echo_in}", prefetch = 100 }}]
+            config = {{ routing-key = "{echo_out}" }}
+            [plugin.router]
+            subscriptions = [{{ queue = "{router_in}", prefetch = 100 }}]
+            config = {{ exchange = "{exchange}" }}
+            "#
+        ),
+    );
+    let (app, _handle) = start(cfg).await;
+
+    let n = 1_000;
+    let echo_bodies: Vec<String> = (0..n).map(|i| format!("echo-{i}")).collect();
+    let orders: Vec<String> = (0..n)
+        .map(|i| format!(r#"{{"id":{i},"region":"{region}"}}"#))
+        .collect();
+    let (a, b) = tokio::join!(
+        broker.publish_all("", &echo_in, &echo_bodies),
+        broker.publish_all("", &router_in, &orders),
+    );
+    a.unwrap();
+    b.unwrap();
+    let (echoed, routed_msgs) = tokio::join!(
+        broker.collect(&echo_out, n, Duration::from_secs(120)),
+        broker.collect(&routed, n, Duration::from_secs(120)),
+    );
+    let (echoed, routed_msgs) = (echoed.unwrap(), routed_msgs.unwrap());
+    assert_eq!(ids(&echoed), echo_bodies.iter().cloned().collect());
+    assert_eq!(ids(&routed_msgs), orders.iter().cloned().collect());
+    assert!(
+        routed_msgs
+            .iter()
+            .all(|g| g.routing_key == format!("orders.{region}"))
+    );
+
+    app.shutdown().await;
+    // Every input acknowledged: unacked messages would be back in the
+    // queues once the consumers are gone.
+    for q in [&echo_in, &router_in, &dlq] {
+        assert_eq!(broker.message_count(q).await.unwrap(), 0, "{q}");
+    }
+    for q in [&echo_in, &echo_out, &router_in, &routed, &dlq] {
+        broker.delete_queue(q).await.unwrap();
+    }
+}
+
+/// The `fixture` plugin of `lang` under `warren run`: `Retry` is
+/// redelivered and succeeds on attempt 2; an exception is dead-lettered as
+/// a trap whose reason is its one-line summary (`exception`, e.g.
+/// `ValueError`).
+async fn retry_is_redelivered_and_an_exception_dead_lettered(target: Shared, lang: Lang) {
+    let broker = Broker::connect(&target.url).await.unwrap();
+    let (fixture_in, out) = (unique("fixture-in"), unique("fixture-out"));
+    broker.declare_queue(&out).await.unwrap();
+    let dir = plugins_dir_of(&[("fixture", polyglot_wasm(lang, "fixture").unwrap())]).unwrap();
+    let dlq = unique("dlq");
+    let cfg = config(
+        &target,
+        dir.path(),
+        &dlq,
+        &format!(
+            r#"
+            [plugin.fixture]
+            subscriptions = [{{ queue = "{fixture_in}" }}]
+            config = {{ fail-attempts = "1", routing-key = "{out}" }}
+            "#
+        ),
+    );
+    let (app, _handle) = start(cfg).await;
+    broker
+        .publish_all("", &fixture_in, ["flaky:order-1", "panic:order-2"])
+        .await
+        .unwrap();
+    let (done, dead) = tokio::join!(
+        broker.collect(&out, 1, Duration::from_secs(60)),
+        broker.collect(&dlq, 1, Duration::from_secs(60)),
+    );
+    let (done, dead) = (done.unwrap(), dead.unwrap());
+    assert_eq!(done[0].body, b"flaky:order-1");
+    assert_eq!(
+        done[0].header_i64("x-fixture-attempt"),
+        Some(2),
+        "Retry(\"db busy\") was delivered again as attempt 2"
+    );
+    assert_eq!(dead[0].body, b"panic:order-2");
+    assert_eq!(
+        dead[0].header_str("x-warren-trap").as_deref(),
+        Some("panic")
+    );
+    let exception = match lang {
+        Lang::Python => "ValueError",
+        Lang::Js => "TypeError",
+    };
+    assert_eq!(
+        dead[0].header_str("x-warren-reason").as_deref(),
+        Some(format!("guest panicked: {exception}: boom: panic:order-2").as_str())
+    );
+    assert_eq!(dead[0].header_i64("x-warren-attempts"), Some(1));
+    app.shutdown().await;
+    assert_eq!(broker.message_count(&fixture_in).await.unwrap(), 0);
+    for q in [&fixture_in, &out, &dlq] {
+        broker.delete_queue(q).await.unwrap();
+    }
+}
+
+each_version!(python_retry_is_redelivered_and_an_exception_dead_lettered);
+async fn python_retry_is_redelivered_and_an_exception_dead_lettered(target: Shared) {
+    retry_is_redelivered_and_an_exception_dead_lettered(target, Lang::Python).await
+}
+
+each_version!(js_retry_is_redelivered_and_an_exception_dead_lettered);
+async fn js_retry_is_redelivered_and_an_exception_dead_lettered(target: Shared) {
+    retry_is_redelivered_and_an_exception_dead_lettered(target, Lang::Js).await
 }
