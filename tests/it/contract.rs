@@ -201,3 +201,23 @@ for_every_language!(
     retry_reports_the_attempt,
     sandbox_denies_files_environment_and_network,
 );
+
+/// README's "Writing a plugin" shows the Python and JavaScript routers as
+/// the files are (after their header comment), so what a reader copies is
+/// what these tests run.
+#[test]
+fn the_readme_shows_the_python_and_js_routers_as_they_are() {
+    let root = warren_it::plugins::repo_root();
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    for (file, fence, code_starts) in [
+        ("plugins/python/router/app.py", "```python\n", "import json"),
+        ("plugins/js/router/plugin.js", "```js\n", "import {"),
+    ] {
+        let text = std::fs::read_to_string(root.join(file)).unwrap();
+        let code = &text[text.find(code_starts).unwrap()..];
+        assert!(
+            readme.contains(&format!("{fence}{code}```\n")),
+            "README does not show {file} as it is"
+        );
+    }
+}
