@@ -2,7 +2,7 @@
 //! and confirmed outputs out, against the shared RabbitMQ and Redis.
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use warren_it::rabbit::Shared;
 
@@ -10,7 +10,7 @@ use crate::host::{plugins_dir, plugins_dir_of};
 use warren::app::{App, AppHandle};
 use warren::config::Config;
 use warren_it::broker::{Broker, Got, unique};
-use warren_it::plugins::{Lang, js_wasm, polyglot_wasm, python_wasm};
+use warren_it::plugins::{Lang, js_wasm, polyglot_wasm, python_wasm, wasm};
 
 /// Test-friendly settings: unique retry/dead-letter names and spool
 /// stream, short delays. `extra` is appended TOML.
@@ -59,6 +59,26 @@ fn ids(got: &[Got]) -> BTreeSet<String> {
 
 each_version!(ten_thousand_messages_through_router_and_echo);
 async fn ten_thousand_messages_through_router_and_echo(target: Shared) {
+    let (echo, router) = (wasm("echo").unwrap(), wasm("router").unwrap());
+    messages_through_router_and_echo(target, echo, router, 5_000, 200).await
+}
+
+each_version!(a_thousand_messages_through_the_python_router_and_the_js_echo);
+async fn a_thousand_messages_through_the_python_router_and_the_js_echo(target: Shared) {
+    let (echo, router) = (js_wasm("echo").unwrap(), python_wasm("router").unwrap());
+    messages_through_router_and_echo(target, echo, router, 1_000, 100).await
+}
+
+/// `n` messages through each of the `echo` and `router` builds given, with
+/// `prefetch`: every output received, every input acknowledged, nothing
+/// dead-lettered.
+async fn messages_through_router_and_echo(
+    target: Shared,
+    echo: PathBuf,
+    router: PathBuf,
+    n: usize,
+    prefetch: u16,
+) {
     let broker = Broker::connect(&target.url).await.unwrap();
     let (echo_in, echo_out, router_in, routed) = (
         unique("echo-in"),
@@ -75,7 +95,7 @@ async fn ten_thousand_messages_through_router_and_echo(target: Shared) {
         .declare_routed(&routed, &exchange, &region)
         .await
         .unwrap();
-    let dir = plugins_dir(&[("echo", "echo"), ("router", "router")]).unwrap();
+    let dir = plugins_dir_of(&[("echo", echo), ("router", router)]).unwrap();
     let dlq = unique("dlq");
     let cfg = config(
         &target,
@@ -84,17 +104,16 @@ async fn ten_thousand_messages_through_router_and_echo(target: Shared) {
         &format!(
             r#"
             [plugin.echo]
-            subscriptions = [{{ queue = "{echo_in}", prefetch = 200 }}]
+            subscriptions = [{{ queue = "{echo_in}", prefetch = {prefetch} }}]
             config = {{ routing-key = "{echo_out}" }}
             [plugin.router]
-            subscriptions = [{{ queue = "{router_in}", prefetch = 200 }}]
+            subscriptions = [{{ queue = "{router_in}", prefetch = {prefetch} }}]
             config = {{ exchange = "{exchange}" }}
             "#
         ),
     );
     let (app, _handle) = start(cfg).await;
 
-    let n = 5_000;
     let echo_bodies: Vec<String> = (0..n).map(|i| format!("echo-{i}")).collect();
     let orders: Vec<String> = (0..n)
         .map(|i| format!(r#"{{"id":{i},"region":"{region}"}}"#))
@@ -131,6 +150,9 @@ async fn ten_thousand_messages_through_router_and_echo(target: Shared) {
         0,
         "nothing dead-lettered"
     );
+    for q in [&echo_in, &echo_out, &router_in, &routed, &dlq] {
+        broker.delete_queue(q).await.unwrap();
+    }
 }
 
 fn uuid_region() -> String {
@@ -294,80 +316,6 @@ async fn a_broken_plugin_file_is_reported_and_the_good_ones_run(target: Shared) 
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].body, b"hello");
     app.shutdown().await;
-}
-
-each_version!(a_thousand_messages_through_the_python_router_and_the_js_echo);
-async fn a_thousand_messages_through_the_python_router_and_the_js_echo(target: Shared) {
-    let broker = Broker::connect(&target.url).await.unwrap();
-    let (echo_in, echo_out, router_in, routed) = (
-        unique("js-echo-in"),
-        unique("js-echo-out"),
-        unique("py-router-in"),
-        unique("py-routed"),
-    );
-    let region = uuid_region();
-    let exchange = unique("py-routed-x");
-    broker.declare_queue(&echo_out).await.unwrap();
-    broker
-        .declare_routed(&routed, &exchange, &region)
-        .await
-        .unwrap();
-    let dir = plugins_dir_of(&[
-        ("echo", js_wasm("echo").unwrap()),
-        ("router", python_wasm("router").unwrap()),
-    ])
-    .unwrap();
-    let dlq = unique("dlq");
-    let cfg = config(
-        &target,
-        dir.path(),
-        &dlq,
-        &format!(
-            r#"
-            [plugin.echo]
-            subscriptions = [{{ queue = "{echo_in}", prefetch = 100 }}]
-            config = {{ routing-key = "{echo_out}" }}
-            [plugin.router]
-            subscriptions = [{{ queue = "{router_in}", prefetch = 100 }}]
-            config = {{ exchange = "{exchange}" }}
-            "#
-        ),
-    );
-    let (app, _handle) = start(cfg).await;
-
-    let n = 1_000;
-    let echo_bodies: Vec<String> = (0..n).map(|i| format!("echo-{i}")).collect();
-    let orders: Vec<String> = (0..n)
-        .map(|i| format!(r#"{{"id":{i},"region":"{region}"}}"#))
-        .collect();
-    let (a, b) = tokio::join!(
-        broker.publish_all("", &echo_in, &echo_bodies),
-        broker.publish_all("", &router_in, &orders),
-    );
-    a.unwrap();
-    b.unwrap();
-    let (echoed, routed_msgs) = tokio::join!(
-        broker.collect(&echo_out, n, Duration::from_secs(120)),
-        broker.collect(&routed, n, Duration::from_secs(120)),
-    );
-    let (echoed, routed_msgs) = (echoed.unwrap(), routed_msgs.unwrap());
-    assert_eq!(ids(&echoed), echo_bodies.iter().cloned().collect());
-    assert_eq!(ids(&routed_msgs), orders.iter().cloned().collect());
-    assert!(
-        routed_msgs
-            .iter()
-            .all(|g| g.routing_key == format!("orders.{region}"))
-    );
-
-    app.shutdown().await;
-    // Every input acknowledged: unacked messages would be back in the
-    // queues once the consumers are gone.
-    for q in [&echo_in, &router_in, &dlq] {
-        assert_eq!(broker.message_count(q).await.unwrap(), 0, "{q}");
-    }
-    for q in [&echo_in, &echo_out, &router_in, &routed, &dlq] {
-        broker.delete_queue(q).await.unwrap();
-    }
 }
 
 /// The `fixture` plugin of `lang` under `warren run`: `Retry` is
