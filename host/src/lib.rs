@@ -33,6 +33,7 @@ pub mod cli;
 pub mod config;
 pub mod dispatch;
 pub mod message;
+pub mod new;
 pub mod plugins;
 pub mod secret;
 pub mod shutdown;

@@ -48,10 +48,24 @@ enum Command {
     /// and print the outcome and collected outputs as JSON. Exits 0 when
     /// the plugin acknowledged, 1 otherwise.
     Invoke(InvokeArgs),
+    /// Write a new plugin project into directory NAME (which must not
+    /// exist): the SDK's sources and the WIT of this binary's contract,
+    /// a plugin that forwards each delivery to `NAME.out`, and a README
+    /// with the one command that builds it.
+    New {
+        /// The project directory; its last component is the plugin's name.
+        name: PathBuf,
+        /// The plugin's language.
+        #[arg(long, value_enum)]
+        lang: warren::new::Lang,
+    },
 }
 
 fn main() -> ExitCode {
     let args = Cli::parse();
+    if let Command::New { name, lang } = &args.command {
+        return new(name, *lang);
+    }
     if let Command::Run {
         config,
         plugins,
@@ -75,9 +89,27 @@ fn main() -> ExitCode {
         match args.command {
             Command::Check { files } => cli::check(&files).await,
             Command::Invoke(args) => cli::invoke(args).await,
-            Command::Run { .. } => ExitCode::FAILURE,
+            Command::Run { .. } | Command::New { .. } => ExitCode::FAILURE,
         }
     })
+}
+
+fn new(dir: &std::path::Path, lang: warren::new::Lang) -> ExitCode {
+    match warren::new::create(dir, lang) {
+        Ok(name) => {
+            println!(
+                "Wrote plugin {name} to {}. Build it there with `{}`; the plugin is {}.",
+                dir.display(),
+                warren::new::build_command(lang),
+                warren::new::output(lang, &name).display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("warren: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn run(config_path: Option<PathBuf>, plugins: Option<PathBuf>, watch: bool) -> ExitCode {
