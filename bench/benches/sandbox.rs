@@ -1,8 +1,8 @@
 //! Per-delivery cost of the sandbox, per plugin language: a fresh instance
-//! per delivery (Warren's default) and `instance = "reuse"`, each as the
-//! work of a sandbox thread and through `Plugin::invoke` from async code,
-//! beside a native function call and one instance called directly, in one
-//! run: `cargo bench -p warren-bench --bench sandbox`.
+//! per delivery (Warren's default) and `instance = "reuse"`, one delivery
+//! at a time and with many in flight, beside a native function call and
+//! one instance called directly, in one run:
+//! `cargo bench -p warren-bench --bench sandbox`.
 //!
 //! `SANDBOX_ITERATIONS=2000` shortens the run, e.g. to count instructions
 //! per phase under `valgrind --tool=callgrind`, which repeats exactly where
@@ -51,22 +51,35 @@ fn per_call(elapsed: Duration, n: u32) -> f64 {
     elapsed.as_nanos() as f64 / f64::from(n)
 }
 
-/// Median of `ROUNDS` rounds of `n` calls, in ns per call.
-fn measure_blocking(n: u32, mut call: impl FnMut(u32) -> bool) -> Result<f64> {
-    anyhow::ensure!(call((n / 10).max(1)), "call failed during warm-up");
+/// Median of `ROUNDS` rounds of `n` calls, one after another, in ns per
+/// call.
+async fn measure<F, Fut>(n: u32, mut call: F) -> Result<f64>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..(n / 10).max(1) {
+        anyhow::ensure!(call().await, "call failed during warm-up");
+    }
     let mut rounds = Vec::with_capacity(ROUNDS);
     for _ in 0..ROUNDS {
         let start = Instant::now();
-        anyhow::ensure!(call(n), "call failed");
+        for _ in 0..n {
+            anyhow::ensure!(call().await, "call failed");
+        }
         rounds.push(per_call(start.elapsed(), n));
     }
     rounds.sort_by(f64::total_cmp);
     Ok(rounds[ROUNDS / 2])
 }
 
+/// One `Plugin::invoke` that acks.
+async fn acks(plugin: &Plugin, d: &Delivery) -> bool {
+    matches!(plugin.invoke(d).await, Outcome::Ack { .. })
+}
+
 /// Deliveries in flight through `Plugin::invoke`, as dispatch keeps them
-/// with a prefetch: the figure includes the hand-over to the sandbox
-/// threads and back.
+/// with a prefetch.
 const IN_FLIGHT: usize = 64;
 
 /// Median of `ROUNDS` rounds of `n` invocations through `Plugin::invoke`
@@ -100,14 +113,12 @@ async fn measure_invoke(plugin: &Plugin, d: &Delivery, n: u32) -> Result<f64> {
 /// Calls per round for a plugin: `iterations()`, or fewer for a plugin
 /// whose fresh instance is slow (an interpreter), so a round stays near a
 /// second.
-fn calls_for(plugin: &Plugin, d: &Delivery) -> Result<u32> {
+async fn calls_for(plugin: &Plugin, d: &Delivery) -> Result<u32> {
     let probe = 20;
     let start = Instant::now();
-    anyhow::ensure!(
-        plugin.bench_blocking(d, probe),
-        "{} does not ack",
-        plugin.name()
-    );
+    for _ in 0..probe {
+        anyhow::ensure!(acks(plugin, d).await, "{} does not ack", plugin.name());
+    }
     let each = start.elapsed().as_secs_f64() / f64::from(probe);
     Ok(((1.0 / each) as u32).clamp(200, iterations()))
 }
@@ -123,14 +134,13 @@ fn main() -> Result<()> {
 struct Row {
     name: String,
     calls: u32,
-    fresh_alone: f64,
-    reuse_alone: f64,
-    fresh_invoke: f64,
-    reuse_invoke: f64,
+    fresh: f64,
+    reuse: f64,
+    fresh_inflight: f64,
+    reuse_inflight: f64,
 }
 
-/// The four figures for `plugin`. The sandbox threads' own cost is measured
-/// on a plain thread, as the sandbox threads run it.
+/// The four figures for `plugin`.
 async fn row(name: &str, plugin: &Plugin, d: &Delivery) -> Result<Row> {
     let reuse = plugin
         .with_settings(&PluginSettings {
@@ -140,23 +150,14 @@ async fn row(name: &str, plugin: &Plugin, d: &Delivery) -> Result<Row> {
             ..PluginSettings::default()
         })
         .map_err(anyhow::Error::msg)?;
-    let (calls, fresh_alone, reuse_alone) = std::thread::scope(|s| {
-        s.spawn(|| -> Result<_> {
-            let calls = calls_for(plugin, d)?;
-            let fresh = measure_blocking(calls, |n| plugin.bench_blocking(d, n))?;
-            let reuse = measure_blocking(calls, |n| reuse.bench_blocking(d, n))?;
-            Ok((calls, fresh, reuse))
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("benchmark thread panicked"))?
-    })?;
+    let calls = calls_for(plugin, d).await?;
     Ok(Row {
         name: name.to_string(),
         calls,
-        fresh_alone,
-        reuse_alone,
-        fresh_invoke: measure_invoke(plugin, d, calls).await?,
-        reuse_invoke: measure_invoke(&reuse, d, calls).await?,
+        fresh: measure(calls, || acks(plugin, d)).await?,
+        reuse: measure(calls, || acks(&reuse, d)).await?,
+        fresh_inflight: measure_invoke(plugin, d, calls).await?,
+        reuse_inflight: measure_invoke(&reuse, d, calls).await?,
     })
 }
 
@@ -179,22 +180,38 @@ async fn run() -> Result<()> {
     let plugin = load(&runtime, &wasm).await?;
     let d = delivery();
 
-    let native = measure_blocking(n, |n| {
-        (0..n).all(|_| native_handle(std::hint::black_box(&d)).is_ok())
-    })?;
-    let (reused_ns, phases) = std::thread::scope(|s| {
-        s.spawn(|| -> Result<_> {
-            let mut reused = plugin.reused_instance().map_err(anyhow::Error::msg)?;
-            let reused_ns = measure_blocking(n, |n| (0..n).all(|_| reused.call(&d)))?;
-            Ok((reused_ns, plugin.bench_phases(&d, n)))
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("benchmark thread panicked"))?
-    })?;
+    let native = measure(n, || {
+        let ok = native_handle(std::hint::black_box(&d)).is_ok();
+        async move { ok }
+    })
+    .await?;
+    let mut reused = plugin.reused_instance().await.map_err(anyhow::Error::msg)?;
+    let mut reused_ns = Vec::new();
+    for _ in 0..ROUNDS {
+        let start = Instant::now();
+        for _ in 0..n {
+            anyhow::ensure!(reused.call(&d).await, "reused call failed");
+        }
+        reused_ns.push(per_call(start.elapsed(), n));
+    }
+    reused_ns.sort_by(f64::total_cmp);
+    let reused_ns = reused_ns[ROUNDS / 2];
+    let phases = plugin.bench_phases(&d, n).await;
 
     let mut rows = vec![row("Rust (noop)", &plugin, &d).await?];
     let echo = load(&runtime, &warren_it::plugins::wasm("echo")?).await?;
     rows.push(row("Rust (echo)", &echo, &d).await?);
+    // The same echo in each language's SDK, built from source.
+    for (name, wasm) in [
+        ("Python (echo)", warren_it::plugins::python_wasm("echo")?),
+        (
+            "JavaScript, QuickJS (echo)",
+            warren_it::plugins::js_wasm("echo")?,
+        ),
+    ] {
+        let plugin = load(&runtime, &wasm).await?;
+        rows.push(row(name, &plugin, &d).await?);
+    }
 
     // Loading: a compile into an empty compile cache, then the same bytes
     // from it (what a second start or an unchanged reload costs).
@@ -218,10 +235,10 @@ async fn run() -> Result<()> {
 
     println!("## Sandbox cost per delivery (256-byte body)\n");
     println!(
-        "median of {ROUNDS} rounds; \"sandbox thread\" is the work one sandbox thread does per delivery; \"invoke\" is `Plugin::invoke` from a current-thread tokio runtime with {IN_FLIGHT} deliveries in flight (hand-over to the sandbox threads and back included)\n"
+        "median of {ROUNDS} rounds of `Plugin::invoke` on a current-thread tokio runtime, one delivery at a time and with {IN_FLIGHT} in flight\n"
     );
     println!(
-        "| plugin | calls per round | fresh, sandbox thread | `reuse`, sandbox thread | fresh, invoke | `reuse`, invoke |"
+        "| plugin | calls per round | fresh | `reuse` | fresh, {IN_FLIGHT} in flight | `reuse`, {IN_FLIGHT} in flight |"
     );
     println!("|---|---:|---:|---:|---:|---:|");
     let us = |ns: f64| format!("{:.2} µs", ns / 1000.0);
@@ -230,10 +247,10 @@ async fn run() -> Result<()> {
             "| {} | {} | {} | {} | {} | {} |",
             r.name,
             r.calls,
-            us(r.fresh_alone),
-            us(r.reuse_alone),
-            us(r.fresh_invoke),
-            us(r.reuse_invoke)
+            us(r.fresh),
+            us(r.reuse),
+            us(r.fresh_inflight),
+            us(r.reuse_inflight)
         );
     }
     println!(
@@ -248,7 +265,7 @@ async fn run() -> Result<()> {
         loads[0].as_secs_f64() * 1000.0,
         loads[1].as_secs_f64() * 1000.0
     );
-    let fresh = rows[0].fresh_alone;
+    let fresh = rows[0].fresh;
     println!(
         "\ntarget: Rust fresh ≤ 5,000 ns — {fresh:.0} ns, {}",
         if fresh <= 5_000.0 { "met" } else { "NOT met" }

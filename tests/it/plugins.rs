@@ -366,6 +366,57 @@ async fn deliveries_beyond_the_pool_wait_for_a_slot_and_none_traps() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_hundred_deliveries_to_a_fourteen_core_instance_python_plugin_all_succeed() {
+    // Warren's default pool holds 2,048 core instances: 146 Python
+    // instances at once. 300 deliveries at once must wait for slots, not
+    // fail to instantiate.
+    let rt = runtime();
+    let wasm = warren_it::plugins::python_wasm("echo").expect("python echo build");
+    let echo = rt
+        .load_file(&wasm, &settings(&[]))
+        .await
+        .unwrap_or_else(|e| panic!("loading the Python echo: {e}"));
+    let f = echo.footprint();
+    assert!(f.core_instances >= 14, "{f:?}");
+    let all = futures::future::join_all((0..300).map(|i| {
+        let echo = echo.clone();
+        async move { echo.invoke(&delivery(&format!("m{i}"))).await }
+    }))
+    .await;
+    for (i, outcome) in all.into_iter().enumerate() {
+        let out = outputs(outcome);
+        assert_eq!(&out[0].body[..], format!("m{i}").as_bytes());
+    }
+}
+
+#[tokio::test]
+async fn a_large_component_is_served_from_the_compile_cache_on_reload_and_second_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = warren_it::plugins::python_wasm("echo").expect("python echo build");
+    let started = Instant::now();
+    let first = cached_runtime(dir.path());
+    first.load_file(&wasm, &settings(&[])).await.unwrap();
+    let cold = started.elapsed();
+    assert_eq!(first.compile_cache_stats().unwrap().misses, 1);
+    // A reload of the unchanged file.
+    let started = Instant::now();
+    let reloaded = first.load_file(&wasm, &settings(&[])).await.unwrap();
+    let reload = started.elapsed();
+    assert_eq!(first.compile_cache_stats().unwrap().hits, 1);
+    // A second start.
+    let second = cached_runtime(dir.path());
+    let started = Instant::now();
+    let plugin = second.load_file(&wasm, &settings(&[])).await.unwrap();
+    let restart = started.elapsed();
+    let stats = second.compile_cache_stats().unwrap();
+    assert_eq!((stats.hits, stats.misses), (1, 0), "{stats:?}");
+    eprintln!("Python echo load: {cold:?} compiled, reload {reload:?}, second start {restart:?}");
+    for p in [reloaded, plugin] {
+        assert_eq!(outputs(p.invoke(&delivery("cached")).await).len(), 1);
+    }
+}
+
 /// What `counter` published for each of `bodies`, in order (`None` for a
 /// delivery that did not end in an ack).
 async fn counts(plugin: &Plugin, bodies: &[&str]) -> Vec<Option<String>> {

@@ -4,6 +4,7 @@
 wasmtime::component::bindgen!({
     world: "plugin",
     path: "../wit",
+    exports: { default: async },
 });
 
 pub(crate) use self::exports::warren::plugin::handler::HandleError;

@@ -127,19 +127,6 @@ impl Pool {
     }
 }
 
-impl Pool {
-    /// [`Pool::admit`] without waiting: `None` when the instance does not
-    /// fit now.
-    pub(crate) fn try_admit(&self, f: &Footprint) -> Option<Admitted> {
-        let units = self.units(f).min(self.totals.core_instances);
-        self.units
-            .clone()
-            .try_acquire_many_owned(units)
-            .ok()
-            .map(|p| Admitted { _permit: p })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

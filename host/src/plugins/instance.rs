@@ -143,13 +143,13 @@ impl Invocation {
         let mut store = Store::new(&rt.engine, state);
         store.limiter(|s| &mut s.limiter);
         store.set_epoch_deadline(1);
-        // At every tick: trap once past the deadline. Guests run on the
-        // sandbox threads, where running on costs no other task its turn.
+        // At every tick: trap once past the deadline, otherwise yield to the
+        // executor so a busy guest never starves other tasks.
         store.epoch_deadline_callback(|ctx| {
             if Instant::now() >= ctx.data().deadline {
                 Ok(UpdateDeadline::Interrupt)
             } else {
-                Ok(UpdateDeadline::Continue(1))
+                Ok(UpdateDeadline::Yield(1))
             }
         });
         Self { store, stderr }

@@ -8,7 +8,6 @@
 //!
 //! - `bindings`: the one `bindgen!` of the host.
 //! - [`runtime`]: engine, linker, epoch ticker.
-//! - `executor`: the sandbox threads every guest runs on.
 //! - [`plugin`]: loading and invoking one plugin.
 //! - [`directory`]: the `*.wasm` files of the plugins directory.
 //! - `instance`: one invocation's store and the `host` imports.
@@ -16,7 +15,6 @@
 
 mod bindings;
 pub mod directory;
-mod executor;
 pub mod footprint;
 mod instance;
 pub mod limits;

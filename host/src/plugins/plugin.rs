@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
-use wasmtime::component::{Component, ComponentExportIndex};
+use wasmtime::component::{Component, ComponentExportIndex, TypedFunc};
 
 use super::bindings::{self as wit, PluginWorldPre};
 use super::footprint::Footprint;
@@ -111,77 +111,18 @@ struct PluginInner {
     counters: Arc<PluginCounters>,
 }
 
-/// What a delivery runs in: an idle instance kept under
-/// [`InstancePolicy::Reuse`], or pool slots for a fresh one.
-enum Lease {
-    Warm(Warm),
-    Fresh(super::footprint::Admitted),
-}
-
 impl PluginInner {
-    /// Handle `input` in the leased instance, synchronously: this runs on a
-    /// sandbox thread. Returns the outcome and, under `reuse`, the
-    /// instance to keep (none after a trap or its last delivery).
-    fn run_blocking(&self, lease: Lease, input: &wit::Delivery) -> (Outcome, Option<Warm>) {
-        let rt = self.runtime.inner();
-        let (mut inv, instance, served, slot) = match lease {
-            Lease::Warm(w) => (w.inv, Some(w.instance), w.served, w._slot),
-            Lease::Fresh(slot) => {
-                let inv =
-                    Invocation::new(rt, self.ident.clone(), self.config.clone(), &self.limits);
-                (inv, None, 0, slot)
-            }
-        };
-        inv.begin_call(&self.limits);
-        let result = (|| {
-            let instance = match instance {
-                Some(i) => i,
-                None => self.pre.instance_pre().instantiate(&mut inv.store)?,
-            };
-            let handle = instance
-                .get_typed_func::<(&wit::Delivery,), (Result<(), wit::HandleError>,)>(
-                    &mut inv.store,
-                    self.handle,
-                )?;
-            let (result,) = handle.call(&mut inv.store, (input,))?;
-            wasmtime::Result::Ok((instance, result))
-        })();
-        let (outcome, instance) = match result {
-            Ok((instance, Ok(()))) => (
-                Outcome::Ack {
-                    outputs: inv.take_outputs(),
-                },
-                Some(instance),
-            ),
-            Ok((instance, Err(wit::HandleError::Retry(reason)))) => {
-                (Outcome::Retry { reason }, Some(instance))
-            }
-            Ok((instance, Err(wit::HandleError::Reject(reason)))) => {
-                (Outcome::Reject { reason }, Some(instance))
-            }
-            // A trap retires the instance: whatever state it left stays
-            // with it.
-            Err(e) => {
-                let (kind, message) = inv.classify(&e);
-                (Outcome::Trapped { kind, message }, None)
-            }
-        };
-        let keep = match (self.policy, instance) {
-            (InstancePolicy::Reuse { max_deliveries }, Some(instance))
-                if served + 1 < max_deliveries =>
-            {
-                Some(Warm {
-                    inv,
-                    instance,
-                    served: served + 1,
-                    _slot: slot,
-                })
-            }
-            // A fresh instance's store is dropped here, on the sandbox
-            // thread: resetting its memory is part of the guest's cost.
-            _ => None,
-        };
-        (outcome, keep)
+    /// A fresh instance in `inv`'s store, and its `handle` export.
+    async fn instantiate<'a>(
+        &self,
+        inv: &mut Invocation,
+    ) -> wasmtime::Result<TypedFunc<(&'a wit::Delivery,), (Result<(), wit::HandleError>,)>> {
+        let instance = self
+            .pre
+            .instance_pre()
+            .instantiate_async(&mut inv.store)
+            .await?;
+        instance.get_typed_func(&mut inv.store, self.handle)
     }
 }
 
@@ -383,26 +324,22 @@ impl PluginRuntime {
         // Under the largest limits any plugin may get: the manifest says
         // what the plugin asks for, and what it takes here is its floor.
         let limits = self.config().caps();
-        let (rt, pre) = (self.clone(), pre.clone());
-        let called = self
-            .inner()
-            .executor
-            .run(move || {
-                let mut inv = Invocation::new(rt.inner(), ident, Arc::default(), &limits);
-                let result = pre
-                    .instantiate(&mut inv.store)
-                    .and_then(|world| world.warren_plugin_handler().call_manifest(&mut inv.store));
-                match result {
-                    Ok(m) => Ok((Manifest::from(m), inv.memory_peak())),
-                    Err(e) => {
-                        let (kind, message) = inv.classify(&e);
-                        Err(format!("{kind} trap: {message}"))
-                    }
-                }
-            })
-            .await
-            .map_err(|e| fail(e.to_string()))?;
-        called.map_err(fail)
+        let mut inv = Invocation::new(self.inner(), ident, Arc::default(), &limits);
+        let result = async {
+            let world = pre.instantiate_async(&mut inv.store).await?;
+            world
+                .warren_plugin_handler()
+                .call_manifest(&mut inv.store)
+                .await
+        }
+        .await;
+        match result {
+            Ok(m) => Ok((Manifest::from(m), inv.memory_peak())),
+            Err(e) => {
+                let (kind, message) = inv.classify(&e);
+                Err(fail(format!("{kind} trap: {message}")))
+            }
+        }
     }
 }
 
@@ -524,34 +461,80 @@ impl Plugin {
     }
 
     /// Handle one delivery in a fresh instance, or under
-    /// [`InstancePolicy::Reuse`] in an idle one, on a sandbox thread. Never
-    /// fails: every fault is an [`Outcome::Trapped`].
+    /// [`InstancePolicy::Reuse`] in an idle one. Never fails: every fault is
+    /// an [`Outcome::Trapped`].
     pub async fn invoke(&self, delivery: &Delivery) -> Outcome {
-        let inner = &self.inner;
+        let inner = &*self.inner;
         let rt = inner.runtime.inner();
         let warm = match inner.policy {
             InstancePolicy::Reuse { .. } => lock(&inner.warm).pop(),
             InstancePolicy::Fresh => None,
         };
-        let lease = match warm {
-            Some(w) => Lease::Warm(w),
-            None => match rt.pool.admit(&inner.footprint).await {
-                Ok(slot) => Lease::Fresh(slot),
-                Err(_) => return shutting_down(),
-            },
+        let (mut inv, instance, served, slot) = match warm {
+            Some(w) => (w.inv, Some(w.instance), w.served, w._slot),
+            None => {
+                let Ok(slot) = rt.pool.admit(&inner.footprint).await else {
+                    return Outcome::Trapped {
+                        kind: super::outcome::TrapKind::Other,
+                        message: "plugin runtime is shutting down".into(),
+                    };
+                };
+                let inv =
+                    Invocation::new(rt, inner.ident.clone(), inner.config.clone(), &inner.limits);
+                (inv, None, 0, slot)
+            }
         };
+        inv.begin_call(&inner.limits);
         let input = delivery_to_wit(delivery);
-        let this = inner.clone();
-        let (outcome, keep) = match rt
-            .executor
-            .run(move || this.run_blocking(lease, &input))
-            .await
-        {
-            Ok(done) => done,
-            Err(_) => (shutting_down(), None),
+        let result = async {
+            let instance = match instance {
+                Some(i) => i,
+                None => {
+                    inner
+                        .pre
+                        .instance_pre()
+                        .instantiate_async(&mut inv.store)
+                        .await?
+                }
+            };
+            let handle = instance
+                .get_typed_func::<(&wit::Delivery,), (Result<(), wit::HandleError>,)>(
+                    &mut inv.store,
+                    inner.handle,
+                )?;
+            let (result,) = handle.call_async(&mut inv.store, (&input,)).await?;
+            wasmtime::Result::Ok((instance, result))
+        }
+        .await;
+        let (outcome, instance) = match result {
+            Ok((instance, Ok(()))) => (
+                Outcome::Ack {
+                    outputs: inv.take_outputs(),
+                },
+                Some(instance),
+            ),
+            Ok((instance, Err(wit::HandleError::Retry(reason)))) => {
+                (Outcome::Retry { reason }, Some(instance))
+            }
+            Ok((instance, Err(wit::HandleError::Reject(reason)))) => {
+                (Outcome::Reject { reason }, Some(instance))
+            }
+            // A trap retires the instance: whatever state it left stays
+            // with it.
+            Err(e) => {
+                let (kind, message) = inv.classify(&e);
+                (Outcome::Trapped { kind, message }, None)
+            }
         };
-        if let Some(w) = keep {
-            lock(&inner.warm).push(w);
+        if let (InstancePolicy::Reuse { max_deliveries }, Some(instance)) = (inner.policy, instance)
+            && served + 1 < max_deliveries
+        {
+            lock(&inner.warm).push(Warm {
+                inv,
+                instance,
+                served: served + 1,
+                _slot: slot,
+            });
         }
         inner.counters.count(&outcome);
         outcome
@@ -563,13 +546,6 @@ impl Plugin {
     }
 }
 
-fn shutting_down() -> Outcome {
-    Outcome::Trapped {
-        kind: super::outcome::TrapKind::Other,
-        message: "plugin runtime is shutting down".into(),
-    }
-}
-
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     match m.lock() {
         Ok(g) => g,
@@ -577,10 +553,9 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     }
 }
 
-/// One instance kept alive and called again and again, synchronously on the
-/// calling thread (which must not be a tokio worker). Only the sandbox
-/// benchmark uses it, as the lower bound the instance policies are compared
-/// with.
+/// One instance kept alive and called again and again. Only the sandbox
+/// benchmark uses it, as the lower bound a fresh instance is compared with:
+/// state leaks between calls, so Warren never serves deliveries this way.
 #[doc(hidden)]
 pub struct ReusedInstance {
     inv: Invocation,
@@ -589,7 +564,7 @@ pub struct ReusedInstance {
 
 impl Plugin {
     #[doc(hidden)]
-    pub fn reused_instance(&self) -> Result<ReusedInstance, String> {
+    pub async fn reused_instance(&self) -> Result<ReusedInstance, String> {
         let inner = &*self.inner;
         let mut limits = inner.limits;
         limits.deadline = std::time::Duration::from_secs(3600);
@@ -601,44 +576,17 @@ impl Plugin {
         );
         let world = inner
             .pre
-            .instantiate(&mut inv.store)
+            .instantiate_async(&mut inv.store)
+            .await
             .map_err(|e| format!("{e:#}"))?;
         Ok(ReusedInstance { inv, world })
     }
 
-    /// What a sandbox thread does for one delivery under this plugin's
-    /// policy, `n` times on the calling thread (which must not be a tokio
-    /// worker), without the hand-over from dispatch: the cost of the
-    /// sandbox itself. Returns false if a call did not ack. Only the
+    /// Where the time of a fresh invocation goes, in ns per call: store
+    /// (with its WASI context), instantiation, the call, the drop. Only the
     /// sandbox benchmark uses it.
     #[doc(hidden)]
-    pub fn bench_blocking(&self, delivery: &Delivery, n: u32) -> bool {
-        let inner = &*self.inner;
-        let input = delivery_to_wit(delivery);
-        let mut warm = None;
-        for _ in 0..n {
-            let lease = match warm.take() {
-                Some(w) => Lease::Warm(w),
-                None => match inner.runtime.inner().pool.try_admit(&inner.footprint) {
-                    Some(slot) => Lease::Fresh(slot),
-                    None => return false,
-                },
-            };
-            let (outcome, keep) = inner.run_blocking(lease, &input);
-            if !matches!(outcome, Outcome::Ack { .. }) {
-                return false;
-            }
-            warm = keep;
-        }
-        true
-    }
-
-    /// Where the time of a fresh instance goes, in ns per delivery: store
-    /// (with its WASI context), instantiation, the call, the drop; on the
-    /// calling thread, which must not be a tokio worker. Only the sandbox
-    /// benchmark uses it.
-    #[doc(hidden)]
-    pub fn bench_phases(&self, delivery: &Delivery, n: u32) -> [f64; 4] {
+    pub async fn bench_phases(&self, delivery: &Delivery, n: u32) -> [f64; 4] {
         let inner = &*self.inner;
         let rt = inner.runtime.inner();
         let mut t = [std::time::Duration::ZERO; 4];
@@ -647,20 +595,12 @@ impl Plugin {
             let mut inv =
                 Invocation::new(rt, inner.ident.clone(), inner.config.clone(), &inner.limits);
             let b = std::time::Instant::now();
-            let Ok(instance) = inner.pre.instance_pre().instantiate(&mut inv.store) else {
-                return [f64::NAN; 4];
-            };
-            let Ok(handle) = instance
-                .get_typed_func::<(&wit::Delivery,), (Result<(), wit::HandleError>,)>(
-                    &mut inv.store,
-                    inner.handle,
-                )
-            else {
+            let Ok(handle) = inner.instantiate(&mut inv).await else {
                 return [f64::NAN; 4];
             };
             let c = std::time::Instant::now();
             let input = delivery_to_wit(delivery);
-            let _ = handle.call(&mut inv.store, (&input,));
+            let _ = handle.call_async(&mut inv.store, (&input,)).await;
             let d = std::time::Instant::now();
             drop(inv);
             let e = std::time::Instant::now();
@@ -675,12 +615,13 @@ impl Plugin {
 
 impl ReusedInstance {
     #[doc(hidden)]
-    pub fn call(&mut self, delivery: &Delivery) -> bool {
+    pub async fn call(&mut self, delivery: &Delivery) -> bool {
         let input = delivery_to_wit(delivery);
         let ok = matches!(
             self.world
                 .warren_plugin_handler()
-                .call_handle(&mut self.inv.store, &input),
+                .call_handle(&mut self.inv.store, &input)
+                .await,
             Ok(Ok(()))
         );
         drop(self.inv.take_outputs());
