@@ -11,7 +11,8 @@
 //!    already queued;
 //! 5. channels and the connection close; the admin server stops last.
 //!
-//! A second signal exits at once with status 130.
+//! A second signal exits at once with status 130. SIGHUP does not stop
+//! anything: it reloads the plugins ([`reload_on_hangup`]).
 
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -46,4 +47,28 @@ pub async fn exit_on_second_signal() {
         "Second signal: exiting now without finishing in-flight work."
     );
     std::process::exit(130);
+}
+
+/// On each SIGHUP, reload the plugins as `POST /plugins/reload` does (the
+/// reload logs each file that fails). Runs until dropped; if the handler
+/// cannot be installed, logs why and waits forever.
+pub async fn reload_on_hangup(reloader: std::sync::Arc<crate::dispatch::reload::Reloader>) {
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("Cannot install the SIGHUP handler; reload plugins through the admin API.");
+        return std::future::pending().await;
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!("SIGHUP: reloading plugins.");
+        match reloader.reload(None).await {
+            Ok(r) => tracing::info!(
+                loaded = r.loaded.len(),
+                replaced = r.replaced.len(),
+                removed = r.removed.len(),
+                unchanged = r.unchanged.len(),
+                failed = r.failed.len(),
+                "Plugins reloaded."
+            ),
+            Err(e) => tracing::warn!(error = %e, "Reload on SIGHUP failed."),
+        }
+    }
 }
