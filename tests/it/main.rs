@@ -36,6 +36,7 @@ mod cluster;
 mod fidelity;
 mod gauntlet;
 mod host;
+mod ops;
 mod outage;
 mod plugins;
 mod refusals;
