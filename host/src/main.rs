@@ -210,6 +210,7 @@ fn run(config_path: Option<PathBuf>, plugins: Option<PathBuf>, watch: bool) -> E
         }
     };
     runtime.block_on(async {
+        let hangups = shutdown::hangups();
         let app = match App::start(config).await {
             Ok(app) => app,
             Err(e) => {
@@ -224,7 +225,7 @@ fn run(config_path: Option<PathBuf>, plugins: Option<PathBuf>, watch: bool) -> E
         };
         let signal = tokio::select! {
             s = shutdown::wait_for_signal() => s,
-            () = shutdown::reload_on_hangup(app.handle().reloader.clone()) => return ExitCode::FAILURE,
+            () = shutdown::reload_on_hangup(hangups, app.handle().reloader.clone()) => return ExitCode::FAILURE,
         };
         tracing::info!(?signal, "Stop requested.");
         let stop = app.shutdown();

@@ -49,12 +49,24 @@ pub async fn exit_on_second_signal() {
     std::process::exit(130);
 }
 
-/// On each SIGHUP, reload the plugins as `POST /plugins/reload` does (the
-/// reload logs each file that fails). Runs until dropped; if the handler
-/// cannot be installed, logs why and waits forever.
-pub async fn reload_on_hangup(reloader: std::sync::Arc<crate::dispatch::reload::Reloader>) {
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+/// The SIGHUP handler, installed before anything starts so that a SIGHUP
+/// sent early does not end the process (its default action). `None`, and
+/// a warning, when it cannot be installed.
+pub fn hangups() -> Option<tokio::signal::unix::Signal> {
+    let hup = signal(SignalKind::hangup()).ok();
+    if hup.is_none() {
         tracing::warn!("Cannot install the SIGHUP handler; reload plugins through the admin API.");
+    }
+    hup
+}
+
+/// On each SIGHUP (`hangups`), reload the plugins as `POST /plugins/reload`
+/// does (the reload logs each file that fails). Runs until dropped.
+pub async fn reload_on_hangup(
+    hangups: Option<tokio::signal::unix::Signal>,
+    reloader: std::sync::Arc<crate::dispatch::reload::Reloader>,
+) {
+    let Some(mut hup) = hangups else {
         return std::future::pending().await;
     };
     while hup.recv().await.is_some() {

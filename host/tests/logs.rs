@@ -152,3 +152,70 @@ async fn an_outage_logs_one_warn_periodic_info_and_its_duration_and_no_error() {
     );
     broker.delete_queue(&echo_in).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_plugins() {
+    let broker = Broker::shared().await.unwrap();
+    let echo_in = unique("hup-in");
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir(&plugins).unwrap();
+    let admin =
+        std::net::SocketAddr::from(([127, 0, 0, 1], warren_it::ports::free_port().unwrap()));
+    let cfg = dir.path().join("warren.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+            [plugins]
+            dir = "{plugins}"
+            [spool]
+            stream-key = "{stream}"
+            [admin]
+            bind = "127.0.0.1:{admin}"
+            [plugin.echo]
+            subscriptions = [{{ queue = "{echo_in}" }}]
+            "#,
+            admin = admin.port(),
+            plugins = plugins.display(),
+            stream = unique("spool"),
+        ),
+    )
+    .unwrap();
+    let child = Running(
+        Command::new(env!("CARGO_BIN_EXE_warren"))
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // Started (the admin API answers) with no plugin; then echo is added:
+    // nothing consumes until the reload.
+    wait::until_true("warren started", Duration::from_secs(60), || async {
+        warren_it::http::request(admin, "GET", "/live", &[], None)
+            .await
+            .is_ok_and(|r| r.status == 200)
+    })
+    .await
+    .unwrap();
+    std::fs::copy(wasm("echo").unwrap(), plugins.join("echo.wasm")).unwrap();
+    assert_eq!(broker.consumer_count(&echo_in).await.unwrap_or(0), 0);
+    let hup = || {
+        Command::new("kill")
+            .args(["-HUP", &child.0.id().to_string()])
+            .status()
+            .unwrap()
+    };
+    assert!(hup().success());
+    wait::until_true(
+        "echo consuming after SIGHUP",
+        Duration::from_secs(60),
+        || async { broker.consumer_count(&echo_in).await.unwrap_or(0) == 1 },
+    )
+    .await
+    .unwrap();
+    drop(child);
+    broker.delete_queue(&echo_in).await.unwrap();
+}
