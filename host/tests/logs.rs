@@ -6,6 +6,7 @@
 // Test code: failing loudly is the point.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -13,6 +14,39 @@ use warren_it::broker::{Broker, unique};
 use warren_it::plugins::wasm;
 use warren_it::proxy::{Mode, Proxy};
 use warren_it::wait;
+
+/// Write `dir/warren.toml`: plugins from `plugins`, a spool stream of its
+/// own, the admin API on `admin`, echo consuming `echo_in`, and `extra`
+/// (sections of its own) before them.
+fn write_config(
+    dir: &Path,
+    plugins: &Path,
+    admin: &str,
+    echo_in: &str,
+    extra: &str,
+) -> std::path::PathBuf {
+    let cfg = dir.join("warren.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+            {extra}
+            [plugins]
+            dir = "{plugins}"
+            [spool]
+            stream-key = "{stream}"
+            [admin]
+            bind = "{admin}"
+            [plugin.echo]
+            subscriptions = [{{ queue = "{echo_in}" }}]
+            "#,
+            plugins = plugins.display(),
+            stream = unique("spool"),
+        ),
+    )
+    .unwrap();
+    cfg
+}
 
 /// The `warren run` process, killed if the test fails before it stops.
 struct Running(std::process::Child);
@@ -33,30 +67,16 @@ async fn an_outage_logs_one_warn_periodic_info_and_its_duration_and_no_error() {
     let echo_in = unique("logs-in");
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(wasm("echo").unwrap(), dir.path().join("echo.wasm")).unwrap();
-    let cfg = dir.path().join("warren.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"
-            [amqp]
-            url = "{url}"
-            heartbeat-secs = 2
-            backoff-max-ms = 500
-            [plugins]
-            dir = "{dir}"
-            [spool]
-            stream-key = "{stream}"
-            [admin]
-            bind = "127.0.0.1:0"
-            [plugin.echo]
-            subscriptions = [{{ queue = "{echo_in}" }}]
-            "#,
-            url = proxy.amqp_url(),
-            dir = dir.path().display(),
-            stream = unique("spool"),
+    let cfg = write_config(
+        dir.path(),
+        dir.path(),
+        "127.0.0.1:0",
+        &echo_in,
+        &format!(
+            "[amqp]\nurl = \"{}\"\nheartbeat-secs = 2\nbackoff-max-ms = 500",
+            proxy.amqp_url()
         ),
-    )
-    .unwrap();
+    );
     let log_path = dir.path().join("warren.log");
     let log_file = std::fs::File::create(&log_path).unwrap();
     let mut child = Running(
@@ -162,26 +182,7 @@ async fn sighup_reloads_the_plugins() {
     std::fs::create_dir(&plugins).unwrap();
     let admin =
         std::net::SocketAddr::from(([127, 0, 0, 1], warren_it::ports::free_port().unwrap()));
-    let cfg = dir.path().join("warren.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"
-            [plugins]
-            dir = "{plugins}"
-            [spool]
-            stream-key = "{stream}"
-            [admin]
-            bind = "127.0.0.1:{admin}"
-            [plugin.echo]
-            subscriptions = [{{ queue = "{echo_in}" }}]
-            "#,
-            admin = admin.port(),
-            plugins = plugins.display(),
-            stream = unique("spool"),
-        ),
-    )
-    .unwrap();
+    let cfg = write_config(dir.path(), &plugins, &admin.to_string(), &echo_in, "");
     let child = Running(
         Command::new(env!("CARGO_BIN_EXE_warren"))
             .args(["run", "--config"])
