@@ -38,6 +38,7 @@ pub mod config;
 pub mod config_doc;
 pub mod dispatch;
 pub mod message;
+pub mod new;
 pub mod plugins;
 pub mod secret;
 pub mod shutdown;

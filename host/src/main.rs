@@ -67,10 +67,24 @@ enum Command {
     /// and print the outcome and collected outputs as JSON. Exits 0 when
     /// the plugin acknowledged, 1 otherwise.
     Invoke(InvokeArgs),
+    /// Write a new plugin project into directory NAME (which must not
+    /// exist): the SDK's sources and the WIT of this binary's contract,
+    /// a plugin that forwards each delivery to `NAME.out`, and a README
+    /// with the one command that builds it.
+    New {
+        /// The project directory; its last component is the plugin's name.
+        name: PathBuf,
+        /// The plugin's language.
+        #[arg(long, value_enum)]
+        lang: warren::new::Lang,
+    },
 }
 
 fn main() -> ExitCode {
     let args = Cli::parse();
+    if let Command::New { name, lang } = &args.command {
+        return new(name, *lang);
+    }
     match args.command {
         Command::Run {
             config,
@@ -96,9 +110,27 @@ fn main() -> ExitCode {
             Command::Check { files } => cli::check(&files).await,
             Command::Invoke(args) => cli::invoke(args).await,
             Command::Validate { config, plugins } => validate(config, plugins).await,
-            Command::Run { .. } | Command::Config { .. } => ExitCode::FAILURE,
+            Command::Run { .. } | Command::Config { .. } | Command::New { .. } => ExitCode::FAILURE,
         }
     })
+}
+
+fn new(dir: &std::path::Path, lang: warren::new::Lang) -> ExitCode {
+    match warren::new::create(dir, lang) {
+        Ok(name) => {
+            println!(
+                "Wrote plugin {name} to {}. Build it there with `{}`; the plugin is {}.",
+                dir.display(),
+                warren::new::build_command(lang),
+                warren::new::output(lang, &name).display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("warren: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// `--config`, else `./warren.toml` when it exists.

@@ -13,13 +13,19 @@ use warren_it::{plugins, wait};
 /// `(file stem, plugin crate)`: `("stamp", "stamp-v2")` puts the `stamp-v2`
 /// build at `stamp.wasm`.
 pub(crate) fn plugins_dir(plugins: &[(&str, &str)]) -> Result<tempfile::TempDir> {
+    let builds = plugins
+        .iter()
+        .map(|(file, krate)| Ok((*file, plugins::wasm(krate)?)))
+        .collect::<Result<Vec<_>>>()?;
+    plugins_dir_of(&builds)
+}
+
+/// A temporary plugins folder holding copies of `(file stem, build)`.
+pub(crate) fn plugins_dir_of(builds: &[(&str, std::path::PathBuf)]) -> Result<tempfile::TempDir> {
     let dir = tempfile::tempdir()?;
-    for (file, krate) in plugins {
-        std::fs::copy(
-            plugins::wasm(krate)?,
-            dir.path().join(format!("{file}.wasm")),
-        )
-        .with_context(|| format!("copying plugin {krate}"))?;
+    for (file, path) in builds {
+        std::fs::copy(path, dir.path().join(format!("{file}.wasm")))
+            .with_context(|| format!("copying plugin {}", path.display()))?;
     }
     Ok(dir)
 }

@@ -33,6 +33,7 @@ mod amqp;
 mod broker_rules;
 mod buffer;
 mod cluster;
+mod contract;
 mod fidelity;
 mod gauntlet;
 mod host;

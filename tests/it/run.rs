@@ -2,14 +2,15 @@
 //! and confirmed outputs out, against the shared RabbitMQ and Redis.
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use warren_it::rabbit::Shared;
 
-use crate::host::plugins_dir;
+use crate::host::{plugins_dir, plugins_dir_of};
 use warren::app::{App, AppHandle};
 use warren::config::Config;
 use warren_it::broker::{Broker, Got, unique};
+use warren_it::plugins::{Lang, js_wasm, polyglot_wasm, python_wasm, wasm};
 
 /// Test-friendly settings: unique retry/dead-letter names and spool
 /// stream, short delays. `extra` is appended TOML.
@@ -58,6 +59,26 @@ fn ids(got: &[Got]) -> BTreeSet<String> {
 
 each_version!(ten_thousand_messages_through_router_and_echo);
 async fn ten_thousand_messages_through_router_and_echo(target: Shared) {
+    let (echo, router) = (wasm("echo").unwrap(), wasm("router").unwrap());
+    messages_through_router_and_echo(target, echo, router, 5_000, 200).await
+}
+
+each_version!(a_thousand_messages_through_the_python_router_and_the_js_echo);
+async fn a_thousand_messages_through_the_python_router_and_the_js_echo(target: Shared) {
+    let (echo, router) = (js_wasm("echo").unwrap(), python_wasm("router").unwrap());
+    messages_through_router_and_echo(target, echo, router, 1_000, 100).await
+}
+
+/// `n` messages through each of the `echo` and `router` builds given, with
+/// `prefetch`: every output received, every input acknowledged, nothing
+/// dead-lettered.
+async fn messages_through_router_and_echo(
+    target: Shared,
+    echo: PathBuf,
+    router: PathBuf,
+    n: usize,
+    prefetch: u16,
+) {
     let broker = Broker::connect(&target.url).await.unwrap();
     let (echo_in, echo_out, router_in, routed) = (
         unique("echo-in"),
@@ -74,7 +95,7 @@ async fn ten_thousand_messages_through_router_and_echo(target: Shared) {
         .declare_routed(&routed, &exchange, &region)
         .await
         .unwrap();
-    let dir = plugins_dir(&[("echo", "echo"), ("router", "router")]).unwrap();
+    let dir = plugins_dir_of(&[("echo", echo), ("router", router)]).unwrap();
     let dlq = unique("dlq");
     let cfg = config(
         &target,
@@ -83,17 +104,16 @@ async fn ten_thousand_messages_through_router_and_echo(target: Shared) {
         &format!(
             r#"
             [plugin.echo]
-            subscriptions = [{{ queue = "{echo_in}", prefetch = 200 }}]
+            subscriptions = [{{ queue = "{echo_in}", prefetch = {prefetch} }}]
             config = {{ routing-key = "{echo_out}" }}
             [plugin.router]
-            subscriptions = [{{ queue = "{router_in}", prefetch = 200 }}]
+            subscriptions = [{{ queue = "{router_in}", prefetch = {prefetch} }}]
             config = {{ exchange = "{exchange}" }}
             "#
         ),
     );
     let (app, _handle) = start(cfg).await;
 
-    let n = 5_000;
     let echo_bodies: Vec<String> = (0..n).map(|i| format!("echo-{i}")).collect();
     let orders: Vec<String> = (0..n)
         .map(|i| format!(r#"{{"id":{i},"region":"{region}"}}"#))
@@ -130,6 +150,9 @@ async fn ten_thousand_messages_through_router_and_echo(target: Shared) {
         0,
         "nothing dead-lettered"
     );
+    for q in [&echo_in, &echo_out, &router_in, &routed, &dlq] {
+        broker.delete_queue(q).await.unwrap();
+    }
 }
 
 fn uuid_region() -> String {
@@ -293,4 +316,73 @@ async fn a_broken_plugin_file_is_reported_and_the_good_ones_run(target: Shared) 
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].body, b"hello");
     app.shutdown().await;
+}
+
+/// The `fixture` plugin of `lang` under `warren run`: `Retry` is
+/// redelivered and succeeds on attempt 2; an exception is dead-lettered as
+/// a trap whose reason is its one-line summary (`exception`, e.g.
+/// `ValueError`).
+async fn retry_is_redelivered_and_an_exception_dead_lettered(target: Shared, lang: Lang) {
+    let broker = Broker::connect(&target.url).await.unwrap();
+    let (fixture_in, out) = (unique("fixture-in"), unique("fixture-out"));
+    broker.declare_queue(&out).await.unwrap();
+    let dir = plugins_dir_of(&[("fixture", polyglot_wasm(lang, "fixture").unwrap())]).unwrap();
+    let dlq = unique("dlq");
+    let cfg = config(
+        &target,
+        dir.path(),
+        &dlq,
+        &format!(
+            r#"
+            [plugin.fixture]
+            subscriptions = [{{ queue = "{fixture_in}" }}]
+            config = {{ fail-attempts = "1", routing-key = "{out}" }}
+            "#
+        ),
+    );
+    let (app, _handle) = start(cfg).await;
+    broker
+        .publish_all("", &fixture_in, ["flaky:order-1", "panic:order-2"])
+        .await
+        .unwrap();
+    let (done, dead) = tokio::join!(
+        broker.collect(&out, 1, Duration::from_secs(60)),
+        broker.collect(&dlq, 1, Duration::from_secs(60)),
+    );
+    let (done, dead) = (done.unwrap(), dead.unwrap());
+    assert_eq!(done[0].body, b"flaky:order-1");
+    assert_eq!(
+        done[0].header_i64("x-fixture-attempt"),
+        Some(2),
+        "Retry(\"db busy\") was delivered again as attempt 2"
+    );
+    assert_eq!(dead[0].body, b"panic:order-2");
+    assert_eq!(
+        dead[0].header_str("x-warren-trap").as_deref(),
+        Some("panic")
+    );
+    let exception = match lang {
+        Lang::Python => "ValueError",
+        Lang::Js => "TypeError",
+    };
+    assert_eq!(
+        dead[0].header_str("x-warren-reason").as_deref(),
+        Some(format!("guest panicked: {exception}: boom: panic:order-2").as_str())
+    );
+    assert_eq!(dead[0].header_i64("x-warren-attempts"), Some(1));
+    app.shutdown().await;
+    assert_eq!(broker.message_count(&fixture_in).await.unwrap(), 0);
+    for q in [&fixture_in, &out, &dlq] {
+        broker.delete_queue(q).await.unwrap();
+    }
+}
+
+each_version!(python_retry_is_redelivered_and_an_exception_dead_lettered);
+async fn python_retry_is_redelivered_and_an_exception_dead_lettered(target: Shared) {
+    retry_is_redelivered_and_an_exception_dead_lettered(target, Lang::Python).await
+}
+
+each_version!(js_retry_is_redelivered_and_an_exception_dead_lettered);
+async fn js_retry_is_redelivered_and_an_exception_dead_lettered(target: Shared) {
+    retry_is_redelivered_and_an_exception_dead_lettered(target, Lang::Js).await
 }

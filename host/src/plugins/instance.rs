@@ -191,15 +191,66 @@ impl Invocation {
                 ),
             ),
             Some(Trap::UnreachableCodeReached) => {
-                let msg = if stderr.is_empty() {
+                let reason = panic_reason(stderr);
+                let msg = if reason.is_empty() {
                     "guest panicked or aborted (wasm unreachable executed)".to_string()
                 } else {
-                    format!("guest panicked: {}", truncate(stderr, STDERR_IN_MESSAGE))
+                    format!("guest panicked: {}", truncate(&reason, STDERR_IN_MESSAGE))
                 };
                 (TrapKind::Panic, msg)
             }
             Some(trap) => (TrapKind::Other, format!("guest trapped: {trap}")),
             None => (TrapKind::Other, format!("{err:#}")),
+        }
+    }
+}
+
+/// What a guest's stderr says about its panic, without the boilerplate
+/// of the language runtime that printed it: Rust's `thread '..' panicked
+/// at FILE:` line and backtrace note go, and an exception that escaped a
+/// QuickJS handler (componentize-qjs prints `Failed to call 'handle':
+/// Value(Exception(Exception { message: Some("..") ..`) is its message.
+/// Python's SDK writes its one-line summary itself.
+fn panic_reason(stderr: &str) -> String {
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| !l.starts_with("note: run with `RUST_BACKTRACE=1`"))
+        .collect();
+    let body = match lines.split_first() {
+        Some((first, rest)) if first.starts_with("thread '") && first.contains(" panicked at ") => {
+            rest.join("\n")
+        }
+        _ => lines.join("\n"),
+    };
+    if body.starts_with("Failed to call '")
+        && let Some(at) = body.find("Exception { message: Some(\"")
+        && let Some(message) = debug_string(&body[at + "Exception { message: Some(".len()..])
+    {
+        return message;
+    }
+    body.trim().to_string()
+}
+
+/// The string a Rust `{:?}` literal at the start of `s` stands for.
+fn debug_string(s: &str) -> Option<String> {
+    let mut chars = s.strip_prefix('"')?.chars();
+    let mut out = String::new();
+    loop {
+        match chars.next()? {
+            '"' => return Some(out),
+            '\\' => match chars.next()? {
+                'n' => out.push('\n'),
+                't' => out.push('\t'),
+                'r' => out.push('\r'),
+                '0' => out.push('\0'),
+                'u' => {
+                    let rest: String = chars.by_ref().take_while(|c| *c != '}').collect();
+                    let code = u32::from_str_radix(rest.strip_prefix('{')?, 16).ok()?;
+                    out.push(char::from_u32(code)?);
+                }
+                c => out.push(c),
+            },
+            c => out.push(c),
         }
     }
 }
@@ -273,4 +324,19 @@ fn outbound_from_wit(msg: wit::Message) -> Result<OutboundMessage, String> {
         properties: super::properties::from_wit(msg.properties)?,
         body: Bytes::from(msg.body),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::panic_reason;
+
+    #[test]
+    fn panic_reasons_lose_the_runtime_boilerplate() {
+        let rust = "thread '<unnamed>' (1) panicked at src/lib.rs:17:9:\nboom: order 42\nnote: run with `RUST_BACKTRACE=1` environment variable to display a backtrace\n";
+        assert_eq!(panic_reason(rust), "boom: order 42");
+        let qjs = "thread '<unnamed>' (1) panicked at crates/runtime/src/interpreter.rs:51:31:\nFailed to call 'handle': Value(Exception(\nException { message: Some(\"TypeError: boom: \\\"x\\\" \\u{e9}\"), stack: Some(\"    at trap (/sdk/warren.js:296:3)\\n\") })\n)\nnote: run with `RUST_BACKTRACE=1` environment variable to display a backtrace";
+        assert_eq!(panic_reason(qjs), "TypeError: boom: \"x\" é");
+        assert_eq!(panic_reason("ValueError: bad\n"), "ValueError: bad");
+        assert_eq!(panic_reason(""), "");
+    }
 }

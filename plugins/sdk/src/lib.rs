@@ -45,7 +45,8 @@ extern crate self as warren_sdk;
 pub mod bindings {
     wit_bindgen::generate!({
         world: "plugin",
-        path: "../../wit",
+        // A link to the repository's `wit/`; `warren new` writes the file itself.
+        path: "wit",
         pub_export_macro: true,
         export_macro_name: "__export_plugin_world",
         default_bindings_module: "::warren_sdk::bindings",

@@ -1,0 +1,235 @@
+//! `warren new NAME --lang rust|python|js`: a plugin project that builds
+//! with one command and needs nothing but a language toolchain and the
+//! package registries. The binary carries the WIT of its own contract
+//! version and each SDK's sources, written into the project.
+
+use std::path::{Path, PathBuf};
+
+/// The languages `warren new` writes projects for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Lang {
+    /// A Rust crate over the Rust SDK, `cargo build --release`.
+    Rust,
+    /// A Python app over the Python SDK, built with componentize-py.
+    Python,
+    /// A JavaScript module over the JS SDK, built with componentize-qjs.
+    Js,
+}
+
+/// The contract the binary implements (`package warren:plugin@...`).
+pub const CONTRACT: &str = "0.2.0";
+/// componentize-py version the Python SDK is tested with; the same as
+/// `plugins/tools/install` (a test compares them).
+pub const COMPONENTIZE_PY: &str = "0.25.1";
+/// componentize-qjs version the JS SDK is tested with.
+pub const COMPONENTIZE_QJS: &str = "0.4.5";
+
+const WIT: &str = include_str!("../../wit/plugin.wit");
+const RUST_SDK: &str = include_str!("../../plugins/sdk/src/lib.rs");
+const RUST_CARGO_CONFIG: &str = include_str!("../../plugins/.cargo/config.toml");
+const PYTHON_SDK: &str = include_str!("../../plugins/python/sdk/warren/__init__.py");
+const JS_SDK: &str = include_str!("../../plugins/js/sdk/warren.js");
+
+/// Why a project was not written.
+#[derive(Debug, thiserror::Error)]
+pub enum NewError {
+    #[error(
+        "{0:?} is not a valid plugin name: 1 to 64 lowercase letters, digits, `-` and `_`, starting with a letter"
+    )]
+    Name(String),
+    #[error("{0} already exists; choose a new directory")]
+    Exists(PathBuf),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Files of a project, relative to its directory, and whether each is
+/// executable.
+fn files(lang: Lang, name: &str) -> Vec<(&'static str, String, bool)> {
+    let fill = |t: &str| {
+        t.replace("{{name}}", name)
+            .replace("{{file}}", &name.replace('-', "_"))
+            .replace("{{contract}}", CONTRACT)
+            .replace("{{componentize_py}}", COMPONENTIZE_PY)
+            .replace("{{componentize_qjs}}", COMPONENTIZE_QJS)
+    };
+    match lang {
+        Lang::Rust => vec![
+            (
+                "Cargo.toml",
+                fill(include_str!("../templates/rust/Cargo.toml")),
+                false,
+            ),
+            (".cargo/config.toml", RUST_CARGO_CONFIG.to_string(), false),
+            (
+                "src/lib.rs",
+                fill(include_str!("../templates/rust/lib.rs")),
+                false,
+            ),
+            (
+                "warren-sdk/Cargo.toml",
+                fill(include_str!("../templates/rust/sdk.Cargo.toml")),
+                false,
+            ),
+            ("warren-sdk/src/lib.rs", RUST_SDK.to_string(), false),
+            ("warren-sdk/wit/plugin.wit", WIT.to_string(), false),
+            (
+                "README.md",
+                fill(include_str!("../templates/rust/README.md")),
+                false,
+            ),
+            (
+                ".gitignore",
+                include_str!("../templates/rust/gitignore").to_string(),
+                false,
+            ),
+        ],
+        Lang::Python => vec![
+            (
+                "src/app.py",
+                fill(include_str!("../templates/python/app.py")),
+                false,
+            ),
+            ("src/warren/__init__.py", PYTHON_SDK.to_string(), false),
+            ("wit/plugin.wit", WIT.to_string(), false),
+            (
+                "build.sh",
+                fill(include_str!("../templates/python/build.sh")),
+                true,
+            ),
+            (
+                "README.md",
+                fill(include_str!("../templates/python/README.md")),
+                false,
+            ),
+            (
+                ".gitignore",
+                include_str!("../templates/python/gitignore").to_string(),
+                false,
+            ),
+        ],
+        Lang::Js => vec![
+            (
+                "package.json",
+                fill(include_str!("../templates/js/package.json")),
+                false,
+            ),
+            (
+                "src/plugin.js",
+                fill(include_str!("../templates/js/plugin.js")),
+                false,
+            ),
+            ("src/warren.js", JS_SDK.to_string(), false),
+            ("wit/plugin.wit", WIT.to_string(), false),
+            (
+                "README.md",
+                fill(include_str!("../templates/js/README.md")),
+                false,
+            ),
+            (
+                ".gitignore",
+                include_str!("../templates/js/gitignore").to_string(),
+                false,
+            ),
+        ],
+    }
+}
+
+/// The command that builds a project of `lang`, as its README says.
+pub fn build_command(lang: Lang) -> &'static str {
+    match lang {
+        Lang::Rust => "cargo build --release",
+        Lang::Python => "sh build.sh",
+        Lang::Js => "npm install && npm run build",
+    }
+}
+
+/// Where the build of plugin `name` lands, relative to its project.
+pub fn output(lang: Lang, name: &str) -> PathBuf {
+    match lang {
+        Lang::Rust => Path::new("target/wasm32-wasip2/release")
+            .join(format!("{}.wasm", name.replace('-', "_"))),
+        Lang::Python | Lang::Js => PathBuf::from(format!("{name}.wasm")),
+    }
+}
+
+/// Write a project for plugin `dir`'s last component into `dir`, which
+/// must not exist. Returns the plugin's name.
+pub fn create(dir: &Path, lang: Lang) -> Result<String, NewError> {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let starts_with_letter = name.bytes().next().is_some_and(|b| b.is_ascii_lowercase());
+    if !crate::plugins::manifest::is_valid_name(&name) || !starts_with_letter {
+        return Err(NewError::Name(name));
+    }
+    if dir.exists() {
+        return Err(NewError::Exists(dir.to_path_buf()));
+    }
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| NewError::Io { path, source }
+    };
+    for (rel, text, executable) in files(lang, &name) {
+        let path = dir.join(rel);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(io(parent))?;
+        }
+        std::fs::write(&path, text).map_err(io(&path))?;
+        if executable {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+                .map_err(io(&path))?;
+        }
+    }
+    Ok(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_existing_directories_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        for bad in ["Upper", "9lives", "has space", ""] {
+            let e = create(&tmp.path().join(bad), Lang::Rust).unwrap_err();
+            assert!(e.to_string().contains("not a valid plugin name"), "{e}");
+        }
+        let e = create(tmp.path(), Lang::Python).unwrap_err();
+        assert!(
+            e.to_string().contains("not a valid plugin name")
+                || e.to_string().contains("already exists"),
+            "{e}"
+        );
+        std::fs::create_dir(tmp.path().join("taken")).unwrap();
+        let e = create(&tmp.path().join("taken"), Lang::Js).unwrap_err();
+        assert!(e.to_string().contains("already exists"), "{e}");
+    }
+
+    #[test]
+    fn every_template_is_filled_and_versions_match_the_tool_installer() {
+        for lang in [Lang::Rust, Lang::Python, Lang::Js] {
+            for (rel, text, _) in files(lang, "my-plugin") {
+                for field in [
+                    "name",
+                    "file",
+                    "contract",
+                    "componentize_py",
+                    "componentize_qjs",
+                ] {
+                    let unfilled = format!("{{{{{field}}}}}");
+                    assert!(!text.contains(&unfilled), "{lang:?} {rel}: {unfilled}");
+                }
+            }
+        }
+        let install = include_str!("../../plugins/tools/install");
+        assert!(install.contains(&format!("COMPONENTIZE_PY={COMPONENTIZE_PY}\n")));
+        assert!(install.contains(&format!("COMPONENTIZE_QJS={COMPONENTIZE_QJS}\n")));
+        assert!(WIT.contains(&format!("package warren:plugin@{CONTRACT};")));
+    }
+}

@@ -1,0 +1,301 @@
+// The Warren plugin SDK for JavaScript (QuickJS, built with
+// componentize-qjs --sync): a thin layer over the bindings of the
+// `warren:plugin@0.2.0` world (`wit/plugin.wit`).
+//
+// A plugin is an ES module that exports `handler`:
+//
+//   import { Manifest, Subscription, exportPlugin, forward, publish } from "./warren.js";
+//
+//   export const handler = exportPlugin({
+//     manifest: () =>
+//       new Manifest("echo", "0.1.0").subscribe(Subscription.queue("echo.in")),
+//     handle(d) {
+//       publish(forward(d, "", "echo.out"));
+//     },
+//   });
+//
+// built with `componentize-qjs --wit wit -n plugin --js plugin.js --sync -o plugin.wasm`
+// (`--sync`: Warren does not run the component-model async ABI).
+//
+// `handle` returning acknowledges the delivery once the messages given to
+// `publish` are safe. Throw `Retry` for a transient failure (delivered
+// again later, `d.attempt` counting up, until the subscription's attempt
+// limit) and `Reject` to dead-letter it now. Anything else thrown is a
+// fault: its stack goes to the host's log at error level and the delivery
+// is dead-lettered as a trap whose reason is its one-line summary
+// (`TypeError: x is undefined`).
+//
+// Records have camelCase fields (`d.routingKey`), enums are strings
+// (`"topic"`), `option` is a value or null, `list<u8>` a Uint8Array:
+// `text(d.body)` decodes UTF-8 (QuickJS has no TextDecoder). There is no
+// filesystem, network or environment at run time. Warren instantiates the
+// plugin afresh for every delivery unless the operator sets
+// `instance = "reuse"`, when module-level state survives from one delivery
+// to the next until the instance is dropped (after a set number of
+// deliveries or any trap): never keep there what one message must not see
+// of another.
+
+import host from "warren:plugin/host@0.2.0";
+
+/** A transient failure: deliver the message again after a delay. */
+export class Retry extends Error {
+  constructor(reason) {
+    super(reason);
+    this.name = "Retry";
+  }
+}
+
+/** A permanent failure: dead-letter the message now. */
+export class Reject extends Error {
+  constructor(reason) {
+    super(reason);
+    this.name = "Reject";
+  }
+}
+
+/** A queue the plugin consumes, built by chaining. */
+export class Subscription {
+  constructor(queue) {
+    this.queue = queue;
+    this.kind = "quorum";
+    this.bind = null;
+    this.prefetch = 64;
+    this.messageTtlMs = null;
+    this.maxAttempts = null;
+  }
+
+  /** Consume quorum queue `name` with prefetch 64 and the host's attempt limit. */
+  static queue(name) {
+    return new Subscription(name);
+  }
+
+  /** Bind the queue to `exchange` (declared with `kind`) with `keys`. */
+  bindTo(exchange, kind, keys) {
+    this.bind = { exchange, kind, keys: [...keys] };
+    return this;
+  }
+
+  /** Declare a classic queue instead of a quorum queue. */
+  classic() {
+    this.kind = "classic";
+    return this;
+  }
+
+  withPrefetch(n) {
+    this.prefetch = n;
+    return this;
+  }
+
+  /** Dead-letter after `n` attempts (1 = never retry). */
+  withMaxAttempts(n) {
+    this.maxAttempts = n;
+    return this;
+  }
+}
+
+/** What a plugin is and what it consumes, built by chaining. */
+export class Manifest {
+  constructor(name, version) {
+    this.name = name;
+    this.version = version;
+    this.subscriptions = [];
+    this.outputs = { exchanges: [], queues: [] };
+    this.limits = { memoryBytes: null, deadlineMs: null, maxConcurrency: null };
+  }
+
+  subscribe(s) {
+    this.subscriptions.push(s);
+    return this;
+  }
+
+  /** Declare exchange `name` (durable, of `kind`) as a destination of outputs. */
+  outputExchange(name, kind) {
+    this.outputs.exchanges.push({ name, kind });
+    return this;
+  }
+
+  /** Declare quorum queue `name` as a destination of outputs. */
+  outputQueue(name) {
+    return this.output({ name, kind: "quorum", bind: null, maxLength: null });
+  }
+
+  /** Declare queue `q` (see `boundedCatchAll`). */
+  output(q) {
+    this.outputs.queues.push(q);
+    return this;
+  }
+
+  deadlineMs(ms) {
+    this.limits.deadlineMs = ms;
+    return this;
+  }
+
+  memoryBytes(n) {
+    this.limits.memoryBytes = n;
+    return this;
+  }
+
+  maxConcurrency(n) {
+    this.limits.maxConcurrency = n;
+    return this;
+  }
+}
+
+/**
+ * Classic queue `name` bound to `exchange` (declared with `kind`) with
+ * `keys`, keeping at most `maxLength` messages: a catch-all for outputs
+ * nobody may read.
+ */
+export function boundedCatchAll(name, exchange, kind, keys, maxLength) {
+  return { name, kind: "classic", bind: { exchange, kind, keys: [...keys] }, maxLength };
+}
+
+/** No property set and no headers (published persistent). */
+export function properties() {
+  return {
+    contentType: null,
+    contentEncoding: null,
+    headers: [],
+    deliveryMode: null,
+    priority: null,
+    correlationId: null,
+    replyTo: null,
+    expiration: null,
+    messageId: null,
+    timestamp: null,
+    messageType: null,
+    userId: null,
+    appId: null,
+  };
+}
+
+/** The value (`{ tag, val }`) of top-level header `key`, or null. */
+export function header(props, key) {
+  const h = props.headers.find((h) => h.parent === 0 && h.key === key);
+  return h ? h.value : null;
+}
+
+/** A message with `body` (bytes, or a string sent as UTF-8). */
+export function message(exchange, routingKey, body, props = properties()) {
+  return {
+    exchange,
+    routingKey,
+    body: typeof body === "string" ? utf8(body) : body,
+    properties: props,
+  };
+}
+
+/** Delivery `d` (body, every property and header) to `exchange` with `routingKey`. */
+export function forward(d, exchange, routingKey) {
+  return { exchange, routingKey, body: d.body, properties: d.properties };
+}
+
+/** Queue `msg` for publishing once `handle` returns; throws `Reject` if the host will not take it. */
+export function publish(msg) {
+  try {
+    host.publish(msg);
+  } catch (e) {
+    if (e && e.tag === "limit-exceeded") throw new Reject(`publish refused: ${e.val}`);
+    if (e && e.tag === "invalid") throw new Reject(`invalid output: ${e.val}`);
+    throw e;
+  }
+}
+
+/** A per-plugin setting from the host's `warren.toml`, or null. */
+export function config(key) {
+  return host.config(key) ?? null;
+}
+
+/** Log through the host; lines carry the plugin's name and version. */
+export const log = {
+  debug: (text) => host.log("debug", String(text)),
+  info: (text) => host.log("info", String(text)),
+  warn: (text) => host.log("warn", String(text)),
+  error: (text) => host.log("error", String(text)),
+};
+
+/** The UTF-8 text of `bytes` (invalid sequences become U+FFFD). */
+export function text(bytes) {
+  let out = "";
+  for (let i = 0; i < bytes.length; ) {
+    const b = bytes[i];
+    const need = b < 0x80 ? 0 : b >= 0xf0 && b < 0xf8 ? 3 : b >= 0xe0 ? 2 : b >= 0xc2 ? 1 : -1;
+    let cp = need === 0 ? b : need === 1 ? b & 0x1f : need === 2 ? b & 0x0f : b & 0x07;
+    let ok = need >= 0 && i + need < bytes.length;
+    for (let k = 1; ok && k <= need; k++) {
+      const c = bytes[i + k];
+      ok = (c & 0xc0) === 0x80;
+      cp = (cp << 6) | (c & 0x3f);
+    }
+    const min = [0, 0x80, 0x800, 0x10000][need];
+    if (!ok || cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)) {
+      out += "\ufffd";
+      i += 1;
+    } else {
+      out += String.fromCodePoint(cp);
+      i += need + 1;
+    }
+  }
+  return out;
+}
+
+/** `s` encoded as UTF-8. */
+export function utf8(s) {
+  const out = [];
+  for (const ch of s) {
+    const cp = ch.codePointAt(0);
+    if (cp < 0x80) out.push(cp);
+    else if (cp < 0x800) out.push(0xc0 | (cp >> 6), 0x80 | (cp & 0x3f));
+    else if (cp < 0x10000) out.push(0xe0 | (cp >> 12), 0x80 | ((cp >> 6) & 0x3f), 0x80 | (cp & 0x3f));
+    else
+      out.push(
+        0xf0 | (cp >> 18),
+        0x80 | ((cp >> 12) & 0x3f),
+        0x80 | ((cp >> 6) & 0x3f),
+        0x80 | (cp & 0x3f),
+      );
+  }
+  return new Uint8Array(out);
+}
+
+function summary(e) {
+  if (e instanceof Error) {
+    const first = String(e.message).split("\n")[0];
+    return first ? `${e.name}: ${first}` : e.name;
+  }
+  return `uncaught ${typeof e}: ${String(e).split("\n")[0]}`;
+}
+
+/**
+ * The `handler` export for `plugin` (an object with `manifest()` and
+ * `handle(delivery)`): `export const handler = exportPlugin({ ... })`.
+ */
+export function exportPlugin(plugin) {
+  return {
+    manifest() {
+      try {
+        return plugin.manifest();
+      } catch (e) {
+        trap(e);
+      }
+    },
+    handle(delivery) {
+      try {
+        plugin.handle(delivery);
+      } catch (e) {
+        if (e instanceof Retry) throw { tag: "retry", val: e.message || "Retry" };
+        if (e instanceof Reject) throw { tag: "reject", val: e.message || "Reject" };
+        trap(e);
+      }
+    },
+  };
+}
+
+// Ends the call as a trap: the stack to the host's log, and an Error whose
+// message is the one-line summary thrown out of the export, which the
+// runtime turns into a trap and Warren into the trap's reason.
+function trap(e) {
+  const line = summary(e);
+  host.log("error", e?.stack ? `${line}\n${e.stack}` : line);
+  throw new Error(line);
+}

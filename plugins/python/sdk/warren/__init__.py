@@ -1,0 +1,356 @@
+"""The Warren plugin SDK for Python: a thin layer over the componentize-py
+bindings of the ``warren:plugin@0.2.0`` world (``wit/plugin.wit``).
+
+A plugin is a module (``app.py``) that subclasses :class:`Plugin` and binds
+the class componentize-py exports as ``Handler``::
+
+    import warren
+
+    class Echo(warren.Plugin):
+        def manifest(self):
+            return warren.Manifest("echo", "0.1.0").subscribe(
+                warren.Subscription.queue("echo.in")
+            )
+
+        def handle(self, d):
+            warren.publish(warren.forward(d, "", "echo.out"))
+
+    Handler = warren.export(Echo)
+
+built with ``componentize-py -d wit -w plugin componentize -p . -p SDK app``
+(``SDK`` is the directory holding this package).
+
+``handle`` returning acknowledges the delivery once the messages given to
+:func:`publish` are safe. Raise :class:`Retry` for a transient failure (the
+message is delivered again later, ``d.attempt`` counting up, until the
+subscription's attempt limit) and :class:`Reject` to dead-letter it now.
+Any other exception is a fault: the traceback goes to the host's log at
+error level and the delivery is dead-lettered as a trap whose reason is the
+exception's one-line summary (``ValueError: bad input``).
+
+Rules of the sandbox: there is no filesystem, network or environment at
+run time, so import every module at the top of ``app.py`` (the build
+snapshots the interpreter after importing it; a module imported inside
+``handle`` fails). ``hash()`` of a string is fixed at build time. Warren
+instantiates the plugin afresh for every delivery unless the operator sets
+``instance = "reuse"``, when module-level state survives from one delivery
+to the next until the instance is dropped (after a set number of
+deliveries or any trap): never keep there what one message must not see
+of another.
+"""
+
+import os
+import sys
+import traceback
+
+from componentize_py_types import Err
+from wit_world import exports
+from wit_world.imports import host, types
+from wit_world.imports.types import (  # noqa: F401  (re-exported for plugins)
+    Binding,
+    Delivery,
+    DeliveryMode,
+    ExchangeKind,
+    Header,
+    LogLevel,
+    Message,
+    OutputExchange,
+    OutputQueue,
+    Properties,
+    QueueKind,
+)
+
+__all__ = [
+    "Plugin",
+    "Manifest",
+    "Subscription",
+    "Retry",
+    "Reject",
+    "export",
+    "publish",
+    "config",
+    "log",
+    "message",
+    "forward",
+    "properties",
+    "header",
+    "bounded_catch_all",
+    "types",
+    "Delivery",
+    "Message",
+    "Properties",
+    "Header",
+    "ExchangeKind",
+    "QueueKind",
+    "DeliveryMode",
+]
+
+
+class Retry(Exception):
+    """A transient failure: deliver the message again after a delay, until
+    the subscription's attempt limit, then dead-letter it."""
+
+
+class Reject(Exception):
+    """A permanent failure: dead-letter the message now."""
+
+
+class Plugin:
+    """Subclass this, implement both methods, and bind
+    ``Handler = warren.export(YourPlugin)`` in the app module."""
+
+    def manifest(self) -> "Manifest":
+        """What the plugin is and what it consumes. Called once at load."""
+        raise NotImplementedError
+
+    def handle(self, delivery: Delivery) -> None:
+        """Handle one delivery; return to acknowledge it, raise
+        :class:`Retry` or :class:`Reject` to end it otherwise."""
+        raise NotImplementedError
+
+
+class Subscription:
+    """A queue the plugin consumes, built by chaining."""
+
+    def __init__(self, queue: str):
+        self._s = types.Subscription(
+            queue=queue,
+            kind=QueueKind.QUORUM,
+            bind=None,
+            prefetch=64,
+            message_ttl_ms=None,
+            max_attempts=None,
+        )
+
+    @classmethod
+    def queue(cls, name: str) -> "Subscription":
+        """Consume quorum queue ``name`` with prefetch 64 and the host's
+        attempt limit."""
+        return cls(name)
+
+    def bind(self, exchange: str, kind: ExchangeKind, keys) -> "Subscription":
+        """Bind the queue to ``exchange`` (declared with ``kind``) with ``keys``."""
+        self._s.bind = Binding(exchange=exchange, kind=kind, keys=list(keys))
+        return self
+
+    def classic(self) -> "Subscription":
+        """Declare a classic queue instead of a quorum queue."""
+        self._s.kind = QueueKind.CLASSIC
+        return self
+
+    def prefetch(self, n: int) -> "Subscription":
+        self._s.prefetch = n
+        return self
+
+    def message_ttl_ms(self, ms: int) -> "Subscription":
+        self._s.message_ttl_ms = ms
+        return self
+
+    def max_attempts(self, n: int) -> "Subscription":
+        """Dead-letter after ``n`` attempts (1 = never retry)."""
+        self._s.max_attempts = n
+        return self
+
+
+class Manifest:
+    """What a plugin is and what it consumes, built by chaining."""
+
+    def __init__(self, name: str, version: str):
+        self.name = name
+        self.version = version
+        self._subscriptions = []
+        self._exchanges = []
+        self._queues = []
+        self._limits = types.Limits(
+            memory_bytes=None, deadline_ms=None, max_concurrency=None
+        )
+
+    def subscribe(self, s: Subscription) -> "Manifest":
+        self._subscriptions.append(s._s)
+        return self
+
+    def output_exchange(self, name: str, kind: ExchangeKind) -> "Manifest":
+        """Declare exchange ``name`` (durable, of ``kind``) as a destination
+        of the plugin's outputs."""
+        self._exchanges.append(OutputExchange(name=name, kind=kind))
+        return self
+
+    def output_queue(self, name: str) -> "Manifest":
+        """Declare quorum queue ``name`` as a destination of the plugin's
+        outputs (published to through the default exchange)."""
+        return self.output(
+            OutputQueue(name=name, kind=QueueKind.QUORUM, bind=None, max_length=None)
+        )
+
+    def output(self, q: OutputQueue) -> "Manifest":
+        """Declare queue ``q`` (see :func:`bounded_catch_all`)."""
+        self._queues.append(q)
+        return self
+
+    def deadline_ms(self, ms: int) -> "Manifest":
+        self._limits.deadline_ms = ms
+        return self
+
+    def memory_bytes(self, n: int) -> "Manifest":
+        self._limits.memory_bytes = n
+        return self
+
+    def max_concurrency(self, n: int) -> "Manifest":
+        self._limits.max_concurrency = n
+        return self
+
+    def to_wit(self) -> types.Manifest:
+        return types.Manifest(
+            name=self.name,
+            version=self.version,
+            subscriptions=list(self._subscriptions),
+            outputs=types.Outputs(
+                exchanges=list(self._exchanges), queues=list(self._queues)
+            ),
+            limits=self._limits,
+        )
+
+
+def bounded_catch_all(name, exchange, kind, keys, max_length) -> OutputQueue:
+    """Classic queue ``name`` bound to ``exchange`` (declared with ``kind``)
+    with ``keys``, keeping at most ``max_length`` messages: a catch-all for
+    outputs nobody may read."""
+    return OutputQueue(
+        name=name,
+        kind=QueueKind.CLASSIC,
+        bind=Binding(exchange=exchange, kind=kind, keys=list(keys)),
+        max_length=max_length,
+    )
+
+
+def properties() -> Properties:
+    """No property set and no headers (published persistent)."""
+    return Properties(
+        content_type=None,
+        content_encoding=None,
+        headers=[],
+        delivery_mode=None,
+        priority=None,
+        correlation_id=None,
+        reply_to=None,
+        expiration=None,
+        message_id=None,
+        timestamp=None,
+        message_type=None,
+        user_id=None,
+        app_id=None,
+    )
+
+
+def header(props: Properties, key: str):
+    """The value of top-level header ``key`` (a ``types.HeaderValue_*``
+    case), or None."""
+    for h in props.headers:
+        if h.parent == 0 and h.key == key:
+            return h.value
+    return None
+
+
+def message(exchange: str, routing_key: str, body, props=None) -> Message:
+    """A message with ``body`` (bytes, or text sent as UTF-8)."""
+    if isinstance(body, str):
+        body = body.encode()
+    return Message(
+        exchange=exchange,
+        routing_key=routing_key,
+        body=bytes(body),
+        properties=props if props is not None else properties(),
+    )
+
+
+def forward(d: Delivery, exchange: str, routing_key: str) -> Message:
+    """Republish delivery ``d`` (body, every property and header, byte for
+    byte) to ``exchange`` with ``routing_key``."""
+    return Message(
+        exchange=exchange, routing_key=routing_key, body=d.body, properties=d.properties
+    )
+
+
+def publish(msg: Message) -> None:
+    """Queue ``msg`` for publishing once ``handle`` returns. A message the
+    host will not take raises :class:`Reject`."""
+    try:
+        host.publish(msg)
+    except Err as e:
+        why = e.value
+        if isinstance(why, types.PublishError_LimitExceeded):
+            raise Reject(f"publish refused: {why.value}") from None
+        raise Reject(f"invalid output: {why.value}") from None
+
+
+def config(key: str):
+    """A per-plugin setting from the host's ``warren.toml``, or None."""
+    return host.config(key)
+
+
+class _Log:
+    """Log through the host; lines carry the plugin's name and version."""
+
+    def debug(self, text: str) -> None:
+        host.log(LogLevel.DEBUG, text)
+
+    def info(self, text: str) -> None:
+        host.log(LogLevel.INFO, text)
+
+    def warn(self, text: str) -> None:
+        host.log(LogLevel.WARN, text)
+
+    def error(self, text: str) -> None:
+        host.log(LogLevel.ERROR, text)
+
+
+log = _Log()
+
+
+def _summary(e: BaseException) -> str:
+    """``Type: first line of the message``: what a trap's reason says."""
+    text = str(e).strip().splitlines()
+    name = type(e).__qualname__
+    return f"{name}: {text[0]}" if text else name
+
+
+def _reason(e: Exception) -> str:
+    return str(e) or type(e).__qualname__
+
+
+def _trap(e: BaseException) -> None:
+    """End the call as a trap: the traceback to the log, the one-line
+    summary to stderr (which the host makes the trap's reason), then abort
+    (a wasm ``unreachable``)."""
+    try:
+        host.log(LogLevel.ERROR, "".join(traceback.format_exception(e)).rstrip())
+    finally:
+        sys.stderr.write(_summary(e) + "\n")
+        sys.stderr.flush()
+        os.abort()
+
+
+def export(plugin_class):
+    """The class componentize-py exports: bind it as ``Handler`` in the app
+    module. One plugin object serves every call of an instance."""
+    plugin = plugin_class()
+
+    class Handler(exports.Handler):
+        def manifest(self) -> types.Manifest:
+            try:
+                m = plugin.manifest()
+            except BaseException as e:
+                _trap(e)
+            return m.to_wit() if isinstance(m, Manifest) else m
+
+        def handle(self, delivery: Delivery) -> None:
+            try:
+                plugin.handle(delivery)
+            except Retry as e:
+                raise Err(types.HandleError_Retry(_reason(e))) from None
+            except Reject as e:
+                raise Err(types.HandleError_Reject(_reason(e))) from None
+            except BaseException as e:
+                _trap(e)
+
+    return Handler
