@@ -48,6 +48,14 @@ pub enum StartError {
     Admin(#[from] AdminError),
 }
 
+impl StartError {
+    /// Whether the settings or the plugins directory are at fault (exit
+    /// 78), rather than the machine (a taken port, no runtime).
+    pub fn is_config(&self) -> bool {
+        matches!(self, Self::PluginsDir(_) | Self::Amqp(_) | Self::Spool(_))
+    }
+}
+
 /// Whether Warren should receive work, and if not, why; and what works
 /// but not as it should.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -249,6 +257,7 @@ impl App {
     pub async fn start(config: Config) -> Result<App, StartError> {
         let tasks = TaskTracker::new();
         let metrics = crate::telemetry::install_metrics();
+        admin::metric::describe_all();
         let admin_listener = admin::bind(&config.admin.bind).await?;
         let runtime = PluginRuntime::new(config.plugins.runtime.clone())?;
         let scan = reload::scan(
@@ -348,7 +357,11 @@ impl App {
             admin_cancel.clone(),
         ));
         info!(addr = %admin_addr, "Admin API listening.");
-        tasks.spawn(announce_ready(handle.clone(), amqp_cancel.clone()));
+        tasks.spawn(announce_ready(
+            handle.clone(),
+            admin_addr,
+            amqp_cancel.clone(),
+        ));
         Ok(App {
             handle,
             grace,
@@ -403,8 +416,10 @@ impl App {
     }
 }
 
-/// Log once when Warren first becomes ready.
-async fn announce_ready(handle: AppHandle, cancel: CancellationToken) {
+/// Log once when Warren first becomes ready, in one line: the plugins and
+/// their versions, the queues, the spool's mode and primary, the broker,
+/// and the admin address.
+async fn announce_ready(handle: AppHandle, admin: SocketAddr, cancel: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
         tokio::select! {
@@ -413,8 +428,32 @@ async fn announce_ready(handle: AppHandle, cancel: CancellationToken) {
             _ = tick.tick() => {}
         }
         if handle.readiness().ready {
+            let routes = handle.dispatcher.route_info();
+            let plugins: std::collections::BTreeSet<String> = routes
+                .iter()
+                .map(|r| format!("{}@{}", r.plugin, r.version))
+                .collect();
+            let queues: Vec<&str> = routes.iter().map(|r| r.queue.as_str()).collect();
+            let amqp = handle.amqp.status_now();
+            let spool = handle.spool.status().await;
+            let broker = amqp.server.as_ref().map_or_else(String::new, |s| {
+                format!(
+                    "{} {}{}",
+                    s.product,
+                    s.version,
+                    s.cluster_name
+                        .as_ref()
+                        .map_or_else(String::new, |c| format!(" ({c})"))
+                )
+            });
             info!(
-                routes = handle.dispatcher.route_info().len(),
+                plugins = %plugins.into_iter().collect::<Vec<_>>().join(","),
+                queues = %queues.join(","),
+                spool = %spool.mode,
+                spool_primary = spool.primary.as_deref().unwrap_or("none"),
+                broker_endpoint = amqp.endpoint.as_deref().unwrap_or("none"),
+                %broker,
+                %admin,
                 "Ready: consumers registered."
             );
             return;

@@ -15,15 +15,17 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use documented::{DocumentedFieldsOpt, DocumentedOpt};
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize, Serializer};
 
 use crate::plugins::manifest::Subscription;
 use crate::plugins::{LimitsOverride, RuntimeConfig};
 pub use crate::secret::Secret;
 
-/// Exit code for a configuration error (EX_USAGE).
-pub const EXIT_CONFIG: u8 = 64;
+/// Exit code for a configuration error (EX_CONFIG, as `vector validate`
+/// and sysexits.h use it).
+pub const EXIT_CONFIG: u8 = 78;
 
 /// The whole configuration.
 #[derive(Debug, Clone, Default)]
@@ -40,14 +42,16 @@ pub struct Config {
 }
 
 /// `[amqp]`: the broker connection.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Deserialize, Serialize, DocumentedOpt, DocumentedFieldsOpt)]
 #[serde(rename_all = "kebab-case", default)]
 pub struct AmqpSection {
     /// `amqp://` or `amqps://` URL; the password is redacted in logs.
+    #[serde(serialize_with = "redacted_url")]
     pub url: String,
     /// The nodes of a cluster, each an `amqp://` or `amqps://` URL; when
     /// set it replaces `url`. Each (re)connect tries them in a shuffled
     /// order.
+    #[serde(serialize_with = "redacted_urls")]
     pub urls: Vec<String>,
     /// Requested heartbeat, seconds.
     pub heartbeat_secs: u16,
@@ -95,14 +99,16 @@ impl std::fmt::Debug for AmqpSection {
 }
 
 /// `[spool]`: where outputs wait while the broker is down.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Deserialize, Serialize, DocumentedOpt, DocumentedFieldsOpt)]
 #[serde(rename_all = "kebab-case", default)]
 pub struct SpoolSection {
     /// Sentinel addresses (`redis://host:port`). When empty, `url` is used.
+    #[serde(serialize_with = "redacted_urls")]
     pub sentinels: Vec<String>,
     /// Sentinel master name.
     pub master_name: String,
     /// A single Redis for development: not highly available.
+    #[serde(serialize_with = "redacted_url")]
     pub url: String,
     /// This host's id, part of the spool stream key; default: host name.
     pub host_id: Option<String>,
@@ -141,6 +147,7 @@ pub struct SpoolSection {
     /// ACL user on the data nodes (with `url`, the URL's own user works too).
     pub username: Option<String>,
     /// Password on the data nodes (`requirepass`, or the ACL user's).
+    #[serde(serialize_with = "redacted_secret")]
     pub password: Option<Secret>,
     /// File holding the data nodes' password (a mounted secret); instead of
     /// `password`.
@@ -149,6 +156,7 @@ pub struct SpoolSection {
     pub sentinel_username: Option<String>,
     /// Password on the sentinels (their `requirepass`); the sentinel URLs'
     /// own password works too.
+    #[serde(serialize_with = "redacted_secret")]
     pub sentinel_password: Option<Secret>,
     /// File holding the sentinels' password; instead of `sentinel-password`.
     pub sentinel_password_file: Option<PathBuf>,
@@ -317,7 +325,7 @@ impl SpoolSection {
 }
 
 /// `[plugins]`: where plugins come from and the engine settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, DocumentedOpt, DocumentedFieldsOpt)]
 #[serde(rename_all = "kebab-case", default)]
 pub struct PluginsSection {
     /// Directory scanned for `*.wasm` components.
@@ -342,7 +350,7 @@ impl Default for PluginsSection {
 
 /// `[plugin.<name>]`: host-side settings of one plugin; each wins over the
 /// plugin's manifest.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, DocumentedOpt, DocumentedFieldsOpt)]
 #[serde(rename_all = "kebab-case", default)]
 pub struct PluginOverride {
     /// Limits overrides.
@@ -362,7 +370,7 @@ pub struct PluginOverride {
 }
 
 /// `[plugin.<name>] instance`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum InstanceSetting {
     #[default]
@@ -399,7 +407,7 @@ impl PluginOverride {
 }
 
 /// `[dispatch]`: what happens to each outcome.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, DocumentedOpt, DocumentedFieldsOpt)]
 #[serde(rename_all = "kebab-case", default)]
 pub struct DispatchSection {
     /// Attempts before a message is dead-lettered (a subscription's
@@ -445,13 +453,16 @@ impl Default for DispatchSection {
 }
 
 /// `[admin]`: the admin HTTP API.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, DocumentedOpt, DocumentedFieldsOpt)]
 #[serde(rename_all = "kebab-case", default)]
 pub struct AdminSection {
     /// Listen address.
     pub bind: String,
-    /// Bearer token required by mutating endpoints. Required when `bind`
-    /// is not a loopback address.
+    /// Bearer token required by the mutating endpoints (reload, upload,
+    /// delete, publish). Without one they are open on a loopback `bind`
+    /// and answer 403 on any other; probes, status and metrics never need
+    /// it.
+    #[serde(serialize_with = "redacted_secret")]
     pub token: Option<Secret>,
     /// Largest request body (plugin uploads), bytes.
     pub max_body_bytes: usize,
@@ -468,7 +479,7 @@ impl Default for AdminSection {
 }
 
 /// `[telemetry]`: logs and trace export.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, DocumentedOpt, DocumentedFieldsOpt)]
 #[serde(rename_all = "kebab-case", default)]
 pub struct TelemetrySection {
     /// `text` or `json`.
@@ -478,6 +489,7 @@ pub struct TelemetrySection {
     /// OTLP/HTTP (protobuf) traces endpoint, e.g.
     /// `http://127.0.0.1:4318/v1/traces`: each delivery's span is exported
     /// there. Off when unset (the default); plain `http://` only.
+    #[serde(serialize_with = "redacted_opt_url")]
     pub otlp_endpoint: Option<String>,
     /// Fraction of new traces exported; a delivery whose `traceparent`
     /// says sampled (or not) follows its parent.
@@ -495,8 +507,8 @@ impl Default for TelemetrySection {
     }
 }
 
-/// `[shutdown]`.
-#[derive(Debug, Clone, Deserialize)]
+/// `[shutdown]`: stopping.
+#[derive(Debug, Clone, Deserialize, Serialize, DocumentedOpt, DocumentedFieldsOpt)]
 #[serde(rename_all = "kebab-case", default)]
 pub struct ShutdownSection {
     /// How long in-flight deliveries may take to finish after SIGTERM, ms.
@@ -508,6 +520,31 @@ impl Default for ShutdownSection {
         Self {
             grace_period_ms: 30_000,
         }
+    }
+}
+
+// Serializers for `warren config`: what it prints never holds a secret.
+// (An unset secret is skipped as every `None` is; see `config_doc`.)
+
+fn redacted_url<S: Serializer>(url: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&redact_url(url))
+}
+
+fn redacted_urls<S: Serializer>(urls: &[String], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(urls.iter().map(|u| redact_url(u)))
+}
+
+fn redacted_opt_url<S: Serializer>(url: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match url {
+        Some(u) => s.serialize_some(&redact_url(u)),
+        None => s.serialize_none(),
+    }
+}
+
+fn redacted_secret<S: Serializer>(secret: &Option<Secret>, s: S) -> Result<S::Ok, S::Error> {
+    match secret {
+        Some(_) => s.serialize_some("<redacted>"),
+        None => s.serialize_none(),
     }
 }
 
@@ -569,12 +606,28 @@ impl Config {
             source_path: path.map(Path::to_path_buf),
             problems,
         };
+        match Self::load_checked(path, env) {
+            (Some(cfg), problems) if problems.is_empty() => Ok(cfg),
+            (_, problems) => Err(fail(problems)),
+        }
+    }
+
+    /// Like [`Config::load`], but returns what could be read alongside
+    /// every problem: a key that does not parse is reported and left at
+    /// its default, so the rest is still read and checked. `None` when the
+    /// file cannot be read or is not TOML.
+    pub fn load_checked(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> (Option<Config>, Vec<String>) {
         let text = match path {
-            Some(p) => std::fs::read_to_string(p)
-                .map_err(|e| fail(vec![format!("cannot read {}: {e}", p.display())]))?,
+            Some(p) => match std::fs::read_to_string(p) {
+                Ok(t) => t,
+                Err(e) => return (None, vec![format!("cannot read {}: {e}", p.display())]),
+            },
             None => String::new(),
         };
-        Self::parse(&text, env).map_err(fail)
+        Self::parse_checked(&text, env)
     }
 
     /// Parse TOML text with env overrides; every problem in the error.
@@ -582,10 +635,22 @@ impl Config {
         text: &str,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, Vec<String>> {
+        match Self::parse_checked(text, env) {
+            (Some(cfg), problems) if problems.is_empty() => Ok(cfg),
+            (_, problems) => Err(problems),
+        }
+    }
+
+    /// [`Config::parse`] returning the configuration read so far with the
+    /// problems (see [`Config::load_checked`]).
+    pub fn parse_checked(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> (Option<Config>, Vec<String>) {
         let mut problems = Vec::new();
         let mut root: toml::Table = match text.parse() {
             Ok(t) => t,
-            Err(e) => return Err(vec![format!("not valid TOML: {e}")]),
+            Err(e) => return (None, vec![format!("not valid TOML: {e}")]),
         };
         apply_env(&mut root, env, &mut problems);
         for key in root.keys() {
@@ -611,19 +676,19 @@ impl Config {
             Some(toml::Value::Table(t)) => {
                 for (name, v) in t {
                     let what = format!("plugin.{name}");
-                    if let Some(o) = value::<PluginOverride>(v.clone(), &what, &mut problems) {
-                        cfg.plugin.insert(name.clone(), o);
+                    match v {
+                        toml::Value::Table(t) => {
+                            let o = lenient::<PluginOverride>(t, &what, &mut problems);
+                            cfg.plugin.insert(name.clone(), o);
+                        }
+                        _ => problems.push(format!("[{what}] must be a table")),
                     }
                 }
             }
             Some(_) => problems.push("[plugin] must be a table of [plugin.<name>] tables".into()),
         }
         problems.extend(cfg.problems());
-        if problems.is_empty() {
-            Ok(cfg)
-        } else {
-            Err(problems)
-        }
+        (Some(cfg), problems)
     }
 
     /// Semantic problems (values of the right type but wrong).
@@ -713,15 +778,11 @@ impl Config {
                 ));
             }
         }
-        match self.admin.bind.parse::<SocketAddr>() {
-            Err(_) => out.push(format!(
+        if self.admin.bind.parse::<SocketAddr>().is_err() {
+            out.push(format!(
                 "admin.bind {:?} is not an address like 127.0.0.1:9090",
                 self.admin.bind
-            )),
-            Ok(addr) if !addr.ip().is_loopback() && self.admin.token.is_none() => out.push(format!(
-                "admin.bind {addr} is not a loopback address: set admin.token (or WARREN_ADMIN_TOKEN) so mutating endpoints require it"
-            )),
-            Ok(_) => {}
+            ));
         }
         if self
             .admin
@@ -763,7 +824,7 @@ fn section<T: DeserializeOwned + Default>(
 ) -> T {
     match root.get(name) {
         None => T::default(),
-        Some(v @ toml::Value::Table(_)) => value(v.clone(), name, problems).unwrap_or_default(),
+        Some(toml::Value::Table(t)) => lenient(t, name, problems),
         Some(_) => {
             problems.push(format!("[{name}] must be a table"));
             T::default()
@@ -771,17 +832,40 @@ fn section<T: DeserializeOwned + Default>(
     }
 }
 
-fn value<T: DeserializeOwned>(v: toml::Value, what: &str, problems: &mut Vec<String>) -> Option<T> {
-    let mut unknown = Vec::new();
-    let result = serde_ignored::deserialize(v, |path| unknown.push(path.to_string()));
-    for key in unknown {
-        problems.push(format!("unknown key {what}.{key}"));
+/// Deserialize `table` (the keys of `what`) key by key: a key whose value
+/// does not fit is reported and left at its default, so one type error
+/// does not hide the problems of the other keys (nor the semantic checks
+/// of their values). Unknown keys are reported too.
+fn lenient<T: DeserializeOwned + Default>(
+    table: &toml::Table,
+    what: &str,
+    problems: &mut Vec<String>,
+) -> T {
+    let mut good = toml::Table::new();
+    for (key, v) in table {
+        let one = toml::Value::Table(toml::Table::from_iter([(key.clone(), v.clone())]));
+        let mut unknown = Vec::new();
+        let result: Result<T, _> =
+            serde_ignored::deserialize(one, |path| unknown.push(path.to_string()));
+        for path in unknown {
+            problems.push(format!("unknown key {what}.{path}"));
+        }
+        match result {
+            Ok(_) => {
+                good.insert(key.clone(), v.clone());
+            }
+            // The first line: the rest repeats the key the prefix names.
+            Err(e) => problems.push(format!(
+                "{what}.{key}: {}",
+                e.to_string().lines().next().unwrap_or_default().trim()
+            )),
+        }
     }
-    match result {
-        Ok(t) => Some(t),
+    match T::deserialize(toml::Value::Table(good)) {
+        Ok(t) => t,
         Err(e) => {
             problems.push(format!("{what}: {}", e.to_string().trim()));
-            None
+            T::default()
         }
     }
 }
@@ -879,7 +963,7 @@ mod tests {
             [dispatch]
             max-attempts = 0
             [admin]
-            bind = "0.0.0.0:9090"
+            bind = "nowhere"
             [bogus]
             x = 1
         "#;
@@ -888,7 +972,7 @@ mod tests {
         assert!(all.contains("amqp:"), "type error in [amqp]: {all}");
         assert!(all.contains("unknown key spool.sentinals"), "{all}");
         assert!(all.contains("dispatch.max-attempts"), "{all}");
-        assert!(all.contains("admin.bind 0.0.0.0:9090"), "{all}");
+        assert!(all.contains("admin.bind \"nowhere\""), "{all}");
         assert!(all.contains("unknown section [bogus]"), "{all}");
         assert!(p.len() >= 5, "{all}");
     }

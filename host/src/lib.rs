@@ -14,6 +14,8 @@
 //!   confirmed publisher.
 //! - [`buffer`]: Sentinel discovery, the Redis Stream spool and its drainer.
 //! - [`config`]: `warren.toml`, env overrides, validation (leaf).
+//! - [`config_doc`]: `warren config` — the effective configuration as
+//!   commented TOML.
 //! - [`dispatch`]: delivery → plugin → outcome → ack, retry or dead-letter;
 //!   the outbox (broker or spool).
 //! - [`app`]: `warren run` — builds, wires and stops everything.
@@ -24,6 +26,8 @@
 //! - [`cli`]: the offline commands `warren check` and `warren invoke`.
 //! - [`telemetry`]: logging, the Prometheus recorder, W3C trace context
 //!   (leaf).
+//! - [`validate`]: `warren validate` — the configuration, the plugins
+//!   directory and every plugin's load, checked without running.
 
 pub mod admin;
 pub mod amqp;
@@ -31,6 +35,7 @@ pub mod app;
 pub mod buffer;
 pub mod cli;
 pub mod config;
+pub mod config_doc;
 pub mod dispatch;
 pub mod message;
 pub mod new;
@@ -38,3 +43,4 @@ pub mod plugins;
 pub mod secret;
 pub mod shutdown;
 pub mod telemetry;
+pub mod validate;

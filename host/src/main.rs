@@ -36,6 +36,25 @@ enum Command {
         #[arg(long)]
         watch: bool,
     },
+    /// Check a configuration without running it: the file, the WARREN_*
+    /// environment, the plugins directory and every plugin's load. Prints
+    /// every problem at once; exits 78 when there is any.
+    Validate {
+        /// Configuration file (default: ./warren.toml if it exists).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Plugins directory (overrides `plugins.dir`).
+        #[arg(long)]
+        plugins: Option<PathBuf>,
+    },
+    /// Print the effective configuration (the file and the WARREN_*
+    /// environment, defaults filled in, secrets redacted) as TOML with a
+    /// comment per key. Exits 78 when it is not valid.
+    Config {
+        /// Configuration file (default: ./warren.toml if it exists).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
     /// Load plugin files, check them against the warren:plugin world, and
     /// print their manifests as JSON. Exits 1 if any file is not a valid
     /// plugin.
@@ -66,13 +85,14 @@ fn main() -> ExitCode {
     if let Command::New { name, lang } = &args.command {
         return new(name, *lang);
     }
-    if let Command::Run {
-        config,
-        plugins,
-        watch,
-    } = args.command
-    {
-        return run(config, plugins, watch);
+    match args.command {
+        Command::Run {
+            config,
+            plugins,
+            watch,
+        } => return run(config, plugins, watch),
+        Command::Config { config } => return print_config(config),
+        _ => {}
     }
     warren::telemetry::init_logging(warren::telemetry::LogFormat::Text, "warn");
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -89,7 +109,8 @@ fn main() -> ExitCode {
         match args.command {
             Command::Check { files } => cli::check(&files).await,
             Command::Invoke(args) => cli::invoke(args).await,
-            Command::Run { .. } | Command::New { .. } => ExitCode::FAILURE,
+            Command::Validate { config, plugins } => validate(config, plugins).await,
+            Command::Run { .. } | Command::Config { .. } | Command::New { .. } => ExitCode::FAILURE,
         }
     })
 }
@@ -112,9 +133,65 @@ fn new(dir: &std::path::Path, lang: warren::new::Lang) -> ExitCode {
     }
 }
 
-fn run(config_path: Option<PathBuf>, plugins: Option<PathBuf>, watch: bool) -> ExitCode {
+/// `--config`, else `./warren.toml` when it exists.
+fn config_path(given: Option<PathBuf>) -> Option<PathBuf> {
     let default_path = PathBuf::from("warren.toml");
-    let path = config_path.or_else(|| default_path.exists().then_some(default_path));
+    given.or_else(|| default_path.exists().then_some(default_path))
+}
+
+/// `warren validate`: the plugins found on stdout, the problems on stderr.
+async fn validate(config: Option<PathBuf>, plugins: Option<PathBuf>) -> ExitCode {
+    let path = config_path(config);
+    let v =
+        warren::validate::validate(path.as_deref(), warren::config::warren_env(), plugins).await;
+    for p in &v.plugins {
+        println!(
+            "plugin {} {} ({}): loads; queues: {}",
+            p.name,
+            p.version,
+            p.file.display(),
+            p.queues.join(", ")
+        );
+    }
+    let file = path.as_ref().map_or_else(
+        || "defaults and environment".to_owned(),
+        |p| p.display().to_string(),
+    );
+    if v.is_ok() {
+        println!("{file}: configuration is valid");
+        return ExitCode::SUCCESS;
+    }
+    eprintln!(
+        "warren: {file}: {} problem{}:",
+        v.problems.len(),
+        if v.problems.len() == 1 { "" } else { "s" }
+    );
+    for p in &v.problems {
+        eprintln!("  - {p}");
+    }
+    ExitCode::from(EXIT_CONFIG)
+}
+
+/// `warren config`: the effective configuration on stdout.
+fn print_config(config: Option<PathBuf>) -> ExitCode {
+    let path = config_path(config);
+    match Config::load(path.as_deref(), warren::config::warren_env()) {
+        Ok(c) => {
+            let source = path
+                .as_ref()
+                .map_or_else(|| "no file".to_owned(), |p| p.display().to_string());
+            print!("{}", warren::config_doc::render(&c, &source));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("warren: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+fn run(config_path: Option<PathBuf>, plugins: Option<PathBuf>, watch: bool) -> ExitCode {
+    let path = self::config_path(config_path);
     let mut config = match Config::load(path.as_deref(), warren::config::warren_env()) {
         Ok(c) => c,
         Err(e) => {
@@ -128,15 +205,18 @@ fn run(config_path: Option<PathBuf>, plugins: Option<PathBuf>, watch: bool) -> E
     if watch && config.plugins.watch_ms == 0 {
         config.plugins.watch_ms = 1000;
     }
+    // The OpenTelemetry SDK's own variables (OTEL_EXPORTER_OTLP_*) when
+    // the file names no endpoint; OTEL_SERVICE_NAME and
+    // OTEL_RESOURCE_ATTRIBUTES are read by the SDK.
     let otlp =
-        config
-            .telemetry
-            .otlp_endpoint
-            .clone()
-            .map(|endpoint| warren::telemetry::OtlpConfig {
-                endpoint,
-                sample_ratio: config.telemetry.otlp_sample_ratio,
-            });
+        warren::telemetry::otlp_endpoint(config.telemetry.otlp_endpoint.as_deref(), |name| {
+            std::env::var(name).ok()
+        })
+        .map(|endpoint| warren::telemetry::OtlpConfig {
+            endpoint,
+            sample_ratio: config.telemetry.otlp_sample_ratio,
+            instance_id: warren::app::spool_config(&config).host_id,
+        });
     // Flushes exported spans when `run` returns.
     let _telemetry = match warren::telemetry::init(
         config.telemetry.log_format,
@@ -162,15 +242,23 @@ fn run(config_path: Option<PathBuf>, plugins: Option<PathBuf>, watch: bool) -> E
         }
     };
     runtime.block_on(async {
+        let hangups = shutdown::hangups();
         let app = match App::start(config).await {
             Ok(app) => app,
             Err(e) => {
                 tracing::error!(error = %e, "Cannot start.");
                 eprintln!("warren: {e}");
-                return ExitCode::FAILURE;
+                return if e.is_config() {
+                    ExitCode::from(EXIT_CONFIG)
+                } else {
+                    ExitCode::FAILURE
+                };
             }
         };
-        let signal = shutdown::wait_for_signal().await;
+        let signal = tokio::select! {
+            s = shutdown::wait_for_signal() => s,
+            () = shutdown::reload_on_hangup(hangups, app.handle().reloader.clone()) => return ExitCode::FAILURE,
+        };
         tracing::info!(?signal, "Stop requested.");
         let stop = app.shutdown();
         tokio::select! {

@@ -11,7 +11,8 @@
 //!    already queued;
 //! 5. channels and the connection close; the admin server stops last.
 //!
-//! A second signal exits at once with status 130.
+//! A second signal exits at once with status 130. SIGHUP does not stop
+//! anything: it reloads the plugins ([`reload_on_hangup`]).
 
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -46,4 +47,40 @@ pub async fn exit_on_second_signal() {
         "Second signal: exiting now without finishing in-flight work."
     );
     std::process::exit(130);
+}
+
+/// The SIGHUP handler, installed before anything starts so that a SIGHUP
+/// sent early does not end the process (its default action). `None`, and
+/// a warning, when it cannot be installed.
+pub fn hangups() -> Option<tokio::signal::unix::Signal> {
+    let hup = signal(SignalKind::hangup()).ok();
+    if hup.is_none() {
+        tracing::warn!("Cannot install the SIGHUP handler; reload plugins through the admin API.");
+    }
+    hup
+}
+
+/// On each SIGHUP (`hangups`), reload the plugins as `POST /plugins/reload`
+/// does (the reload logs each file that fails). Runs until dropped.
+pub async fn reload_on_hangup(
+    hangups: Option<tokio::signal::unix::Signal>,
+    reloader: std::sync::Arc<crate::dispatch::reload::Reloader>,
+) {
+    let Some(mut hup) = hangups else {
+        return std::future::pending().await;
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!("SIGHUP: reloading plugins.");
+        match reloader.reload(None).await {
+            Ok(r) => tracing::info!(
+                loaded = r.loaded.len(),
+                replaced = r.replaced.len(),
+                removed = r.removed.len(),
+                unchanged = r.unchanged.len(),
+                failed = r.failed.len(),
+                "Plugins reloaded."
+            ),
+            Err(e) => tracing::warn!(error = %e, "Reload on SIGHUP failed."),
+        }
+    }
 }

@@ -23,7 +23,7 @@ use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Layer as _};
 
 /// Log line format.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     #[default]
@@ -45,6 +45,26 @@ pub struct OtlpConfig {
     pub endpoint: String,
     /// Fraction of new traces sampled; children follow their parent.
     pub sample_ratio: f64,
+    /// `service.instance.id`: this host's id.
+    pub instance_id: String,
+}
+
+/// The traces endpoint: `configured` (`telemetry.otlp-endpoint`), else
+/// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` as it is, else
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` with `/v1/traces` appended, as the
+/// OpenTelemetry specification has exporters do. `env` reads a variable.
+pub fn otlp_endpoint(
+    configured: Option<&str>,
+    env: impl Fn(&str) -> Option<String>,
+) -> Option<String> {
+    let set = |name: &str| env(name).filter(|v| !v.trim().is_empty());
+    configured
+        .map(str::to_owned)
+        .or_else(|| set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+        .or_else(|| {
+            set("OTEL_EXPORTER_OTLP_ENDPOINT")
+                .map(|base| format!("{}/v1/traces", base.trim_end_matches('/')))
+        })
 }
 
 /// Why trace export could not be set up.
@@ -85,8 +105,15 @@ pub fn init(
     default_filter: &str,
     otlp: Option<&OtlpConfig>,
 ) -> Result<TelemetryGuard, TelemetryError> {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let directives = std::env::var("RUST_LOG").unwrap_or_else(|_| default_filter.to_owned());
+    let mut filter =
+        EnvFilter::try_new(&directives).unwrap_or_else(|_| EnvFilter::new(default_filter));
+    // lapin's own lines reach the log through `LapinLevels`, at Warren's
+    // levels; unless the operator asked for lapin by name.
+    let relevel_lapin = !directives.contains("lapin");
+    if relevel_lapin && let Ok(off) = "lapin=off".parse() {
+        filter = filter.add_directive(off);
+    }
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
@@ -112,23 +139,33 @@ pub fn init(
                 .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
                     o.sample_ratio,
                 ))))
-                .with_resource(
-                    opentelemetry_sdk::Resource::builder()
-                        .with_service_name("warren")
-                        .build(),
-                )
+                .with_resource(resource(o))
                 .build();
             let tracer = p.tracer("warren");
             provider = Some(p);
             Some(
                 tracing_opentelemetry::layer()
                     .with_tracer(tracer)
-                    .with_filter(filter_fn(|m| m.target().starts_with("warren::dispatch"))),
+                    .with_filter(filter_fn(|m| {
+                        m.target().starts_with("warren::telemetry")
+                            || m.target().starts_with("warren::dispatch")
+                    })),
             )
         }
     };
+    let lapin = relevel_lapin
+        .then(LapinLevels::start)
+        .flatten()
+        .map(|layer| {
+            layer.with_filter(
+                tracing_subscriber::filter::Targets::new()
+                    .with_target("lapin", tracing::Level::INFO)
+                    .with_target("amq_protocol", tracing::Level::INFO),
+            )
+        });
     let installed = tracing_subscriber::registry()
         .with(fmt.with_filter(filter))
+        .with(lapin)
         .with(otel)
         .try_init()
         .is_ok();
@@ -138,24 +175,245 @@ pub fn init(
     Ok(TelemetryGuard { provider })
 }
 
-/// With trace export on: make `span` a child of `parent` and return the
-/// context of the exported span (its ids are what outputs must carry).
-/// `None` when export is off or the span is disabled.
+/// Re-emits lapin's INFO, WARN and ERROR lines at DEBUG, target
+/// `warren::amqp::lapin`. lapin logs ERROR for what Warren handles as
+/// routine (a reset connection, a channel closed by a refusal), and
+/// Warren's own supervisor reports each such event once at its level
+/// (WARN when a session is lost, INFO while reconnecting); an alert on
+/// ERROR must not fire at every broker restart.
+///
+/// The lines are re-emitted on a thread of their own: an event emitted
+/// from inside a layer's `on_event` would re-enter the per-layer filters'
+/// thread-local state of the event being dispatched. A full queue drops
+/// lines rather than block lapin's I/O.
+struct LapinLevels {
+    lines: std::sync::mpsc::SyncSender<(&'static str, tracing::Level, String)>,
+}
+
+impl LapinLevels {
+    /// The layer and its thread; `None` when the thread cannot start
+    /// (then lapin's lines are not shown at all).
+    fn start() -> Option<Self> {
+        let (lines, rx) =
+            std::sync::mpsc::sync_channel::<(&'static str, tracing::Level, String)>(1024);
+        std::thread::Builder::new()
+            .name("warren-lapin-log".into())
+            .spawn(move || {
+                // Ends when the layer (the sender) is dropped.
+                for (target, level, text) in rx {
+                    tracing::debug!(target: "warren::amqp::lapin", lapin_target = target, lapin_level = %level, "{text}");
+                }
+            })
+            .ok()?;
+        Some(Self { lines })
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for LapinLevels {
+    fn on_event(
+        &self,
+        event: &tracing::Event<'_>,
+        _ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        let meta = event.metadata();
+        let mut text = LapinText::default();
+        event.record(&mut text);
+        let _ = self.lines.try_send((meta.target(), *meta.level(), text.0));
+    }
+}
+
+/// An event's message and fields as one line.
+#[derive(Default)]
+struct LapinText(String);
+
+impl tracing::field::Visit for LapinText {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if !self.0.is_empty() {
+            self.0.push(' ');
+        }
+        if field.name() == "message" {
+            let _ = write!(self.0, "{value:?}");
+        } else {
+            let _ = write!(self.0, "{}={value:?}", field.name());
+        }
+    }
+}
+
+/// The exported spans' resource: `service.name` from `OTEL_SERVICE_NAME`
+/// or `OTEL_RESOURCE_ATTRIBUTES` (the SDK reads both), else `warren`;
+/// `service.version` and `service.instance.id` always.
+fn resource(o: &OtlpConfig) -> opentelemetry_sdk::Resource {
+    use opentelemetry::KeyValue;
+    let detected = opentelemetry_sdk::Resource::builder().build();
+    let named = detected
+        .get(&opentelemetry::Key::from_static_str("service.name"))
+        .is_some_and(|v| !v.as_str().starts_with("unknown_service"));
+    let mut b = opentelemetry_sdk::Resource::builder();
+    if !named {
+        b = b.with_service_name("warren");
+    }
+    b.with_attributes([
+        KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
+        KeyValue::new("service.instance.id", o.instance_id.clone()),
+    ])
+    .build()
+}
+
+/// The span of one delivery, by OpenTelemetry's messaging conventions:
+/// `process <queue>`, kind CONSUMER, with the delivery's attributes and
+/// the plugin's name and version. Its `outcome`, `trace_id` and `span_id`
+/// fields are recorded later (for logs).
+pub fn process_span(d: &Delivered<'_>) -> tracing::Span {
+    let span = tracing::debug_span!(
+        "process",
+        "otel.name" = %format_args!("process {}", d.queue),
+        "otel.kind" = "consumer",
+        "messaging.system" = "rabbitmq",
+        "messaging.operation.type" = "process",
+        "messaging.destination.name" = d.queue,
+        "messaging.rabbitmq.destination.routing_key" = d.routing_key,
+        "messaging.rabbitmq.message.delivery_tag" = d.delivery_tag,
+        "messaging.message.id" = tracing::field::Empty,
+        "messaging.message.body.size" = d.body_size,
+        "warren.exchange" = d.exchange,
+        "warren.plugin.name" = d.plugin,
+        "warren.plugin.version" = d.plugin_version,
+        outcome = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
+    );
+    if let Some(id) = d.message_id {
+        span.record("messaging.message.id", id);
+    }
+    span
+}
+
+/// What [`process_span`] describes.
+#[derive(Debug, Clone, Copy)]
+pub struct Delivered<'a> {
+    pub queue: &'a str,
+    pub exchange: &'a str,
+    pub routing_key: &'a str,
+    pub delivery_tag: u64,
+    pub message_id: Option<&'a str>,
+    pub body_size: usize,
+    pub plugin: &'a str,
+    pub plugin_version: &'a str,
+}
+
+/// The span of one publish: `publish <exchange>` (`amq.default` for the
+/// default exchange, whose name is empty), kind PRODUCER. A child of
+/// `parent` (a delivery's span), or a root (`None`), which
+/// [`drain_publish_span`] links to the span that first published it.
+pub fn publish_span(
+    parent: Option<tracing::Id>,
+    exchange: &str,
+    routing_key: &str,
+    message_id: Option<&str>,
+) -> tracing::Span {
+    let shown = if exchange.is_empty() {
+        "amq.default"
+    } else {
+        exchange
+    };
+    let span = tracing::debug_span!(
+        parent: parent,
+        "publish",
+        "otel.name" = %format_args!("publish {shown}"),
+        "otel.kind" = "producer",
+        "messaging.system" = "rabbitmq",
+        "messaging.operation.type" = "send",
+        "messaging.destination.name" = exchange,
+        "messaging.rabbitmq.destination.routing_key" = routing_key,
+        "messaging.message.id" = tracing::field::Empty,
+        "warren.placement" = tracing::field::Empty,
+    );
+    if let Some(id) = message_id {
+        span.record("messaging.message.id", id);
+    }
+    span
+}
+
+/// The span of publishing `m` again from the spool: a root `publish`
+/// span linked to the span whose context `m` carries (the publish span of
+/// the delivery that spooled it).
+pub fn drain_publish_span(m: &crate::message::OutboundMessage) -> tracing::Span {
+    let span = publish_span(
+        None,
+        &m.exchange,
+        &m.routing_key,
+        m.properties.message_id.as_deref(),
+    );
+    if !span.is_disabled() {
+        span.record("warren.placement", "drained");
+        let header = |name| {
+            m.properties
+                .header(name)
+                .and_then(crate::message::HeaderValue::as_str)
+        };
+        if let Some(tp) = header("traceparent").and_then(TraceContext::parse) {
+            link(&span, &tp, header("tracestate"));
+        }
+    }
+    span
+}
+
+/// Mark `span` failed: error status with `message`, `error.type` =
+/// `error_type` (a low-cardinality class). A no-op when export is off.
+pub fn set_error(span: &tracing::Span, error_type: &str, message: &str) {
+    if !OTLP.load(Ordering::Relaxed) || span.is_disabled() {
+        return;
+    }
+    span.set_attribute("error.type", error_type.to_owned());
+    span.set_status(opentelemetry::trace::Status::error(message.to_owned()));
+}
+
+/// Link `span` to the span whose context is `to` (with its `tracestate`).
+/// A no-op when export is off.
+pub fn link(span: &tracing::Span, to: &TraceContext, tracestate: Option<&str>) {
+    if !OTLP.load(Ordering::Relaxed) || span.is_disabled() {
+        return;
+    }
+    span.add_link(remote_context(to, tracestate));
+}
+
+fn remote_context(p: &TraceContext, tracestate: Option<&str>) -> SpanContext {
+    let state = tracestate
+        .and_then(|s| s.parse::<TraceState>().ok())
+        .unwrap_or_default();
+    SpanContext::new(
+        TraceId::from(p.trace_id),
+        SpanId::from(p.span_id),
+        TraceFlags::new(p.flags),
+        true,
+        state,
+    )
+}
+
+/// The context outputs of `span` carry: with trace export on, the
+/// exported span's; else a child of `parent` with an id of its own.
+pub fn span_context(
+    span: &tracing::Span,
+    parent: Option<&TraceContext>,
+    tracestate: Option<&str>,
+) -> TraceContext {
+    exported_context(span, parent, tracestate).unwrap_or_else(|| TraceContext::child_of(parent))
+}
+
+/// With trace export on: make `span` a child of `parent` (a remote span
+/// context, with its `tracestate`) when given, and return the context of
+/// the exported span (its ids are what outputs must carry). `None` when
+/// export is off or the span is disabled.
 pub fn exported_context(
     span: &tracing::Span,
     parent: Option<&TraceContext>,
+    tracestate: Option<&str>,
 ) -> Option<TraceContext> {
     if !OTLP.load(Ordering::Relaxed) || span.is_disabled() {
         return None;
     }
     if let Some(p) = parent {
-        let remote = SpanContext::new(
-            TraceId::from(p.trace_id),
-            SpanId::from(p.span_id),
-            TraceFlags::new(p.flags),
-            true,
-            TraceState::default(),
-        );
+        let remote = remote_context(p, tracestate);
         let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(remote));
     }
     let cx = span.context();

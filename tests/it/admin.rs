@@ -394,11 +394,12 @@ async fn uploading_the_first_plugin_makes_warren_ready_and_delete_stops_it() {
     w.app.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mutations_need_the_token_and_bad_names_sizes_and_bodies_are_refused() {
+/// A plugins directory with `echo`, consuming a queue of its own, and
+/// the test settings for it.
+fn echo_setup() -> (tempfile::TempDir, Config) {
     let dir = plugins_dir(&[("echo", "echo")]);
     let echo_in = unique("echo-in");
-    let mut cfg = config(
+    let cfg = config(
         dir.path(),
         &unique("dlq"),
         &format!(
@@ -408,6 +409,12 @@ async fn mutations_need_the_token_and_bad_names_sizes_and_bodies_are_refused() {
             "#
         ),
     );
+    (dir, cfg)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutations_need_the_token_and_bad_names_sizes_and_bodies_are_refused() {
+    let (dir, mut cfg) = echo_setup();
     cfg.admin.max_body_bytes = 200_000;
     let w = start_ready(cfg).await;
     let listing = || {
@@ -529,6 +536,41 @@ async fn mutations_need_the_token_and_bad_names_sizes_and_bodies_are_refused() {
     }
     let r = send(w.addr, "POST", "/publish", Some(br#"{"routing_key":"k"}"#)).await;
     assert_eq!(r.status, 415, "no JSON content type: {}", r.text());
+    w.app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn off_loopback_without_a_token_probes_and_metrics_answer_and_mutations_are_forbidden() {
+    let (dir, mut cfg) = echo_setup();
+    let port = warren_it::ports::free_port().unwrap();
+    cfg.admin.bind = format!("0.0.0.0:{port}");
+    cfg.admin.token = None;
+    let w = start_ready(cfg).await;
+    assert!(w.addr.ip().is_unspecified(), "bound to {}", w.addr);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    for path in ["/live", "/ready", "/metrics", "/status"] {
+        let r = get(addr, path).await;
+        assert_eq!(r.status, 200, "GET {path}: {}", r.text());
+    }
+    let before = std::fs::read_dir(dir.path()).unwrap().count();
+    for (method, path, body) in [
+        ("POST", "/plugins/reload", None),
+        ("DELETE", "/plugins/echo", None),
+        (
+            "POST",
+            "/publish",
+            Some(br#"{"routing_key":"x","body":"y"}"#.as_slice()),
+        ),
+    ] {
+        let r = http::request(addr, method, path, &[], body).await.unwrap();
+        assert_eq!(r.status, 403, "{method} {path}: {}", r.text());
+        let reason = r.json().unwrap()["error"].as_str().unwrap().to_owned();
+        assert!(
+            reason.contains("admin.token") && reason.contains("loopback"),
+            "{reason}"
+        );
+    }
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), before);
     w.app.shutdown().await;
 }
 
@@ -856,6 +898,41 @@ async fn metrics_parse_and_count_traps_reconnects_and_reloads() {
     let r = send(w.addr, "POST", "/plugins/reload", None).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(ok(&scrape(w.addr).await) >= ok(&m) + 1.0);
+
+    // An output through the spool: an append, then its drain.
+    let parked = unique("parked");
+    broker.declare_queue(&parked).await.unwrap();
+    w.handle
+        .spool
+        .append(warren::message::OutboundMessage::new(
+            "",
+            parked.as_str(),
+            "spooled",
+        ))
+        .await
+        .unwrap();
+    broker
+        .collect(&parked, 1, Duration::from_secs(30))
+        .await
+        .unwrap();
+    // Every family described and typed; everything ops/ names exported.
+    let text = get(w.addr, "/metrics").await.text();
+    crate::ops::check_exposition(&text);
+    let m = parse_metrics(&text);
+    for name in [
+        "warren_spool_append_seconds_count",
+        "warren_amqp_confirm_seconds_count",
+    ] {
+        assert!(metric(&m, name, &[]) >= 1.0, "{name}");
+    }
+    assert!(
+        m.keys()
+            .any(|k| k.starts_with("warren_handle_seconds_count{")
+                && k.contains(r#"plugin="panic""#)
+                && k.contains(&format!(r#"queue="{panic_in}""#))
+                && k.contains(r#"outcome="trap""#)),
+        "handle time by plugin, queue and outcome"
+    );
     w.app.shutdown().await;
 }
 

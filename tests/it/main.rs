@@ -37,6 +37,7 @@ mod contract;
 mod fidelity;
 mod gauntlet;
 mod host;
+mod ops;
 mod outage;
 mod plugins;
 mod refusals;

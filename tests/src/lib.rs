@@ -7,6 +7,7 @@
 //! - [`ports`]: free loopback ports.
 //! - [`broker`]: a plain lapin client to publish, count and collect.
 //! - [`http`]: a raw HTTP/1.1 client for the admin API.
+//! - [`otlp`]: an OTLP/HTTP collector that decodes the spans it receives.
 //! - [`plugins`]: builds `plugins/` for `wasm32-wasip2` once per process.
 //! - [`proxy`]: a TCP fault proxy (pass, blackhole, refuse, cut).
 //! - [`rabbit`]: a private RabbitMQ node to stop, kill and restart.
@@ -15,6 +16,7 @@
 
 pub mod broker;
 pub mod http;
+pub mod otlp;
 pub mod plugins;
 pub mod ports;
 pub mod private_redis;

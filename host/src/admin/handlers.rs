@@ -15,7 +15,7 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use super::AdminState;
+use super::{AdminState, Mutations};
 use crate::dispatch::reload::{Candidate, ReloadError, ReloadReport, digest};
 use crate::dispatch::{OutboxError, Placement};
 use crate::message::{HeaderValue, MessageProperties, OutboundMessage};
@@ -88,7 +88,8 @@ fn token_matches(given: &[u8], expected: &[u8]) -> bool {
 }
 
 /// Middleware of the mutating endpoints: 401 unless the request carries
-/// the configured token (if any). Runs before the body is read.
+/// the configured token (if any), 403 when they are disabled. Runs before
+/// the body is read.
 pub(crate) async fn require_token(
     State(state): State<AdminState>,
     request: Request,
@@ -101,8 +102,15 @@ pub(crate) async fn require_token(
 }
 
 fn authorize(state: &AdminState, headers: &HeaderMap) -> ApiResult<()> {
-    let Some(token) = &state.token else {
-        return Ok(());
+    let token = match &state.mutations {
+        Mutations::Open => return Ok(()),
+        Mutations::Token(token) => token,
+        Mutations::Disabled => {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "mutating endpoints are disabled: the admin API is not bound to a loopback address and admin.token (WARREN_ADMIN_TOKEN) is unset",
+            ));
+        }
     };
     let given = headers
         .get(header::AUTHORIZATION)

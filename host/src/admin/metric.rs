@@ -30,6 +30,43 @@ pub const DRAIN_STALLED: &str = "warren_spool_drain_stalled";
 pub const PLUGINS_LOADED: &str = "warren_plugins_loaded";
 /// Gauge: plugin files that failed at the last start or reload.
 pub const PLUGINS_FAILED: &str = "warren_plugins_failed";
+/// Gauge: always 1, labelled with Warren's `version`.
+pub const BUILD_INFO: &str = "warren_build_info";
+
+/// Describe every metric Warren exports (their HELP text) and set
+/// [`BUILD_INFO`]. Call once the recorder is installed; again is harmless.
+pub(crate) fn describe_all() {
+    use metrics::describe_gauge;
+    crate::amqp::metrics::describe();
+    crate::buffer::metric::describe();
+    crate::dispatch::metric::describe();
+    describe_gauge!(
+        CONNECTION_STATE,
+        "1 for the AMQP connection's current state, 0 for the others, by state."
+    );
+    describe_gauge!(GENERATION, "The AMQP connection's session generation.");
+    describe_gauge!(CONSUMERS, "Consumers Warren believes it has, by queue.");
+    describe_gauge!(
+        BROKER_CONSUMERS,
+        "The broker's consumer count at the last check, by queue."
+    );
+    describe_gauge!(
+        QUEUE_DEPTH,
+        "Ready messages in the queue at the last check (the lag), by queue."
+    );
+    describe_gauge!(READY, "1 while Warren is ready to receive work.");
+    describe_gauge!(
+        DRAIN_STALLED,
+        "1 while the spool drain makes no progress with entries waiting and the broker connected."
+    );
+    describe_gauge!(PLUGINS_LOADED, "Plugins loaded.");
+    describe_gauge!(
+        PLUGINS_FAILED,
+        "Plugin files that failed at the last start or reload."
+    );
+    describe_gauge!(BUILD_INFO, "Always 1; the version label is Warren's.");
+    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+}
 
 const STATES: [&str; 8] = [
     "connecting",

@@ -18,8 +18,11 @@
 //! | `DELETE /plugins/{name}` | 200 with the report; 400 bad name; 404 no such plugin |
 //! | `POST /publish` | 200 with the placement; 400/415/422 bad request; 503 refused |
 //!
+//! Probes, status, metrics and the plugin list never need a token.
 //! Mutating endpoints answer 401 (and change nothing) without the
-//! configured bearer token. Every error body is `{"error": "..."}`. A 500
+//! configured bearer token; with no token configured they are open on a
+//! loopback address and answer 403 (naming `admin.token`) on any other,
+//! so a pod can expose its probes and metrics without minting a secret. Every error body is `{"error": "..."}`. A 500
 //! means the plugins directory itself failed (a read or write error).
 //!
 //! - `handlers`: the endpoints,
@@ -53,8 +56,36 @@ pub enum AdminError {
 #[derive(Clone)]
 pub(crate) struct AdminState {
     pub(crate) app: AppHandle,
-    pub(crate) token: Option<Arc<Secret>>,
+    pub(crate) mutations: Mutations,
     pub(crate) max_body_bytes: usize,
+}
+
+/// Who may call the mutating endpoints.
+#[derive(Clone)]
+pub(crate) enum Mutations {
+    /// Anyone: no token, bound to loopback.
+    Open,
+    /// Requests with this bearer token.
+    Token(Arc<Secret>),
+    /// Nobody: no token, bound off loopback.
+    Disabled,
+}
+
+impl Mutations {
+    fn new(config: &AdminSection) -> Self {
+        match &config.token {
+            Some(t) => Self::Token(Arc::new(t.clone())),
+            None if is_loopback(&config.bind) => Self::Open,
+            None => Self::Disabled,
+        }
+    }
+}
+
+/// Whether `bind` listens on loopback only (an unparseable address, which
+/// validation refuses, counts as not loopback).
+fn is_loopback(bind: &str) -> bool {
+    bind.parse::<std::net::SocketAddr>()
+        .is_ok_and(|a| a.ip().is_loopback())
 }
 
 /// Bind the admin listener (before anything else starts, so a taken port
@@ -67,9 +98,16 @@ pub async fn bind(addr: &str) -> Result<TcpListener, AdminError> {
 
 /// The admin API over `app`.
 pub fn router(app: AppHandle, config: &AdminSection) -> Router {
+    let mutations = Mutations::new(config);
+    if matches!(mutations, Mutations::Disabled) {
+        warn!(
+            bind = %config.bind,
+            "The admin API is not on loopback and admin.token is unset; reload, upload, delete and publish are disabled."
+        );
+    }
     let state = AdminState {
         app,
-        token: config.token.clone().map(Arc::new),
+        mutations,
         max_body_bytes: config.max_body_bytes,
     };
     // The token is checked before any body is read.

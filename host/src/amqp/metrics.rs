@@ -19,6 +19,44 @@ pub const CONSUMER_TIMEOUTS: &str = "warren_amqp_consumer_timeouts_total";
 pub const PUBLISHES: &str = "warren_amqp_publishes_total";
 /// 1 while the connection is running, 0 otherwise.
 pub const CONNECTED: &str = "warren_amqp_connected";
+/// Histogram: seconds from a publish being on the wire to its confirm.
+pub const CONFIRM_SECONDS: &str = "warren_amqp_confirm_seconds";
+
+/// HELP text of every metric above.
+pub(crate) fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(RECONNECTS, "AMQP sessions lost, by failure class.");
+    describe_counter!(
+        CONNECT_FAILURES,
+        "AMQP connection attempts that failed, by failure class."
+    );
+    describe_counter!(
+        CONSUMER_REESTABLISHED,
+        "Consumers re-established without a reconnect, by queue."
+    );
+    describe_counter!(
+        ZOMBIE_CONSUMERS,
+        "Consumers the broker no longer had at the periodic check, by queue."
+    );
+    describe_counter!(
+        STALE_ACKS,
+        "Acks for deliveries of an older channel or session (no-ops), by queue."
+    );
+    describe_counter!(
+        CONSUMER_TIMEOUTS,
+        "Consumers ended by the broker's consumer timeout, by queue."
+    );
+    describe_counter!(PUBLISHES, "Publishes to the broker, by outcome.");
+    describe_gauge!(
+        CONNECTED,
+        "1 while the AMQP connection is running, 0 otherwise."
+    );
+    describe_histogram!(
+        CONFIRM_SECONDS,
+        metrics::Unit::Seconds,
+        "Seconds from a publish being sent to the broker's confirm."
+    );
+}
 
 pub(crate) fn reconnect(class: FailureClass) {
     metrics::counter!(RECONNECTS, "class" => class.as_str()).increment(1);
@@ -46,6 +84,10 @@ pub(crate) fn stale_ack(queue: &str) {
 
 pub(crate) fn publish(outcome: &'static str) {
     metrics::counter!(PUBLISHES, "outcome" => outcome).increment(1);
+}
+
+pub(crate) fn confirmed(took: std::time::Duration) {
+    metrics::histogram!(CONFIRM_SECONDS).record(took.as_secs_f64());
 }
 
 pub(crate) fn connected(up: bool) {

@@ -16,7 +16,7 @@
 //! (confirm channel), `refusal` (permanent refusals, told apart from
 //! transient failures and remembered per session), `topology` (registry and declarations), `failure`
 //! (classes and errors), `backoff`, `convert` (lapin property conversion),
-//! `metrics` (names).
+//! `metrics` (names), `outage_log` (how an outage reads in the log).
 
 pub mod ack;
 pub mod backoff;
@@ -24,6 +24,7 @@ pub mod consumer;
 pub mod convert;
 pub mod failure;
 pub mod metrics;
+mod outage_log;
 pub mod publisher;
 pub mod refusal;
 pub mod server;

@@ -382,14 +382,20 @@ async fn until<F: Future>(
 /// resolves.
 fn metered(sent: Result<PendingConfirm, PublishError>) -> Result<PendingConfirm, PublishError> {
     match sent {
-        Ok(confirm) => Ok(Box::pin(async move {
-            let res = confirm.await;
-            metrics::publish(match &res {
-                Ok(_) => "confirmed",
-                Err(e) => e.label(),
-            });
-            res
-        })),
+        Ok(confirm) => {
+            let sent = std::time::Instant::now();
+            Ok(Box::pin(async move {
+                let res = confirm.await;
+                match &res {
+                    Ok(_) => {
+                        metrics::confirmed(sent.elapsed());
+                        metrics::publish("confirmed");
+                    }
+                    Err(e) => metrics::publish(e.label()),
+                }
+                res
+            }))
+        }
         Err(e) => {
             metrics::publish(e.label());
             Err(e)

@@ -64,6 +64,15 @@ pub enum RefusalKind {
 }
 
 impl RefusalKind {
+    /// Every kind, so their counters exist (at 0) before the first refusal.
+    pub const ALL: [RefusalKind; 5] = [
+        RefusalKind::NoRoute,
+        RefusalKind::NotFound,
+        RefusalKind::AccessRefused,
+        RefusalKind::TooLarge,
+        RefusalKind::InvalidProperty,
+    ];
+
     /// The label used in metrics and dead-letter headers.
     pub fn as_str(self) -> &'static str {
         match self {

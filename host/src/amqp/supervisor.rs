@@ -414,6 +414,7 @@ impl Amqp {
     pub async fn run(mut self, cancel: CancellationToken) {
         let mut backoff = Backoff::new(self.config.backoff);
         let mut last_logged: Option<(FailureClass, String)> = None;
+        let mut outage = super::outage_log::OutageLog::default();
         let mut generation = 0u64;
         loop {
             if cancel.is_cancelled() {
@@ -433,6 +434,7 @@ impl Amqp {
                 Ok((conn, uri, endpoint)) => {
                     generation += 1;
                     last_logged = None;
+                    outage.connected(Instant::now());
                     let started = Instant::now();
                     self.shared
                         .status
@@ -445,7 +447,7 @@ impl Amqp {
                         None => break,
                         Some(f) => {
                             metrics::reconnect(f.class);
-                            warn!(generation, class = %f.class, error = %f.message, "AMQP session lost; reconnecting.");
+                            outage.session_lost(generation, &f, Instant::now());
                             f
                         }
                     }
@@ -455,6 +457,7 @@ impl Amqp {
                     all_refused,
                 }) => {
                     metrics::connect_failure(failure.class);
+                    outage.connect_failed(&failure, failure.class.is_slow_retry(), Instant::now());
                     refused = all_refused;
                     failure
                 }
@@ -467,16 +470,11 @@ impl Amqp {
                 backoff.next_delay()
             };
             let attempt = backoff.attempt();
+            let slow = failure.class.is_slow_retry();
             let key = (failure.class, failure.message.clone());
-            if last_logged.as_ref() != Some(&key) {
-                if failure.class.is_slow_retry() {
-                    error!(class = %failure.class, error = %failure.message, ?delay, "Broker refused the connection; operator action needed, retrying slowly.");
-                } else {
-                    warn!(class = %failure.class, error = %failure.message, attempt, ?delay, "Cannot connect to the broker; retrying.");
-                }
+            if slow && last_logged.as_ref() != Some(&key) {
+                error!(class = %failure.class, error = %failure.message, ?delay, "Broker refused the connection; operator action needed, retrying slowly.");
                 last_logged = Some(key);
-            } else {
-                debug!(class = %failure.class, attempt, ?delay, "Still cannot connect to the broker.");
             }
             let state = if failure.class.is_auth() {
                 ConnectionState::AuthFailed {

@@ -83,7 +83,7 @@ use futures::stream::FuturesOrdered;
 use redis::Value;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{Instrument, debug, error, info, warn};
 use uuid::Uuid;
 
 use super::spool::{DrainerState, Shared, SpoolHandle, refresh_depth};
@@ -704,19 +704,27 @@ impl<P: DrainPublisher> Drainer<P> {
                     }
                 }
                 match msg {
-                    Ok(msg) => match self.send(msg, stall).await {
-                        Ok(confirm) => {
-                            progress_at = Instant::now();
-                            self.shared.record_republished();
-                            pass.inflight
-                                .push_back(Box::pin(async move { (entry, confirm.await) }));
+                    Ok(msg) => {
+                        // Ends at the confirm (the span lives in the
+                        // confirm's future).
+                        let span = crate::telemetry::drain_publish_span(&msg);
+                        match self.send(msg, stall).instrument(span.clone()).await {
+                            Ok(confirm) => {
+                                progress_at = Instant::now();
+                                self.shared.record_republished();
+                                pass.inflight.push_back(Box::pin(async move {
+                                    let confirmed = confirm.await;
+                                    drop(span);
+                                    (entry, confirmed)
+                                }));
+                            }
+                            Err(error) => {
+                                return self
+                                    .finish(Stop::Publish(error), pass, Settle::Collect)
+                                    .await;
+                            }
                         }
-                        Err(error) => {
-                            return self
-                                .finish(Stop::Publish(error), pass, Settle::Collect)
-                                .await;
-                        }
-                    },
+                    }
                     Err(detail) => {
                         if let Err((e, g)) = self.park_corrupt(&entry, &detail).await {
                             return self.finish(Stop::Redis(e, g), pass, Settle::Collect).await;

@@ -74,4 +74,60 @@ pub mod metric {
     pub const ADOPTED: &str = "warren_spool_adopted_total";
     /// Counter: `+switch-master` notifications for our master.
     pub const SWITCH_MASTER: &str = "warren_spool_switch_master_total";
+    /// Histogram: seconds an accepted append took (written on the primary
+    /// and confirmed by the required replicas).
+    pub const APPEND_SECONDS: &str = "warren_spool_append_seconds";
+
+    /// HELP text of every metric above.
+    pub(crate) fn describe() {
+        use metrics::{describe_counter, describe_gauge, describe_histogram};
+        describe_gauge!(DEPTH, "Entries waiting in this host's spool stream.");
+        describe_gauge!(
+            BYTES,
+            metrics::Unit::Bytes,
+            "Payload bytes waiting in this host's spool stream."
+        );
+        describe_gauge!(
+            OLDEST_AGE,
+            metrics::Unit::Seconds,
+            "Age of the oldest entry in this host's spool stream, seconds."
+        );
+        describe_gauge!(CONNECTED, "1 while connected to the spool's primary.");
+        describe_counter!(APPENDED, "Spool appends acknowledged.");
+        describe_counter!(
+            REFUSED,
+            "Spool appends refused (full, no primary, not replicated in time)."
+        );
+        describe_counter!(
+            DRAINED,
+            "Spool entries republished to the broker and deleted."
+        );
+        describe_counter!(DRAIN_PAUSES, "Spool drainer pauses after a failure.");
+        describe_counter!(PRIMARY_RESOLVED, "(Re)connections to a spool primary.");
+        describe_counter!(
+            ADOPTED,
+            "Entries republished from the streams of hosts that are gone."
+        );
+        describe_counter!(
+            SWITCH_MASTER,
+            "Sentinel +switch-master notifications for the spool's master."
+        );
+        describe_histogram!(
+            APPEND_SECONDS,
+            metrics::Unit::Seconds,
+            "Seconds an accepted spool append took, replicas' confirmation included."
+        );
+        // Dashboards and alerts take the rate of these; a series that
+        // appears only at its first increment has no rate until then.
+        for name in [
+            APPENDED,
+            REFUSED,
+            DRAINED,
+            DRAIN_PAUSES,
+            ADOPTED,
+            PRIMARY_RESOLVED,
+        ] {
+            metrics::counter!(name).increment(0);
+        }
+    }
 }

@@ -479,8 +479,11 @@ impl SpoolHandle {
     /// retry it. If the message has no `message_id`, the entry id becomes
     /// its `message_id`.
     pub async fn append(&self, mut message: OutboundMessage) -> Result<EntryId, SpoolError> {
+        let started = std::time::Instant::now();
         let result = self.append_inner(&mut message).await;
-        if result.is_err() {
+        if result.is_ok() {
+            metrics::histogram!(metric::APPEND_SECONDS).record(started.elapsed().as_secs_f64());
+        } else {
             self.shared.refused.fetch_add(1, Ordering::Relaxed);
             metrics::counter!(metric::REFUSED).increment(1);
         }

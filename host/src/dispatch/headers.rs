@@ -105,8 +105,13 @@ pub fn trace_parent(p: &MessageProperties) -> Option<TraceContext> {
         .and_then(TraceContext::parse)
 }
 
+/// The `tracestate` a message came with.
+pub fn trace_state(p: &MessageProperties) -> Option<&str> {
+    p.header(TRACESTATE).and_then(HeaderValue::as_str)
+}
+
 /// Make `to` (an output of the delivery with properties `incoming`) carry
-/// the trace context of the delivery's span, `span`. A plugin that set a
+/// the trace context of its publish span, `span`. A plugin that set a
 /// `traceparent` of its own keeps it; one copied from the delivery is
 /// replaced, since the output is a child of this delivery, not of its
 /// parent. `tracestate` is copied from the delivery unless `to` has one.

@@ -8,7 +8,7 @@ use crate::plugins::Outcome;
 /// Counter: deliveries handled, by `plugin` and `outcome`
 /// (ack, retry, reject, trap).
 pub const DELIVERIES: &str = "warren_deliveries_total";
-/// Histogram: seconds in `handle`, by `plugin`.
+/// Histogram: seconds in `handle`, by `plugin`, `queue` and `outcome`.
 pub const HANDLE_SECONDS: &str = "warren_handle_seconds";
 /// Counter: traps, by `plugin` and `kind` (deadline, memory, panic, other).
 pub const TRAPS: &str = "warren_traps_total";
@@ -26,29 +26,84 @@ pub const OUTPUTS_DEAD_LETTERED: &str = "warren_outputs_dead_lettered_total";
 /// Counter: outbox publishes refused by both broker and spool.
 pub const OUTBOX_REFUSED: &str = "warren_outbox_refused_total";
 
+/// HELP text of every metric above (and of the reload counter).
+pub(crate) fn describe() {
+    use metrics::{describe_counter, describe_histogram};
+    describe_counter!(
+        DELIVERIES,
+        "Deliveries handled, by plugin and outcome (ack, retry, reject, trap)."
+    );
+    describe_histogram!(
+        HANDLE_SECONDS,
+        metrics::Unit::Seconds,
+        "Seconds a plugin took to handle a delivery, by plugin, queue and outcome."
+    );
+    describe_counter!(
+        TRAPS,
+        "Plugin traps, by plugin and kind (deadline, memory, panic, other)."
+    );
+    describe_counter!(
+        DEAD_LETTERED,
+        "Deliveries dead-lettered, by plugin and outcome (reject, trap, retries-exhausted)."
+    );
+    describe_counter!(RETRIED, "Retries scheduled, by queue.");
+    describe_counter!(
+        STALE_SETTLES,
+        "Deliveries whose channel went away before they were settled (the broker redelivers them), by queue."
+    );
+    describe_counter!(
+        OUTPUTS_DEAD_LETTERED,
+        "Outputs the broker refused for good and Warren dead-lettered, by reason."
+    );
+    describe_counter!(
+        OUTBOX_REFUSED,
+        "Output publishes refused by both the broker and the spool (retried)."
+    );
+    describe_counter!(
+        super::reload::RELOADS,
+        "Plugin reloads, by result (ok, partial, error)."
+    );
+    // Alerts take the rate of these; a series that appears only at its
+    // first increment has no rate then.
+    for kind in crate::amqp::RefusalKind::ALL {
+        metrics::counter!(OUTPUTS_DEAD_LETTERED, "reason" => kind.as_str()).increment(0);
+    }
+    metrics::counter!(OUTBOX_REFUSED).increment(0);
+}
+
 /// One plugin's per-delivery metric handles, resolved once per route and
 /// plugin: looking a labelled metric up by name on every delivery (two
 /// label allocations, a hash and the registry's lock) cost more than the
 /// increment itself on the drain path.
 pub(crate) struct PluginMetrics {
     plugin: String,
-    ack: metrics::Counter,
-    retry: metrics::Counter,
-    reject: metrics::Counter,
-    trap: metrics::Counter,
-    latency: metrics::Histogram,
+    ack: OutcomeMetrics,
+    retry: OutcomeMetrics,
+    reject: OutcomeMetrics,
+    trap: OutcomeMetrics,
+}
+
+/// The count and the handle time of one outcome.
+struct OutcomeMetrics {
+    count: metrics::Counter,
+    seconds: metrics::Histogram,
 }
 
 impl PluginMetrics {
-    pub(crate) fn new(plugin: &str) -> Self {
-        let outcome = |label: &'static str| metrics::counter!(DELIVERIES, "plugin" => plugin.to_string(), "outcome" => label);
+    pub(crate) fn new(plugin: &str, queue: &str) -> Self {
+        let outcome = |label: &'static str| OutcomeMetrics {
+            count: metrics::counter!(DELIVERIES, "plugin" => plugin.to_string(), "outcome" => label),
+            seconds: metrics::histogram!(HANDLE_SECONDS, "plugin" => plugin.to_string(), "queue" => queue.to_string(), "outcome" => label),
+        };
+        // The route's retry count exists (at 0) before its first retry, so
+        // its rate does.
+        metrics::counter!(RETRIED, "queue" => queue.to_string()).increment(0);
         Self {
             plugin: plugin.to_string(),
             ack: outcome("ack"),
             retry: outcome("retry"),
             reject: outcome("reject"),
             trap: outcome("trap"),
-            latency: metrics::histogram!(HANDLE_SECONDS, "plugin" => plugin.to_string()),
         }
     }
 
@@ -58,7 +113,7 @@ impl PluginMetrics {
     }
 
     pub(crate) fn handled(&self, outcome: &Outcome, took: Duration) {
-        let counter = match outcome {
+        let m = match outcome {
             Outcome::Ack { .. } => &self.ack,
             Outcome::Retry { .. } => &self.retry,
             Outcome::Reject { .. } => &self.reject,
@@ -69,8 +124,8 @@ impl PluginMetrics {
                 &self.trap
             }
         };
-        counter.increment(1);
-        self.latency.record(took.as_secs_f64());
+        m.count.increment(1);
+        m.seconds.record(took.as_secs_f64());
     }
 }
 

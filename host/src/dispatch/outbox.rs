@@ -36,6 +36,17 @@ pub enum Placement {
     DeadLettered,
 }
 
+impl Placement {
+    /// The word for logs and span attributes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Placement::Broker => "broker",
+            Placement::Spool => "spool",
+            Placement::DeadLettered => "dead_lettered",
+        }
+    }
+}
+
 /// Neither the broker nor the spool took the message.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("message refused: broker: {broker}; spool: {spool}")]

@@ -67,7 +67,10 @@ pub(crate) async fn run(
         let metrics = match &handles {
             Some(m) if m.plugin() == current.name() => m.clone(),
             _ => handles
-                .insert(Arc::new(metric::PluginMetrics::new(current.name())))
+                .insert(Arc::new(metric::PluginMetrics::new(
+                    current.name(),
+                    &ctx.queue,
+                )))
                 .clone(),
         };
         // Backpressure: the permit is taken before instantiating and held
@@ -102,24 +105,24 @@ async fn handle(
     _permit: OwnedSemaphorePermit,
     d: amqp::Delivery,
 ) {
-    // The delivery's span in the W3C sense: a child of the `traceparent`
-    // the message came with (or the root of a new trace). Its context goes
-    // on every message the delivery produces.
+    // The delivery's span (`process <queue>`): a child of the
+    // `traceparent` the message came with (or the root of a new trace).
+    // Each message the delivery produces gets a `publish` span of its own
+    // under it, whose context it carries.
     let parent = headers::trace_parent(&d.properties);
-    let span = tracing::debug_span!(
-        "delivery",
-        queue = %ctx.queue,
-        plugin = plugin.name(),
-        version = plugin.version(),
-        delivery_tag = d.delivery_tag,
-        trace_id = tracing::field::Empty,
-        span_id = tracing::field::Empty,
-        parent_span_id = parent.map(|p| p.span_id),
-        outcome = tracing::field::Empty,
-    );
+    let tracestate = headers::trace_state(&d.properties);
+    let span = telemetry::process_span(&telemetry::Delivered {
+        queue: &ctx.queue,
+        exchange: &d.exchange,
+        routing_key: &d.routing_key,
+        delivery_tag: d.delivery_tag,
+        message_id: d.properties.message_id.as_deref(),
+        body_size: d.body.len(),
+        plugin: plugin.name(),
+        plugin_version: plugin.version(),
+    });
     // With OTLP export on, the exported span's ids; else our own.
-    let trace = telemetry::exported_context(&span, parent.as_ref())
-        .unwrap_or_else(|| TraceContext::child_of(parent.as_ref()));
+    let trace = telemetry::span_context(&span, parent.as_ref(), tracestate);
     if !span.is_disabled() {
         span.record("trace_id", tracing::field::display(trace.trace_id_hex()));
         span.record("span_id", tracing::field::display(trace.span_id_hex()));
@@ -151,7 +154,19 @@ async fn handle_in_span(
     let started = Instant::now();
     let outcome = plugin.invoke(&input).await;
     metrics.handled(&outcome, started.elapsed());
-    tracing::Span::current().record("outcome", outcome.label());
+    let span = tracing::Span::current();
+    span.record("outcome", outcome.label());
+    // Error status on every outcome that dead-letters the delivery.
+    match &outcome {
+        Outcome::Retry { reason } if attempt >= ctx.max_attempts => {
+            telemetry::set_error(&span, "retries_exhausted", reason)
+        }
+        Outcome::Reject { reason } => telemetry::set_error(&span, "reject", reason),
+        Outcome::Trapped { kind, message } => {
+            telemetry::set_error(&span, &format!("trap_{}", kind.as_str()), message)
+        }
+        Outcome::Ack { .. } | Outcome::Retry { .. } => {}
+    }
 
     let mut settle: Vec<OutboundMessage> = match outcome {
         Outcome::Ack { outputs } => outputs,
@@ -185,10 +200,7 @@ async fn handle_in_span(
             )]
         }
     };
-    for m in &mut settle {
-        headers::propagate_trace(&d.properties, trace, &mut m.properties);
-    }
-    if publish_all(ctx, &settle, &d.acker).await {
+    if publish_all(ctx, &mut settle, &d.properties, trace, &d.acker).await {
         if d.acker.ack() == AckOutcome::Stale {
             metric::stale_settle(&ctx.queue);
         }
@@ -199,19 +211,35 @@ async fn handle_in_span(
     }
 }
 
-/// Publish `messages` in order through the outbox. Returns false if the
-/// delivery's channel went away first (then it will be redelivered).
+/// Publish `messages` in order through the outbox, each under a `publish`
+/// span (a child of the delivery's, `trace`) whose context it carries.
+/// Returns false if the delivery's channel went away first (then it will
+/// be redelivered).
 async fn publish_all(
     ctx: &RouteContext,
-    messages: &[OutboundMessage],
+    messages: &mut [OutboundMessage],
+    incoming: &MessageProperties,
+    trace: &TraceContext,
     acker: &amqp::DeliveryAcker,
 ) -> bool {
+    let tracestate = headers::trace_state(incoming);
     for msg in messages {
+        let span = telemetry::publish_span(
+            tracing::Span::current().id(),
+            &msg.exchange,
+            &msg.routing_key,
+            msg.properties.message_id.as_deref(),
+        );
+        let context = telemetry::span_context(&span, Some(trace), tracestate);
+        headers::propagate_trace(incoming, &context, &mut msg.properties);
         let mut delay = Duration::from_millis(50);
         let mut warned = false;
         loop {
-            match ctx.outbox.publish(msg).await {
-                Ok(_) => break,
+            match ctx.outbox.publish(msg).instrument(span.clone()).await {
+                Ok(placement) => {
+                    span.record("warren.placement", placement.as_str());
+                    break;
+                }
                 Err(e) => {
                     if !acker.is_current() {
                         return false;

@@ -41,7 +41,14 @@ use super::limits::Limits;
 use super::plugin::PluginCounters;
 
 /// Engine-wide settings (the `[plugins.runtime]` config section).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Deserialize,
+    serde::Serialize,
+    documented::DocumentedOpt,
+    documented::DocumentedFieldsOpt,
+)]
 #[serde(rename_all = "kebab-case", default)]
 pub struct RuntimeConfig {
     /// Most plugin instances alive at once across all plugins (the size of
@@ -53,9 +60,11 @@ pub struct RuntimeConfig {
     pub max_deadline_ms: u32,
     /// Largest per-plugin concurrency.
     pub max_concurrency: u32,
-    /// Limits for plugins that ask for none.
+    /// Memory limit of plugins that ask for none.
     pub default_memory_bytes: u64,
+    /// Deadline of plugins that ask for none, in milliseconds.
     pub default_deadline_ms: u32,
+    /// Concurrency of plugins that ask for none.
     pub default_max_concurrency: u32,
     /// Most messages one invocation may `publish`.
     pub max_outputs: usize,
