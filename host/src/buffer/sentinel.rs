@@ -3,8 +3,7 @@
 //!
 //! # Why a custom resolver, not deadpool-redis's sentinel pool
 //!
-//! Measured (`/work/shared/reference/redis-rabbit-facts.md` §1.3–1.5):
-//! deadpool-redis's sentinel pool keeps writing to a demoted primary after a
+//! Measured against real Sentinel failovers: deadpool-redis's sentinel pool keeps writing to a demoted primary after a
 //! manual `SENTINEL FAILOVER` (its recycle only PINGs), and redis-rs resolves
 //! through `SENTINEL MASTERS`, which the failover leader keeps stale for up
 //! to `failover-timeout`. A pool also recycles connections that should be
