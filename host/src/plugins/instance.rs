@@ -6,7 +6,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Instant;
 
 use bytes::Bytes;
 use wasmtime::component::ResourceTable;
@@ -45,7 +44,10 @@ pub(crate) struct State {
     output_bytes: usize,
     max_outputs: usize,
     max_output_bytes: usize,
-    deadline: Instant,
+    /// Epoch ticks the guest may still see running before it traps.
+    ticks_left: u64,
+    /// How often the epoch advances.
+    tick: std::time::Duration,
     deadline_limit: std::time::Duration,
 }
 
@@ -115,6 +117,7 @@ impl Invocation {
         limits: &Limits,
     ) -> Self {
         let stderr = MemoryOutputPipe::new(STDERR_CAPACITY);
+        let tick = std::time::Duration::from_millis(rt.config.epoch_tick_ms.into());
         // Defaults of the builder: no env, no args, no preopens, stdin
         // closed, stdout discarded, TCP/UDP with every address denied, no
         // name lookup. Only stderr is captured, for panic messages.
@@ -137,20 +140,25 @@ impl Invocation {
             output_bytes: 0,
             max_outputs: rt.config.max_outputs,
             max_output_bytes: rt.config.max_output_bytes,
-            deadline: Instant::now() + limits.deadline,
+            ticks_left: deadline_ticks(limits.deadline, tick),
+            tick,
             deadline_limit: limits.deadline,
         };
         let mut store = Store::new(&rt.engine, state);
         store.limiter(|s| &mut s.limiter);
         store.set_epoch_deadline(1);
-        // At every tick: trap once past the deadline, otherwise yield to the
+        // The deadline counts the ticks a guest sees while it runs, not the
+        // clock: a delivery waiting for a core behind a hundred others (a
+        // Python plugin at prefetch 100 on two cores) must not trap for it.
+        // At every tick: trap when none are left, otherwise yield to the
         // executor so a busy guest never starves other tasks.
-        store.epoch_deadline_callback(|ctx| {
-            if Instant::now() >= ctx.data().deadline {
-                Ok(UpdateDeadline::Interrupt)
-            } else {
-                Ok(UpdateDeadline::Yield(1))
+        store.epoch_deadline_callback(|mut ctx| {
+            let state = ctx.data_mut();
+            if state.ticks_left <= 1 {
+                return Ok(UpdateDeadline::Interrupt);
             }
+            state.ticks_left -= 1;
+            Ok(UpdateDeadline::Yield(1))
         });
         Self { store, stderr }
     }
@@ -159,7 +167,7 @@ impl Invocation {
     /// deadline, no outputs.
     pub(crate) fn begin_call(&mut self, limits: &Limits) {
         let state = self.store.data_mut();
-        state.deadline = Instant::now() + limits.deadline;
+        state.ticks_left = deadline_ticks(limits.deadline, state.tick);
         state.outputs.clear();
         state.output_bytes = 0;
     }
@@ -255,6 +263,15 @@ fn debug_string(s: &str) -> Option<String> {
     }
 }
 
+/// Ticks that cover `deadline`: the first tick comes anywhere within one
+/// tick of the start, so a guest running alone traps between `deadline`
+/// and two ticks after it.
+fn deadline_ticks(deadline: std::time::Duration, tick: std::time::Duration) -> u64 {
+    let tick = tick.as_micros().max(1);
+    let n = deadline.as_micros().div_ceil(tick);
+    u64::try_from(n).unwrap_or(u64::MAX).saturating_add(1)
+}
+
 fn truncate(s: &str, max: usize) -> &str {
     if s.len() <= max {
         return s;
@@ -328,7 +345,16 @@ fn outbound_from_wit(msg: wit::Message) -> Result<OutboundMessage, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::panic_reason;
+    use super::{deadline_ticks, panic_reason};
+    use std::time::Duration;
+
+    #[test]
+    fn a_deadline_is_covered_by_whole_ticks_plus_the_first_partial_one() {
+        let ms = Duration::from_millis;
+        assert_eq!(deadline_ticks(ms(1000), ms(5)), 201);
+        assert_eq!(deadline_ticks(ms(1001), ms(5)), 202);
+        assert_eq!(deadline_ticks(ms(1), ms(5)), 2);
+    }
 
     #[test]
     fn panic_reasons_lose_the_runtime_boilerplate() {

@@ -15,7 +15,8 @@ pub const MIN_MEMORY_BYTES: u64 = 1 << 20;
 pub struct Limits {
     /// Largest linear memory, in bytes.
     pub memory_bytes: u64,
-    /// Wall-clock deadline of one `handle` call.
+    /// Deadline of one `handle` call, counted while the guest runs: time
+    /// spent waiting for a core behind other guests does not count.
     #[serde(with = "millis")]
     pub deadline: Duration,
     /// Most invocations running at once.
