@@ -47,6 +47,12 @@ fn native_handle(d: &Delivery) -> Result<(), String> {
     Ok(())
 }
 
+/// The middle of `rounds` (`ROUNDS` of them).
+fn median(mut rounds: Vec<f64>) -> f64 {
+    rounds.sort_by(f64::total_cmp);
+    rounds[rounds.len() / 2]
+}
+
 fn per_call(elapsed: Duration, n: u32) -> f64 {
     elapsed.as_nanos() as f64 / f64::from(n)
 }
@@ -69,8 +75,7 @@ where
         }
         rounds.push(per_call(start.elapsed(), n));
     }
-    rounds.sort_by(f64::total_cmp);
-    Ok(rounds[ROUNDS / 2])
+    Ok(median(rounds))
 }
 
 /// One `Plugin::invoke` that acks.
@@ -106,8 +111,7 @@ async fn measure_invoke(plugin: &Plugin, d: &Delivery, n: u32) -> Result<f64> {
         run(n).await?;
         rounds.push(per_call(start.elapsed(), n));
     }
-    rounds.sort_by(f64::total_cmp);
-    Ok(rounds[ROUNDS / 2])
+    Ok(median(rounds))
 }
 
 /// Calls per round for a plugin: `iterations()`, or fewer for a plugin
@@ -194,8 +198,7 @@ async fn run() -> Result<()> {
         }
         reused_ns.push(per_call(start.elapsed(), n));
     }
-    reused_ns.sort_by(f64::total_cmp);
-    let reused_ns = reused_ns[ROUNDS / 2];
+    let reused_ns = median(reused_ns);
     let phases = plugin.bench_phases(&d, n).await;
 
     let mut rows = vec![row("Rust (noop)", &plugin, &d).await?];

@@ -46,8 +46,8 @@ pub(crate) struct State {
     max_output_bytes: usize,
     /// Epoch ticks the guest may still see running before it traps.
     ticks_left: u64,
-    /// How often the epoch advances.
-    tick: std::time::Duration,
+    /// Ticks one call gets (its deadline in ticks).
+    ticks: u64,
     deadline_limit: std::time::Duration,
 }
 
@@ -118,6 +118,7 @@ impl Invocation {
     ) -> Self {
         let stderr = MemoryOutputPipe::new(STDERR_CAPACITY);
         let tick = std::time::Duration::from_millis(rt.config.epoch_tick_ms.into());
+        let ticks = deadline_ticks(limits.deadline, tick);
         // Defaults of the builder: no env, no args, no preopens, stdin
         // closed, stdout discarded, TCP/UDP with every address denied, no
         // name lookup. Only stderr is captured, for panic messages.
@@ -140,8 +141,8 @@ impl Invocation {
             output_bytes: 0,
             max_outputs: rt.config.max_outputs,
             max_output_bytes: rt.config.max_output_bytes,
-            ticks_left: deadline_ticks(limits.deadline, tick),
-            tick,
+            ticks_left: ticks,
+            ticks,
             deadline_limit: limits.deadline,
         };
         let mut store = Store::new(&rt.engine, state);
@@ -165,9 +166,9 @@ impl Invocation {
 
     /// Ready the store for another call of a reused instance: a new
     /// deadline, no outputs.
-    pub(crate) fn begin_call(&mut self, limits: &Limits) {
+    pub(crate) fn begin_call(&mut self) {
         let state = self.store.data_mut();
-        state.ticks_left = deadline_ticks(limits.deadline, state.tick);
+        state.ticks_left = state.ticks;
         state.outputs.clear();
         state.output_bytes = 0;
     }

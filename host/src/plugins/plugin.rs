@@ -484,7 +484,7 @@ impl Plugin {
                 (inv, None, 0, slot)
             }
         };
-        inv.begin_call(&inner.limits);
+        inv.begin_call();
         let input = delivery_to_wit(delivery);
         let result = async {
             let instance = match instance {
