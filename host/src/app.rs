@@ -16,18 +16,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use tokio::time::timeout_at;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::admin::{self, AdminError};
-use crate::amqp::{Amqp, AmqpConfig, AmqpHandle, BackoffConfig, ConsumerState};
-use crate::buffer::{
-    Adopter, Drainer, DrainerConfig, DrainerHandle, Spool, SpoolConfig, SpoolHandle,
-};
+use crate::amqp::{Amqp, AmqpConfig, AmqpHandle, ConsumerState};
+use crate::buffer::{Adopter, Drainer, DrainerHandle, Spool, SpoolHandle};
 use crate::config::Config;
 use crate::dispatch::reload::{self, Reloader};
-use crate::dispatch::{DispatchConfig, Dispatcher, Outbox};
+use crate::dispatch::{Dispatcher, Outbox};
 use crate::plugins::{DirectoryError, PluginRuntime, RuntimeError};
 
 pub use crate::dispatch::reload::FailedPlugin;
@@ -85,6 +84,10 @@ pub struct AppHandle {
     /// was installed first).
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     stopping: Arc<AtomicBool>,
+    /// The configuration as loaded, and the AMQP supervisor's settings as
+    /// built from it: with the subsystems' own, what
+    /// [`AppHandle::effective_config`] reads.
+    loaded: Arc<(Config, AmqpConfig)>,
 }
 
 impl AppHandle {
@@ -174,6 +177,18 @@ impl AppHandle {
         (stalled >= self.drain_stalled_after).then_some(stalled)
     }
 
+    /// The configuration Warren runs with, each section read back from the
+    /// subsystem that holds it where one does (`GET /config`).
+    pub fn effective_config(&self) -> Config {
+        let (loaded, amqp) = &*self.loaded;
+        let mut c = loaded.clone();
+        c.amqp = crate::amqp::AmqpSection::of(amqp);
+        c.spool = self.spool.config().clone();
+        c.plugins.runtime = self.runtime.config().clone();
+        c.dispatch = self.dispatcher.config().clone();
+        c
+    }
+
     /// Plugin files that failed to load at start or at the last reload.
     pub fn failed_plugins(&self) -> Vec<FailedPlugin> {
         self.reloader.failed()
@@ -185,70 +200,39 @@ pub struct App {
     handle: AppHandle,
     grace: Duration,
     tasks: TaskTracker,
-    amqp_cancel: CancellationToken,
-    spool_cancel: CancellationToken,
-    drainer_cancel: CancellationToken,
-    admin_cancel: CancellationToken,
+    stop: StopTree,
     admin_tasks: TaskTracker,
     admin_addr: SocketAddr,
 }
 
-fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "warren".to_string())
+/// The shutdown tree: one root token and a child per subsystem, cancelled
+/// one by one in the order `shutdown.rs` states; cancelling the root stops
+/// whatever is left.
+struct StopTree {
+    root: CancellationToken,
+    /// The plugin watcher and the ready announcement: first, so no reload
+    /// starts a route behind the stop.
+    plugins: CancellationToken,
+    /// The drainer and the adopter.
+    drain: CancellationToken,
+    spool: CancellationToken,
+    amqp: CancellationToken,
+    /// Last: `/live` answers, and `/ready` says 503, until the end.
+    admin: CancellationToken,
 }
 
-/// The AMQP supervisor's settings from `[amqp]`.
-pub fn amqp_config(config: &Config) -> AmqpConfig {
-    let a = &config.amqp;
-    let mut urls = a.urls.clone();
-    if urls.is_empty() {
-        urls.push(a.url.clone());
+impl StopTree {
+    fn new() -> Self {
+        let root = CancellationToken::new();
+        Self {
+            plugins: root.child_token(),
+            drain: root.child_token(),
+            spool: root.child_token(),
+            amqp: root.child_token(),
+            admin: root.child_token(),
+            root,
+        }
     }
-    let mut c = AmqpConfig::new(urls.remove(0), "main");
-    c.more_urls = urls;
-    c.refused_retry = Duration::from_millis(a.refused_retry_ms);
-    c.heartbeat = Duration::from_secs(a.heartbeat_secs.into());
-    c.connect_timeout = Duration::from_millis(a.connect_timeout_ms);
-    c.confirm_timeout = Duration::from_millis(a.confirm_timeout_ms);
-    c.backoff = BackoffConfig {
-        initial: Duration::from_millis(a.backoff_initial_ms),
-        max: Duration::from_millis(a.backoff_max_ms),
-    };
-    c.consumer_check_interval = Duration::from_millis(a.consumer_check_ms);
-    c.drain_timeout = Duration::from_millis(config.shutdown.grace_period_ms);
-    c
-}
-
-/// The spool's settings from `[spool]`.
-pub fn spool_config(config: &Config) -> SpoolConfig {
-    let s = &config.spool;
-    let host_id = s.host_id.clone().unwrap_or_else(host_name);
-    let mut c = if s.sentinels.is_empty() {
-        SpoolConfig::plain(s.url.clone(), host_id)
-    } else {
-        SpoolConfig::sentinel(s.sentinels.clone(), s.master_name.clone(), host_id)
-    };
-    c.stream_key = s.stream_key.clone();
-    c.min_replicas = s.min_replicas;
-    c.wait_timeout_ms = s.wait_timeout_ms;
-    c.max_entries = s.max_entries;
-    c.max_bytes = s.max_bytes;
-    c.username = s.username.clone();
-    c.password = s.password.clone();
-    c.password_file = s.password_file.clone();
-    c.sentinel_username = s.sentinel_username.clone();
-    c.sentinel_password = s.sentinel_password.clone();
-    c.sentinel_password_file = s.sentinel_password_file.clone();
-    c.tls_ca_file = s.tls_ca_file.clone();
-    c.tls_cert_file = s.tls_cert_file.clone();
-    c.tls_key_file = s.tls_key_file.clone();
-    c.owner_lease_ms = s.owner_lease_ms;
-    c.adopt_orphans = s.adopt_orphans;
-    c
 }
 
 impl App {
@@ -272,34 +256,29 @@ impl App {
             warn!(dir = %config.plugins.dir.display(), "No plugins loaded; Warren stays unready until one is.");
         }
 
-        let dispatch_config = DispatchConfig::from(&config.dispatch);
-        let mut amqp_cfg = amqp_config(&config);
+        let stop = StopTree::new();
+        let dispatch_config = config.dispatch.clone();
+        let mut amqp_cfg = config.amqp.supervisor("main");
         amqp_cfg.topology = dispatch_config.base_topology();
-        let (amqp, amqp_handle) = Amqp::new(amqp_cfg)?;
-        let amqp_cancel = CancellationToken::new();
-        tasks.spawn(amqp.run(amqp_cancel.clone()));
+        amqp_cfg.drain_timeout = config.shutdown.grace();
+        let (amqp, amqp_handle) = Amqp::new(amqp_cfg.clone())?;
+        tasks.spawn(amqp.run(stop.amqp.clone()));
 
-        let (spool, spool_handle) = Spool::new(spool_config(&config))?;
-        let spool_cancel = CancellationToken::new();
-        tasks.spawn(spool.run(spool_cancel.clone()));
+        let (spool, spool_handle) = Spool::new(config.spool.clone())?;
+        tasks.spawn(spool.run(stop.spool.clone()));
 
         let outbox = Outbox::new(
             amqp_handle.publisher(),
             spool_handle.clone(),
             dispatch_config.dead_letter_exchange.clone(),
         );
-        let drainer_config = DrainerConfig {
-            window: config.spool.drain_window,
-            stall_timeout_ms: config.spool.drain_stall_timeout_ms,
-            ..DrainerConfig::default()
-        };
+        let drainer_config = config.spool.drainer();
         let (drainer, drainer_handle) = Drainer::new(
             drainer_config.clone(),
             &spool_handle,
             outbox.drain_publisher(),
         )?;
-        let drainer_cancel = CancellationToken::new();
-        tasks.spawn(drainer.run(drainer_cancel.clone()));
+        tasks.spawn(drainer.run(stop.drain.clone()));
         if config.spool.adopt_orphans {
             let adopter = Adopter::new(
                 drainer_config,
@@ -307,7 +286,7 @@ impl App {
                 &drainer_handle,
                 outbox.drain_publisher(),
             )?;
-            tasks.spawn(adopter.run(drainer_cancel.clone()));
+            tasks.spawn(adopter.run(stop.drain.clone()));
         }
 
         let dispatcher = Arc::new(Dispatcher::new(
@@ -316,7 +295,7 @@ impl App {
             dispatch_config,
         ));
         dispatcher.declare_base().await;
-        let grace = Duration::from_millis(config.shutdown.grace_period_ms);
+        let grace = config.shutdown.grace();
         let reloader = Arc::new(Reloader::new(
             runtime.clone(),
             dispatcher.clone(),
@@ -331,7 +310,7 @@ impl App {
             tasks.spawn(reload::watch(
                 reloader.clone(),
                 Duration::from_millis(config.plugins.watch_ms),
-                amqp_cancel.clone(),
+                stop.plugins.clone(),
             ));
         }
 
@@ -345,8 +324,8 @@ impl App {
             reloader,
             metrics,
             stopping: Arc::new(AtomicBool::new(false)),
+            loaded: Arc::new((config.clone(), amqp_cfg)),
         };
-        let admin_cancel = CancellationToken::new();
         let admin_tasks = TaskTracker::new();
         let admin_addr = admin_listener
             .local_addr()
@@ -354,22 +333,19 @@ impl App {
         admin_tasks.spawn(admin::serve(
             admin_listener,
             admin::router(handle.clone(), &config.admin),
-            admin_cancel.clone(),
+            stop.admin.clone(),
         ));
         info!(addr = %admin_addr, "Admin API listening.");
         tasks.spawn(announce_ready(
             handle.clone(),
             admin_addr,
-            amqp_cancel.clone(),
+            stop.plugins.clone(),
         ));
         Ok(App {
             handle,
             grace,
             tasks,
-            amqp_cancel,
-            spool_cancel,
-            drainer_cancel,
-            admin_cancel,
+            stop,
             admin_tasks,
             admin_addr,
         })
@@ -386,32 +362,35 @@ impl App {
         self.handle.clone()
     }
 
-    /// The ordered shutdown (see `shutdown.rs`).
+    /// The ordered shutdown (see `shutdown.rs`), all of it within one
+    /// grace period: each phase waits until the same deadline, and what
+    /// has not finished by then is abandoned (unacked deliveries go back to
+    /// the broker).
     pub async fn shutdown(self) {
+        let deadline = tokio::time::Instant::now() + self.grace;
         info!(grace = ?self.grace, "Shutting down: readiness off, consumers cancelled, finishing in-flight deliveries.");
         self.handle.stopping.store(true, Ordering::SeqCst);
+        self.stop.plugins.cancel();
         // No reload may start routes behind stop_all's back.
-        self.handle.reloader.close().await;
-        self.handle.dispatcher.stop_all(self.grace).await;
-        self.drainer_cancel.cancel();
-        self.spool_cancel.cancel();
-        self.amqp_cancel.cancel();
-        self.tasks.close();
-        if tokio::time::timeout(self.grace, self.tasks.wait())
+        if timeout_at(deadline, self.handle.reloader.close())
             .await
-            .is_err()
+            .is_ok()
         {
+            self.handle.dispatcher.stop_all(deadline).await;
+        }
+        self.stop.drain.cancel();
+        self.stop.spool.cancel();
+        self.stop.amqp.cancel();
+        self.tasks.close();
+        if timeout_at(deadline, self.tasks.wait()).await.is_err() {
             warn!("Some tasks did not stop within the grace period.");
         }
-        // Last: the admin API answers /live (and a 503 /ready) until now.
-        self.admin_cancel.cancel();
+        self.stop.admin.cancel();
         self.admin_tasks.close();
-        if tokio::time::timeout(self.grace, self.admin_tasks.wait())
-            .await
-            .is_err()
-        {
+        if timeout_at(deadline, self.admin_tasks.wait()).await.is_err() {
             warn!("The admin server did not stop within the grace period.");
         }
+        self.stop.root.cancel();
         info!("Stopped.");
     }
 }

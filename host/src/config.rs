@@ -1,27 +1,39 @@
-//! `warren.toml`: one serde tree, every key optional with a working
-//! default, environment overrides, and validation that reports every problem
-//! at once.
+//! `warren.toml`: one serde tree of the subsystems' own config sections,
+//! every key optional with a working default, environment overrides, and
+//! validation that reports every problem at once.
 //!
-//! This module is a leaf: it is plain data. `main` loads it once and
-//! hands each subsystem its section by value; nothing else reads files or
-//! the environment for settings.
+//! Each subsystem owns its section and its checks (`problems()`):
+//! [`AmqpSection`], [`SpoolConfig`], [`RuntimeConfig`], [`DispatchConfig`],
+//! [`AdminConfig`], [`TelemetryConfig`], [`ShutdownConfig`]; this module
+//! owns only the tree, `[plugins]` and `[plugin.<name>]`, and reading.
+//! `main` loads it once and hands each subsystem its section by value;
+//! nothing else reads files or the environment for settings.
 //!
 //! Environment overrides are named `WARREN_<SECTION>_<KEY>` with the key's
 //! dashes written as underscores: `WARREN_AMQP_URL`, `WARREN_ADMIN_TOKEN`,
 //! `WARREN_PLUGINS_DIR`, `WARREN_SPOOL_SENTINELS` (a TOML array or a
-//! comma-separated list).
+//! comma-separated list). Nested keys are separated by a double underscore,
+//! each part's dashes again written as underscores:
+//! `WARREN_PLUGINS__RUNTIME__MAX_INSTANCES`,
+//! `WARREN_PLUGIN__PY_ROUTER__INSTANCE` (`[plugin.py-router] instance`),
+//! `WARREN_PLUGIN__ECHO__LIMITS__DEADLINE_MS`.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use documented::{DocumentedFieldsOpt, DocumentedOpt};
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 
+pub use crate::admin::AdminConfig;
+pub use crate::amqp::AmqpSection;
+pub use crate::buffer::SpoolConfig;
+pub use crate::dispatch::DispatchConfig;
 use crate::plugins::manifest::Subscription;
-use crate::plugins::{LimitsOverride, RuntimeConfig};
+pub use crate::plugins::{LimitsOverride, RuntimeConfig};
 pub use crate::secret::Secret;
+pub use crate::shutdown::ShutdownConfig;
+pub use crate::telemetry::TelemetryConfig;
 
 /// Exit code for a configuration error (EX_CONFIG, as `vector validate`
 /// and sysexits.h use it).
@@ -31,297 +43,14 @@ pub const EXIT_CONFIG: u8 = 78;
 #[derive(Debug, Clone, Default)]
 pub struct Config {
     pub amqp: AmqpSection,
-    pub spool: SpoolSection,
+    pub spool: SpoolConfig,
     pub plugins: PluginsSection,
     /// Per-plugin overrides, by manifest name (`[plugin.<name>]`).
     pub plugin: BTreeMap<String, PluginOverride>,
-    pub dispatch: DispatchSection,
-    pub admin: AdminSection,
-    pub telemetry: TelemetrySection,
-    pub shutdown: ShutdownSection,
-}
-
-/// `[amqp]`: the broker connection.
-#[derive(Clone, Deserialize, Serialize, DocumentedOpt, DocumentedFieldsOpt)]
-#[serde(rename_all = "kebab-case", default)]
-pub struct AmqpSection {
-    /// `amqp://` or `amqps://` URL; the password is redacted in logs.
-    #[serde(serialize_with = "redacted_url")]
-    pub url: String,
-    /// The nodes of a cluster, each an `amqp://` or `amqps://` URL; when
-    /// set it replaces `url`. Each (re)connect tries them in a shuffled
-    /// order.
-    #[serde(serialize_with = "redacted_urls")]
-    pub urls: Vec<String>,
-    /// Requested heartbeat, seconds.
-    pub heartbeat_secs: u16,
-    /// Limit on one connection attempt, ms.
-    pub connect_timeout_ms: u64,
-    /// Limit on every publisher confirm, ms.
-    pub confirm_timeout_ms: u64,
-    /// First reconnect delay ceiling, ms.
-    pub backoff_initial_ms: u64,
-    /// Largest reconnect delay, ms.
-    pub backoff_max_ms: u64,
-    /// Largest delay after a connect that every endpoint refused outright
-    /// (nothing listening: a broker restarting), ms. Refused connects cost
-    /// the broker nothing, so they are retried this often and a broker
-    /// that comes back is used within about this long.
-    pub refused_retry_ms: u64,
-    /// How often consumers compare broker-side consumer counts, ms.
-    pub consumer_check_ms: u64,
-}
-
-impl Default for AmqpSection {
-    fn default() -> Self {
-        Self {
-            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
-            urls: Vec::new(),
-            heartbeat_secs: 10,
-            connect_timeout_ms: 5_000,
-            confirm_timeout_ms: 5_000,
-            backoff_initial_ms: 100,
-            backoff_max_ms: 2_000,
-            refused_retry_ms: 250,
-            consumer_check_ms: 5_000,
-        }
-    }
-}
-
-impl std::fmt::Debug for AmqpSection {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AmqpSection")
-            .field("url", &redact_url(&self.url))
-            .field("heartbeat_secs", &self.heartbeat_secs)
-            .field("confirm_timeout_ms", &self.confirm_timeout_ms)
-            .finish_non_exhaustive()
-    }
-}
-
-/// `[spool]`: where outputs wait while the broker is down.
-#[derive(Clone, Deserialize, Serialize, DocumentedOpt, DocumentedFieldsOpt)]
-#[serde(rename_all = "kebab-case", default)]
-pub struct SpoolSection {
-    /// Sentinel addresses (`redis://host:port`). When empty, `url` is used.
-    #[serde(serialize_with = "redacted_urls")]
-    pub sentinels: Vec<String>,
-    /// Sentinel master name.
-    pub master_name: String,
-    /// A single Redis for development: not highly available.
-    #[serde(serialize_with = "redacted_url")]
-    pub url: String,
-    /// This host's id, part of the spool stream key; default: host name.
-    pub host_id: Option<String>,
-    /// Stream key; default `warren:spool:<host-id>`.
-    pub stream_key: Option<String>,
-    /// Replicas that must confirm an append (default 1 with sentinels, 0
-    /// with a plain URL).
-    pub min_replicas: Option<u32>,
-    /// `WAIT` timeout, ms.
-    pub wait_timeout_ms: u64,
-    /// Most entries the spool may hold.
-    pub max_entries: u64,
-    /// Most payload bytes the spool may hold.
-    pub max_bytes: u64,
-    /// Spooled messages the drainer keeps awaiting their confirm at once.
-    /// 1 keeps strict order even when a republish fails mid-way; larger
-    /// windows drain much faster, and a failed republish then comes again
-    /// after the ones behind it. Default 1024, the drainer's read batch:
-    /// with 256-byte persistent messages the drain then runs at about the
-    /// broker's own confirmed-publish rate (`bench --bin spool`), where 256
-    /// left it at 11k/s.
-    pub drain_window: usize,
-    /// How long the drainer waits with publishes in flight and no progress
-    /// at all (no send completing, no confirm arriving, the broker not
-    /// blocking publishes) before it gives them up and republishes from
-    /// the first unconfirmed entry, duplicating whatever the broker had
-    /// routed. A broker that dies is noticed sooner, by the heartbeat,
-    /// which fails every confirm in flight; this is the last resort for a
-    /// confirm that never comes on a live connection. Default 30 s: a
-    /// broker stalled a few seconds by its disk is slow, not failed.
-    pub drain_stall_timeout_ms: u64,
-    /// With entries in the spool and the broker connected, how long the
-    /// drain may make no progress before `/ready` and `/status` list it as
-    /// stalled (a `degraded` reason, `warren_spool_drain_stalled` = 1).
-    pub drain_stalled_after_ms: u64,
-    /// ACL user on the data nodes (with `url`, the URL's own user works too).
-    pub username: Option<String>,
-    /// Password on the data nodes (`requirepass`, or the ACL user's).
-    #[serde(serialize_with = "redacted_secret")]
-    pub password: Option<Secret>,
-    /// File holding the data nodes' password (a mounted secret); instead of
-    /// `password`.
-    pub password_file: Option<PathBuf>,
-    /// ACL user on the sentinels (the sentinel URLs' own user works too).
-    pub sentinel_username: Option<String>,
-    /// Password on the sentinels (their `requirepass`); the sentinel URLs'
-    /// own password works too.
-    #[serde(serialize_with = "redacted_secret")]
-    pub sentinel_password: Option<Secret>,
-    /// File holding the sentinels' password; instead of `sentinel-password`.
-    pub sentinel_password_file: Option<PathBuf>,
-    /// CA certificate (PEM) that signed the Redis nodes' certificates; the
-    /// system's roots when unset. TLS itself is on when the URLs use
-    /// `rediss://`.
-    pub tls_ca_file: Option<PathBuf>,
-    /// Client certificate (PEM) for Redis's `tls-auth-clients`.
-    pub tls_cert_file: Option<PathBuf>,
-    /// The client certificate's private key (PEM).
-    pub tls_key_file: Option<PathBuf>,
-    /// How long this host's claim on its stream outlives it, ms: another
-    /// host adopts and drains a stream whose owner has not renewed its
-    /// claim for this long.
-    pub owner_lease_ms: u64,
-    /// Drain the streams of hosts that are gone (their claim expired).
-    pub adopt_orphans: bool,
-}
-
-impl Default for SpoolSection {
-    fn default() -> Self {
-        Self {
-            sentinels: Vec::new(),
-            master_name: "mymaster".into(),
-            url: "redis://127.0.0.1:6379".into(),
-            host_id: None,
-            stream_key: None,
-            min_replicas: None,
-            wait_timeout_ms: 500,
-            max_entries: 1_000_000,
-            max_bytes: 512 << 20,
-            drain_window: crate::buffer::DrainerConfig::default().window,
-            drain_stall_timeout_ms: crate::buffer::DrainerConfig::default().stall_timeout_ms,
-            drain_stalled_after_ms: 30_000,
-            username: None,
-            password: None,
-            password_file: None,
-            sentinel_username: None,
-            sentinel_password: None,
-            sentinel_password_file: None,
-            tls_ca_file: None,
-            tls_cert_file: None,
-            tls_key_file: None,
-            owner_lease_ms: crate::buffer::SpoolConfig::default().owner_lease_ms,
-            adopt_orphans: true,
-        }
-    }
-}
-
-impl std::fmt::Debug for SpoolSection {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SpoolSection")
-            .field(
-                "sentinels",
-                &self
-                    .sentinels
-                    .iter()
-                    .map(|s| redact_url(s))
-                    .collect::<Vec<_>>(),
-            )
-            .field("master_name", &self.master_name)
-            .field("url", &redact_url(&self.url))
-            .field("stream_key", &self.stream_key)
-            .finish_non_exhaustive()
-    }
-}
-
-impl SpoolSection {
-    /// The addresses in use: the sentinels, or `url` when there are none.
-    fn addresses(&self) -> Vec<&String> {
-        if self.sentinels.is_empty() {
-            vec![&self.url]
-        } else {
-            self.sentinels.iter().collect()
-        }
-    }
-
-    /// Problems with the addresses, credentials and TLS settings.
-    fn problems(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        let addresses = self.addresses();
-        for s in &addresses {
-            if !(s.starts_with("redis://") || s.starts_with("rediss://")) {
-                out.push(format!(
-                    "spool address {:?} must start with redis:// or rediss://",
-                    redact_url(s)
-                ));
-            }
-        }
-        let tls = addresses
-            .iter()
-            .filter(|s| s.starts_with("rediss://"))
-            .count();
-        if tls != 0 && tls != addresses.len() {
-            out.push(
-                "spool addresses mix redis:// and rediss://: TLS is on for every node or none"
-                    .into(),
-            );
-        }
-        let tls_files = [
-            ("tls-ca-file", &self.tls_ca_file),
-            ("tls-cert-file", &self.tls_cert_file),
-            ("tls-key-file", &self.tls_key_file),
-        ];
-        for (key, path) in tls_files {
-            let Some(path) = path else { continue };
-            if tls == 0 {
-                out.push(format!(
-                    "spool.{key} is set but the spool addresses use redis://; write rediss:// to turn TLS on"
-                ));
-            }
-            if let Err(e) = std::fs::metadata(path) {
-                out.push(format!("cannot read spool.{key} {}: {e}", path.display()));
-            }
-        }
-        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
-            out.push("spool.tls-cert-file and spool.tls-key-file go together".into());
-        }
-        let secrets = [
-            (
-                "password",
-                &self.password,
-                "password-file",
-                &self.password_file,
-            ),
-            (
-                "sentinel-password",
-                &self.sentinel_password,
-                "sentinel-password-file",
-                &self.sentinel_password_file,
-            ),
-        ];
-        for (key, value, file_key, file) in secrets {
-            match (value, file) {
-                (Some(_), Some(_)) => {
-                    out.push(format!("set spool.{key} or spool.{file_key}, not both"))
-                }
-                (None, Some(path)) => {
-                    if let Err(e) =
-                        crate::secret::read_secret_file(&format!("spool.{file_key}"), path)
-                    {
-                        out.push(e);
-                    }
-                }
-                _ => {}
-            }
-        }
-        if self.sentinels.is_empty()
-            && (self.sentinel_username.is_some()
-                || self.sentinel_password.is_some()
-                || self.sentinel_password_file.is_some())
-        {
-            out.push(
-                "spool.sentinel-username and spool.sentinel-password need spool.sentinels".into(),
-            );
-        }
-        let min_lease = 3 * crate::buffer::SpoolConfig::default().status_interval_ms;
-        if self.owner_lease_ms < min_lease {
-            out.push(format!(
-                "spool.owner-lease-ms must be at least {min_lease} (it is renewed every {} ms)",
-                min_lease / 3
-            ));
-        }
-        out
-    }
+    pub dispatch: DispatchConfig,
+    pub admin: AdminConfig,
+    pub telemetry: TelemetryConfig,
+    pub shutdown: ShutdownConfig,
 }
 
 /// `[plugins]`: where plugins come from and the engine settings.
@@ -391,6 +120,29 @@ impl PluginOverride {
 }
 
 impl PluginOverride {
+    /// Every problem with `[plugin.<name>]`.
+    fn problems(&self, name: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        if !crate::plugins::manifest::is_valid_name(name) {
+            out.push(format!(
+                "[plugin.{name}]: {name:?} is not a valid plugin name"
+            ));
+        }
+        if self.reuse_max_deliveries == Some(0) {
+            out.push(format!(
+                "plugin.{name}.reuse-max-deliveries must be at least 1"
+            ));
+        }
+        for s in self.subscriptions.iter().flatten() {
+            out.extend(
+                s.problems()
+                    .into_iter()
+                    .map(|p| format!("plugin.{name}: {p}")),
+            );
+        }
+        out
+    }
+
     /// `config` as strings, the form the plugin sees.
     pub fn config_strings(&self) -> BTreeMap<String, String> {
         self.config
@@ -403,170 +155,6 @@ impl PluginOverride {
                 (k.clone(), s)
             })
             .collect()
-    }
-}
-
-/// `[dispatch]`: what happens to each outcome.
-#[derive(Debug, Clone, Deserialize, Serialize, DocumentedOpt, DocumentedFieldsOpt)]
-#[serde(rename_all = "kebab-case", default)]
-pub struct DispatchSection {
-    /// Attempts before a message is dead-lettered (a subscription's
-    /// `max-attempts` wins).
-    pub max_attempts: u32,
-    /// Delay before the first retry, ms; doubles per attempt.
-    pub retry_delay_ms: u64,
-    /// Longest retry delay, ms.
-    pub retry_delay_max_ms: u64,
-    /// Exchange (and queue prefix) Warren declares for delayed retries.
-    pub retry_exchange: String,
-    /// Dead-letter exchange Warren declares.
-    pub dead_letter_exchange: String,
-    /// Dead-letter queue bound to it.
-    pub dead_letter_queue: String,
-    /// `x-delivery-limit` of the quorum queues Warren declares: a message
-    /// returned to its queue this many times (a channel closed while it was
-    /// unacknowledged, a consumer timeout, a host killed mid-delivery) is
-    /// dead-lettered by the broker into `dead-letter-queue`. RabbitMQ 4
-    /// applies 20 when a queue sets none, and drops such a message when
-    /// the queue has no dead-letter exchange; Warren sets both.
-    pub delivery_limit: u32,
-    /// The broker's consumer timeout, ms (RabbitMQ's `consumer_timeout`,
-    /// 30 min unless the broker or a queue's `x-consumer-timeout` says
-    /// otherwise). A route whose plugin deadline is longer is warned about
-    /// at start: the broker would take each such delivery back mid-handle.
-    pub broker_consumer_timeout_ms: u64,
-}
-
-impl Default for DispatchSection {
-    fn default() -> Self {
-        Self {
-            max_attempts: 5,
-            retry_delay_ms: 1_000,
-            retry_delay_max_ms: 60_000,
-            retry_exchange: "warren.retry".into(),
-            dead_letter_exchange: "warren.dlx".into(),
-            dead_letter_queue: "warren.dlq".into(),
-            delivery_limit: 20,
-            broker_consumer_timeout_ms: 1_800_000,
-        }
-    }
-}
-
-/// `[admin]`: the admin HTTP API.
-#[derive(Debug, Clone, Deserialize, Serialize, DocumentedOpt, DocumentedFieldsOpt)]
-#[serde(rename_all = "kebab-case", default)]
-pub struct AdminSection {
-    /// Listen address.
-    pub bind: String,
-    /// Bearer token required by the mutating endpoints (reload, upload,
-    /// delete, publish). Without one they are open on a loopback `bind`
-    /// and answer 403 on any other; probes, status and metrics never need
-    /// it.
-    #[serde(serialize_with = "redacted_secret")]
-    pub token: Option<Secret>,
-    /// Largest request body (plugin uploads), bytes.
-    pub max_body_bytes: usize,
-}
-
-impl Default for AdminSection {
-    fn default() -> Self {
-        Self {
-            bind: "127.0.0.1:9090".into(),
-            token: None,
-            max_body_bytes: 32 << 20,
-        }
-    }
-}
-
-/// `[telemetry]`: logs and trace export.
-#[derive(Debug, Clone, Deserialize, Serialize, DocumentedOpt, DocumentedFieldsOpt)]
-#[serde(rename_all = "kebab-case", default)]
-pub struct TelemetrySection {
-    /// `text` or `json`.
-    pub log_format: crate::telemetry::LogFormat,
-    /// Filter when `RUST_LOG` is unset, e.g. `info` or `warren=debug`.
-    pub log_level: String,
-    /// OTLP/HTTP (protobuf) traces endpoint, e.g.
-    /// `http://127.0.0.1:4318/v1/traces`: each delivery's span is exported
-    /// there. Off when unset (the default); plain `http://` only.
-    #[serde(serialize_with = "redacted_opt_url")]
-    pub otlp_endpoint: Option<String>,
-    /// Fraction of new traces exported; a delivery whose `traceparent`
-    /// says sampled (or not) follows its parent.
-    pub otlp_sample_ratio: f64,
-}
-
-impl Default for TelemetrySection {
-    fn default() -> Self {
-        Self {
-            log_format: crate::telemetry::LogFormat::Text,
-            log_level: "info".into(),
-            otlp_endpoint: None,
-            otlp_sample_ratio: 1.0,
-        }
-    }
-}
-
-/// `[shutdown]`: stopping.
-#[derive(Debug, Clone, Deserialize, Serialize, DocumentedOpt, DocumentedFieldsOpt)]
-#[serde(rename_all = "kebab-case", default)]
-pub struct ShutdownSection {
-    /// How long in-flight deliveries may take to finish after SIGTERM, ms.
-    pub grace_period_ms: u64,
-}
-
-impl Default for ShutdownSection {
-    fn default() -> Self {
-        Self {
-            grace_period_ms: 30_000,
-        }
-    }
-}
-
-// Serializers for `warren config`: what it prints never holds a secret.
-// (An unset secret is skipped as every `None` is; see `config_doc`.)
-
-fn redacted_url<S: Serializer>(url: &str, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&redact_url(url))
-}
-
-fn redacted_urls<S: Serializer>(urls: &[String], s: S) -> Result<S::Ok, S::Error> {
-    s.collect_seq(urls.iter().map(|u| redact_url(u)))
-}
-
-fn redacted_opt_url<S: Serializer>(url: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
-    match url {
-        Some(u) => s.serialize_some(&redact_url(u)),
-        None => s.serialize_none(),
-    }
-}
-
-fn redacted_secret<S: Serializer>(secret: &Option<Secret>, s: S) -> Result<S::Ok, S::Error> {
-    match secret {
-        Some(_) => s.serialize_some("<redacted>"),
-        None => s.serialize_none(),
-    }
-}
-
-/// `scheme://user:password@host/...` with the password replaced.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let (authority, path) = match rest.find('/') {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
-    };
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-            if userinfo.contains(':') {
-                format!("{scheme}://{user}:<redacted>@{host}{path}")
-            } else {
-                format!("{scheme}://{user}@{host}{path}")
-            }
-        }
-        None => url.to_string(),
     }
 }
 
@@ -691,127 +279,20 @@ impl Config {
         (Some(cfg), problems)
     }
 
-    /// Semantic problems (values of the right type but wrong).
+    /// Semantic problems (values of the right type but wrong), each
+    /// section's own.
     fn problems(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        for (key, url) in std::iter::once(("amqp.url", &self.amqp.url))
-            .chain(self.amqp.urls.iter().map(|u| ("amqp.urls", u)))
-        {
-            if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
-                out.push(format!(
-                    "{key} {:?} must start with amqp:// or amqps://",
-                    redact_url(url)
-                ));
-            }
-        }
-        if self.amqp.refused_retry_ms == 0 {
-            out.push("amqp.refused-retry-ms must be at least 1".into());
-        }
-        if self.amqp.heartbeat_secs == 0 {
-            out.push("amqp.heartbeat-secs must be at least 1".into());
-        }
-        if self.amqp.confirm_timeout_ms == 0 || self.amqp.connect_timeout_ms == 0 {
-            out.push("amqp timeouts must be at least 1 ms".into());
-        }
-        if self.amqp.backoff_initial_ms == 0
-            || self.amqp.backoff_initial_ms > self.amqp.backoff_max_ms
-        {
-            out.push(
-                "amqp.backoff-initial-ms must be at least 1 and at most backoff-max-ms".into(),
-            );
-        }
+        let mut out = self.amqp.problems();
         out.extend(self.spool.problems());
-        if self.spool.max_entries == 0 || self.spool.max_bytes == 0 {
-            out.push("spool.max-entries and spool.max-bytes must be at least 1".into());
-        }
-        if self.spool.drain_window == 0 {
-            out.push("spool.drain-window must be at least 1".into());
-        }
-        if self.spool.drain_stall_timeout_ms == 0 {
-            out.push("spool.drain-stall-timeout-ms must be at least 1".into());
-        }
-        if self.spool.drain_stalled_after_ms == 0 {
-            out.push("spool.drain-stalled-after-ms must be at least 1".into());
-        }
-        if self.spool.wait_timeout_ms == 0 {
-            out.push("spool.wait-timeout-ms must be at least 1".into());
-        }
         out.extend(self.plugins.runtime.problems());
         for (name, o) in &self.plugin {
-            if !crate::plugins::manifest::is_valid_name(name) {
-                out.push(format!(
-                    "[plugin.{name}]: {name:?} is not a valid plugin name"
-                ));
-            }
-            if o.reuse_max_deliveries == Some(0) {
-                out.push(format!(
-                    "plugin.{name}.reuse-max-deliveries must be at least 1"
-                ));
-            }
-            if let Some(subs) = &o.subscriptions {
-                for s in subs {
-                    out.extend(
-                        s.problems()
-                            .into_iter()
-                            .map(|p| format!("plugin.{name}: {p}")),
-                    );
-                }
-            }
+            out.extend(o.problems(name));
         }
-        if self.dispatch.max_attempts == 0 {
-            out.push("dispatch.max-attempts must be at least 1".into());
-        }
-        if self.dispatch.delivery_limit == 0 {
-            out.push("dispatch.delivery-limit must be at least 1".into());
-        }
-        if self.dispatch.retry_delay_ms > self.dispatch.retry_delay_max_ms {
-            out.push("dispatch.retry-delay-ms exceeds retry-delay-max-ms".into());
-        }
-        for (key, name) in [
-            ("retry-exchange", &self.dispatch.retry_exchange),
-            ("dead-letter-exchange", &self.dispatch.dead_letter_exchange),
-            ("dead-letter-queue", &self.dispatch.dead_letter_queue),
-        ] {
-            if name.is_empty() || name.len() > 255 || name.starts_with("amq.") {
-                out.push(format!(
-                    "dispatch.{key} {name:?} must be 1 to 255 bytes and not start with 'amq.'"
-                ));
-            }
-        }
-        if self.admin.bind.parse::<SocketAddr>().is_err() {
-            out.push(format!(
-                "admin.bind {:?} is not an address like 127.0.0.1:9090",
-                self.admin.bind
-            ));
-        }
-        if self
-            .admin
-            .token
-            .as_ref()
-            .is_some_and(|t| t.expose().len() < 16)
-        {
-            out.push("admin.token must be at least 16 characters".into());
-        }
-        if let Some(e) = &self.telemetry.otlp_endpoint
-            && !e.starts_with("http://")
-        {
-            out.push(format!(
-                "telemetry.otlp-endpoint {:?} must start with http://",
-                redact_url(e)
-            ));
-        }
-        if !(0.0..=1.0).contains(&self.telemetry.otlp_sample_ratio) {
-            out.push("telemetry.otlp-sample-ratio must be between 0 and 1".into());
-        }
-        if self.shutdown.grace_period_ms == 0 {
-            out.push("shutdown.grace-period-ms must be at least 1".into());
-        }
+        out.extend(self.dispatch.problems());
+        out.extend(self.admin.problems());
+        out.extend(self.telemetry.problems());
+        out.extend(self.shutdown.problems());
         out
-    }
-
-    /// The admin listen address (validated by `load`).
-    pub fn admin_addr(&self) -> Option<SocketAddr> {
-        self.admin.bind.parse().ok()
     }
 }
 
@@ -870,10 +351,10 @@ fn lenient<T: DeserializeOwned + Default>(
     }
 }
 
-/// Apply `WARREN_<SECTION>_<KEY>=value` pairs. A value is parsed as a TOML
-/// value when it is one (number, boolean, array), else taken as a string;
-/// `WARREN_SPOOL_SENTINELS` and `WARREN_AMQP_URLS` also accept a
-/// comma-separated list.
+/// Apply `WARREN_*=value` pairs (the forms are in the module doc). A
+/// value is parsed as a TOML value when it is one (number, boolean, array),
+/// else taken as a string; `WARREN_SPOOL_SENTINELS` and `WARREN_AMQP_URLS`
+/// also accept a comma-separated list.
 fn apply_env(
     root: &mut toml::Table,
     env: impl IntoIterator<Item = (String, String)>,
@@ -883,29 +364,63 @@ fn apply_env(
         let Some(rest) = name.strip_prefix("WARREN_") else {
             continue;
         };
-        let lower = rest.to_ascii_lowercase();
-        let Some((section, key)) = SECTIONS
-            .iter()
-            .filter(|s| **s != "plugin")
-            .find_map(|s| lower.strip_prefix(&format!("{s}_")).map(|k| (*s, k)))
-        else {
+        let Some(path) = env_path(rest) else {
             problems.push(format!(
-                "environment variable {name}: unknown section (use WARREN_<SECTION>_<KEY>)"
+                "environment variable {name}: unknown section (use WARREN_<SECTION>_<KEY>, or WARREN_<SECTION>__<KEY>__<KEY> for nested keys)"
             ));
             continue;
         };
-        let key = key.replace('_', "-");
-        let value = parse_env_value(&key, &raw);
-        let table = root
-            .entry(section)
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        match table {
-            toml::Value::Table(t) => {
-                t.insert(key, value);
-            }
-            _ => problems.push(format!("[{section}] must be a table")),
+        let value = parse_env_value(&path[path.len() - 1], &raw);
+        if let Err(e) = insert_at(root, &path, value) {
+            problems.push(format!("environment variable {name}: {e}"));
         }
     }
+}
+
+/// The key path a variable names (after `WARREN_`): its `__`-separated
+/// parts, or a section and one key. Underscores in a part stand for
+/// dashes. `None` when the first part is not a section.
+fn env_path(rest: &str) -> Option<Vec<String>> {
+    let lower = rest.to_ascii_lowercase();
+    if lower.contains("__") {
+        let parts: Vec<String> = lower.split("__").map(|p| p.replace('_', "-")).collect();
+        let known = SECTIONS.contains(&parts[0].as_str());
+        return (known && parts.len() > 1 && parts.iter().all(|p| !p.is_empty())).then_some(parts);
+    }
+    SECTIONS
+        .iter()
+        .filter(|s| **s != "plugin")
+        .find_map(|s| lower.strip_prefix(&format!("{s}_")).map(|k| (*s, k)))
+        .map(|(s, k)| vec![s.to_string(), k.replace('_', "-")])
+}
+
+/// Set `value` at `path`, making the tables on the way. A part matches an
+/// existing key that differs only in `-` against `_` (a plugin named
+/// `my_plugin` in the file is reached as `MY_PLUGIN`).
+fn insert_at(root: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
+    let mut table = root;
+    let Some((last, parents)) = path.split_last() else {
+        return Ok(());
+    };
+    let existing = |t: &toml::Table, part: &str| {
+        t.keys()
+            .find(|k| k.replace('_', "-") == part)
+            .cloned()
+            .unwrap_or_else(|| part.to_string())
+    };
+    for (depth, part) in parents.iter().enumerate() {
+        let key = existing(table, part);
+        let entry = table
+            .entry(key)
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = match entry {
+            toml::Value::Table(t) => t,
+            _ => return Err(format!("[{}] must be a table", path[..=depth].join("."))),
+        };
+    }
+    let key = existing(table, last);
+    table.insert(key, value);
+    Ok(())
 }
 
 fn parse_env_value(key: &str, raw: &str) -> toml::Value {
@@ -1126,9 +641,40 @@ mod tests {
     }
 
     #[test]
-    fn redact_url_keeps_everything_but_the_password() {
-        assert_eq!(redact_url("amqp://u:p@h:1/v"), "amqp://u:<redacted>@h:1/v");
-        assert_eq!(redact_url("amqp://h:1/v"), "amqp://h:1/v");
-        assert_eq!(redact_url("redis://:pw@h:1"), "redis://:<redacted>@h:1");
+    fn nested_keys_are_set_from_the_environment() {
+        let env = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let c = Config::parse(
+            "[plugin.my_plugin]\ninstance = \"fresh\"\n",
+            env(&[
+                ("WARREN_PLUGINS__RUNTIME__MAX_INSTANCES", "64"),
+                ("WARREN_PLUGIN__PY_ROUTER__INSTANCE", "reuse"),
+                ("WARREN_PLUGIN__PY_ROUTER__LIMITS__DEADLINE_MS", "250"),
+                ("WARREN_PLUGIN__MY_PLUGIN__INSTANCE", "reuse"),
+                ("WARREN_SPOOL__DRAIN_WINDOW", "8"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.plugins.runtime.max_instances, 64);
+        assert_eq!(c.plugin["py-router"].instance, InstanceSetting::Reuse);
+        assert_eq!(c.plugin["py-router"].limits.deadline_ms, Some(250));
+        assert_eq!(c.plugin["my_plugin"].instance, InstanceSetting::Reuse);
+        assert_eq!(c.spool.drain_window, 8);
+        let p = Config::parse("", env(&[("WARREN_NOPE__X", "1")])).unwrap_err();
+        assert!(p[0].contains("WARREN_NOPE__X"), "{p:?}");
+        let p = Config::parse(
+            "[plugins]\nruntime = 3\n",
+            env(&[("WARREN_PLUGINS__RUNTIME__X", "1")]),
+        )
+        .unwrap_err();
+        assert!(
+            p.iter()
+                .any(|p| p.contains("[plugins.runtime] must be a table")),
+            "{p:?}"
+        );
     }
 }

@@ -3,8 +3,8 @@
 //!
 //! One process owns resilient AMQP connections, a Redis Sentinel–backed
 //! spool that keeps outputs safe while the broker is down, and plugins that
-//! are instantiated afresh for every delivery. See `DESIGN.md` and
-//! `ARCHITECTURE.md` at the repository root.
+//! are instantiated afresh for every delivery. `ARCHITECTURE.md` at the
+//! repository root maps the design onto these modules.
 //!
 //! # Layout
 //! - [`message`]: the outbound message type shared by every subsystem (leaf).

@@ -81,38 +81,40 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let args = Cli::parse();
-    if let Command::New { name, lang } = &args.command {
-        return new(name, *lang);
-    }
-    match args.command {
+    match Cli::parse().command {
+        Command::New { name, lang } => new(&name, lang),
         Command::Run {
             config,
             plugins,
             watch,
-        } => return run(config, plugins, watch),
-        Command::Config { config } => return print_config(config),
-        _ => {}
+        } => run(config, plugins, watch),
+        Command::Config { config } => print_config(config),
+        Command::Check { files } => tool(cli::check(&files)),
+        Command::Invoke(args) => tool(cli::invoke(args)),
+        Command::Validate { config, plugins } => tool(validate(config, plugins)),
     }
+}
+
+/// Run one of the one-shot commands (`check`, `invoke`, `validate`) on a
+/// runtime of its own, logging warnings only.
+fn tool(command: impl std::future::Future<Output = ExitCode>) -> ExitCode {
     warren::telemetry::init_logging(warren::telemetry::LogFormat::Text, "warn");
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    match async_runtime() {
+        Ok(runtime) => runtime.block_on(command),
+        Err(code) => code,
+    }
+}
+
+/// The multi-threaded tokio runtime, or the exit code after saying why it
+/// cannot start.
+fn async_runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
+        .map_err(|e| {
             eprintln!("warren: failed to start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(async {
-        match args.command {
-            Command::Check { files } => cli::check(&files).await,
-            Command::Invoke(args) => cli::invoke(args).await,
-            Command::Validate { config, plugins } => validate(config, plugins).await,
-            Command::Run { .. } | Command::Config { .. } | Command::New { .. } => ExitCode::FAILURE,
-        }
-    })
+            ExitCode::FAILURE
+        })
 }
 
 fn new(dir: &std::path::Path, lang: warren::new::Lang) -> ExitCode {
@@ -215,7 +217,7 @@ fn run(config_path: Option<PathBuf>, plugins: Option<PathBuf>, watch: bool) -> E
         .map(|endpoint| warren::telemetry::OtlpConfig {
             endpoint,
             sample_ratio: config.telemetry.otlp_sample_ratio,
-            instance_id: warren::app::spool_config(&config).host_id,
+            instance_id: config.spool.host_id(),
         });
     // Flushes exported spans when `run` returns.
     let _telemetry = match warren::telemetry::init(
@@ -231,17 +233,11 @@ fn run(config_path: Option<PathBuf>, plugins: Option<PathBuf>, watch: bool) -> E
     };
     tracing::info!(config = ?path, "Starting Warren.");
     tracing::debug!(?config, "Configuration.");
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("warren: failed to start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let runtime = match async_runtime() {
+        Ok(runtime) => runtime,
+        Err(code) => return code,
     };
-    runtime.block_on(async {
+    let code = runtime.block_on(async {
         let hangups = shutdown::hangups();
         let app = match App::start(config).await {
             Ok(app) => app,
@@ -260,10 +256,17 @@ fn run(config_path: Option<PathBuf>, plugins: Option<PathBuf>, watch: bool) -> E
             () = shutdown::reload_on_hangup(hangups, app.handle().reloader.clone()) => return ExitCode::FAILURE,
         };
         tracing::info!(?signal, "Stop requested.");
-        let stop = app.shutdown();
         tokio::select! {
-            () = stop => ExitCode::SUCCESS,
-            () = shutdown::exit_on_second_signal() => ExitCode::from(130),
+            () = app.shutdown() => ExitCode::SUCCESS,
+            signal = shutdown::wait_for_signal() => {
+                tracing::warn!(?signal, "Second signal: exiting now without finishing in-flight work.");
+                ExitCode::from(130)
+            }
         }
-    })
+    });
+    // The stop has had its grace period (or a second signal cut it short):
+    // work still running, a compile on a blocking thread included, is
+    // abandoned rather than waited for.
+    runtime.shutdown_background();
+    code
 }

@@ -1,6 +1,7 @@
 //! Values that must never reach a log line, `/status` or an error message:
-//! [`Secret`] prints and serializes as `<redacted>`, and [`read_secret_file`]
-//! is the one way a `*-file` setting is read.
+//! [`Secret`] prints and serializes as `<redacted>`, [`read_secret_file`]
+//! is the one way a `*-file` setting is read, and [`redact_url`] is the one
+//! way a URL with a password in it is shown.
 
 use std::path::Path;
 
@@ -51,6 +52,47 @@ pub fn read_secret_file(key: &str, path: &Path) -> Result<Secret, String> {
     Ok(Secret::new(value))
 }
 
+/// `scheme://user:password@host/...` with the password replaced by
+/// `<redacted>`; a URL without one is returned as it is.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            if userinfo.contains(':') {
+                format!("{scheme}://{user}:<redacted>@{host}{path}")
+            } else {
+                format!("{scheme}://{user}@{host}{path}")
+            }
+        }
+        None => url.to_string(),
+    }
+}
+
+/// Serializes a URL through [`redact_url`] (`warren config`, `/config`).
+pub fn redacted_url<S: Serializer>(url: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&redact_url(url))
+}
+
+/// Serializes URLs through [`redact_url`].
+pub fn redacted_urls<S: Serializer>(urls: &[String], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(urls.iter().map(|u| redact_url(u)))
+}
+
+/// Serializes an optional URL through [`redact_url`].
+pub fn redacted_opt_url<S: Serializer>(url: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match url {
+        Some(u) => s.serialize_some(&redact_url(u)),
+        None => s.serialize_none(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,5 +121,12 @@ mod tests {
         assert!(e.contains("is empty"), "{e}");
         let e = read_secret_file("spool.password-file", &dir.path().join("nope")).unwrap_err();
         assert!(e.starts_with("cannot read spool.password-file"), "{e}");
+    }
+
+    #[test]
+    fn redact_url_keeps_everything_but_the_password() {
+        assert_eq!(redact_url("amqp://u:p@h:1/v"), "amqp://u:<redacted>@h:1/v");
+        assert_eq!(redact_url("amqp://h:1/v"), "amqp://h:1/v");
+        assert_eq!(redact_url("redis://:pw@h:1"), "redis://:<redacted>@h:1");
     }
 }

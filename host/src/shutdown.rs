@@ -1,7 +1,8 @@
 //! Signals and the shutdown order.
 //!
-//! The order, carried out by `app::App::run` when the first SIGTERM or
-//! SIGINT arrives:
+//! The order, carried out by `app::App::shutdown` when the first SIGTERM or
+//! SIGINT arrives, all of it within one grace period
+//! (`shutdown.grace-period-ms`, one deadline for every phase):
 //! 1. readiness goes false (load balancers stop sending work);
 //! 2. every consumer is cancelled (`basic.cancel`): no new deliveries;
 //! 3. in-flight deliveries finish, their outputs are confirmed or spooled,
@@ -11,10 +12,49 @@
 //!    already queued;
 //! 5. channels and the connection close; the admin server stops last.
 //!
-//! A second signal exits at once with status 130. SIGHUP does not stop
+//! A second signal ends the process at once with status 130 (`main`). SIGHUP does not stop
 //! anything: it reloads the plugins ([`reload_on_hangup`]).
 
 use tokio::signal::unix::{SignalKind, signal};
+
+/// `[shutdown]`: stopping.
+#[derive(
+    Debug,
+    Clone,
+    serde::Deserialize,
+    serde::Serialize,
+    documented::DocumentedOpt,
+    documented::DocumentedFieldsOpt,
+)]
+#[serde(rename_all = "kebab-case", default)]
+pub struct ShutdownConfig {
+    /// How long in-flight deliveries may take to finish after SIGTERM, ms.
+    pub grace_period_ms: u64,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self {
+            grace_period_ms: 30_000,
+        }
+    }
+}
+
+impl ShutdownConfig {
+    /// Every problem with this section.
+    pub fn problems(&self) -> Vec<String> {
+        if self.grace_period_ms == 0 {
+            vec!["shutdown.grace-period-ms must be at least 1".into()]
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// The grace period: the whole stop's deadline.
+    pub fn grace(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.grace_period_ms)
+    }
+}
 
 /// Which signal asked us to stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,16 +77,6 @@ pub async fn wait_for_signal() -> StopSignal {
         _ = term.recv() => StopSignal::Terminate,
         _ = int.recv() => StopSignal::Interrupt,
     }
-}
-
-/// After the first signal: a second one exits immediately.
-pub async fn exit_on_second_signal() {
-    let signal = wait_for_signal().await;
-    tracing::warn!(
-        ?signal,
-        "Second signal: exiting now without finishing in-flight work."
-    );
-    std::process::exit(130);
 }
 
 /// The SIGHUP handler, installed before anything starts so that a SIGHUP

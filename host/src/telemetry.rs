@@ -22,6 +22,61 @@ use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Layer as _};
 
+/// `[telemetry]`: logs and trace export.
+#[derive(
+    Debug,
+    Clone,
+    serde::Deserialize,
+    serde::Serialize,
+    documented::DocumentedOpt,
+    documented::DocumentedFieldsOpt,
+)]
+#[serde(rename_all = "kebab-case", default)]
+pub struct TelemetryConfig {
+    /// `text` or `json`.
+    pub log_format: LogFormat,
+    /// Filter when `RUST_LOG` is unset, e.g. `info` or `warren=debug`.
+    pub log_level: String,
+    /// OTLP/HTTP (protobuf) traces endpoint, e.g.
+    /// `http://127.0.0.1:4318/v1/traces`: each delivery's span is exported
+    /// there. Off when unset (the default); plain `http://` only.
+    #[serde(serialize_with = "crate::secret::redacted_opt_url")]
+    pub otlp_endpoint: Option<String>,
+    /// Fraction of new traces exported; a delivery whose `traceparent`
+    /// says sampled (or not) follows its parent.
+    pub otlp_sample_ratio: f64,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            log_format: LogFormat::Text,
+            log_level: "info".into(),
+            otlp_endpoint: None,
+            otlp_sample_ratio: 1.0,
+        }
+    }
+}
+
+impl TelemetryConfig {
+    /// Every problem with this section.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(e) = &self.otlp_endpoint
+            && !e.starts_with("http://")
+        {
+            out.push(format!(
+                "telemetry.otlp-endpoint {:?} must start with http://",
+                crate::secret::redact_url(e)
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.otlp_sample_ratio) {
+            out.push("telemetry.otlp-sample-ratio must be between 0 and 1".into());
+        }
+        out
+    }
+}
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]

@@ -63,10 +63,10 @@ pub async fn validate(
     // redis cannot parse), once the settings themselves are sound: before,
     // it would repeat their problems.
     if out.problems.is_empty() {
-        if let Err(e) = crate::amqp::Amqp::new(crate::app::amqp_config(&config)) {
+        if let Err(e) = crate::amqp::Amqp::new(config.amqp.supervisor("main")) {
             out.problems.push(e.to_string());
         }
-        if let Err(e) = crate::buffer::Spool::new(crate::app::spool_config(&config)) {
+        if let Err(e) = crate::buffer::Spool::new(config.spool.clone()) {
             out.problems.push(format!("spool: {e}"));
         }
     }

@@ -75,3 +75,94 @@ fn the_readme_configuration_reference_is_warren_config() {
         );
     }
 }
+
+/// Every `key = value` of a rendered configuration, as `section.key`
+/// (commented-out template sections and unset keys are not values).
+fn values(rendered: &str) -> std::collections::BTreeMap<String, String> {
+    let mut section = String::new();
+    let mut out = std::collections::BTreeMap::new();
+    for line in rendered.lines() {
+        if let Some(header) = line.strip_prefix('[') {
+            section = header.trim_end_matches(']').to_owned();
+        } else if !line.starts_with('#')
+            && let Some((key, value)) = line.split_once(" = ")
+        {
+            out.insert(format!("{section}.{key}"), value.to_owned());
+        }
+    }
+    out
+}
+
+/// The defaults the README documents are the ones a running Warren uses:
+/// `warren run` with an empty file (the admin API moved to a free port by
+/// its variable, the plugins directory by `--plugins`), each section read
+/// back from the subsystem that holds it (`GET /config`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_documented_default_is_the_one_warren_run_uses() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("warren.toml");
+    std::fs::write(&cfg, "").unwrap();
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir(&plugins).unwrap();
+    let port = warren_it::ports::free_port().unwrap();
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let stream = warren_it::broker::unique("defaults-spool");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_warren"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("WARREN_") {
+            cmd.env_remove(k);
+        }
+    }
+    let mut child = cmd
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .arg("--plugins")
+        .arg(&plugins)
+        .env("WARREN_ADMIN_BIND", admin.to_string())
+        // Its own stream, and no adopting other tests' streams.
+        .env("WARREN_SPOOL_STREAM_KEY", &stream)
+        .env("WARREN_SPOOL_ADOPT_ORPHANS", "false")
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let effective = warren_it::wait::until(
+        "GET /config",
+        std::time::Duration::from_secs(30),
+        || async {
+            let r = warren_it::http::request(admin, "GET", "/config", &[], None)
+                .await
+                .ok()?;
+            (r.status == 200).then(|| r.text())
+        },
+    )
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let effective = values(&effective.unwrap());
+    let documented = values(&readme_reference());
+    let overridden = std::collections::BTreeMap::from([
+        ("admin.bind".to_owned(), format!("\"{admin}\"")),
+        (
+            "plugins.dir".to_owned(),
+            format!("\"{}\"", plugins.display()),
+        ),
+        ("spool.stream-key".to_owned(), format!("\"{stream}\"")),
+        ("spool.adopt-orphans".to_owned(), "false".to_owned()),
+    ]);
+    let mut wrong = Vec::new();
+    for (key, want) in documented.iter().chain(&overridden) {
+        let want = overridden.get(key).unwrap_or(want);
+        match effective.get(key) {
+            Some(got) if got == want => {}
+            got => wrong.push(format!("{key}: expected {want}, running {got:?}")),
+        }
+    }
+    for key in effective
+        .keys()
+        .filter(|k| !documented.contains_key(*k) && !overridden.contains_key(*k))
+    {
+        wrong.push(format!("{key}: running but not documented"));
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    assert!(documented.len() > 50, "{documented:?}");
+}

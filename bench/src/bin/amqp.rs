@@ -170,8 +170,7 @@ fn shipped(urls: &[String], topology: Topology) -> Result<AmqpConfig> {
         .join(", ");
     let config = warren::config::Config::parse(&format!("[amqp]\nurls = [{list}]\n"), Vec::new())
         .map_err(|p| anyhow::anyhow!("{p:?}"))?;
-    let mut c = warren::app::amqp_config(&config);
-    c.role = "bench".into();
+    let mut c = config.amqp.supervisor("bench");
     c.topology = topology;
     Ok(c)
 }

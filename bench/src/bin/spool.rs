@@ -211,7 +211,7 @@ async fn main() -> Result<()> {
     // unless overridden for an experiment.
     let window = env_or(
         "DRAIN_WINDOW",
-        warren::config::SpoolSection::default().drain_window,
+        warren::config::SpoolConfig::default().drain_window,
     );
     let batch = env_or("DRAIN_BATCH", DrainerConfig::default().batch);
     let single_rate = single(&handle, 2).await?;

@@ -166,6 +166,13 @@ pub(crate) async fn status(State(state): State<AdminState>) -> Json<super::statu
     Json(super::status::Status::collect(&state.app).await)
 }
 
+/// The configuration this process runs with, read back from its
+/// subsystems, as commented TOML (secrets redacted).
+pub(crate) async fn config(State(state): State<AdminState>) -> Response {
+    let text = crate::config_doc::render(&state.app.effective_config(), "this running Warren");
+    ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response()
+}
+
 pub(crate) async fn metrics(State(state): State<AdminState>) -> Response {
     let Some(handle) = &state.app.metrics else {
         return ApiError::new(

@@ -11,6 +11,7 @@
 //! | `GET /live` | 200 while the process runs |
 //! | `GET /ready` | 200, or 503 with the reasons |
 //! | `GET /status` | 200, JSON |
+//! | `GET /config` | 200, the effective configuration as `warren config` prints it |
 //! | `GET /metrics` | 200, Prometheus text (503 without a recorder) |
 //! | `GET /plugins` | 200, JSON |
 //! | `POST /plugins/reload` | 200 with the report; 503 while shutting down |
@@ -18,7 +19,7 @@
 //! | `DELETE /plugins/{name}` | 200 with the report; 400 bad name; 404 no such plugin |
 //! | `POST /publish` | 200 with the placement; 400/415/422 bad request; 503 refused |
 //!
-//! Probes, status, metrics and the plugin list never need a token.
+//! Probes, status, config, metrics and the plugin list never need a token.
 //! Mutating endpoints answer 401 (and change nothing) without the
 //! configured bearer token; with no token configured they are open on a
 //! loopback address and answer 403 (naming `admin.token`) on any other,
@@ -43,7 +44,56 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::app::AppHandle;
-use crate::config::{AdminSection, Secret};
+use crate::secret::Secret;
+
+/// `[admin]`: the admin HTTP API.
+#[derive(
+    Debug,
+    Clone,
+    serde::Deserialize,
+    serde::Serialize,
+    documented::DocumentedOpt,
+    documented::DocumentedFieldsOpt,
+)]
+#[serde(rename_all = "kebab-case", default)]
+pub struct AdminConfig {
+    /// Listen address.
+    pub bind: String,
+    /// Bearer token required by the mutating endpoints (reload, upload,
+    /// delete, publish). Without one they are open on a loopback `bind`
+    /// and answer 403 on any other; probes, status and metrics never need
+    /// it.
+    pub token: Option<Secret>,
+    /// Largest request body (plugin uploads), bytes.
+    pub max_body_bytes: usize,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            bind: "127.0.0.1:9090".into(),
+            token: None,
+            max_body_bytes: 32 << 20,
+        }
+    }
+}
+
+impl AdminConfig {
+    /// Every problem with this section.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.bind.parse::<std::net::SocketAddr>().is_err() {
+            out.push(format!(
+                "admin.bind {:?} is not an address like 127.0.0.1:9090",
+                self.bind
+            ));
+        }
+        if self.token.as_ref().is_some_and(|t| t.expose().len() < 16) {
+            out.push("admin.token must be at least 16 characters".into());
+        }
+        out
+    }
+}
 
 /// Why the admin server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -72,7 +122,7 @@ pub(crate) enum Mutations {
 }
 
 impl Mutations {
-    fn new(config: &AdminSection) -> Self {
+    fn new(config: &AdminConfig) -> Self {
         match &config.token {
             Some(t) => Self::Token(Arc::new(t.clone())),
             None if is_loopback(&config.bind) => Self::Open,
@@ -97,7 +147,7 @@ pub async fn bind(addr: &str) -> Result<TcpListener, AdminError> {
 }
 
 /// The admin API over `app`.
-pub fn router(app: AppHandle, config: &AdminSection) -> Router {
+pub fn router(app: AppHandle, config: &AdminConfig) -> Router {
     let mutations = Mutations::new(config);
     if matches!(mutations, Mutations::Disabled) {
         warn!(
@@ -126,6 +176,7 @@ pub fn router(app: AppHandle, config: &AdminSection) -> Router {
         .route("/live", get(handlers::live))
         .route("/ready", get(handlers::ready))
         .route("/status", get(handlers::status))
+        .route("/config", get(handlers::config))
         .route("/metrics", get(handlers::metrics))
         .route("/plugins", get(handlers::plugins))
         .merge(mutating)

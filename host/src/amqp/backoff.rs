@@ -10,25 +10,14 @@ use std::time::Duration;
 
 use rand::Rng;
 
-/// Backoff settings. The default (100 ms doubling to a 2 s cap) brings a
-/// consumer back within about 0.7 s on average after the broker returns
-/// (full jitter leaves a mean residual wait of cap/3), while a fleet still
-/// spreads its attempts over the whole window.
+/// Backoff settings: the reconnect loops' come from `[amqp]`
+/// ([`super::AmqpSection::backoff`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BackoffConfig {
     /// The ceiling of the first delay.
     pub initial: Duration,
     /// The largest delay.
     pub max: Duration,
-}
-
-impl Default for BackoffConfig {
-    fn default() -> Self {
-        Self {
-            initial: Duration::from_millis(100),
-            max: Duration::from_secs(2),
-        }
-    }
 }
 
 /// The state of one retry sequence.

@@ -11,7 +11,7 @@
 //! (a stream of [`Delivery`] with a [`DeliveryAcker`]), and
 //! [`AmqpHandle::consumers`] (per-queue [`SubscriptionStatus`]).
 //!
-//! Files: `supervisor` (connection owner, state, handle), `consumer`
+//! Files: `config` (the `[amqp]` section), `supervisor` (connection owner, state, handle), `consumer`
 //! (subscriptions and deliveries), `ack` (ack coalescing), `publisher`
 //! (confirm channel), `refusal` (permanent refusals, told apart from
 //! transient failures and remembered per session), `topology` (registry and declarations), `failure`
@@ -20,6 +20,7 @@
 
 pub mod ack;
 pub mod backoff;
+pub mod config;
 pub mod consumer;
 pub mod convert;
 pub mod failure;
@@ -32,6 +33,7 @@ pub mod supervisor;
 pub mod topology;
 
 pub use backoff::BackoffConfig;
+pub use config::AmqpSection;
 pub use consumer::{
     AckOutcome, ConsumerState, Delivery, DeliveryAcker, SubscriptionConfig, SubscriptionStatus,
 };

@@ -88,25 +88,14 @@ impl std::fmt::Debug for AmqpConfig {
 }
 
 impl AmqpConfig {
-    /// Defaults for `url` and `role`.
+    /// `url` and `role` with every other setting at its `[amqp]` default
+    /// (the defaults live in [`super::AmqpSection`] alone).
     pub fn new(url: impl Into<String>, role: impl Into<String>) -> Self {
-        Self {
+        super::AmqpSection {
             url: url.into(),
-            more_urls: Vec::new(),
-            role: role.into(),
-            host_name: None,
-            heartbeat: Duration::from_secs(10),
-            connect_timeout: Duration::from_secs(10),
-            backoff: BackoffConfig::default(),
-            refused_retry: Duration::from_millis(250),
-            healthy_after: Duration::from_secs(30),
-            watchdog_interval: Duration::from_secs(1),
-            consumer_check_interval: Duration::from_secs(30),
-            confirm_timeout: Duration::from_secs(10),
-            drain_timeout: Duration::from_secs(30),
-            ack_flush_interval: Duration::from_millis(5),
-            topology: Topology::default(),
+            ..super::AmqpSection::default()
         }
+        .supervisor(&role.into())
     }
 
     /// The `connection_name` client property.

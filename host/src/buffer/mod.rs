@@ -27,7 +27,7 @@
 //! ```
 //!
 //! # Layout
-//! - `config`: [`SpoolConfig`], [`DrainerConfig`] (serde, validated).
+//! - `config`: [`SpoolConfig`] (the `[spool]` section, validated) and [`DrainerConfig`] (the drainer's tuning).
 //! - `error`: [`SpoolError`] and its classifiers.
 //! - `sentinel`: primary discovery and failover following (why not
 //!   deadpool's sentinel pool is explained there).

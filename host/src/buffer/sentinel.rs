@@ -123,7 +123,7 @@ impl Credentials {
 impl Dialer {
     /// Read the TLS files and password files of `cfg`; every problem at once.
     fn new(cfg: &SpoolConfig, problems: &mut Vec<String>) -> Dialer {
-        let tls = match &cfg.url {
+        let tls = match cfg.plain_url() {
             Some(url) => url.starts_with("rediss://"),
             None => cfg.sentinels.iter().any(|s| s.starts_with("rediss://")),
         };
@@ -328,7 +328,7 @@ impl Primary {
     pub(crate) fn new(cfg: &SpoolConfig) -> Result<Self, SpoolError> {
         let mut problems = Vec::new();
         let dialer = Dialer::new(cfg, &mut problems);
-        let target = match &cfg.url {
+        let target = match cfg.plain_url() {
             Some(url) => match dialer.for_url(url, &dialer.data) {
                 Ok(client) => Some(Target::Plain {
                     addr: client.get_connection_info().addr().to_string(),

@@ -432,6 +432,13 @@ pub struct SpoolHandle {
     tx: mpsc::Sender<AppendRequest>,
 }
 
+impl SpoolHandle {
+    /// The settings the spool runs with.
+    pub fn config(&self) -> &SpoolConfig {
+        &self.shared.cfg
+    }
+}
+
 impl Spool {
     /// Validate `cfg` and build the spool and its handle. No I/O yet: the
     /// primary is resolved when [`Spool::run`] starts.
@@ -831,7 +838,7 @@ async fn renew_claim(shared: &Shared, link: &super::sentinel::Link) {
     let mut conn = link.conn();
     let renewed: Result<(), _> = redis::cmd("SET")
         .arg(SpoolConfig::owner_key(&shared.key))
-        .arg(&shared.cfg.host_id)
+        .arg(shared.cfg.host_id())
         .arg("PX")
         .arg(shared.cfg.owner_lease_ms)
         .query_async(&mut conn)

@@ -120,8 +120,8 @@ impl Dispatcher {
             });
         }
         let deadline = plugin.limits().deadline;
-        if deadline > self.config.broker_consumer_timeout {
-            warn!(%queue, plugin = %plugin.name(), deadline_ms = deadline.as_millis(), consumer_timeout_ms = self.config.broker_consumer_timeout.as_millis(), "The plugin's deadline is longer than the broker's consumer timeout: a delivery that takes that long is taken back by the broker mid-handle and redelivered. Raise the queue's consumer timeout (policy consumer-timeout) or shorten the deadline.");
+        if deadline > self.config.broker_consumer_timeout() {
+            warn!(%queue, plugin = %plugin.name(), deadline_ms = deadline.as_millis(), consumer_timeout_ms = self.config.broker_consumer_timeout_ms, "The plugin's deadline is longer than the broker's consumer timeout: a delivery that takes that long is taken back by the broker mid-handle and redelivered. Raise the queue's consumer timeout (policy consumer-timeout) or shorten the deadline.");
         }
         let topology = self
             .config
@@ -199,11 +199,12 @@ impl Dispatcher {
             .routes()
             .remove(queue)
             .ok_or_else(|| DispatchError::UnknownRoute(queue.to_string()))?;
-        self.stop_entry(queue, entry, grace).await;
+        let deadline = tokio::time::Instant::now() + grace;
+        self.stop_entry(queue, entry, deadline).await;
         Ok(())
     }
 
-    async fn stop_entry(&self, queue: &str, entry: RouteEntry, grace: Duration) {
+    async fn stop_entry(&self, queue: &str, entry: RouteEntry, deadline: tokio::time::Instant) {
         entry.stop.cancel();
         entry.inflight.close();
         let finish = async {
@@ -215,23 +216,28 @@ impl Dispatcher {
                 warn!(%queue, error = %e, "Cancelling the consumer failed.");
             }
         };
-        if tokio::time::timeout(grace, finish).await.is_err() {
-            warn!(%queue, ?grace, "In-flight deliveries did not finish within the grace period; the broker will redeliver them.");
+        if tokio::time::timeout_at(deadline, finish).await.is_err() {
+            warn!(%queue, "In-flight deliveries did not finish within the grace period; the broker will redeliver them.");
         }
         info!(%queue, "Route stopped.");
     }
 
+    /// The settings dispatch runs with.
+    pub fn config(&self) -> &DispatchConfig {
+        &self.config
+    }
+
     /// Stop every route (shutdown): all consumers are cancelled at once,
-    /// then in-flight deliveries finish within `grace`.
-    pub async fn stop_all(&self, grace: Duration) {
+    /// then in-flight deliveries finish by `deadline`.
+    pub async fn stop_all(&self, deadline: tokio::time::Instant) {
         let entries: Vec<(String, RouteEntry)> =
             std::mem::take(&mut *self.routes()).into_iter().collect();
         let stops = entries
             .into_iter()
-            .map(|(queue, entry)| async move { self.stop_entry(&queue, entry, grace).await });
+            .map(|(queue, entry)| async move { self.stop_entry(&queue, entry, deadline).await });
         futures::future::join_all(stops).await;
         self.tasks.close();
-        let _ = tokio::time::timeout(grace, self.tasks.wait()).await;
+        let _ = tokio::time::timeout_at(deadline, self.tasks.wait()).await;
     }
 
     /// The running routes.

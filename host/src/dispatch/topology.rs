@@ -16,51 +16,97 @@ use crate::amqp::{BindingSpec, ExchangeSpec, ExchangeType, QueueSpec, QueueType,
 use crate::message::HeaderValue;
 use crate::plugins::manifest::{Binding, ExchangeKind, Outputs, QueueKind, Subscription};
 
-/// Dispatch settings, from `[dispatch]`.
-#[derive(Debug, Clone)]
+/// `[dispatch]`: what happens to each outcome.
+#[derive(
+    Debug,
+    Clone,
+    serde::Deserialize,
+    serde::Serialize,
+    documented::DocumentedOpt,
+    documented::DocumentedFieldsOpt,
+)]
+#[serde(rename_all = "kebab-case", default)]
 pub struct DispatchConfig {
-    /// Attempts before dead-lettering, unless a subscription says otherwise.
+    /// Attempts before a message is dead-lettered (a subscription's
+    /// `max-attempts` wins).
     pub max_attempts: u32,
-    /// First retry delay; doubles per attempt up to `retry_delay_max`.
-    pub retry_delay: Duration,
-    pub retry_delay_max: Duration,
+    /// Delay before the first retry, ms; doubles per attempt.
+    pub retry_delay_ms: u64,
+    /// Longest retry delay, ms.
+    pub retry_delay_max_ms: u64,
+    /// Exchange (and queue prefix) Warren declares for delayed retries.
     pub retry_exchange: String,
+    /// Dead-letter exchange Warren declares.
     pub dead_letter_exchange: String,
+    /// Dead-letter queue bound to it.
     pub dead_letter_queue: String,
-    /// `x-delivery-limit` of subscribed quorum queues.
+    /// `x-delivery-limit` of the quorum queues Warren declares: a message
+    /// returned to its queue this many times (a channel closed while it was
+    /// unacknowledged, a consumer timeout, a host killed mid-delivery) is
+    /// dead-lettered by the broker into `dead-letter-queue`. RabbitMQ 4
+    /// applies 20 when a queue sets none, and drops such a message when
+    /// the queue has no dead-letter exchange; Warren sets both.
     pub delivery_limit: u32,
-    /// The broker's consumer timeout (see `DispatchSection`).
-    pub broker_consumer_timeout: Duration,
+    /// The broker's consumer timeout, ms (RabbitMQ's `consumer_timeout`,
+    /// 30 min unless the broker or a queue's `x-consumer-timeout` says
+    /// otherwise). A route whose plugin deadline is longer is warned about
+    /// at start: the broker would take each such delivery back mid-handle.
+    pub broker_consumer_timeout_ms: u64,
 }
 
 impl Default for DispatchConfig {
     fn default() -> Self {
-        Self::from(&crate::config::DispatchSection::default())
-    }
-}
-
-impl From<&crate::config::DispatchSection> for DispatchConfig {
-    fn from(s: &crate::config::DispatchSection) -> Self {
         Self {
-            max_attempts: s.max_attempts,
-            retry_delay: Duration::from_millis(s.retry_delay_ms),
-            retry_delay_max: Duration::from_millis(s.retry_delay_max_ms),
-            retry_exchange: s.retry_exchange.clone(),
-            dead_letter_exchange: s.dead_letter_exchange.clone(),
-            dead_letter_queue: s.dead_letter_queue.clone(),
-            delivery_limit: s.delivery_limit,
-            broker_consumer_timeout: Duration::from_millis(s.broker_consumer_timeout_ms),
+            max_attempts: 5,
+            retry_delay_ms: 1_000,
+            retry_delay_max_ms: 60_000,
+            retry_exchange: "warren.retry".into(),
+            dead_letter_exchange: "warren.dlx".into(),
+            dead_letter_queue: "warren.dlq".into(),
+            delivery_limit: 20,
+            broker_consumer_timeout_ms: 1_800_000,
         }
     }
 }
 
 impl DispatchConfig {
+    /// Every problem with this section.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.max_attempts == 0 {
+            out.push("dispatch.max-attempts must be at least 1".into());
+        }
+        if self.delivery_limit == 0 {
+            out.push("dispatch.delivery-limit must be at least 1".into());
+        }
+        if self.retry_delay_ms > self.retry_delay_max_ms {
+            out.push("dispatch.retry-delay-ms exceeds retry-delay-max-ms".into());
+        }
+        for (key, name) in [
+            ("retry-exchange", &self.retry_exchange),
+            ("dead-letter-exchange", &self.dead_letter_exchange),
+            ("dead-letter-queue", &self.dead_letter_queue),
+        ] {
+            if name.is_empty() || name.len() > 255 || name.starts_with("amq.") {
+                out.push(format!(
+                    "dispatch.{key} {name:?} must be 1 to 255 bytes and not start with 'amq.'"
+                ));
+            }
+        }
+        out
+    }
+
+    /// The broker's consumer timeout.
+    pub fn broker_consumer_timeout(&self) -> Duration {
+        Duration::from_millis(self.broker_consumer_timeout_ms)
+    }
+
     /// The delay before attempt `next` (2, 3, ...).
     pub fn retry_delay_for(&self, next: u32) -> Duration {
         let doublings = next.saturating_sub(2).min(30);
-        self.retry_delay
+        Duration::from_millis(self.retry_delay_ms)
             .saturating_mul(1u32 << doublings)
-            .min(self.retry_delay_max)
+            .min(Duration::from_millis(self.retry_delay_max_ms))
     }
 
     /// The retry queue of `queue`. Names past AMQP's 255 bytes are
@@ -202,8 +248,8 @@ mod tests {
     #[test]
     fn retry_delay_doubles_up_to_the_cap() {
         let c = DispatchConfig {
-            retry_delay: Duration::from_millis(100),
-            retry_delay_max: Duration::from_millis(500),
+            retry_delay_ms: 100,
+            retry_delay_max_ms: 500,
             ..DispatchConfig::default()
         };
         assert_eq!(c.retry_delay_for(2), Duration::from_millis(100));

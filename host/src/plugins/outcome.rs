@@ -1,6 +1,7 @@
 //! How one invocation ended, and why a file is not a plugin.
 //!
-//! Three kinds of failure are kept apart (STYLE.md): a `handle-error` the
+//! Three kinds of failure are kept apart, because the caller's policy differs
+//! for each: a `handle-error` the
 //! guest returned is an ordinary [`Outcome`] (`Retry`, `Reject`); a trap is a
 //! fault ([`Outcome::Trapped`]) and its store is dropped; a file that cannot
 //! be loaded at all is a [`LoadError`].
