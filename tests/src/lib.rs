@@ -5,6 +5,7 @@
 //! # Layout
 //! - [`wait`]: polling with deadlines (the only way tests wait).
 //! - [`ports`]: free loopback ports.
+//! - [`config`]: the `warren.toml` builder every test uses.
 //! - [`broker`]: a plain lapin client to publish, count and collect.
 //! - [`http`]: a raw HTTP/1.1 client for the admin API.
 //! - [`otlp`]: an OTLP/HTTP collector that decodes the spans it receives.
@@ -15,6 +16,7 @@
 //!   `sentinel-compose/local.sh`, with kill/stop/restart/failover.
 
 pub mod broker;
+pub mod config;
 pub mod http;
 pub mod otlp;
 pub mod plugins;
