@@ -11,13 +11,14 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use warren_it::broker::{Broker, unique};
+use warren_it::config::WarrenToml;
 use warren_it::plugins::wasm;
 use warren_it::proxy::{Mode, Proxy};
 use warren_it::wait;
 
 /// Write `dir/warren.toml`: plugins from `plugins`, a spool stream of its
 /// own, the admin API on `admin`, echo consuming `echo_in`, and `extra`
-/// (sections of its own) before them.
+/// (sections of its own) merged in.
 fn write_config(
     dir: &Path,
     plugins: &Path,
@@ -25,27 +26,14 @@ fn write_config(
     echo_in: &str,
     extra: &str,
 ) -> std::path::PathBuf {
-    let cfg = dir.join("warren.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"
-            {extra}
-            [plugins]
-            dir = "{plugins}"
-            [spool]
-            stream-key = "{stream}"
-            [admin]
-            bind = "{admin}"
-            [plugin.echo]
-            subscriptions = [{{ queue = "{echo_in}" }}]
-            "#,
-            plugins = plugins.display(),
-            stream = unique("spool"),
-        ),
-    )
-    .unwrap();
-    cfg
+    WarrenToml::new()
+        .plugins_dir(plugins)
+        .own_spool_stream()
+        .admin_bind(admin)
+        .subscribe("echo", echo_in)
+        .merge(extra)
+        .write_in(dir)
+        .unwrap()
 }
 
 /// The `warren run` process, killed if the test fails before it stops.
