@@ -13,6 +13,7 @@ use std::time::Duration;
 use warren_it::broker::{Broker, unique};
 use warren_it::config::WarrenToml;
 use warren_it::plugins::wasm;
+use warren_it::process::signal;
 use warren_it::proxy::{Mode, Proxy};
 use warren_it::wait;
 
@@ -112,9 +113,7 @@ async fn an_outage_logs_one_warn_periodic_info_and_its_duration_and_no_error() {
     })
     .await
     .unwrap();
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
-        .status();
+    let _ = signal(&child.0, "TERM");
     wait::until_true("warren exits", Duration::from_secs(30), || {
         let done = child.0.try_wait().unwrap().is_some();
         async move { done }
@@ -191,13 +190,7 @@ async fn sighup_reloads_the_plugins() {
     .unwrap();
     std::fs::copy(wasm("echo").unwrap(), plugins.join("echo.wasm")).unwrap();
     assert_eq!(broker.consumer_count(&echo_in).await.unwrap_or(0), 0);
-    let hup = || {
-        Command::new("kill")
-            .args(["-HUP", &child.0.id().to_string()])
-            .status()
-            .unwrap()
-    };
-    assert!(hup().success());
+    signal(&child.0, "HUP").unwrap();
     wait::until_true(
         "echo consuming after SIGHUP",
         Duration::from_secs(60),

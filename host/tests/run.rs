@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use warren_it::broker::{Broker, unique};
 use warren_it::config::WarrenToml;
 use warren_it::plugins::wasm;
+use warren_it::process::signal;
 use warren_it::wait;
 
 /// Run `warren run --config cfg` and wait until it consumes `queue`.
@@ -54,14 +55,7 @@ fn write_config(dir: &std::path::Path, admin: &str, dlq: &str, rest: &str) -> st
 }
 
 fn sigterm(child: &Child) {
-    let pid = child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    signal(child, "TERM").unwrap();
 }
 
 #[test]

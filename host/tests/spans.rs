@@ -17,6 +17,7 @@ use warren_it::broker::{Broker, text_header, unique};
 use warren_it::config::WarrenToml;
 use warren_it::otlp::{Collector, SpanKind, StatusCode, attribute, hex};
 use warren_it::plugins::wasm;
+use warren_it::process::signal;
 use warren_it::wait;
 
 const TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
@@ -40,14 +41,7 @@ async fn admin_status(port: u16) -> serde_json::Value {
 }
 
 fn stop(child: &mut Child) {
-    let pid = child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    signal(child, "TERM").unwrap();
     let started = Instant::now();
     while child.try_wait().unwrap().is_none() {
         assert!(
