@@ -90,6 +90,18 @@ pub(crate) async fn send(
         .unwrap()
 }
 
+/// `POST /publish` of the JSON `body`, with the right token.
+pub(crate) async fn publish(addr: SocketAddr, body: &[u8]) -> Response {
+    let auth = bearer();
+    let headers = [
+        ("Authorization", auth.as_str()),
+        ("Content-Type", "application/json"),
+    ];
+    http::request(addr, "POST", "/publish", &headers, Some(body))
+        .await
+        .unwrap()
+}
+
 /// Prometheus text parsed into `name{labels}` → value. Panics on any line
 /// that is not a comment, blank, or a well-formed sample.
 pub(crate) fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
@@ -340,9 +352,8 @@ async fn uploading_the_first_plugin_makes_warren_ready_and_delete_stops_it() {
     })
     .await
     .unwrap();
-    broker.publish_all("", &echo_in, ["x"]).await.unwrap();
     let got = broker
-        .collect(&echo_out, 1, Duration::from_secs(30))
+        .publish_and_collect_one(&echo_in, "x", &echo_out, Duration::from_secs(30))
         .await
         .unwrap();
     assert_eq!(got.len(), 1);
@@ -492,18 +503,7 @@ async fn mutations_need_the_token_and_bad_names_sizes_and_bodies_are_refused() {
         ),
         (br#"{"routing_key":"k","headers":{"h":[1]}}"#, 422),
     ] {
-        let r = http::request(
-            w.addr,
-            "POST",
-            "/publish",
-            &[
-                ("Authorization", &bearer()),
-                ("Content-Type", "application/json"),
-            ],
-            Some(body),
-        )
-        .await
-        .unwrap();
+        let r = publish(w.addr, body).await;
         assert_eq!(
             r.status,
             status,
@@ -564,33 +564,14 @@ async fn publish_goes_through_the_outbox_and_is_refused_when_nothing_takes_it() 
     })
     .await
     .unwrap();
-    let json = ("Content-Type", "application/json");
-    let auth = bearer();
-    let auth = ("Authorization", auth.as_str());
     let text = format!(
         r#"{{"routing_key":"{q}","body":"hello","headers":{{"x-a":"b","x-n":3,"x-t":true}},"message_id":"m1"}}"#
     );
-    let r = http::request(
-        w.addr,
-        "POST",
-        "/publish",
-        &[auth, json],
-        Some(text.as_bytes()),
-    )
-    .await
-    .unwrap();
+    let r = publish(w.addr, text.as_bytes()).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json().unwrap()["placement"], "broker");
     let b64 = format!(r#"{{"routing_key":"{q}","body":"AAEC/w==","body_encoding":"base64"}}"#);
-    let r = http::request(
-        w.addr,
-        "POST",
-        "/publish",
-        &[auth, json],
-        Some(b64.as_bytes()),
-    )
-    .await
-    .unwrap();
+    let r = publish(w.addr, b64.as_bytes()).await;
     assert_eq!(r.status, 200, "{}", r.text());
     let got = broker
         .collect(&q, 2, Duration::from_secs(20))
@@ -615,15 +596,7 @@ async fn publish_goes_through_the_outbox_and_is_refused_when_nothing_takes_it() 
     );
     cfg.spool.wait_timeout_ms = 100;
     let w = start(cfg).await;
-    let r = http::request(
-        w.addr,
-        "POST",
-        "/publish",
-        &[auth, json],
-        Some(br#"{"routing_key":"k","body":"x"}"#),
-    )
-    .await
-    .unwrap();
+    let r = publish(w.addr, br#"{"routing_key":"k","body":"x"}"#).await;
     assert_eq!(r.status, 503, "{}", r.text());
     let err = r.json().unwrap()["error"].as_str().unwrap().to_string();
     assert!(err.contains("broker") && err.contains("spool"), "{err}");

@@ -128,6 +128,17 @@ async fn spool_some(proxy: &Proxy, handle: &AppHandle, sink: &str, round: u32) -
     bodies
 }
 
+/// Wait until a replica has taken over from the primary on port `old`,
+/// give the spool a second on it, and let the broker back.
+async fn new_primary_then_pass(redis: &Topology, old: u16, proxy: &Proxy) {
+    redis
+        .wait_new_primary(old, Duration::from_secs(30))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    proxy.set_mode(Mode::Pass);
+}
+
 each_version!(gauntlet_loses_nothing);
 async fn gauntlet_loses_nothing(target: Shared) {
     // One gauntlet at a time: two at once (one per RabbitMQ version) on two
@@ -244,12 +255,7 @@ async fn gauntlet_loses_nothing(target: Shared) {
     let mut sunk = spool_some(&proxy, &handle, &sink, 1).await;
     let old = redis.primary_port().await.unwrap();
     redis.kill9(old).await.unwrap();
-    redis
-        .wait_new_primary(old, Duration::from_secs(30))
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    proxy.set_mode(Mode::Pass);
+    new_primary_then_pass(&redis, old, &proxy).await;
     redis.restart_node(old).await.unwrap();
     redis
         .wait_rejoined(old, Duration::from_secs(60))
@@ -263,12 +269,7 @@ async fn gauntlet_loses_nothing(target: Shared) {
     sunk.extend(spool_some(&proxy, &handle, &sink, 2).await);
     let old = redis.primary_port().await.unwrap();
     redis.failover().await.unwrap();
-    redis
-        .wait_new_primary(old, Duration::from_secs(30))
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    proxy.set_mode(Mode::Pass);
+    new_primary_then_pass(&redis, old, &proxy).await;
     faults.push("SENTINEL FAILOVER while spooling");
     until_ready(&handle, "ready after sentinel failover").await;
 

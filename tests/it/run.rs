@@ -284,9 +284,8 @@ async fn a_broken_plugin_file_is_reported_and_the_good_ones_run(target: Shared) 
         failed[0].error
     );
 
-    broker.publish_all("", &echo_in, ["hello"]).await.unwrap();
     let got = broker
-        .collect(&echo_out, 1, Duration::from_secs(30))
+        .publish_and_collect_one(&echo_in, "hello", &echo_out, Duration::from_secs(30))
         .await
         .unwrap();
     assert_eq!(got.len(), 1);
