@@ -11,6 +11,7 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use warren_it::broker::{Broker, unique};
+use warren_it::config::WarrenToml;
 use warren_it::private_redis::PrivateRedis;
 use warren_it::{http, ports, wait};
 
@@ -37,33 +38,17 @@ impl Host {
             .unwrap();
         let plugins = dir.join(format!("plugins-{host_id}"));
         std::fs::create_dir_all(&plugins).unwrap();
-        let cfg = dir.join(format!("{host_id}.toml"));
-        std::fs::write(
-            &cfg,
-            format!(
-                r#"
-                [amqp]
-                url = "{amqp_url}"
-                [spool]
-                url = "{redis}"
-                host-id = "{host_id}"
-                owner-lease-ms = {OWNER_LEASE_MS}
-                [plugins]
-                dir = "{plugins}"
-                [dispatch]
-                retry-exchange = "{retry}"
-                dead-letter-exchange = "{dlq}.x"
-                dead-letter-queue = "{dlq}"
-                [admin]
-                bind = "{admin}"
-                "#,
-                redis = redis.url(),
-                plugins = plugins.display(),
-                retry = unique("adopt-retry"),
-                dlq = unique("adopt-dlq"),
-            ),
-        )
-        .unwrap();
+        let cfg = WarrenToml::new()
+            .amqp_url(amqp_url)
+            .set("spool.url", redis.url())
+            .set("spool.host-id", host_id)
+            .set("spool.owner-lease-ms", OWNER_LEASE_MS as i64)
+            .plugins_dir(&plugins)
+            .retry_exchange(&unique("adopt-retry"))
+            .dead_letters_to(&unique("adopt-dlq"))
+            .admin_bind(admin)
+            .write(&dir.join(format!("{host_id}.toml")))
+            .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_warren"))
             .args(["run", "--config"])
             .arg(&cfg)

@@ -11,13 +11,15 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use warren_it::broker::{Broker, unique};
+use warren_it::config::WarrenToml;
 use warren_it::plugins::wasm;
+use warren_it::process::signal;
 use warren_it::proxy::{Mode, Proxy};
 use warren_it::wait;
 
 /// Write `dir/warren.toml`: plugins from `plugins`, a spool stream of its
 /// own, the admin API on `admin`, echo consuming `echo_in`, and `extra`
-/// (sections of its own) before them.
+/// (sections of its own) merged in.
 fn write_config(
     dir: &Path,
     plugins: &Path,
@@ -25,27 +27,14 @@ fn write_config(
     echo_in: &str,
     extra: &str,
 ) -> std::path::PathBuf {
-    let cfg = dir.join("warren.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"
-            {extra}
-            [plugins]
-            dir = "{plugins}"
-            [spool]
-            stream-key = "{stream}"
-            [admin]
-            bind = "{admin}"
-            [plugin.echo]
-            subscriptions = [{{ queue = "{echo_in}" }}]
-            "#,
-            plugins = plugins.display(),
-            stream = unique("spool"),
-        ),
-    )
-    .unwrap();
-    cfg
+    WarrenToml::new()
+        .plugins_dir(plugins)
+        .own_spool_stream()
+        .admin_bind(admin)
+        .subscribe("echo", echo_in)
+        .merge(extra)
+        .write_in(dir)
+        .unwrap()
 }
 
 /// The `warren run` process, killed if the test fails before it stops.
@@ -124,9 +113,7 @@ async fn an_outage_logs_one_warn_periodic_info_and_its_duration_and_no_error() {
     })
     .await
     .unwrap();
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
-        .status();
+    let _ = signal(&child.0, "TERM");
     wait::until_true("warren exits", Duration::from_secs(30), || {
         let done = child.0.try_wait().unwrap().is_some();
         async move { done }
@@ -203,13 +190,7 @@ async fn sighup_reloads_the_plugins() {
     .unwrap();
     std::fs::copy(wasm("echo").unwrap(), plugins.join("echo.wasm")).unwrap();
     assert_eq!(broker.consumer_count(&echo_in).await.unwrap_or(0), 0);
-    let hup = || {
-        Command::new("kill")
-            .args(["-HUP", &child.0.id().to_string()])
-            .status()
-            .unwrap()
-    };
-    assert!(hup().success());
+    signal(&child.0, "HUP").unwrap();
     wait::until_true(
         "echo consuming after SIGHUP",
         Duration::from_secs(60),

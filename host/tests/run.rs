@@ -9,7 +9,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use warren_it::broker::{Broker, unique};
+use warren_it::config::WarrenToml;
 use warren_it::plugins::wasm;
+use warren_it::process::signal;
 use warren_it::wait;
 
 /// Run `warren run --config cfg` and wait until it consumes `queue`.
@@ -42,64 +44,31 @@ async fn spawn_logging_to(
 /// Write `dir/warren.toml`: plugins from `dir`, its own spool stream,
 /// retry exchange and dead-letter names (queue `dlq`, exchange `<dlq>.x`),
 /// the admin API on `admin`, and `rest` (plugin sections and more)
-/// appended.
+/// merged in.
 fn write_config(dir: &std::path::Path, admin: &str, dlq: &str, rest: &str) -> std::path::PathBuf {
-    let cfg = dir.join("warren.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"
-            [plugins]
-            dir = "{dir}"
-            [spool]
-            stream-key = "{stream}"
-            [dispatch]
-            retry-exchange = "{retry}"
-            dead-letter-exchange = "{dlq}.x"
-            dead-letter-queue = "{dlq}"
-            [admin]
-            bind = "{admin}"
-            {rest}
-            "#,
-            dir = dir.display(),
-            stream = unique("spool"),
-            retry = unique("retry"),
-        ),
-    )
-    .unwrap();
-    cfg
+    WarrenToml::isolated(dir)
+        .dead_letters_to(dlq)
+        .admin_bind(admin)
+        .merge(rest)
+        .write_in(dir)
+        .unwrap()
 }
 
 fn sigterm(child: &Child) {
-    let pid = child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    signal(child, "TERM").unwrap();
 }
 
 #[test]
 fn a_config_file_with_several_mistakes_reports_them_all_and_exits_78() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("warren.toml");
-    std::fs::write(
-        &cfg,
-        r#"
-        [amqp]
-        url = "http://not-amqp"
-        heartbeat-secs = "often"
-        [dispatch]
-        max-attempts = 0
-        [admin]
-        bind = "nowhere"
-        [nonsense]
-        key = 1
-        "#,
-    )
-    .unwrap();
+    let cfg = WarrenToml::new()
+        .amqp_url("http://not-amqp")
+        .set("amqp.heartbeat-secs", "often")
+        .set("dispatch.max-attempts", 0)
+        .admin_bind("nowhere")
+        .set("nonsense.key", 1)
+        .write_in(dir.path())
+        .unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_warren"))
         .args(["run", "--config"])
         .arg(&cfg)

@@ -14,8 +14,10 @@ use std::time::{Duration, Instant};
 
 use opentelemetry_proto::tonic::trace::v1::Span;
 use warren_it::broker::{Broker, text_header, unique};
+use warren_it::config::WarrenToml;
 use warren_it::otlp::{Collector, SpanKind, StatusCode, attribute, hex};
 use warren_it::plugins::wasm;
+use warren_it::process::signal;
 use warren_it::wait;
 
 const TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
@@ -39,14 +41,7 @@ async fn admin_status(port: u16) -> serde_json::Value {
 }
 
 fn stop(child: &mut Child) {
-    let pid = child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    signal(child, "TERM").unwrap();
     let started = Instant::now();
     while child.try_wait().unwrap().is_none() {
         assert!(
@@ -77,33 +72,15 @@ async fn spans_follow_the_messaging_conventions_through_the_spool() {
     }
     let stream = format!("warren:spool:it-spans-{}", uuid::Uuid::new_v4().simple());
     let admin = warren_it::ports::free_port().unwrap();
-    let cfg = dir.path().join("warren.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"
-            [plugins]
-            dir = "{dir}"
-            [spool]
-            stream-key = "{stream}"
-            host-id = "spans-test-host"
-            [dispatch]
-            retry-exchange = "{retry}"
-            dead-letter-exchange = "{dlq}.x"
-            dead-letter-queue = "{dlq}"
-            [admin]
-            bind = "127.0.0.1:{admin}"
-            [plugin.echo]
-            subscriptions = [{{ queue = "{echo_in}" }}]
-            config = {{ routing-key = "{echo_out}" }}
-            [plugin.panic]
-            subscriptions = [{{ queue = "{panic_in}" }}]
-            "#,
-            dir = dir.path().display(),
-            retry = unique("retry"),
-        ),
-    )
-    .unwrap();
+    let cfg = WarrenToml::isolated(dir.path())
+        .stream_key(&stream)
+        .set("spool.host-id", "spans-test-host")
+        .dead_letters_to(&dlq)
+        .admin_bind(format!("127.0.0.1:{admin}"))
+        .echo(&echo_in, &echo_out)
+        .subscribe("panic", &panic_in)
+        .write_in(dir.path())
+        .unwrap();
 
     // Hold the spool's drain lease and leave an entry in the stream: the
     // outbox keeps order behind a waiting entry, so the delivery's output

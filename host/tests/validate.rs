@@ -7,6 +7,7 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
+use warren_it::config::WarrenToml;
 use warren_it::plugins::wasm;
 
 fn validate(cfg: &Path, env: &[(&str, &str)]) -> Output {
@@ -22,29 +23,17 @@ fn validate(cfg: &Path, env: &[(&str, &str)]) -> Output {
 #[test]
 fn five_mistakes_in_five_places_are_listed_together_and_exit_78() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("warren.toml");
     let missing = dir.path().join("no-such-plugins");
     // A type error in [amqp] beside a bad amqp.url: both must show.
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"
-            [amqp]
-            heartbeat-secs = "often"
-            url = "http://not-amqp"
-            [spool]
-            url = "tcp://redis:6379"
-            [plugins]
-            dir = "{missing}"
-            [dispatch]
-            max-attempts = 0
-            [admin]
-            bind = "nowhere"
-            "#,
-            missing = missing.display()
-        ),
-    )
-    .unwrap();
+    let cfg = WarrenToml::new()
+        .set("amqp.heartbeat-secs", "often")
+        .amqp_url("http://not-amqp")
+        .set("spool.url", "tcp://redis:6379")
+        .plugins_dir(&missing)
+        .set("dispatch.max-attempts", 0)
+        .admin_bind("nowhere")
+        .write_in(dir.path())
+        .unwrap();
     let out = validate(&cfg, &[("WARREN_SHUTDOWN_GRACE_PERIOD_MS", "0")]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(78), "{err}");
@@ -75,15 +64,11 @@ fn each_plugin_load_result_is_listed_and_a_sound_setup_exits_0() {
     let plugins = dir.path().join("plugins");
     std::fs::create_dir(&plugins).unwrap();
     std::fs::copy(wasm("echo").unwrap(), plugins.join("echo.wasm")).unwrap();
-    let cfg = dir.path().join("warren.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[plugins]\ndir = \"{}\"\n[plugin.echo]\nsubscriptions = [{{ queue = \"orders\" }}]\n",
-            plugins.display()
-        ),
-    )
-    .unwrap();
+    let cfg = WarrenToml::new()
+        .plugins_dir(&plugins)
+        .subscribe("echo", "orders")
+        .write_in(dir.path())
+        .unwrap();
     let out = validate(&cfg, &[]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(

@@ -11,6 +11,7 @@ use rand::{Rng, SeedableRng};
 use warren::app::{App, AppHandle};
 use warren::config::Config;
 use warren_it::broker::{Broker, text_header, unique};
+use warren_it::config::{WarrenToml, echo_section};
 use warren_it::http::{self, Response};
 use warren_it::plugins::wasm;
 use warren_it::proxy::{Mode, Proxy};
@@ -25,35 +26,18 @@ pub(crate) fn plugins_dir(plugins: &[(&str, &str)]) -> tempfile::TempDir {
 }
 
 /// Test settings: unique retry/dead-letter names and spool stream, the
-/// admin API on a free port with [`TOKEN`]. `extra` is appended TOML.
+/// admin API on a free port with [`TOKEN`]. `extra` is TOML merged in.
 pub(crate) fn config(dir: &Path, dlq: &str, extra: &str) -> Config {
-    let text = format!(
-        r#"
-        [plugins]
-        dir = "{dir}"
-        [spool]
-        stream-key = "{stream}"
-        [amqp]
-        heartbeat-secs = 2
-        backoff-max-ms = 500
-        consumer-check-ms = 500
-        [dispatch]
-        max-attempts = 2
-        retry-delay-ms = 50
-        retry-delay-max-ms = 200
-        retry-exchange = "{retry}"
-        dead-letter-exchange = "{dlx}"
-        dead-letter-queue = "{dlq}"
-        [shutdown]
-        grace-period-ms = 10000
-        {extra}
-        "#,
-        dir = dir.display(),
-        stream = unique("spool"),
-        retry = unique("retry"),
-        dlx = unique("dlx"),
+    let mut c = crate::host::parse(
+        &WarrenToml::isolated(dir)
+            .set("amqp.heartbeat-secs", 2)
+            .set("amqp.backoff-max-ms", 500)
+            .set("amqp.consumer-check-ms", 500)
+            .quick_retries(2)
+            .dead_letters(&unique("dlx"), dlq)
+            .grace_period_ms(10_000)
+            .merge(extra),
     );
-    let mut c = Config::parse(&text, Vec::new()).unwrap_or_else(|p| panic!("test config: {p:?}"));
     if c.admin.bind == "127.0.0.1:9090" {
         c.admin.bind = format!("127.0.0.1:{}", warren_it::ports::free_port().unwrap());
     }
@@ -102,6 +86,18 @@ pub(crate) async fn send(
 ) -> Response {
     let auth = bearer();
     http::request(addr, method, path, &[("Authorization", &auth)], body)
+        .await
+        .unwrap()
+}
+
+/// `POST /publish` of the JSON `body`, with the right token.
+pub(crate) async fn publish(addr: SocketAddr, body: &[u8]) -> Response {
+    let auth = bearer();
+    let headers = [
+        ("Authorization", auth.as_str()),
+        ("Content-Type", "application/json"),
+    ];
+    http::request(addr, "POST", "/publish", &headers, Some(body))
         .await
         .unwrap()
 }
@@ -335,13 +331,7 @@ async fn uploading_the_first_plugin_makes_warren_ready_and_delete_stops_it() {
     let cfg = config(
         dir.path(),
         &unique("dlq"),
-        &format!(
-            r#"
-            [plugin.echo]
-            subscriptions = [{{ queue = "{echo_in}" }}]
-            config = {{ routing-key = "{echo_out}" }}
-            "#
-        ),
+        &echo_section(&echo_in, &echo_out),
     );
     let w = start(cfg).await;
     let r = get(w.addr, "/ready").await;
@@ -362,9 +352,8 @@ async fn uploading_the_first_plugin_makes_warren_ready_and_delete_stops_it() {
     })
     .await
     .unwrap();
-    broker.publish_all("", &echo_in, ["x"]).await.unwrap();
     let got = broker
-        .collect(&echo_out, 1, Duration::from_secs(30))
+        .publish_and_collect_one(&echo_in, "x", &echo_out, Duration::from_secs(30))
         .await
         .unwrap();
     assert_eq!(got.len(), 1);
@@ -514,18 +503,7 @@ async fn mutations_need_the_token_and_bad_names_sizes_and_bodies_are_refused() {
         ),
         (br#"{"routing_key":"k","headers":{"h":[1]}}"#, 422),
     ] {
-        let r = http::request(
-            w.addr,
-            "POST",
-            "/publish",
-            &[
-                ("Authorization", &bearer()),
-                ("Content-Type", "application/json"),
-            ],
-            Some(body),
-        )
-        .await
-        .unwrap();
+        let r = publish(w.addr, body).await;
         assert_eq!(
             r.status,
             status,
@@ -586,33 +564,14 @@ async fn publish_goes_through_the_outbox_and_is_refused_when_nothing_takes_it() 
     })
     .await
     .unwrap();
-    let json = ("Content-Type", "application/json");
-    let auth = bearer();
-    let auth = ("Authorization", auth.as_str());
     let text = format!(
         r#"{{"routing_key":"{q}","body":"hello","headers":{{"x-a":"b","x-n":3,"x-t":true}},"message_id":"m1"}}"#
     );
-    let r = http::request(
-        w.addr,
-        "POST",
-        "/publish",
-        &[auth, json],
-        Some(text.as_bytes()),
-    )
-    .await
-    .unwrap();
+    let r = publish(w.addr, text.as_bytes()).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json().unwrap()["placement"], "broker");
     let b64 = format!(r#"{{"routing_key":"{q}","body":"AAEC/w==","body_encoding":"base64"}}"#);
-    let r = http::request(
-        w.addr,
-        "POST",
-        "/publish",
-        &[auth, json],
-        Some(b64.as_bytes()),
-    )
-    .await
-    .unwrap();
+    let r = publish(w.addr, b64.as_bytes()).await;
     assert_eq!(r.status, 200, "{}", r.text());
     let got = broker
         .collect(&q, 2, Duration::from_secs(20))
@@ -637,15 +596,7 @@ async fn publish_goes_through_the_outbox_and_is_refused_when_nothing_takes_it() 
     );
     cfg.spool.wait_timeout_ms = 100;
     let w = start(cfg).await;
-    let r = http::request(
-        w.addr,
-        "POST",
-        "/publish",
-        &[auth, json],
-        Some(br#"{"routing_key":"k","body":"x"}"#),
-    )
-    .await
-    .unwrap();
+    let r = publish(w.addr, br#"{"routing_key":"k","body":"x"}"#).await;
     assert_eq!(r.status, 503, "{}", r.text());
     let err = r.json().unwrap()["error"].as_str().unwrap().to_string();
     assert!(err.contains("broker") && err.contains("spool"), "{err}");
@@ -659,17 +610,7 @@ async fn malformed_requests_never_get_a_5xx_or_stop_the_server() {
     broker.declare_queue(&sink).await.unwrap();
     let dir = plugins_dir(&[("echo", "echo")]);
     let echo_in = unique("echo-in");
-    let mut cfg = config(
-        dir.path(),
-        &unique("dlq"),
-        &format!(
-            r#"
-            [plugin.echo]
-            subscriptions = [{{ queue = "{echo_in}" }}]
-            config = {{ routing-key = "{sink}" }}
-            "#
-        ),
-    );
+    let mut cfg = config(dir.path(), &unique("dlq"), &echo_section(&echo_in, &sink));
     cfg.admin.max_body_bytes = 64 << 10;
     let w = start_ready(cfg).await;
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed_7a11);
@@ -946,13 +887,7 @@ async fn outputs_carry_the_trace_id_also_through_the_spool() {
     let cfg = config(
         dir.path(),
         &unique("dlq"),
-        &format!(
-            r#"
-            [plugin.echo]
-            subscriptions = [{{ queue = "{echo_in}" }}]
-            config = {{ routing-key = "{echo_out}" }}
-            "#
-        ),
+        &echo_section(&echo_in, &echo_out),
     );
     let w = start_ready(cfg).await;
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";

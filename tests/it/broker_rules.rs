@@ -9,6 +9,7 @@ use std::time::Duration;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use warren::config::Config;
 use warren_it::broker::{Broker, unique};
+use warren_it::config::echo_section;
 use warren_it::rabbit::{RabbitNode, Shared, Version};
 
 use crate::host::{plugins_dir, start_ready};
@@ -17,11 +18,10 @@ use crate::host::{plugins_dir, start_ready};
 /// added to `[dispatch]` and the plugin sections `rest`; and its
 /// dead-letter queue.
 fn config(url: &str, dir: &std::path::Path, dispatch: &str, rest: &str) -> (Config, String) {
-    let cfg = crate::outage::config(
-        url,
-        ("heartbeat-secs = 2", ""),
-        dir,
-        &format!("{dispatch}\n{rest}"),
+    let cfg = crate::host::parse(
+        &crate::outage::toml(url, ("heartbeat-secs = 2", ""), dir)
+            .merge(&format!("[dispatch]\n{dispatch}"))
+            .merge(rest),
     );
     let dlq = cfg.dispatch.dead_letter_queue.clone();
     (cfg, dlq)
@@ -43,18 +43,7 @@ async fn a_queue_with_other_settings_is_consumed_and_each_difference_named(targe
     broker.declare_queue_with(&input, args).await.unwrap();
     broker.declare_queue(&output).await.unwrap();
     let dir = plugins_dir(&[("echo", "echo")]).unwrap();
-    let (cfg, dlq) = config(
-        &target.url,
-        dir.path(),
-        "",
-        &format!(
-            r#"
-            [plugin.echo]
-            subscriptions = [{{ queue = "{input}" }}]
-            config = {{ routing-key = "{output}" }}
-            "#
-        ),
-    );
+    let (cfg, dlq) = config(&target.url, dir.path(), "", &echo_section(&input, &output));
     let (app, handle) = start_ready(cfg).await.unwrap();
 
     let bodies: Vec<String> = (0..20).map(|i| format!("m{i}")).collect();

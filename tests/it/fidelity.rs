@@ -11,6 +11,7 @@ use lapin::types::{
     AMQPValue, ByteArray, DecimalValue, FieldArray, FieldTable, LongString, ShortString,
 };
 use warren_it::broker::{Broker, Got, unique};
+use warren_it::config::echo_section;
 
 use crate::admin::{config, plugins_dir};
 
@@ -174,13 +175,7 @@ async fn echo_forwards_every_property_and_field_type_straight_and_through_the_sp
     broker.declare_queue(&output).await.unwrap();
     let dir = plugins_dir(&[("echo", "echo")]);
     let dlq = unique("fidelity-dlq");
-    let mut cfg = config(
-        dir.path(),
-        &dlq,
-        &format!(
-            "[plugin.echo]\nsubscriptions = [{{ queue = \"{input}\" }}]\nconfig = {{ routing-key = \"{output}\" }}"
-        ),
-    );
+    let mut cfg = config(dir.path(), &dlq, &echo_section(&input, &output));
     cfg.amqp.url = proxy.amqp_url();
     let (app, handle) = crate::host::start_ready(cfg).await.unwrap();
     let sent = everything();

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use warren_it::rabbit::Shared;
 
 use warren::app::{App, AppHandle};
-use warren::config::Config;
 use warren_it::broker::{Broker, unique};
+use warren_it::config::WarrenToml;
 use warren_it::plugins::wasm;
 use warren_it::proxy::{Mode, Proxy};
 use warren_it::rabbit::RabbitNode;
@@ -128,6 +128,17 @@ async fn spool_some(proxy: &Proxy, handle: &AppHandle, sink: &str, round: u32) -
     bodies
 }
 
+/// Wait until a replica has taken over from the primary on port `old`,
+/// give the spool a second on it, and let the broker back.
+async fn new_primary_then_pass(redis: &Topology, old: u16, proxy: &Proxy) {
+    redis
+        .wait_new_primary(old, Duration::from_secs(30))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    proxy.set_mode(Mode::Pass);
+}
+
 each_version!(gauntlet_loses_nothing);
 async fn gauntlet_loses_nothing(target: Shared) {
     // One gauntlet at a time: two at once (one per RabbitMQ version) on two
@@ -172,48 +183,33 @@ async fn gauntlet_loses_nothing(target: Shared) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(wasm("stamp").unwrap(), dir.path().join("stamp.wasm")).unwrap();
     std::fs::copy(wasm("router").unwrap(), dir.path().join("router.wasm")).unwrap();
-    let sentinels = redis
-        .sentinel_urls()
-        .iter()
-        .map(|u| format!("{u:?}"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let text = format!(
-        r#"
-        [amqp]
-        url = "{url}"
-        heartbeat-secs = 1
-        confirm-timeout-ms = 1000
-        connect-timeout-ms = 1000
-        backoff-max-ms = 500
-        consumer-check-ms = 1000
-        [spool]
-        sentinels = [{sentinels}]
-        master-name = "{master}"
-        stream-key = "{stream}"
-        [plugins]
-        dir = "{dir}"
-        [dispatch]
-        retry-exchange = "g.retry"
-        dead-letter-exchange = "g.dlx"
-        dead-letter-queue = "g.dlq"
-        [shutdown]
-        grace-period-ms = 15000
-        [admin]
-        bind = "127.0.0.1:0"
-        [plugin.stamp]
-        subscriptions = [{{ queue = "{echo_in}", prefetch = 200 }}]
-        config = {{ routing-key = "{echo_out}" }}
-        [plugin.router]
-        subscriptions = [{{ queue = "{router_in}", prefetch = 200 }}]
-        config = {{ exchange = "g.routed" }}
-        "#,
-        url = proxy.amqp_url(),
-        master = redis.master_name,
-        stream = unique("g-spool"),
-        dir = dir.path().display(),
+    let config = crate::host::parse(
+        &WarrenToml::new()
+            .amqp_url(&proxy.amqp_url())
+            .set("amqp.heartbeat-secs", 1)
+            .set("amqp.confirm-timeout-ms", 1000)
+            .set("amqp.connect-timeout-ms", 1000)
+            .set("amqp.backoff-max-ms", 500)
+            .set("amqp.consumer-check-ms", 1000)
+            .set("spool.sentinels", redis.sentinel_urls())
+            .set("spool.master-name", redis.master_name.as_str())
+            .stream_key(&unique("g-spool"))
+            .plugins_dir(dir.path())
+            .retry_exchange("g.retry")
+            .dead_letters("g.dlx", "g.dlq")
+            .grace_period_ms(15_000)
+            .admin_bind("127.0.0.1:0")
+            .merge(&format!(
+                r#"
+                [plugin.stamp]
+                subscriptions = [{{ queue = "{echo_in}", prefetch = 200 }}]
+                config = {{ routing-key = "{echo_out}" }}
+                [plugin.router]
+                subscriptions = [{{ queue = "{router_in}", prefetch = 200 }}]
+                config = {{ exchange = "g.routed" }}
+                "#
+            )),
     );
-    let config = Config::parse(&text, Vec::new()).unwrap();
     let app = App::start(config).await.unwrap();
     let handle = app.handle();
     until_ready(&handle, "warren ready").await;
@@ -259,12 +255,7 @@ async fn gauntlet_loses_nothing(target: Shared) {
     let mut sunk = spool_some(&proxy, &handle, &sink, 1).await;
     let old = redis.primary_port().await.unwrap();
     redis.kill9(old).await.unwrap();
-    redis
-        .wait_new_primary(old, Duration::from_secs(30))
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    proxy.set_mode(Mode::Pass);
+    new_primary_then_pass(&redis, old, &proxy).await;
     redis.restart_node(old).await.unwrap();
     redis
         .wait_rejoined(old, Duration::from_secs(60))
@@ -278,12 +269,7 @@ async fn gauntlet_loses_nothing(target: Shared) {
     sunk.extend(spool_some(&proxy, &handle, &sink, 2).await);
     let old = redis.primary_port().await.unwrap();
     redis.failover().await.unwrap();
-    redis
-        .wait_new_primary(old, Duration::from_secs(30))
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    proxy.set_mode(Mode::Pass);
+    new_primary_then_pass(&redis, old, &proxy).await;
     faults.push("SENTINEL FAILOVER while spooling");
     until_ready(&handle, "ready after sentinel failover").await;
 

@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use warren::app::{App, AppHandle};
 use warren::config::Config;
 
+use warren_it::config::WarrenToml;
 use warren_it::{plugins, wait};
 
 /// A temporary plugins folder holding copies of example plugins, each as
@@ -28,6 +29,13 @@ pub(crate) fn plugins_dir_of(builds: &[(&str, std::path::PathBuf)]) -> Result<te
             .with_context(|| format!("copying plugin {}", path.display()))?;
     }
     Ok(dir)
+}
+
+/// `toml` as Warren reads it, without environment overrides; a
+/// configuration Warren refuses fails the test.
+pub(crate) fn parse(toml: &WarrenToml) -> Config {
+    let text = toml.render().unwrap();
+    Config::parse(&text, Vec::new()).unwrap_or_else(|p| panic!("test config: {p:?}\n{text}"))
 }
 
 /// Wait until `handle` reports ready; the error names `what` and carries

@@ -8,6 +8,7 @@ use warren_it::rabbit::Shared;
 
 use warren::config::Config;
 use warren_it::broker::{Broker, unique};
+use warren_it::config::WarrenToml;
 use warren_it::plugins::wasm;
 use warren_it::proxy::{Mode, Proxy};
 use warren_it::wait;
@@ -35,33 +36,19 @@ pub(crate) async fn broker_behind_proxy(target: &Shared) -> (Broker, Proxy) {
 /// Warren connecting to `url` (through a proxy) with the plugins in `dir`,
 /// its own spool stream and dead-letter names, `amqp` and `spool` lines
 /// added to `[amqp]` and `[spool]`, and `rest` (the plugin sections)
-/// appended.
-pub(crate) fn config(url: &str, (amqp, spool): (&str, &str), dir: &Path, rest: &str) -> Config {
-    let text = format!(
-        r#"
-        [amqp]
-        url = "{url}"
-        {amqp}
-        [admin]
-        bind = "127.0.0.1:0"
-        [plugins]
-        dir = "{dir}"
-        [spool]
-        stream-key = "{stream}"
-        {spool}
-        [dispatch]
-        retry-exchange = "{retry}"
-        dead-letter-exchange = "{dlx}"
-        dead-letter-queue = "{dlq}"
-        {rest}
-        "#,
-        dir = dir.display(),
-        stream = unique("spool"),
-        retry = unique("retry"),
-        dlx = unique("dlx"),
-        dlq = unique("dlq"),
-    );
-    Config::parse(&text, Vec::new()).unwrap()
+/// merged in.
+pub(crate) fn config(url: &str, amqp_spool: (&str, &str), dir: &Path, rest: &str) -> Config {
+    crate::host::parse(&toml(url, amqp_spool, dir).merge(rest))
+}
+
+/// [`config`]'s file without the plugin sections.
+pub(crate) fn toml(url: &str, (amqp, spool): (&str, &str), dir: &Path) -> WarrenToml {
+    WarrenToml::isolated(dir)
+        .amqp_url(url)
+        .merge(&format!("[amqp]\n{amqp}"))
+        .admin_bind("127.0.0.1:0")
+        .merge(&format!("[spool]\n{spool}"))
+        .dead_letters(&unique("dlx"), &unique("dlq"))
 }
 
 each_version!(broker_outage_under_load_spools_outputs_and_drains_them_in_order);

@@ -174,9 +174,8 @@ async fn a_truncated_file_is_reported_and_the_old_version_keeps_serving() {
     assert!(err.contains("stamp.wasm"), "names the file: {err}");
     assert!(err.contains("invalid component"), "says why: {err}");
 
-    broker.publish_all("", &stamp_in, ["after"]).await.unwrap();
     let got = broker
-        .collect(&stamp_out, 1, Duration::from_secs(30))
+        .publish_and_collect_one(&stamp_in, "after", &stamp_out, Duration::from_secs(30))
         .await
         .unwrap();
     assert_eq!(got.len(), 1);

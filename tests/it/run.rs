@@ -10,41 +10,23 @@ use crate::host::{plugins_dir, plugins_dir_of};
 use warren::app::{App, AppHandle};
 use warren::config::Config;
 use warren_it::broker::{Broker, Got, unique};
+use warren_it::config::{WarrenToml, echo_section};
 use warren_it::plugins::{Lang, js_wasm, polyglot_wasm, python_wasm, wasm};
 
 /// Test-friendly settings: unique retry/dead-letter names and spool
-/// stream, short delays. `extra` is appended TOML.
+/// stream, short delays. `extra` is TOML merged in.
 fn config(target: &Shared, dir: &Path, dlq: &str, extra: &str) -> Config {
-    let text = format!(
-        r#"
-        [plugins]
-        dir = "{dir}"
-        [spool]
-        stream-key = "{stream}"
-        [amqp]
-        url = "{url}"
-        heartbeat-secs = 2
-        backoff-max-ms = 1000
-        [dispatch]
-        max-attempts = 3
-        retry-delay-ms = 50
-        retry-delay-max-ms = 200
-        retry-exchange = "{retry}"
-        dead-letter-exchange = "{dlx}"
-        dead-letter-queue = "{dlq}"
-        [shutdown]
-        grace-period-ms = 10000
-        [admin]
-        bind = "127.0.0.1:0"
-        {extra}
-        "#,
-        dir = dir.display(),
-        url = target.url,
-        stream = unique("spool"),
-        retry = unique("retry"),
-        dlx = unique("dlx"),
-    );
-    Config::parse(&text, Vec::new()).unwrap_or_else(|p| panic!("test config: {p:?}"))
+    crate::host::parse(
+        &WarrenToml::isolated(dir)
+            .amqp_url(&target.url)
+            .set("amqp.heartbeat-secs", 2)
+            .set("amqp.backoff-max-ms", 1000)
+            .quick_retries(3)
+            .dead_letters(&unique("dlx"), dlq)
+            .grace_period_ms(10_000)
+            .admin_bind("127.0.0.1:0")
+            .merge(extra),
+    )
 }
 
 async fn start(config: Config) -> (App, AppHandle) {
@@ -290,13 +272,7 @@ async fn a_broken_plugin_file_is_reported_and_the_good_ones_run(target: Shared) 
         &target,
         dir.path(),
         &dlq,
-        &format!(
-            r#"
-            [plugin.echo]
-            subscriptions = [{{ queue = "{echo_in}" }}]
-            config = {{ routing-key = "{echo_out}" }}
-            "#
-        ),
+        &echo_section(&echo_in, &echo_out),
     );
     let (app, handle) = start(cfg).await;
     let failed = handle.failed_plugins();
@@ -308,9 +284,8 @@ async fn a_broken_plugin_file_is_reported_and_the_good_ones_run(target: Shared) 
         failed[0].error
     );
 
-    broker.publish_all("", &echo_in, ["hello"]).await.unwrap();
     let got = broker
-        .collect(&echo_out, 1, Duration::from_secs(30))
+        .publish_and_collect_one(&echo_in, "hello", &echo_out, Duration::from_secs(30))
         .await
         .unwrap();
     assert_eq!(got.len(), 1);

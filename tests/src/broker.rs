@@ -222,6 +222,20 @@ impl Broker {
             .await
     }
 
+    /// Publish `body` to the queue `input` (through the default exchange)
+    /// and collect, within `timeout`, what a plugin turned it into on
+    /// `output`: at most one message.
+    pub async fn publish_and_collect_one(
+        &self,
+        input: &str,
+        body: &str,
+        output: &str,
+        timeout: Duration,
+    ) -> Result<Vec<Got>> {
+        self.publish_all("", input, [body]).await?;
+        self.collect(output, 1, timeout).await
+    }
+
     /// Like [`Broker::publish_all`], with headers on every message.
     pub async fn publish_all_with<I, B>(
         &self,

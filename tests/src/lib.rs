@@ -5,9 +5,11 @@
 //! # Layout
 //! - [`wait`]: polling with deadlines (the only way tests wait).
 //! - [`ports`]: free loopback ports.
+//! - [`config`]: the `warren.toml` builder every test uses.
 //! - [`broker`]: a plain lapin client to publish, count and collect.
 //! - [`http`]: a raw HTTP/1.1 client for the admin API.
 //! - [`otlp`]: an OTLP/HTTP collector that decodes the spans it receives.
+//! - [`process`]: signals to a process a test started.
 //! - [`plugins`]: builds `plugins/` for `wasm32-wasip2` once per process.
 //! - [`proxy`]: a TCP fault proxy (pass, blackhole, refuse, cut).
 //! - [`rabbit`]: a private RabbitMQ node to stop, kill and restart.
@@ -15,11 +17,13 @@
 //!   `sentinel-compose/local.sh`, with kill/stop/restart/failover.
 
 pub mod broker;
+pub mod config;
 pub mod http;
 pub mod otlp;
 pub mod plugins;
 pub mod ports;
 pub mod private_redis;
+pub mod process;
 pub mod proxy;
 pub mod rabbit;
 pub mod sentinel;
