@@ -300,3 +300,70 @@ async fn outputs_to_a_missing_exchange_are_dead_lettered_while_echo_flows() {
         broker.delete_queue(q).await.unwrap();
     }
 }
+
+/// A stop ends within one grace period however much is in flight: each
+/// phase waits until the same deadline. Here each delivery takes 20 s of
+/// guest time (its deadline is 30 s), four are in flight, and the grace
+/// period is 2 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_with_deliveries_that_cannot_finish_ends_within_the_grace_period() {
+    /// How often the test looks whether the process has ended.
+    const POLL: Duration = Duration::from_millis(100);
+    let broker = Broker::shared().await.unwrap();
+    let queue = unique("stop-in");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(wasm("slow").unwrap(), dir.path().join("slow.wasm")).unwrap();
+    let cfg = write_config(
+        dir.path(),
+        "127.0.0.1:0",
+        &unique("dlq"),
+        &format!(
+            r#"
+            [shutdown]
+            grace-period-ms = 2000
+            [plugin.slow]
+            subscriptions = [{{ queue = "{queue}", prefetch = 4 }}]
+            limits = {{ deadline-ms = 30000, max-concurrency = 4 }}
+            config = {{ millis = 20000 }}
+            "#
+        ),
+    );
+    let mut child = spawn_consuming(&cfg, &broker, &queue).await;
+    let n = 12;
+    let bodies: Vec<String> = (0..n).map(|i| format!("m-{i}")).collect();
+    broker.publish_all("", &queue, &bodies).await.unwrap();
+    wait::until_true(
+        "four deliveries in flight",
+        Duration::from_secs(30),
+        || async { broker.message_count(&queue).await.unwrap_or(0) == n - 4 },
+    )
+    .await
+    .unwrap();
+
+    sigterm(&child);
+    let stopping = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            stopping.elapsed() < Duration::from_secs(10),
+            "warren did not exit"
+        );
+        tokio::time::sleep(POLL).await;
+    };
+    let took = stopping.elapsed();
+    assert_eq!(status.code(), Some(0), "a stop at the deadline exits 0");
+    assert!(
+        took <= Duration::from_secs(2) + POLL,
+        "the stop took {took:?}, more than the 2 s grace period and one poll"
+    );
+    eprintln!("stop: ended {took:?} after SIGTERM");
+    // The unfinished deliveries were never acked: the broker has them all.
+    wait::until_true("every message back", Duration::from_secs(30), || async {
+        broker.message_count(&queue).await.unwrap_or(0) == n
+    })
+    .await
+    .unwrap();
+    broker.delete_queue(&queue).await.unwrap();
+}
