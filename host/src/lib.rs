@@ -13,17 +13,20 @@
 //! - [`amqp`]: connection supervisor, topology registry, consumers,
 //!   confirmed publisher.
 //! - [`buffer`]: Sentinel discovery, the Redis Stream spool and its drainer.
-//! - [`config`]: `warren.toml`, env overrides, validation (leaf).
+//! - [`config`]: `warren.toml`: the tree of the subsystems' own sections,
+//!   env overrides, validation.
 //! - [`config_doc`]: `warren config` — the effective configuration as
 //!   commented TOML.
 //! - [`dispatch`]: delivery → plugin → outcome → ack, retry or dead-letter;
 //!   the outbox (broker or spool).
 //! - [`app`]: `warren run` — builds, wires and stops everything.
 //! - [`admin`]: the admin HTTP API (axum); reads handles, owns no state.
-//! - [`secret`]: [`secret::Secret`] (never printed) and `*-file` secrets
-//!   (leaf).
-//! - [`shutdown`]: signals and the shutdown order.
+//! - [`secret`]: [`secret::Secret`] (never printed), `*-file` secrets and
+//!   the URL redactor (leaf).
+//! - [`shutdown`]: signals, the shutdown order and `[shutdown]`.
+//! - [`sync`]: taking a lock whatever a panicked holder left (leaf).
 //! - [`cli`]: the offline commands `warren check` and `warren invoke`.
+//! - [`new`]: `warren new` — a plugin project in Rust, Python or JavaScript.
 //! - [`telemetry`]: logging, the Prometheus recorder, W3C trace context
 //!   (leaf).
 //! - [`validate`]: `warren validate` — the configuration, the plugins
@@ -42,5 +45,6 @@ pub mod new;
 pub mod plugins;
 pub mod secret;
 pub mod shutdown;
+pub mod sync;
 pub mod telemetry;
 pub mod validate;

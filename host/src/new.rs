@@ -46,6 +46,85 @@ pub enum NewError {
     },
 }
 
+/// How a project file is written.
+enum Source {
+    /// A template: `{{name}}`, `{{file}}`, `{{contract}}` and the tool
+    /// versions filled in.
+    Template(&'static str),
+    /// Copied as it is (the SDKs, the WIT).
+    Verbatim(&'static str),
+    /// A template written executable.
+    Script(&'static str),
+}
+
+const RUST_FILES: &[(&str, Source)] = &[
+    (
+        "Cargo.toml",
+        Source::Template(include_str!("../templates/rust/Cargo.toml")),
+    ),
+    (".cargo/config.toml", Source::Verbatim(RUST_CARGO_CONFIG)),
+    (
+        "src/lib.rs",
+        Source::Template(include_str!("../templates/rust/lib.rs")),
+    ),
+    (
+        "warren-sdk/Cargo.toml",
+        Source::Template(include_str!("../templates/rust/sdk.Cargo.toml")),
+    ),
+    ("warren-sdk/src/lib.rs", Source::Verbatim(RUST_SDK)),
+    ("warren-sdk/wit/plugin.wit", Source::Verbatim(WIT)),
+    (
+        "README.md",
+        Source::Template(include_str!("../templates/rust/README.md")),
+    ),
+    (
+        ".gitignore",
+        Source::Verbatim(include_str!("../templates/rust/gitignore")),
+    ),
+];
+
+const PYTHON_FILES: &[(&str, Source)] = &[
+    (
+        "src/app.py",
+        Source::Template(include_str!("../templates/python/app.py")),
+    ),
+    ("src/warren/__init__.py", Source::Verbatim(PYTHON_SDK)),
+    ("wit/plugin.wit", Source::Verbatim(WIT)),
+    (
+        "build.sh",
+        Source::Script(include_str!("../templates/python/build.sh")),
+    ),
+    (
+        "README.md",
+        Source::Template(include_str!("../templates/python/README.md")),
+    ),
+    (
+        ".gitignore",
+        Source::Verbatim(include_str!("../templates/python/gitignore")),
+    ),
+];
+
+const JS_FILES: &[(&str, Source)] = &[
+    (
+        "package.json",
+        Source::Template(include_str!("../templates/js/package.json")),
+    ),
+    (
+        "src/plugin.js",
+        Source::Template(include_str!("../templates/js/plugin.js")),
+    ),
+    ("src/warren.js", Source::Verbatim(JS_SDK)),
+    ("wit/plugin.wit", Source::Verbatim(WIT)),
+    (
+        "README.md",
+        Source::Template(include_str!("../templates/js/README.md")),
+    ),
+    (
+        ".gitignore",
+        Source::Verbatim(include_str!("../templates/js/gitignore")),
+    ),
+];
+
 /// Files of a project, relative to its directory, and whether each is
 /// executable.
 fn files(lang: Lang, name: &str) -> Vec<(&'static str, String, bool)> {
@@ -56,86 +135,19 @@ fn files(lang: Lang, name: &str) -> Vec<(&'static str, String, bool)> {
             .replace("{{componentize_py}}", COMPONENTIZE_PY)
             .replace("{{componentize_qjs}}", COMPONENTIZE_QJS)
     };
-    match lang {
-        Lang::Rust => vec![
-            (
-                "Cargo.toml",
-                fill(include_str!("../templates/rust/Cargo.toml")),
-                false,
-            ),
-            (".cargo/config.toml", RUST_CARGO_CONFIG.to_string(), false),
-            (
-                "src/lib.rs",
-                fill(include_str!("../templates/rust/lib.rs")),
-                false,
-            ),
-            (
-                "warren-sdk/Cargo.toml",
-                fill(include_str!("../templates/rust/sdk.Cargo.toml")),
-                false,
-            ),
-            ("warren-sdk/src/lib.rs", RUST_SDK.to_string(), false),
-            ("warren-sdk/wit/plugin.wit", WIT.to_string(), false),
-            (
-                "README.md",
-                fill(include_str!("../templates/rust/README.md")),
-                false,
-            ),
-            (
-                ".gitignore",
-                include_str!("../templates/rust/gitignore").to_string(),
-                false,
-            ),
-        ],
-        Lang::Python => vec![
-            (
-                "src/app.py",
-                fill(include_str!("../templates/python/app.py")),
-                false,
-            ),
-            ("src/warren/__init__.py", PYTHON_SDK.to_string(), false),
-            ("wit/plugin.wit", WIT.to_string(), false),
-            (
-                "build.sh",
-                fill(include_str!("../templates/python/build.sh")),
-                true,
-            ),
-            (
-                "README.md",
-                fill(include_str!("../templates/python/README.md")),
-                false,
-            ),
-            (
-                ".gitignore",
-                include_str!("../templates/python/gitignore").to_string(),
-                false,
-            ),
-        ],
-        Lang::Js => vec![
-            (
-                "package.json",
-                fill(include_str!("../templates/js/package.json")),
-                false,
-            ),
-            (
-                "src/plugin.js",
-                fill(include_str!("../templates/js/plugin.js")),
-                false,
-            ),
-            ("src/warren.js", JS_SDK.to_string(), false),
-            ("wit/plugin.wit", WIT.to_string(), false),
-            (
-                "README.md",
-                fill(include_str!("../templates/js/README.md")),
-                false,
-            ),
-            (
-                ".gitignore",
-                include_str!("../templates/js/gitignore").to_string(),
-                false,
-            ),
-        ],
-    }
+    let table = match lang {
+        Lang::Rust => RUST_FILES,
+        Lang::Python => PYTHON_FILES,
+        Lang::Js => JS_FILES,
+    };
+    table
+        .iter()
+        .map(|(path, source)| match source {
+            Source::Template(t) => (*path, fill(t), false),
+            Source::Verbatim(t) => (*path, (*t).to_string(), false),
+            Source::Script(t) => (*path, fill(t), true),
+        })
+        .collect()
 }
 
 /// The command that builds a project of `lang`, as its README says.

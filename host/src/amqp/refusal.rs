@@ -238,10 +238,7 @@ pub(crate) struct Screen {
 
 impl Screen {
     fn memory(&self, generation: u64) -> MutexGuard<'_, Memory> {
-        let mut m = match self.memory.lock() {
-            Ok(m) => m,
-            Err(p) => p.into_inner(),
-        };
+        let mut m = crate::sync::lock(&self.memory);
         if m.generation != generation || m.exchanges.len() > MAX_REMEMBERED {
             // A new session: exchanges may have come or gone, the broker's
             // limits may differ.

@@ -281,10 +281,7 @@ impl TopologyRegistry {
 
     /// A copy of the current topology.
     pub fn snapshot(&self) -> Topology {
-        match self.inner.read() {
-            Ok(t) => t.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        crate::sync::read(&self.inner).clone()
     }
 
     /// Merge `more` into the registry (same names replace).
@@ -309,10 +306,7 @@ impl TopologyRegistry {
     }
 
     fn update(&self, f: impl FnOnce(&mut Topology)) {
-        match self.inner.write() {
-            Ok(mut t) => f(&mut t),
-            Err(poisoned) => f(&mut poisoned.into_inner()),
-        }
+        f(&mut crate::sync::write(&self.inner));
     }
 }
 

@@ -91,10 +91,7 @@ impl Dispatcher {
     }
 
     fn routes(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, RouteEntry>> {
-        match self.routes.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+        crate::sync::lock(&self.routes)
     }
 
     /// Declare the dead-letter and retry exchanges and the dead-letter

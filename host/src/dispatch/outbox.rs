@@ -14,6 +14,7 @@
 //! queues behind it. Repeated refusals of one destination log one line per
 //! [`REFUSAL_LOG_INTERVAL`], not one per message.
 
+use crate::sync::lock;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -250,13 +251,6 @@ impl DrainPublisher for OutboxDrain {
         if let Some(epoch) = *lock(&self.channel) {
             self.outbox.publisher.retire_channel(epoch);
         }
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
     }
 }
 

@@ -272,10 +272,7 @@ impl PluginRuntime {
 
     /// The counters of plugin `name`, shared by all its versions.
     pub(super) fn counters(&self, name: &str) -> Arc<PluginCounters> {
-        let mut all = match self.inner.counters.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut all = crate::sync::lock(&self.inner.counters);
         all.entry(name.to_string()).or_default().clone()
     }
 
