@@ -28,7 +28,11 @@ use tokio::signal::unix::{SignalKind, signal};
 )]
 #[serde(rename_all = "kebab-case", default)]
 pub struct ShutdownConfig {
-    /// How long in-flight deliveries may take to finish after SIGTERM, ms.
+    /// How long the whole stop may take after SIGTERM or SIGINT, ms:
+    /// in-flight deliveries finish and are acked, the spool and the
+    /// connections close, all by this one deadline. What is unfinished then
+    /// stays unacked and the broker redelivers it. A second signal ends
+    /// the process at once (exit 130).
     pub grace_period_ms: u64,
 }
 
