@@ -1072,9 +1072,9 @@ async fn declare_all(conn: &Connection, t: &Topology, shared: &Shared) -> Vec<Am
 
 /// How long one declaration may take. A quorum queue whose leader was on a
 /// node that just died answers only after the rest of the cluster elected
-/// a new one; without a limit one such declaration held the whole session
-/// in `declaring`. A declaration that times out is reported like one that
-/// failed, and the consumer that needs it retries.
+/// a new one; without a limit one such declaration would hold the whole
+/// session in `declaring`. A declaration that times out is reported like
+/// one that failed, and the consumer that needs it retries.
 pub(crate) const DECLARE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// `declaration` within [`DECLARE_TIMEOUT`].
