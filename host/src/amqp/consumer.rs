@@ -9,6 +9,7 @@
 //! connection; only a connection-level failure is reported to the
 //! supervisor. It does not retry or dead-letter anything itself.
 
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
@@ -288,34 +289,100 @@ enum End {
 
 /// The consumer task; returns the queue name when it ends.
 pub(crate) async fn run(ctx: ConsumerCtx) -> String {
-    let queue = ctx.queue.clone();
-    let current = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<AckCmd>();
-    let mut backoff = Backoff::new(ctx.backoff);
-    let mut logged: Option<String> = None;
-    let mut first = true;
-    loop {
-        if ctx.stop.is_cancelled() || ctx.abort.is_cancelled() {
-            break;
-        }
-        let Some((config, tx)) = ctx.shared.sub(&queue) else {
-            break;
+    let mut task = ConsumerTask::new(ctx);
+    while let Some((config, tx)) = task.wanted() {
+        let epoch = task.starting();
+        let (channel, consumer) = match task.subscribe(&config, epoch).await {
+            Ok(subscribed) => subscribed,
+            Err((e, conn_level)) => {
+                if task.cannot_subscribe(e, conn_level).await.is_break() {
+                    break;
+                }
+                continue;
+            }
         };
-        if tx.is_closed() {
+        task.established(epoch);
+        let end = task.pump(&config, &channel, consumer, &tx, epoch).await;
+        if task.ended(end, &channel).await.is_break() {
             break;
         }
-        ctx.shared.update_sub(&queue, |s| {
+    }
+    task.ctx.shared.update_sub(&task.queue, |s| {
+        s.believed_consumers = 0;
+        s.state = ConsumerState::Idle;
+    });
+    task.queue
+}
+
+/// What the consumer task carries from one channel to the next in its
+/// session.
+struct ConsumerTask {
+    ctx: ConsumerCtx,
+    queue: String,
+    /// The epoch of the channel whose deliveries may be acked; 0 between
+    /// channels.
+    current: Arc<std::sync::atomic::AtomicU64>,
+    /// Acks from the subscriber's [`DeliveryAcker`]s, across channels.
+    ack_tx: mpsc::UnboundedSender<AckCmd>,
+    ack_rx: mpsc::UnboundedReceiver<AckCmd>,
+    backoff: Backoff,
+    /// The last subscribe error logged, so a repeat is not logged again.
+    logged: Option<String>,
+    /// No consumer was established yet.
+    first: bool,
+}
+
+impl ConsumerTask {
+    fn new(ctx: ConsumerCtx) -> Self {
+        let (ack_tx, ack_rx) = mpsc::unbounded_channel::<AckCmd>();
+        Self {
+            queue: ctx.queue.clone(),
+            current: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            ack_tx,
+            ack_rx,
+            backoff: Backoff::new(ctx.backoff),
+            logged: None,
+            first: true,
+            ctx,
+        }
+    }
+
+    /// The subscription's settings and sender while it is still wanted:
+    /// not stopped or aborted, still registered, its receiver still there.
+    fn wanted(&self) -> Option<(SubscriptionConfig, mpsc::Sender<Delivery>)> {
+        if self.ctx.stop.is_cancelled() || self.ctx.abort.is_cancelled() {
+            return None;
+        }
+        let (config, tx) = self.ctx.shared.sub(&self.queue)?;
+        if tx.is_closed() {
+            return None;
+        }
+        Some((config, tx))
+    }
+
+    /// Publish a subscribe attempt; returns the epoch of its channel.
+    fn starting(&self) -> u64 {
+        let (first, generation) = (self.first, self.ctx.generation);
+        self.ctx.shared.update_sub(&self.queue, |s| {
             s.state = if first {
                 ConsumerState::Starting
             } else {
                 ConsumerState::Reestablishing
             };
-            s.generation = ctx.generation;
+            s.generation = generation;
             s.believed_consumers = 0;
             s.subscribe_attempts += 1;
         });
-        let epoch = ctx.shared.epochs.fetch_add(1, Ordering::AcqRel) + 1;
-        let subscribed = tokio::time::timeout(SUBSCRIBE_TIMEOUT, subscribe(&ctx, &config, epoch))
+        self.ctx.shared.epochs.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// [`subscribe`] within [`SUBSCRIBE_TIMEOUT`].
+    async fn subscribe(
+        &self,
+        config: &SubscriptionConfig,
+        epoch: u64,
+    ) -> Result<(Channel, lapin::Consumer), (AmqpError, bool)> {
+        tokio::time::timeout(SUBSCRIBE_TIMEOUT, subscribe(&self.ctx, config, epoch))
             .await
             .unwrap_or_else(|_| {
                 // The channel's state is unknown (a late consume-ok would
@@ -331,73 +398,96 @@ pub(crate) async fn run(ctx: ConsumerCtx) -> String {
                     },
                     true,
                 ))
-            });
-        let (channel, lapin_consumer) = match subscribed {
-            Ok(ok) => ok,
-            Err((e, conn_level)) => {
-                if conn_level || !ctx.conn.status().connected() {
-                    let _ = ctx.failures.send(Failure::new(
-                        e.class(),
-                        e.to_string(),
-                        Some(ctx.generation),
-                    ));
-                    break;
-                }
-                let text = e.to_string();
-                if logged.as_deref() != Some(text.as_str()) {
-                    if e.class().is_slow_retry() {
-                        error!(queue = %queue, class = %e.class(), error = %text, "Cannot subscribe; fix the declaration or the broker, retrying slowly.");
-                    } else {
-                        warn!(queue = %queue, class = %e.class(), error = %text, "Cannot subscribe; retrying.");
-                    }
-                    logged = Some(text.clone());
-                }
-                ctx.shared.update_sub(&queue, |s| {
-                    s.state = ConsumerState::Failed;
-                    s.last_error = Some(text);
-                    s.last_error_class = Some(e.class());
-                });
-                let delay = if e.class().is_slow_retry() {
-                    backoff.slow_delay()
-                } else {
-                    backoff.next_delay()
-                };
-                tokio::select! {
-                    biased;
-                    _ = ctx.abort.cancelled() => break,
-                    _ = ctx.stop.cancelled() => break,
-                    _ = tokio::time::sleep(delay) => continue,
-                }
-            }
-        };
-        if !first {
-            metrics::consumer_reestablished(&queue);
-            info!(queue = %queue, generation = ctx.generation, "Consumer re-established.");
+            })
+    }
+
+    /// A subscribe attempt failed. A connection-level failure is reported
+    /// to the supervisor and ends the task; any other is logged (once while
+    /// it repeats), published, and retried after the backoff.
+    async fn cannot_subscribe(&mut self, e: AmqpError, conn_level: bool) -> ControlFlow<()> {
+        if conn_level || !self.ctx.conn.status().connected() {
+            let _ = self.ctx.failures.send(Failure::new(
+                e.class(),
+                e.to_string(),
+                Some(self.ctx.generation),
+            ));
+            return ControlFlow::Break(());
         }
-        first = false;
-        logged = None;
-        current.store(epoch, Ordering::Release);
-        ctx.shared.update_sub(&queue, |s| {
+        let queue = &self.queue;
+        let text = e.to_string();
+        if self.logged.as_deref() != Some(text.as_str()) {
+            if e.class().is_slow_retry() {
+                error!(queue = %queue, class = %e.class(), error = %text, "Cannot subscribe; fix the declaration or the broker, retrying slowly.");
+            } else {
+                warn!(queue = %queue, class = %e.class(), error = %text, "Cannot subscribe; retrying.");
+            }
+            self.logged = Some(text.clone());
+        }
+        self.ctx.shared.update_sub(queue, |s| {
+            s.state = ConsumerState::Failed;
+            s.last_error = Some(text);
+            s.last_error_class = Some(e.class());
+        });
+        let delay = if e.class().is_slow_retry() {
+            self.backoff.slow_delay()
+        } else {
+            self.backoff.next_delay()
+        };
+        self.pause(delay).await
+    }
+
+    /// Wait `delay`; `Break` if the task is stopped or aborted meanwhile.
+    async fn pause(&self, delay: Duration) -> ControlFlow<()> {
+        tokio::select! {
+            biased;
+            _ = self.ctx.abort.cancelled() => ControlFlow::Break(()),
+            _ = self.ctx.stop.cancelled() => ControlFlow::Break(()),
+            _ = tokio::time::sleep(delay) => ControlFlow::Continue(()),
+        }
+    }
+
+    /// The consumer is subscribed on the channel of `epoch`: its acks
+    /// count from now on.
+    fn established(&mut self, epoch: u64) {
+        if !self.first {
+            metrics::consumer_reestablished(&self.queue);
+            info!(queue = %self.queue, generation = self.ctx.generation, "Consumer re-established.");
+        }
+        self.first = false;
+        self.logged = None;
+        self.current.store(epoch, Ordering::Release);
+        self.ctx.shared.update_sub(&self.queue, |s| {
             s.state = ConsumerState::Running;
             s.believed_consumers = 1;
             s.last_error = None;
             s.last_error_class = None;
         });
-        let end = pump(
-            &ctx,
-            &config,
-            &channel,
-            lapin_consumer,
-            &tx,
-            &ack_tx,
-            &mut ack_rx,
-            &current,
-            epoch,
-        )
-        .await;
-        ctx.shared.update_sub(&queue, |s| s.believed_consumers = 0);
+    }
+
+    /// Run the consumer on `channel` until it ends.
+    async fn pump(
+        &mut self,
+        config: &SubscriptionConfig,
+        channel: &Channel,
+        consumer: lapin::Consumer,
+        tx: &mpsc::Sender<Delivery>,
+        epoch: u64,
+    ) -> End {
+        let end = Pump::new(self, config, channel, consumer, tx, epoch)
+            .run()
+            .await;
+        self.ctx
+            .shared
+            .update_sub(&self.queue, |s| s.believed_consumers = 0);
         // Anything still held for this channel is now stale.
-        current.store(0, Ordering::Release);
+        self.current.store(0, Ordering::Release);
+        end
+    }
+
+    /// The consumer on `channel` ended. Stopped: close the channel and
+    /// end. Lost on a live connection: record why, close the channel and
+    /// re-establish after the backoff (`Continue`).
+    async fn ended(&mut self, end: End, channel: &Channel) -> ControlFlow<()> {
         match end {
             End::Stopped => {
                 let _ = tokio::time::timeout(
@@ -405,60 +495,64 @@ pub(crate) async fn run(ctx: ConsumerCtx) -> String {
                     channel.close(200, "subscription stopped".into()),
                 )
                 .await;
-                break;
+                ControlFlow::Break(())
             }
-            End::Aborted => break,
-            End::Lost(ref why) | End::TimedOut(ref why) => {
-                if !ctx.conn.status().connected() {
-                    // The supervisor learns of this from the connection.
-                    break;
-                }
-                if matches!(end, End::TimedOut(_)) {
-                    // Its deliveries are back in the queue; each return
-                    // counts toward the queue's delivery limit.
-                    error!(queue = %queue, generation = ctx.generation, reason = %why, "The broker's consumer timeout expired: a delivery was held unacknowledged too long. Re-establishing the consumer; raise the queue's consumer timeout above the longest hold.");
-                    metrics::consumer_timeout(&queue);
-                    ctx.shared.update_sub(&queue, |s| {
-                        s.consumer_timeouts += 1;
-                        s.last_loss = Some(Failure::new(
-                            FailureClass::ConsumerTimeout,
-                            why.clone(),
-                            Some(ctx.generation),
-                        ));
-                    });
-                } else {
-                    warn!(queue = %queue, generation = ctx.generation, reason = %why, "Consumer lost; re-establishing it on the live connection.");
-                    ctx.shared.update_sub(&queue, |s| {
-                        s.last_loss = Some(Failure::new(
-                            FailureClass::Other,
-                            why.clone(),
-                            Some(ctx.generation),
-                        ));
-                    });
-                }
-                ctx.shared.update_sub(&queue, |s| s.reestablished += 1);
-                if channel.status().connected() {
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(1),
-                        channel.close(200, "re-establishing consumer".into()),
-                    )
-                    .await;
-                }
-                let delay = backoff.next_delay();
-                tokio::select! {
-                    biased;
-                    _ = ctx.abort.cancelled() => break,
-                    _ = ctx.stop.cancelled() => break,
-                    _ = tokio::time::sleep(delay) => {}
-                }
+            End::Aborted => ControlFlow::Break(()),
+            End::Lost(_) | End::TimedOut(_) if !self.ctx.conn.status().connected() => {
+                // The supervisor learns of this from the connection.
+                ControlFlow::Break(())
+            }
+            End::Lost(why) => {
+                self.record_loss(why, false);
+                self.reestablish(channel).await
+            }
+            End::TimedOut(why) => {
+                self.record_loss(why, true);
+                self.reestablish(channel).await
             }
         }
     }
-    ctx.shared.update_sub(&queue, |s| {
-        s.believed_consumers = 0;
-        s.state = ConsumerState::Idle;
-    });
-    queue
+
+    /// Log and publish why the consumer was lost on a live connection.
+    fn record_loss(&self, why: String, timed_out: bool) {
+        let (queue, generation) = (&self.queue, self.ctx.generation);
+        if timed_out {
+            // Its deliveries are back in the queue; each return
+            // counts toward the queue's delivery limit.
+            error!(queue = %queue, generation, reason = %why, "The broker's consumer timeout expired: a delivery was held unacknowledged too long. Re-establishing the consumer; raise the queue's consumer timeout above the longest hold.");
+            metrics::consumer_timeout(queue);
+            self.ctx.shared.update_sub(queue, |s| {
+                s.consumer_timeouts += 1;
+                s.last_loss = Some(Failure::new(
+                    FailureClass::ConsumerTimeout,
+                    why,
+                    Some(generation),
+                ));
+            });
+        } else {
+            warn!(queue = %queue, generation, reason = %why, "Consumer lost; re-establishing it on the live connection.");
+            self.ctx.shared.update_sub(queue, |s| {
+                s.last_loss = Some(Failure::new(FailureClass::Other, why, Some(generation)));
+            });
+        }
+    }
+
+    /// Close the lost consumer's channel and wait out the backoff before
+    /// subscribing again.
+    async fn reestablish(&mut self, channel: &Channel) -> ControlFlow<()> {
+        self.ctx
+            .shared
+            .update_sub(&self.queue, |s| s.reestablished += 1);
+        if channel.status().connected() {
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                channel.close(200, "re-establishing consumer".into()),
+            )
+            .await;
+        }
+        let delay = self.backoff.next_delay();
+        self.pause(delay).await
+    }
 }
 
 async fn subscribe(
@@ -544,9 +638,9 @@ async fn declare_own(
 }
 
 /// How long subscribing (declarations, QoS, consume) may take. A quorum
-/// queue on a node that just restarted answered one `basic.consume` with
-/// INTERNAL_ERROR and the next one never (RabbitMQ 3.10): without a limit
-/// the consumer waited forever while the connection looked healthy.
+/// queue on a node that just restarted can answer one `basic.consume` with
+/// INTERNAL_ERROR and the next one never (RabbitMQ 3.10); without a limit
+/// the consumer would wait forever while the connection looks healthy.
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// How long a broker-side consumer check may take.
@@ -561,51 +655,211 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 /// answered check's (0 consumers).
 const CHECK_STRIKES: u32 = 3;
 
-/// A broker-side consumer check in flight: consumers and messages, or why
-/// it failed or timed out.
-type Check = futures::future::BoxFuture<
-    'static,
-    Result<Result<(u32, u32), AmqpError>, tokio::time::error::Elapsed>,
->;
+/// What a broker-side consumer check answers: consumers and messages, or
+/// why it failed or timed out.
+type CheckOutcome = Result<Result<(u32, u32), AmqpError>, tokio::time::error::Elapsed>;
 
-#[allow(clippy::too_many_arguments)]
-async fn pump(
-    ctx: &ConsumerCtx,
-    config: &SubscriptionConfig,
-    channel: &Channel,
-    mut consumer: lapin::Consumer,
-    tx: &mpsc::Sender<Delivery>,
-    ack_tx: &mpsc::UnboundedSender<AckCmd>,
-    ack_rx: &mut mpsc::UnboundedReceiver<AckCmd>,
-    current: &Arc<std::sync::atomic::AtomicU64>,
+/// A broker-side consumer check in flight.
+type Check = futures::future::BoxFuture<'static, CheckOutcome>;
+
+/// The check in flight. A select! branch builds its future even while the
+/// branch is disabled, so with none in flight this never resolves.
+async fn answer(checking: &mut Option<Check>) -> CheckOutcome {
+    match checking.as_mut() {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// One consumer on one channel: hands deliveries to the subscriber and
+/// sends their acks in order until the consumer ends. The loop in
+/// [`Pump::run`] handles each event in a method of its own.
+struct Pump<'a> {
+    ctx: &'a ConsumerCtx,
+    queue: &'a str,
+    /// The queue again, for each delivery's acker.
+    queue_arc: Arc<str>,
+    channel: &'a Channel,
+    consumer: lapin::Consumer,
+    consumer_tag: lapin::types::ShortString,
+    /// The epoch of this channel; an ack of another one is stale.
     epoch: u64,
-) -> End {
-    let queue = config.queue.as_str();
-    let queue_arc: Arc<str> = Arc::from(queue);
-    let mut book = AckBook::new(config.coalesce_acks);
-    let batch = usize::from(config.prefetch / 4).clamp(1, 256);
-    let mut flush = tokio::time::interval(ctx.flush_interval);
-    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut check = tokio::time::interval_at(
-        tokio::time::Instant::now() + ctx.check_interval,
-        ctx.check_interval,
-    );
-    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut checking: Option<Check> = None;
-    // Checks in a row that got no answer in time (see CHECK_STRIKES).
-    let mut unanswered = 0u32;
-    let mut stopping: Option<tokio::time::Instant> = None;
-    let consumer_tag = consumer.tag();
-    let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
+    /// Where deliveries go.
+    tx: &'a mpsc::Sender<Delivery>,
+    ack_tx: &'a mpsc::UnboundedSender<AckCmd>,
+    ack_rx: &'a mut mpsc::UnboundedReceiver<AckCmd>,
+    current: &'a Arc<std::sync::atomic::AtomicU64>,
+    book: AckBook,
+    /// How many held acks are sent at once, without waiting for the flush.
+    batch: usize,
+    flush: tokio::time::Interval,
+    check: tokio::time::Interval,
+    checking: Option<Check>,
+    /// Checks in a row that got no answer in time (see CHECK_STRIKES).
+    unanswered: u32,
+    /// Once stopping: when the drain gives up.
+    stopping: Option<tokio::time::Instant>,
+    /// The drain deadline's stand-in while not stopping.
+    far: tokio::time::Instant,
+}
 
-    let send = |frame: AckFrame| {
+impl<'a> Pump<'a> {
+    fn new(
+        task: &'a mut ConsumerTask,
+        config: &'a SubscriptionConfig,
+        channel: &'a Channel,
+        consumer: lapin::Consumer,
+        tx: &'a mpsc::Sender<Delivery>,
+        epoch: u64,
+    ) -> Self {
+        let ctx = &task.ctx;
+        let mut flush = tokio::time::interval(ctx.flush_interval);
+        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut check = tokio::time::interval_at(
+            tokio::time::Instant::now() + ctx.check_interval,
+            ctx.check_interval,
+        );
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Pump {
+            ctx,
+            queue: config.queue.as_str(),
+            queue_arc: Arc::from(config.queue.as_str()),
+            channel,
+            consumer_tag: consumer.tag(),
+            consumer,
+            epoch,
+            tx,
+            ack_tx: &task.ack_tx,
+            ack_rx: &mut task.ack_rx,
+            current: &task.current,
+            book: AckBook::new(config.coalesce_acks),
+            batch: usize::from(config.prefetch / 4).clamp(1, 256),
+            flush,
+            check,
+            checking: None,
+            unanswered: 0,
+            stopping: None,
+            far: tokio::time::Instant::now() + Duration::from_secs(86_400 * 365),
+        }
+    }
+
+    async fn run(mut self) -> End {
+        let end = loop {
+            tokio::select! {
+                biased;
+                _ = self.ctx.abort.cancelled() => break End::Aborted,
+                _ = self.ctx.stop.cancelled(), if self.stopping.is_none() => {
+                    if let Some(end) = self.stop().await {
+                        break end;
+                    }
+                }
+                _ = tokio::time::sleep_until(self.stopping.unwrap_or(self.far)), if self.stopping.is_some() => {
+                    warn!(queue = self.queue, outstanding = self.book.outstanding(), "Drain timeout; unfinished deliveries will be redelivered.");
+                    break End::Stopped;
+                }
+                // Cancel-safe: a command taken here is handled before the next
+                // select. Everything already queued is handled in one go.
+                Some(cmd) = self.ack_rx.recv() => {
+                    if let Some(end) = self.acks(cmd) {
+                        break end;
+                    }
+                }
+                _ = self.flush.tick(), if self.book.held() > 0 => self.flush_held(),
+                first = self.consumer.next(), if self.stopping.is_none() => {
+                    if let Some(end) = self.deliveries(first).await {
+                        break end;
+                    }
+                }
+                // The broker-side check runs beside the pump, not inline: a
+                // passive declare of a busy quorum queue can take tens of ms,
+                // and deliveries and acks must keep flowing meanwhile.
+                _ = self.check.tick(), if self.checking.is_none() => self.start_check(),
+                r = answer(&mut self.checking), if self.checking.is_some() => {
+                    if let Some(end) = self.checked(r) {
+                        break end;
+                    }
+                }
+            }
+        };
+        // Send what is finished before the channel goes.
+        if self.channel.status().connected() {
+            for f in self.book.flush(Instant::now(), Duration::ZERO) {
+                self.send(f);
+            }
+        }
+        end
+    }
+
+    /// Stop requested: cancel the consumer and drain what is outstanding
+    /// (done at once when nothing is).
+    async fn stop(&mut self) -> Option<End> {
+        self.ctx
+            .shared
+            .update_sub(self.queue, |s| s.state = ConsumerState::Stopping);
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            self.channel
+                .basic_cancel(self.consumer_tag.clone(), BasicCancelOptions::default()),
+        )
+        .await;
+        self.stopping = Some(tokio::time::Instant::now() + self.ctx.drain_timeout);
+        (self.book.outstanding() == 0).then_some(End::Stopped)
+    }
+
+    /// Settle `cmd` and what else is queued, up to a burst. While
+    /// stopping, the last outstanding one ends the pump.
+    fn acks(&mut self, cmd: AckCmd) -> Option<End> {
+        let now = Instant::now();
+        let mut next = Some(cmd);
+        let mut handled = 0;
+        while let Some(cmd) = next.take() {
+            self.settle(cmd, now);
+            handled += 1;
+            if handled < BURST {
+                next = self.ack_rx.try_recv().ok();
+            }
+        }
+        (self.stopping.is_some() && self.book.outstanding() == 0).then_some(End::Stopped)
+    }
+
+    /// One ack, nack or reject: sent, or held to coalesce (sent once a
+    /// batch is held), or counted as stale.
+    fn settle(&mut self, cmd: AckCmd, now: Instant) {
+        if cmd.epoch != self.epoch {
+            metrics::stale_ack(self.queue);
+            self.ctx
+                .shared
+                .update_sub(self.queue, |s| s.stale_acks += 1);
+            return;
+        }
+        match self.book.finish(cmd.tag, cmd.kind, now) {
+            Finish::Send(frame) => self.send(frame),
+            Finish::Held if self.book.held() >= self.batch => {
+                for f in self.book.flush(now, self.ctx.flush_interval) {
+                    self.send(f);
+                }
+            }
+            Finish::Held | Finish::Unknown => {}
+        }
+    }
+
+    /// Send the held acks that waited long enough.
+    fn flush_held(&mut self) {
+        for f in self.book.flush(Instant::now(), self.ctx.flush_interval * 4) {
+            self.send(f);
+        }
+    }
+
+    fn send(&self, frame: AckFrame) {
         // Polled once: the frame is queued in order on the channel; the
         // promise (written to the socket) is not awaited.
         let res = match frame {
-            AckFrame::Ack { tag, multiple } => channel
+            AckFrame::Ack { tag, multiple } => self
+                .channel
                 .basic_ack(tag, BasicAckOptions { multiple })
                 .now_or_never(),
-            AckFrame::Nack { tag, requeue } => channel
+            AckFrame::Nack { tag, requeue } => self
+                .channel
                 .basic_nack(
                     tag,
                     BasicNackOptions {
@@ -614,178 +868,143 @@ async fn pump(
                     },
                 )
                 .now_or_never(),
-            AckFrame::Reject { tag, requeue } => channel
+            AckFrame::Reject { tag, requeue } => self
+                .channel
                 .basic_reject(tag, BasicRejectOptions { requeue })
                 .now_or_never(),
         };
         if let Some(Err(e)) = res {
-            debug!(queue, error = %e, "Ack not sent; the channel is gone and the broker redelivers.");
-        }
-    };
-
-    let end = loop {
-        tokio::select! {
-            biased;
-            _ = ctx.abort.cancelled() => break End::Aborted,
-            _ = ctx.stop.cancelled(), if stopping.is_none() => {
-                ctx.shared.update_sub(queue, |s| s.state = ConsumerState::Stopping);
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(2),
-                    channel.basic_cancel(consumer_tag.clone(), BasicCancelOptions::default()),
-                ).await;
-                stopping = Some(tokio::time::Instant::now() + ctx.drain_timeout);
-                if book.outstanding() == 0 {
-                    break End::Stopped;
-                }
-            }
-            _ = tokio::time::sleep_until(stopping.unwrap_or(far)), if stopping.is_some() => {
-                warn!(queue, outstanding = book.outstanding(), "Drain timeout; unfinished deliveries will be redelivered.");
-                break End::Stopped;
-            }
-            // Cancel-safe: a command taken here is handled before the next
-            // select. Everything already queued is handled in one go.
-            Some(cmd) = ack_rx.recv() => {
-                let now = Instant::now();
-                let mut next = Some(cmd);
-                let mut handled = 0;
-                while let Some(cmd) = next.take() {
-                    if cmd.epoch != epoch {
-                        metrics::stale_ack(queue);
-                        ctx.shared.update_sub(queue, |s| s.stale_acks += 1);
-                    } else {
-                        match book.finish(cmd.tag, cmd.kind, now) {
-                            Finish::Send(frame) => send(frame),
-                            Finish::Held if book.held() >= batch => {
-                                for f in book.flush(now, ctx.flush_interval) { send(f); }
-                            }
-                            Finish::Held | Finish::Unknown => {}
-                        }
-                    }
-                    handled += 1;
-                    if handled < BURST {
-                        next = ack_rx.try_recv().ok();
-                    }
-                }
-                if stopping.is_some() && book.outstanding() == 0 {
-                    break End::Stopped;
-                }
-            }
-            _ = flush.tick(), if book.held() > 0 => {
-                for f in book.flush(Instant::now(), ctx.flush_interval * 4) { send(f); }
-            }
-            first = consumer.next(), if stopping.is_none() => {
-                // Hand over everything already buffered, up to a burst.
-                let mut next = Some(first);
-                let mut handled = 0;
-                let mut end = None;
-                while let Some(item) = next.take() {
-                    let d = match item {
-                        Some(Ok(d)) => d,
-                        Some(Err(e)) => {
-                            let class = classify(&e);
-                            let why = format!("consumer error ({class}): {e}");
-                            end = Some(if class == FailureClass::ConsumerTimeout { End::TimedOut(why) } else { End::Lost(why) });
-                            break;
-                        }
-                        None => {
-                            end = Some(stream_ended(channel, book.outstanding()));
-                            break;
-                        }
-                    };
-                    book.delivered(d.delivery_tag);
-                    let delivery = Delivery {
-                        body: Bytes::from(d.data),
-                        exchange: d.exchange.as_str().to_owned(),
-                        routing_key: d.routing_key.as_str().to_owned(),
-                        queue: queue.to_owned(),
-                        properties: from_basic_properties(&d.properties),
-                        redelivered: d.redelivered,
-                        delivery_tag: d.delivery_tag,
-                        generation: ctx.generation,
-                        acker: DeliveryAcker {
-                            tx: ack_tx.clone(),
-                            current: current.clone(),
-                            queue: queue_arc.clone(),
-                            epoch,
-                            tag: d.delivery_tag,
-                            done: false,
-                        },
-                    };
-                    match tx.try_send(delivery) {
-                        Ok(()) => {}
-                        Err(mpsc::error::TrySendError::Full(delivery)) => {
-                            // Cancel-safe enough: on abort the delivery is
-                            // dropped and the broker redelivers it.
-                            tokio::select! {
-                                biased;
-                                _ = ctx.abort.cancelled() => { end = Some(End::Aborted); break; }
-                                r = tx.send(delivery) => if r.is_err() { end = Some(End::Stopped); break; },
-                            }
-                        }
-                        Err(mpsc::error::TrySendError::Closed(_)) => {
-                            info!(queue, "Subscriber went away; cancelling the consumer.");
-                            end = Some(End::Stopped);
-                            break;
-                        }
-                    }
-                    handled += 1;
-                    if handled < BURST {
-                        next = consumer.next().now_or_never();
-                    }
-                }
-                if let Some(end) = end {
-                    break end;
-                }
-            }
-            // The broker-side check runs beside the pump, not inline: a
-            // passive declare of a busy quorum queue can take tens of ms,
-            // and deliveries and acks must keep flowing meanwhile.
-            _ = check.tick(), if checking.is_none() => {
-                let (ch, q) = (channel.clone(), queue.to_owned());
-                checking = Some(Box::pin(async move {
-                    tokio::time::timeout(CHECK_TIMEOUT, topology::inspect_queue(&ch, &q)).await
-                }));
-            }
-            r = async {
-                match checking.as_mut() {
-                    Some(f) => f.await,
-                    None => std::future::pending().await,
-                }
-            }, if checking.is_some() => {
-                checking = None;
-                match r {
-                    Ok(Ok((consumers, messages))) => {
-                        unanswered = 0;
-                        ctx.shared.update_sub(queue, |s| {
-                            s.broker_consumers = Some((consumers, SystemTime::now()));
-                            s.broker_messages = Some(messages);
-                        });
-                        if consumers == 0 {
-                            metrics::zombie(queue);
-                            ctx.shared.update_sub(queue, |s| s.zombies += 1);
-                            break End::Lost("broker reports no consumer on the queue (zombie)".to_owned());
-                        }
-                    }
-                    Ok(Err(e)) => break End::Lost(format!("consumer check failed: {e}")),
-                    Err(_) => {
-                        unanswered += 1;
-                        ctx.shared.update_sub(queue, |s| s.check_timeouts += 1);
-                        if unanswered >= CHECK_STRIKES {
-                            break End::Lost(format!(
-                                "{unanswered} consumer checks in a row got no answer within {CHECK_TIMEOUT:?}"
-                            ));
-                        }
-                        warn!(queue, unanswered, "Consumer check got no answer in time; the link may be congested, checking again.");
-                    }
-                }
-            }
-        }
-    };
-    // Send what is finished before the channel goes.
-    if channel.status().connected() {
-        for f in book.flush(Instant::now(), Duration::ZERO) {
-            send(f);
+            debug!(queue = self.queue, error = %e, "Ack not sent; the channel is gone and the broker redelivers.");
         }
     }
-    end
+
+    /// Deliveries from the broker: `first`, then everything already
+    /// buffered, up to a burst. An error or the stream's end ends the pump.
+    async fn deliveries(
+        &mut self,
+        first: Option<lapin::Result<lapin::message::Delivery>>,
+    ) -> Option<End> {
+        // Hand over everything already buffered, up to a burst.
+        let mut next = Some(first);
+        let mut handled = 0;
+        while let Some(item) = next.take() {
+            let d = match item {
+                Some(Ok(d)) => d,
+                Some(Err(e)) => {
+                    let class = classify(&e);
+                    let why = format!("consumer error ({class}): {e}");
+                    return Some(if class == FailureClass::ConsumerTimeout {
+                        End::TimedOut(why)
+                    } else {
+                        End::Lost(why)
+                    });
+                }
+                None => return Some(stream_ended(self.channel, self.book.outstanding())),
+            };
+            self.book.delivered(d.delivery_tag);
+            let delivery = self.delivery(d);
+            if let Some(end) = self.hand_over(delivery).await {
+                return Some(end);
+            }
+            handled += 1;
+            if handled < BURST {
+                next = self.consumer.next().now_or_never();
+            }
+        }
+        None
+    }
+
+    /// `d` as the subscriber gets it, with its acker.
+    fn delivery(&self, d: lapin::message::Delivery) -> Delivery {
+        Delivery {
+            body: Bytes::from(d.data),
+            exchange: d.exchange.as_str().to_owned(),
+            routing_key: d.routing_key.as_str().to_owned(),
+            queue: self.queue.to_owned(),
+            properties: from_basic_properties(&d.properties),
+            redelivered: d.redelivered,
+            delivery_tag: d.delivery_tag,
+            generation: self.ctx.generation,
+            acker: DeliveryAcker {
+                tx: self.ack_tx.clone(),
+                current: self.current.clone(),
+                queue: self.queue_arc.clone(),
+                epoch: self.epoch,
+                tag: d.delivery_tag,
+                done: false,
+            },
+        }
+    }
+
+    /// Give `delivery` to the subscriber, waiting while its buffer is
+    /// full. The subscriber gone, or the session aborted, ends the pump.
+    async fn hand_over(&mut self, delivery: Delivery) -> Option<End> {
+        match self.tx.try_send(delivery) {
+            Ok(()) => None,
+            Err(mpsc::error::TrySendError::Full(delivery)) => {
+                // Cancel-safe enough: on abort the delivery is
+                // dropped and the broker redelivers it.
+                tokio::select! {
+                    biased;
+                    _ = self.ctx.abort.cancelled() => Some(End::Aborted),
+                    r = self.tx.send(delivery) => r.is_err().then_some(End::Stopped),
+                }
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                info!(
+                    queue = self.queue,
+                    "Subscriber went away; cancelling the consumer."
+                );
+                Some(End::Stopped)
+            }
+        }
+    }
+
+    /// Start a broker-side check of the consumer.
+    fn start_check(&mut self) {
+        let (ch, q) = (self.channel.clone(), self.queue.to_owned());
+        self.checking = Some(Box::pin(async move {
+            tokio::time::timeout(CHECK_TIMEOUT, topology::inspect_queue(&ch, &q)).await
+        }));
+    }
+
+    /// The check's answer. No consumer on the broker (a zombie), a failed
+    /// check, or [`CHECK_STRIKES`] unanswered ones in a row end the pump.
+    fn checked(&mut self, r: CheckOutcome) -> Option<End> {
+        self.checking = None;
+        let queue = self.queue;
+        match r {
+            Ok(Ok((consumers, messages))) => {
+                self.unanswered = 0;
+                self.ctx.shared.update_sub(queue, |s| {
+                    s.broker_consumers = Some((consumers, SystemTime::now()));
+                    s.broker_messages = Some(messages);
+                });
+                if consumers == 0 {
+                    metrics::zombie(queue);
+                    self.ctx.shared.update_sub(queue, |s| s.zombies += 1);
+                    return Some(End::Lost(
+                        "broker reports no consumer on the queue (zombie)".to_owned(),
+                    ));
+                }
+            }
+            Ok(Err(e)) => return Some(End::Lost(format!("consumer check failed: {e}"))),
+            Err(_) => {
+                self.unanswered += 1;
+                let unanswered = self.unanswered;
+                self.ctx.shared.update_sub(queue, |s| s.check_timeouts += 1);
+                if unanswered >= CHECK_STRIKES {
+                    return Some(End::Lost(format!(
+                        "{unanswered} consumer checks in a row got no answer within {CHECK_TIMEOUT:?}"
+                    )));
+                }
+                warn!(
+                    queue,
+                    unanswered,
+                    "Consumer check got no answer in time; the link may be congested, checking again."
+                );
+            }
+        }
+        None
+    }
 }

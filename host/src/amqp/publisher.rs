@@ -8,11 +8,12 @@
 //! pipelined on the one channel. It never buffers while disconnected; the
 //! caller decides (the outbox spools).
 
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{Channel, Confirmation, Connection};
+use lapin::{Channel, Confirmation, Connection, PublisherConfirm};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -241,31 +242,8 @@ impl Publisher {
         pinned: Option<&mut Option<u64>>,
     ) -> Result<PendingConfirm, PublishError> {
         let timeout = self.confirm_timeout;
-        let mut status = self.status.clone();
-        // While blocked, wait (bounded by the deadline) for unblocked.
-        loop {
-            let blocked = status.borrow_and_update().is_blocked();
-            if !blocked {
-                break;
-            }
-            match until(deadline, status.changed()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => return Err(PublishError::NotConnected),
-                Err(_) => return Err(PublishError::Blocked(timeout)),
-            }
-        }
-        let link = match pinned {
-            Some(Some(epoch)) => match self.link.borrow().as_ref() {
-                Some(l) if l.epoch == *epoch && l.channel.status().connected() => l.clone(),
-                _ => return Err(PublishError::NotConnected),
-            },
-            Some(pin) => {
-                let link = self.current_link(deadline).await?;
-                *pin = Some(link.epoch);
-                link
-            }
-            None => self.current_link(deadline).await?,
-        };
+        self.wait_unblocked(deadline).await?;
+        let link = self.link_for(pinned, deadline).await?;
         let screened = until(
             deadline,
             self.screen.check(&link.conn, link.generation, msg),
@@ -298,8 +276,62 @@ impl Publisher {
             Ok(r) => r.map_err(|e| self.lost(generation, &subject, e))?,
             Err(_) => return Err(PublishError::ConfirmTimeout(timeout)),
         };
+        Ok(self.confirmed(confirm, generation, subject, deadline))
+    }
+
+    /// While the broker blocks publishing, wait (bounded by the deadline)
+    /// for it to unblock.
+    async fn wait_unblocked(
+        &self,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<(), PublishError> {
+        let mut status = self.status.clone();
+        loop {
+            let blocked = status.borrow_and_update().is_blocked();
+            if !blocked {
+                return Ok(());
+            }
+            match until(deadline, status.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(PublishError::NotConnected),
+                Err(_) => return Err(PublishError::Blocked(self.confirm_timeout)),
+            }
+        }
+    }
+
+    /// The channel to send on. A window's pinned channel must still be the
+    /// open one; a window without one yet is pinned to the current one.
+    async fn link_for(
+        &self,
+        pinned: Option<&mut Option<u64>>,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<PublisherLink, PublishError> {
+        match pinned {
+            Some(Some(epoch)) => match self.link.borrow().as_ref() {
+                Some(l) if l.epoch == *epoch && l.channel.status().connected() => Ok(l.clone()),
+                _ => Err(PublishError::NotConnected),
+            },
+            Some(pin) => {
+                let link = self.current_link(deadline).await?;
+                *pin = Some(link.epoch);
+                Ok(link)
+            }
+            None => self.current_link(deadline).await,
+        }
+    }
+
+    /// The broker's answer to a sent publish, within the deadline: the
+    /// session's generation when it took the message.
+    fn confirmed(
+        &self,
+        confirm: PublisherConfirm,
+        generation: u64,
+        subject: Subject,
+        deadline: Option<tokio::time::Instant>,
+    ) -> PendingConfirm {
+        let timeout = self.confirm_timeout;
         let this = self.clone();
-        Ok(Box::pin(async move {
+        Box::pin(async move {
             let outcome = match until(deadline, confirm).await {
                 Ok(r) => r.map_err(|e| this.lost(generation, &subject, e))?,
                 Err(_) => return Err(PublishError::ConfirmTimeout(timeout)),
@@ -318,7 +350,7 @@ impl Publisher {
                     channel_only: false,
                 }),
             }
-        }))
+        })
     }
 
     /// The confirm channel. While the session is up but the channel is
@@ -412,75 +444,109 @@ pub(crate) async fn keep_channel(
     abort: CancellationToken,
     failures: mpsc::UnboundedSender<Failure>,
 ) {
-    let mut retry = Duration::from_millis(50);
-    loop {
-        let opened = async {
-            let ch = conn.create_channel().await?;
-            ch.confirm_select(ConfirmSelectOptions::default()).await?;
-            Ok::<_, lapin::Error>(ch)
-        };
-        let channel = tokio::select! {
-            biased;
-            _ = abort.cancelled() => break,
-            r = opened => match r {
-                Ok(ch) => ch,
-                Err(e) => {
-                    if is_connection_level(&e) || !conn.status().connected() {
-                        let _ = failures.send(Failure::from_lapin(&e, Some(generation)));
-                        break;
+    let keeper = Keeper {
+        conn,
+        generation,
+        link,
+        abort,
+        failures,
+    };
+    while let Some(channel) = keeper.open().await {
+        if keeper.serve(channel).await.is_break() {
+            return;
+        }
+        keeper.link.send_replace(None);
+        if !keeper.conn.status().connected() {
+            break;
+        }
+        debug!(generation, "Publish channel closed; re-opening it.");
+    }
+    keeper.link.send_replace(None);
+}
+
+/// What [`keep_channel`] works with.
+struct Keeper {
+    conn: Arc<Connection>,
+    generation: u64,
+    link: watch::Sender<Option<PublisherLink>>,
+    abort: CancellationToken,
+    failures: mpsc::UnboundedSender<Failure>,
+}
+
+impl Keeper {
+    /// A new channel in confirm mode, retried (50 ms doubling up to 2 s)
+    /// while the connection is up. `None` once the session is over; a
+    /// connection-level failure is reported.
+    async fn open(&self) -> Option<Channel> {
+        let generation = self.generation;
+        let mut retry = Duration::from_millis(50);
+        loop {
+            let opened = async {
+                let ch = self.conn.create_channel().await?;
+                ch.confirm_select(ConfirmSelectOptions::default()).await?;
+                Ok::<_, lapin::Error>(ch)
+            };
+            let e = tokio::select! {
+                biased;
+                _ = self.abort.cancelled() => return None,
+                r = opened => match r {
+                    Ok(channel) => {
+                        debug!(generation, channel = channel.id(), "Publish channel open in confirm mode.");
+                        return Some(channel);
                     }
-                    warn!(generation, error = %e, "Cannot open the publish channel; retrying.");
-                    tokio::select! {
-                        biased;
-                        _ = abort.cancelled() => break,
-                        _ = tokio::time::sleep(retry) => {}
-                    }
-                    retry = (retry * 2).min(Duration::from_secs(2));
-                    continue;
-                }
-            },
-        };
-        retry = Duration::from_millis(50);
-        debug!(
-            generation,
-            channel = channel.id(),
-            "Publish channel open in confirm mode."
-        );
+                    Err(e) => e,
+                },
+            };
+            if is_connection_level(&e) || !self.conn.status().connected() {
+                let _ = self
+                    .failures
+                    .send(Failure::from_lapin(&e, Some(generation)));
+                return None;
+            }
+            warn!(generation, error = %e, "Cannot open the publish channel; retrying.");
+            tokio::select! {
+                biased;
+                _ = self.abort.cancelled() => return None,
+                _ = tokio::time::sleep(retry) => {}
+            }
+            retry = (retry * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// Publish `channel` as the link and watch it. `Continue` when it
+    /// closed or was retired (open another), `Break` when the session is
+    /// over (the channel closed here).
+    async fn serve(&self, channel: Channel) -> ControlFlow<()> {
+        let generation = self.generation;
         let retire = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        link.send_replace(Some(PublisherLink {
+        self.link.send_replace(Some(PublisherLink {
             generation,
             epoch: CHANNEL_EPOCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             channel: channel.clone(),
-            conn: conn.clone(),
+            conn: self.conn.clone(),
             retire: retire.clone(),
         }));
         let mut poll = tokio::time::interval(Duration::from_millis(50));
         loop {
             tokio::select! {
                 biased;
-                _ = abort.cancelled() => {
-                    link.send_replace(None);
+                _ = self.abort.cancelled() => {
+                    self.link.send_replace(None);
                     let _ = tokio::time::timeout(Duration::from_secs(1), channel.close(200, "session over".into())).await;
-                    return;
+                    return ControlFlow::Break(());
                 }
                 _ = poll.tick() => {
                     if retire.load(std::sync::atomic::Ordering::Relaxed) {
                         warn!(generation, channel = channel.id(), "No confirm for a long time on a live connection; replacing the publish channel.");
-                        link.send_replace(None);
+                        self.link.send_replace(None);
                         let _ = tokio::time::timeout(Duration::from_secs(1), channel.close(200, "replaced: no confirms".into())).await;
-                        break;
+                        return ControlFlow::Continue(());
                     }
                     if !channel.status().connected() {
-                        break;
+                        return ControlFlow::Continue(());
                     }
                 }
             }
         }
-        link.send_replace(None);
-        if !conn.status().connected() {
-            break;
-        }
-        debug!(generation, "Publish channel closed; re-opening it.");
     }
-    link.send_replace(None);
 }

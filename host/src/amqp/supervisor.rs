@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use futures::stream::BoxStream;
 use lapin::uri::AMQPUri;
 use lapin::{Connection, ConnectionProperties, Event};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -29,6 +30,7 @@ use super::backoff::{Backoff, BackoffConfig};
 use super::consumer::{self, ConsumerCtx, Delivery, SubscriptionConfig, SubscriptionStatus};
 use super::failure::{AmqpError, Failure, FailureClass, classify, is_connection_level};
 use super::metrics;
+use super::outage_log::OutageLog;
 use super::publisher::{self, Publisher, PublisherLink};
 use super::server::{self, ServerInfo};
 use super::topology::{self, ArgumentDiff, Topology, TopologyRegistry};
@@ -271,6 +273,11 @@ impl Shared {
         subs.keys().cloned().collect()
     }
 
+    /// Registered, but its subscriber dropped the receiver.
+    fn receiver_gone(&self, queue: &str) -> bool {
+        self.sub(queue).is_some_and(|(_, tx)| tx.is_closed())
+    }
+
     fn remove_sub(&self, queue: &str) {
         let mut subs = match self.subs.lock() {
             Ok(s) => s,
@@ -401,15 +408,12 @@ impl Amqp {
     /// Run until `cancel` fires, then stop cleanly: cancel consumers, wait
     /// for in-flight acks, close channels, close the connection.
     pub async fn run(mut self, cancel: CancellationToken) {
-        let mut backoff = Backoff::new(self.config.backoff);
-        let mut last_logged: Option<(FailureClass, String)> = None;
-        let mut outage = super::outage_log::OutageLog::default();
-        let mut generation = 0u64;
+        let mut retry = Retry::new(self.config.backoff);
         loop {
             if cancel.is_cancelled() {
                 break;
             }
-            let attempt = backoff.attempt();
+            let attempt = retry.backoff.attempt();
             self.shared
                 .set_state(ConnectionState::Connecting { attempt });
             self.shared.status.send_modify(|s| s.connect_attempts += 1);
@@ -418,27 +422,11 @@ impl Amqp {
                 _ = cancel.cancelled() => break,
                 r = self.connect() => r,
             };
-            let mut refused = false;
-            let failure = match connected {
+            let (failure, refused) = match connected {
                 Ok((conn, uri, endpoint)) => {
-                    generation += 1;
-                    last_logged = None;
-                    outage.connected(Instant::now());
-                    let started = Instant::now();
-                    self.shared
-                        .status
-                        .send_modify(|s| s.endpoint = Some(endpoint));
-                    let outcome = self.session(conn, &uri, generation, &cancel).await;
-                    if started.elapsed() >= self.config.healthy_after {
-                        backoff.reset();
-                    }
-                    match outcome {
+                    match self.serve(conn, &uri, endpoint, &mut retry, &cancel).await {
                         None => break,
-                        Some(f) => {
-                            metrics::reconnect(f.class);
-                            outage.session_lost(generation, &f, Instant::now());
-                            f
-                        }
+                        Some(f) => (f, false),
                     }
                 }
                 Err(ConnectFailed {
@@ -446,51 +434,13 @@ impl Amqp {
                     all_refused,
                 }) => {
                     metrics::connect_failure(failure.class);
-                    outage.connect_failed(&failure, failure.class.is_slow_retry(), Instant::now());
-                    refused = all_refused;
-                    failure
+                    let loud = failure.class.is_slow_retry();
+                    retry.outage.connect_failed(&failure, loud, Instant::now());
+                    (failure, all_refused)
                 }
             };
-            let delay = if failure.class.is_slow_retry() {
-                backoff.slow_delay()
-            } else if refused {
-                backoff.next_delay_within(self.config.refused_retry)
-            } else {
-                backoff.next_delay()
-            };
-            let attempt = backoff.attempt();
-            let slow = failure.class.is_slow_retry();
-            let key = (failure.class, failure.message.clone());
-            if slow && last_logged.as_ref() != Some(&key) {
-                error!(class = %failure.class, error = %failure.message, ?delay, "Broker refused the connection; operator action needed, retrying slowly.");
-                last_logged = Some(key);
-            }
-            let state = if failure.class.is_auth() {
-                ConnectionState::AuthFailed {
-                    attempt,
-                    failure: failure.clone(),
-                }
-            } else {
-                ConnectionState::Recovering {
-                    attempt,
-                    failure: failure.clone(),
-                }
-            };
-            self.shared.status.send_modify(|s| {
-                s.last_failure = Some(failure);
-                s.state = state;
-            });
-            metrics::connected(false);
-            let wake = tokio::time::Instant::now() + delay;
-            loop {
-                tokio::select! {
-                    biased;
-                    _ = cancel.cancelled() => break,
-                    _ = tokio::time::sleep_until(wake) => break,
-                    // Cancel-safe: a command is either handled here or not taken.
-                    Some(cmd) = self.commands.recv() => self.offline_command(cmd),
-                }
-            }
+            let delay = self.recovering(&mut retry, failure, refused);
+            self.wait_offline(delay, &cancel).await;
         }
         self.publisher_link.send_replace(None);
         for queue in self.shared.sub_names() {
@@ -498,6 +448,89 @@ impl Amqp {
         }
         self.shared.set_state(ConnectionState::Stopped);
         info!("AMQP supervisor stopped.");
+    }
+
+    /// A session on a fresh connection, accounted for in `retry`: a session
+    /// that lived long enough resets the backoff. Returns `None` after a
+    /// clean stop, or the failure that ended it.
+    async fn serve(
+        &mut self,
+        conn: Connection,
+        uri: &AMQPUri,
+        endpoint: String,
+        retry: &mut Retry,
+        cancel: &CancellationToken,
+    ) -> Option<Failure> {
+        retry.generation += 1;
+        retry.last_logged = None;
+        retry.outage.connected(Instant::now());
+        let started = Instant::now();
+        self.shared
+            .status
+            .send_modify(|s| s.endpoint = Some(endpoint));
+        let outcome = self.session(conn, uri, retry.generation, cancel).await;
+        if started.elapsed() >= self.config.healthy_after {
+            retry.backoff.reset();
+        }
+        let failure = outcome?;
+        metrics::reconnect(failure.class);
+        retry
+            .outage
+            .session_lost(retry.generation, &failure, Instant::now());
+        Some(failure)
+    }
+
+    /// After a failed connect or a lost session: the wait before the next
+    /// attempt (slow after a refusal that needs an operator, short when
+    /// nothing listened, else the backoff), an ERROR for such a refusal
+    /// (once while it repeats), and the state to publish.
+    fn recovering(&self, retry: &mut Retry, failure: Failure, refused: bool) -> Duration {
+        let slow = failure.class.is_slow_retry();
+        let delay = if slow {
+            retry.backoff.slow_delay()
+        } else if refused {
+            retry.backoff.next_delay_within(self.config.refused_retry)
+        } else {
+            retry.backoff.next_delay()
+        };
+        let attempt = retry.backoff.attempt();
+        let key = (failure.class, failure.message.clone());
+        if slow && retry.last_logged.as_ref() != Some(&key) {
+            error!(class = %failure.class, error = %failure.message, ?delay, "Broker refused the connection; operator action needed, retrying slowly.");
+            retry.last_logged = Some(key);
+        }
+        let state = if failure.class.is_auth() {
+            ConnectionState::AuthFailed {
+                attempt,
+                failure: failure.clone(),
+            }
+        } else {
+            ConnectionState::Recovering {
+                attempt,
+                failure: failure.clone(),
+            }
+        };
+        self.shared.status.send_modify(|s| {
+            s.last_failure = Some(failure);
+            s.state = state;
+        });
+        metrics::connected(false);
+        delay
+    }
+
+    /// Wait `delay` before the next connect, answering commands meanwhile;
+    /// ends early when `cancel` fires.
+    async fn wait_offline(&mut self, delay: Duration, cancel: &CancellationToken) {
+        let wake = tokio::time::Instant::now() + delay;
+        loop {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                _ = tokio::time::sleep_until(wake) => break,
+                // Cancel-safe: a command is either handled here or not taken.
+                Some(cmd) = self.commands.recv() => self.offline_command(cmd),
+            }
+        }
     }
 
     fn offline_command(&self, cmd: Command) {
@@ -576,17 +609,33 @@ impl Amqp {
         cancel: &CancellationToken,
     ) -> Option<Failure> {
         let conn = Arc::new(conn);
-        let mut events = conn.events_listener();
+        let events = conn.events_listener().boxed();
+        if let Err(failure) = self.declare_session(&conn, uri, generation).await {
+            return Some(failure);
+        }
+        Session::start(self, conn, events, generation)
+            .run(cancel)
+            .await
+    }
+
+    /// Declare the registry's topology on a new session and learn which
+    /// broker it talks to. A declaration that fails is recorded and the
+    /// subscriptions that need it retry; a connection lost meanwhile ends
+    /// the session.
+    async fn declare_session(
+        &self,
+        conn: &Connection,
+        uri: &AMQPUri,
+        generation: u64,
+    ) -> Result<(), Failure> {
         self.shared.status.send_modify(|s| {
             s.generation = generation;
             s.state = ConnectionState::Declaring;
             s.session_started = Some(std::time::Instant::now());
         });
         let topology = self.shared.topology.snapshot();
-        let (errors, server) = tokio::join!(
-            declare_all(&conn, &topology, &self.shared),
-            server::ask(uri),
-        );
+        let (errors, server) =
+            tokio::join!(declare_all(conn, &topology, &self.shared), server::ask(uri),);
         self.shared.status.send_modify(|s| s.server = Some(server));
         if let Some(e) = errors
             .iter()
@@ -596,7 +645,7 @@ impl Amqp {
         }
         let declaration_errors = errors.iter().map(ToString::to_string).collect();
         if !conn.status().connected() {
-            return Some(Failure::new(
+            return Err(Failure::new(
                 FailureClass::Other,
                 "connection closed while declaring the topology",
                 Some(generation),
@@ -606,206 +655,351 @@ impl Amqp {
             s.declaration_errors = declaration_errors;
         });
         info!(generation, connection_name = %self.config.connection_name(), "AMQP session established.");
+        Ok(())
+    }
+}
 
-        let abort = CancellationToken::new();
-        let graceful = CancellationToken::new();
-        let (failures_tx, mut failures) = mpsc::unbounded_channel::<Failure>();
-        let mut consumers: JoinSet<String> = JoinSet::new();
-        let mut running: HashMap<String, (CancellationToken, Vec<oneshot::Sender<()>>)> =
-            HashMap::new();
-        let mut side: JoinSet<()> = JoinSet::new();
-        side.spawn(publisher::keep_channel(
-            conn.clone(),
-            generation,
-            self.publisher_link.clone(),
-            abort.clone(),
-            failures_tx.clone(),
-        ));
-        let ctx = |queue: &str, stop: CancellationToken| ConsumerCtx {
-            conn: conn.clone(),
-            generation,
-            queue: queue.to_owned(),
-            shared: self.shared.clone(),
-            stop,
-            abort: abort.clone(),
-            failures: failures_tx.clone(),
-            check_interval: self.config.consumer_check_interval,
-            flush_interval: self.config.ack_flush_interval,
-            drain_timeout: self.config.drain_timeout,
-            backoff: self.config.backoff,
-        };
-        for queue in self.shared.sub_names() {
-            let stop = graceful.child_token();
-            consumers.spawn(consumer::run(ctx(&queue, stop.clone())));
-            running.insert(queue, (stop, Vec::new()));
+/// What the reconnect loop in [`Amqp::run`] carries from one attempt to
+/// the next.
+struct Retry {
+    backoff: Backoff,
+    /// The last refusal logged at ERROR, so a repeat is not logged again.
+    last_logged: Option<(FailureClass, String)>,
+    outage: OutageLog,
+    /// The generation of the last session; 0 before the first.
+    generation: u64,
+}
+
+impl Retry {
+    fn new(backoff: BackoffConfig) -> Self {
+        Self {
+            backoff: Backoff::new(backoff),
+            last_logged: None,
+            outage: OutageLog::default(),
+            generation: 0,
         }
-        self.shared.set_state(if conn.status().blocked() {
-            ConnectionState::Blocked {
-                reason: "blocked at connect".to_owned(),
-            }
-        } else {
-            ConnectionState::Running
-        });
+    }
+}
 
-        let mut watchdog = tokio::time::interval(self.config.watchdog_interval);
+/// A running session: the tasks it started and what its loop carries from
+/// one event to the next. [`Session::run`] handles one event per method and
+/// ends in [`Session::stop`] (cancelled) or [`Session::tear_down`] (failed).
+struct Session<'a> {
+    amqp: &'a mut Amqp,
+    conn: Arc<Connection>,
+    generation: u64,
+    events: BoxStream<'static, Event>,
+    /// Ends the publish channel's keeper and every consumer at once.
+    abort: CancellationToken,
+    /// Parent of every consumer's stop token: consumers drain and stop.
+    graceful: CancellationToken,
+    /// Failure reports from the session's tasks.
+    failures_tx: mpsc::UnboundedSender<Failure>,
+    failures: mpsc::UnboundedReceiver<Failure>,
+    consumers: JoinSet<String>,
+    /// Each running consumer's stop token, and the removal requests
+    /// waiting for it to end.
+    running: HashMap<String, (CancellationToken, Vec<oneshot::Sender<()>>)>,
+    /// The publish channel's keeper.
+    side: JoinSet<()>,
+    watchdog: tokio::time::Interval,
+    /// The last channel-level error, to name if the watchdog finds the
+    /// connection gone.
+    last_error: Option<lapin::Error>,
+}
+
+impl<'a> Session<'a> {
+    /// Start the publish channel's keeper and one consumer per
+    /// subscription, then publish the session as running (or blocked).
+    fn start(
+        amqp: &'a mut Amqp,
+        conn: Arc<Connection>,
+        events: BoxStream<'static, Event>,
+        generation: u64,
+    ) -> Self {
+        let (failures_tx, failures) = mpsc::unbounded_channel::<Failure>();
+        let mut watchdog = tokio::time::interval(amqp.config.watchdog_interval);
         watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_error: Option<lapin::Error> = None;
+        let mut session = Session {
+            amqp,
+            conn,
+            generation,
+            events,
+            abort: CancellationToken::new(),
+            graceful: CancellationToken::new(),
+            failures_tx,
+            failures,
+            consumers: JoinSet::new(),
+            running: HashMap::new(),
+            side: JoinSet::new(),
+            watchdog,
+            last_error: None,
+        };
+        session.side.spawn(publisher::keep_channel(
+            session.conn.clone(),
+            generation,
+            session.amqp.publisher_link.clone(),
+            session.abort.clone(),
+            session.failures_tx.clone(),
+        ));
+        for queue in session.amqp.shared.sub_names() {
+            session.start_consumer(queue);
+        }
+        session
+            .amqp
+            .shared
+            .set_state(if session.conn.status().blocked() {
+                ConnectionState::Blocked {
+                    reason: "blocked at connect".to_owned(),
+                }
+            } else {
+                ConnectionState::Running
+            });
+        session
+    }
+
+    /// Handle events until `cancel` fires (a clean stop, `None`) or one
+    /// ends the session (its failure, after the teardown).
+    async fn run(mut self, cancel: &CancellationToken) -> Option<Failure> {
         let failure = loop {
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break None,
-                Some(f) = failures.recv() => {
-                    if f.generation == Some(generation) {
-                        break Some(f);
-                    }
-                    debug!(generation, stale = ?f.generation, "Ignoring a failure report from an older session.");
-                }
-                ev = events.next() => match ev {
-                    Some(Event::Error(e)) if is_connection_level(&e) => {
-                        break Some(Failure::from_lapin(&e, Some(generation)));
-                    }
-                    Some(Event::Error(e)) => {
-                        debug!(generation, error = %e, class = %classify(&e), "Channel-level error; its owner repairs it.");
-                        last_error = Some(e);
-                    }
-                    Some(Event::ConnectionBlocked(reason)) => {
-                        warn!(generation, %reason, "Broker blocked publishing.");
-                        self.shared.set_state(ConnectionState::Blocked { reason });
-                    }
-                    Some(Event::ConnectionUnblocked) => {
-                        info!(generation, "Broker unblocked publishing.");
-                        self.shared.set_state(ConnectionState::Running);
-                    }
-                    Some(_) => {}
-                    None => break Some(Failure::new(FailureClass::Other, "connection event stream ended", Some(generation))),
-                },
-                _ = watchdog.tick() => {
-                    if !conn.status().connected() {
-                        let f = match &last_error {
-                            Some(e) if is_connection_level(e) => Failure::from_lapin(e, Some(generation)),
-                            _ => Failure::new(FailureClass::Other, "connection is no longer connected (watchdog)", Some(generation)),
-                        };
+                Some(f) = self.failures.recv() => {
+                    if let Some(f) = self.failure_report(f) {
                         break Some(f);
                     }
                 }
-                Some(cmd) = self.commands.recv() => match cmd {
-                    Command::Start(queue) => {
-                        if let std::collections::hash_map::Entry::Vacant(slot) = running.entry(queue.clone()) {
-                            let stop = graceful.child_token();
-                            consumers.spawn(consumer::run(ctx(&queue, stop.clone())));
-                            slot.insert((stop, Vec::new()));
-                        }
-                    }
-                    Command::Stop(queue, done) => match running.get_mut(&queue) {
-                        Some((stop, waiters)) => {
-                            stop.cancel();
-                            waiters.push(done);
-                        }
-                        None => {
-                            self.shared.remove_sub(&queue);
-                            let _ = done.send(());
-                        }
-                    },
-                    Command::Declare(t, done) => {
-                        self.shared.topology.merge(t.clone());
-                        let res = match declare_all(&conn, &t, &self.shared).await.into_iter().next() {
-                            Some(e) => Err(e),
-                            None => Ok(()),
-                        };
-                        let _ = done.send(res);
-                    }
-                },
-                Some(joined) = consumers.join_next() => {
-                    let queue = match joined {
-                        Ok(q) => q,
-                        Err(e) => { error!(generation, error = %e, "Consumer task failed."); continue; }
-                    };
-                    if let Some((_, waiters)) = running.remove(&queue) {
-                        // Only a removal request leaves waiters.
-                        if !waiters.is_empty() {
-                            self.shared.remove_sub(&queue);
-                            for w in waiters { let _ = w.send(()); }
-                        } else if !abort.is_cancelled() && self.shared.sub(&queue).is_some() {
-                            // Its receiver is gone or it gave up on this
-                            // connection; a failure report (if any) decides.
-                            if conn.status().connected() && !self.shared.sub(&queue).is_some_and(|(_, tx)| tx.is_closed()) {
-                                let stop = graceful.child_token();
-                                consumers.spawn(consumer::run(ctx(&queue, stop.clone())));
-                                running.insert(queue, (stop, waiters));
-                            } else if self.shared.sub(&queue).is_some_and(|(_, tx)| tx.is_closed()) {
-                                self.shared.remove_sub(&queue);
-                            }
-                        }
+                ev = self.events.next() => {
+                    if let Some(f) = self.connection_event(ev) {
+                        break Some(f);
                     }
                 }
+                _ = self.watchdog.tick() => {
+                    if let Some(f) = self.watchdog_check() {
+                        break Some(f);
+                    }
+                }
+                // Cancel-safe: a command is either handled here or not taken.
+                Some(cmd) = self.amqp.commands.recv() => self.command(cmd).await,
+                Some(joined) = self.consumers.join_next() => self.consumer_ended(joined),
             }
         };
+        match failure {
+            None => self.stop().await,
+            Some(_) => self.tear_down().await,
+        }
+        failure
+    }
 
-        match &failure {
+    /// A task's failure report: it ends the session unless it is from an
+    /// older one.
+    fn failure_report(&self, f: Failure) -> Option<Failure> {
+        if f.generation == Some(self.generation) {
+            return Some(f);
+        }
+        debug!(generation = self.generation, stale = ?f.generation, "Ignoring a failure report from an older session.");
+        None
+    }
+
+    /// An event of the connection; a connection-level error, or the end of
+    /// the events, ends the session. A channel-level error is its owner's
+    /// to repair.
+    fn connection_event(&mut self, ev: Option<Event>) -> Option<Failure> {
+        let generation = self.generation;
+        match ev {
+            Some(Event::Error(e)) if is_connection_level(&e) => {
+                return Some(Failure::from_lapin(&e, Some(generation)));
+            }
+            Some(Event::Error(e)) => {
+                debug!(generation, error = %e, class = %classify(&e), "Channel-level error; its owner repairs it.");
+                self.last_error = Some(e);
+            }
+            Some(Event::ConnectionBlocked(reason)) => {
+                warn!(generation, %reason, "Broker blocked publishing.");
+                self.amqp
+                    .shared
+                    .set_state(ConnectionState::Blocked { reason });
+            }
+            Some(Event::ConnectionUnblocked) => {
+                info!(generation, "Broker unblocked publishing.");
+                self.amqp.shared.set_state(ConnectionState::Running);
+            }
+            Some(_) => {}
             None => {
-                // Clean stop: consumers first (they drain in-flight acks),
-                // then the publisher channel, then the connection.
-                self.shared.set_state(ConnectionState::Stopping);
-                graceful.cancel();
-                let drain = self.config.drain_timeout + Duration::from_secs(1);
-                if tokio::time::timeout(drain, async {
-                    while consumers.join_next().await.is_some() {}
-                })
-                .await
-                .is_err()
-                {
-                    warn!(
-                        generation,
-                        "Consumers did not drain in time; closing anyway."
-                    );
-                }
-                abort.cancel();
-                let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                    while side.join_next().await.is_some() {}
-                })
-                .await;
-                self.publisher_link.send_replace(None);
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(2),
-                    conn.close(200, "warren stopping".into()),
-                )
-                .await;
-                for (_, (_, waiters)) in running {
-                    for w in waiters {
-                        let _ = w.send(());
-                    }
+                return Some(Failure::new(
+                    FailureClass::Other,
+                    "connection event stream ended",
+                    Some(generation),
+                ));
+            }
+        }
+        None
+    }
+
+    /// The watchdog: a connection that is no longer connected ends the
+    /// session.
+    fn watchdog_check(&self) -> Option<Failure> {
+        if self.conn.status().connected() {
+            return None;
+        }
+        let generation = Some(self.generation);
+        Some(match &self.last_error {
+            Some(e) if is_connection_level(e) => Failure::from_lapin(e, generation),
+            _ => Failure::new(
+                FailureClass::Other,
+                "connection is no longer connected (watchdog)",
+                generation,
+            ),
+        })
+    }
+
+    /// A command from a handle, on the live connection.
+    async fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Start(queue) => {
+                if !self.running.contains_key(&queue) {
+                    self.start_consumer(queue);
                 }
             }
-            Some(_) => {
-                self.publisher_link.send_replace(None);
-                abort.cancel();
-                graceful.cancel();
-                let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                    while consumers.join_next().await.is_some() {}
-                    while side.join_next().await.is_some() {}
-                })
-                .await;
-                consumers.abort_all();
-                side.abort_all();
-                // Waiters of removals in progress: the subscription is gone.
-                for (queue, (_, waiters)) in running {
-                    if !waiters.is_empty() {
-                        self.shared.remove_sub(&queue);
-                        for w in waiters {
-                            let _ = w.send(());
-                        }
-                    }
+            Command::Stop(queue, done) => match self.running.get_mut(&queue) {
+                Some((stop, waiters)) => {
+                    stop.cancel();
+                    waiters.push(done);
                 }
-                if conn.status().connected() {
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(1),
-                        conn.close(320, "warren recovering".into()),
-                    )
-                    .await;
+                None => {
+                    self.amqp.shared.remove_sub(&queue);
+                    let _ = done.send(());
+                }
+            },
+            Command::Declare(t, done) => {
+                self.amqp.shared.topology.merge(t.clone());
+                let declared = declare_all(&self.conn, &t, &self.amqp.shared).await;
+                let res = match declared.into_iter().next() {
+                    Some(e) => Err(e),
+                    None => Ok(()),
+                };
+                let _ = done.send(res);
+            }
+        }
+    }
+
+    /// A consumer task ended: answer the removal that stopped it, or start
+    /// it again on the live connection, or forget a subscription whose
+    /// receiver is gone.
+    fn consumer_ended(&mut self, joined: Result<String, tokio::task::JoinError>) {
+        let queue = match joined {
+            Ok(q) => q,
+            Err(e) => {
+                error!(generation = self.generation, error = %e, "Consumer task failed.");
+                return;
+            }
+        };
+        let Some((_, waiters)) = self.running.remove(&queue) else {
+            return;
+        };
+        let shared = &self.amqp.shared;
+        // Only a removal request leaves waiters.
+        if !waiters.is_empty() {
+            shared.remove_sub(&queue);
+            for w in waiters {
+                let _ = w.send(());
+            }
+        } else if !self.abort.is_cancelled() && shared.sub(&queue).is_some() {
+            // Its receiver is gone or it gave up on this
+            // connection; a failure report (if any) decides.
+            if self.conn.status().connected() && !shared.receiver_gone(&queue) {
+                self.start_consumer(queue);
+            } else if shared.receiver_gone(&queue) {
+                shared.remove_sub(&queue);
+            }
+        }
+    }
+
+    /// Start the consumer task of `queue`.
+    fn start_consumer(&mut self, queue: String) {
+        let stop = self.graceful.child_token();
+        let ctx = ConsumerCtx {
+            conn: self.conn.clone(),
+            generation: self.generation,
+            queue: queue.clone(),
+            shared: self.amqp.shared.clone(),
+            stop: stop.clone(),
+            abort: self.abort.clone(),
+            failures: self.failures_tx.clone(),
+            check_interval: self.amqp.config.consumer_check_interval,
+            flush_interval: self.amqp.config.ack_flush_interval,
+            drain_timeout: self.amqp.config.drain_timeout,
+            backoff: self.amqp.config.backoff,
+        };
+        self.consumers.spawn(consumer::run(ctx));
+        self.running.insert(queue, (stop, Vec::new()));
+    }
+
+    /// Clean stop: consumers first (they drain in-flight acks),
+    /// then the publisher channel, then the connection.
+    async fn stop(mut self) {
+        self.amqp.shared.set_state(ConnectionState::Stopping);
+        self.graceful.cancel();
+        let drain = self.amqp.config.drain_timeout + Duration::from_secs(1);
+        if tokio::time::timeout(drain, async {
+            while self.consumers.join_next().await.is_some() {}
+        })
+        .await
+        .is_err()
+        {
+            warn!(
+                generation = self.generation,
+                "Consumers did not drain in time; closing anyway."
+            );
+        }
+        self.abort.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while self.side.join_next().await.is_some() {}
+        })
+        .await;
+        self.amqp.publisher_link.send_replace(None);
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            self.conn.close(200, "warren stopping".into()),
+        )
+        .await;
+        for (_, (_, waiters)) in self.running {
+            for w in waiters {
+                let _ = w.send(());
+            }
+        }
+    }
+
+    /// After a failure: everything stops at once, and the connection is
+    /// closed if it is still up.
+    async fn tear_down(mut self) {
+        self.amqp.publisher_link.send_replace(None);
+        self.abort.cancel();
+        self.graceful.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while self.consumers.join_next().await.is_some() {}
+            while self.side.join_next().await.is_some() {}
+        })
+        .await;
+        self.consumers.abort_all();
+        self.side.abort_all();
+        // Waiters of removals in progress: the subscription is gone.
+        for (queue, (_, waiters)) in self.running {
+            if !waiters.is_empty() {
+                self.amqp.shared.remove_sub(&queue);
+                for w in waiters {
+                    let _ = w.send(());
                 }
             }
         }
-        failure
+        if self.conn.status().connected() {
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                self.conn.close(320, "warren recovering".into()),
+            )
+            .await;
+        }
     }
 }
 
@@ -867,9 +1061,9 @@ async fn declare_all(conn: &Connection, t: &Topology, shared: &Shared) -> Vec<Am
 
 /// How long one declaration may take. A quorum queue whose leader was on a
 /// node that just died answers only after the rest of the cluster elected
-/// a new one; without a limit one such declaration held the whole session
-/// in `declaring`. A declaration that times out is reported like one that
-/// failed, and the consumer that needs it retries.
+/// a new one; without a limit one such declaration would hold the whole
+/// session in `declaring`. A declaration that times out is reported like
+/// one that failed, and the consumer that needs it retries.
 pub(crate) const DECLARE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// `declaration` within [`DECLARE_TIMEOUT`].
