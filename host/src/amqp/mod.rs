@@ -42,9 +42,7 @@ pub use failure::{AmqpError, Failure, FailureClass};
 pub use publisher::{PublishError, Publisher};
 pub use refusal::{Refusal, RefusalKind};
 pub use server::ServerInfo;
-pub use supervisor::{
-    Amqp, AmqpConfig, AmqpHandle, AmqpStatus, ConnectionState, Subscription, redact,
-};
+pub use supervisor::{Amqp, AmqpConfig, AmqpHandle, AmqpStatus, ConnectionState, Subscription};
 pub use topology::{
     ArgumentDiff, BindingSpec, ExchangeSpec, ExchangeType, QueueSpec, QueueType, Topology,
     TopologyRegistry,

@@ -34,6 +34,7 @@ use super::outage_log::OutageLog;
 use super::publisher::{self, Publisher, PublisherLink};
 use super::server::{self, ServerInfo};
 use super::topology::{self, ArgumentDiff, Topology, TopologyRegistry};
+use crate::secret::redact_url;
 
 /// Settings of one supervised connection. Plain data.
 #[derive(Clone)]
@@ -81,7 +82,7 @@ pub struct AmqpConfig {
 impl std::fmt::Debug for AmqpConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AmqpConfig")
-            .field("url", &redact(&self.url))
+            .field("url", &redact_url(&self.url))
             .field("role", &self.role)
             .field("heartbeat", &self.heartbeat)
             .field("backoff", &self.backoff)
@@ -108,20 +109,6 @@ impl AmqpConfig {
                 .unwrap_or_else(|_| "unknown".to_owned())
         });
         format!("warren@{host}/{}", self.role)
-    }
-}
-
-/// The URL with any password replaced, for logs and errors.
-pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let cred = &url[s + 3..at];
-            match cred.find(':') {
-                Some(c) => format!("{}{}:***{}", &url[..s + 3], &cred[..c], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
     }
 }
 
@@ -248,28 +235,19 @@ pub(crate) struct Shared {
 
 impl Shared {
     pub(crate) fn update_sub(&self, queue: &str, f: impl FnOnce(&mut SubscriptionStatus)) {
-        let mut subs = match self.subs.lock() {
-            Ok(s) => s,
-            Err(p) => p.into_inner(),
-        };
+        let mut subs = crate::sync::lock(&self.subs);
         if let Some(e) = subs.get_mut(queue) {
             f(&mut e.status);
         }
     }
 
     pub(crate) fn sub(&self, queue: &str) -> Option<(SubscriptionConfig, mpsc::Sender<Delivery>)> {
-        let subs = match self.subs.lock() {
-            Ok(s) => s,
-            Err(p) => p.into_inner(),
-        };
+        let subs = crate::sync::lock(&self.subs);
         subs.get(queue).map(|e| (e.config.clone(), e.tx.clone()))
     }
 
     fn sub_names(&self) -> Vec<String> {
-        let subs = match self.subs.lock() {
-            Ok(s) => s,
-            Err(p) => p.into_inner(),
-        };
+        let subs = crate::sync::lock(&self.subs);
         subs.keys().cloned().collect()
     }
 
@@ -279,10 +257,7 @@ impl Shared {
     }
 
     fn remove_sub(&self, queue: &str) {
-        let mut subs = match self.subs.lock() {
-            Ok(s) => s,
-            Err(p) => p.into_inner(),
-        };
+        let mut subs = crate::sync::lock(&self.subs);
         subs.remove(queue);
     }
 
@@ -361,11 +336,11 @@ impl Amqp {
             .chain(&config.more_urls)
             .map(|url| {
                 let mut uri = AMQPUri::from_str(url)
-                    .map_err(|e| AmqpError::InvalidUrl(format!("{}: {e}", redact(url))))?;
+                    .map_err(|e| AmqpError::InvalidUrl(format!("{}: {e}", redact_url(url))))?;
                 uri.query.heartbeat = Some(hb);
                 uri.query.connection_timeout =
                     Some(u64::try_from(config.connect_timeout.as_millis()).unwrap_or(u64::MAX));
-                Ok((uri, redact(url)))
+                Ok((uri, redact_url(url)))
             })
             .collect::<Result<Vec<_>, AmqpError>>()?;
         let (status, _) = watch::channel(AmqpStatus {
@@ -1144,10 +1119,7 @@ impl AmqpHandle {
         let queue = config.queue.clone();
         let (tx, rx) = mpsc::channel(config.buffer());
         {
-            let mut subs = match self.shared.subs.lock() {
-                Ok(s) => s,
-                Err(p) => p.into_inner(),
-            };
+            let mut subs = crate::sync::lock(&self.shared.subs);
             if subs.contains_key(&queue) {
                 return Err(AmqpError::DuplicateSubscription(queue));
             }
@@ -1193,10 +1165,7 @@ impl AmqpHandle {
     /// Status of every subscription: what Warren believes and the last
     /// broker-side consumer count.
     pub fn consumers(&self) -> Vec<SubscriptionStatus> {
-        let subs = match self.shared.subs.lock() {
-            Ok(s) => s,
-            Err(p) => p.into_inner(),
-        };
+        let subs = crate::sync::lock(&self.shared.subs);
         subs.values().map(|e| e.status.clone()).collect()
     }
 
@@ -1211,10 +1180,7 @@ impl AmqpHandle {
 
     /// Status of the subscription to `queue`.
     pub fn consumer(&self, queue: &str) -> Option<SubscriptionStatus> {
-        let subs = match self.shared.subs.lock() {
-            Ok(s) => s,
-            Err(p) => p.into_inner(),
-        };
+        let subs = crate::sync::lock(&self.shared.subs);
         subs.get(queue).map(|e| e.status.clone())
     }
 }
@@ -1222,15 +1188,6 @@ impl AmqpHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn redacts_password() {
-        assert_eq!(
-            redact("amqp://guest:secret@127.0.0.1:5672/%2f"),
-            "amqp://guest:***@127.0.0.1:5672/%2f"
-        );
-        assert_eq!(redact("amqp://127.0.0.1"), "amqp://127.0.0.1");
-    }
 
     #[test]
     fn invalid_url_never_shows_password() {
