@@ -537,8 +537,8 @@ impl<P: DrainPublisher> Drainer<P> {
                     self.drain_leased(&cancel, &mut backoff).await
                 }
                 Ok(false) => {
-                    // Another host drains: look again when its lease would
-                    // have been renewed.
+                    // Another host holds the lease: try again one renewal
+                    // period later.
                     self.shared.set_drainer_state(DrainerState::Standby);
                     if sleep_unless_cancelled(&cancel, self.ttl() / 3).await {
                         continue;
@@ -547,28 +547,10 @@ impl<P: DrainPublisher> Drainer<P> {
                 }
                 Err((e, g)) => Stop::Redis(e, g),
             };
-            let pause = match stop {
-                Stop::Cancelled => break,
-                Stop::Disabled => {
-                    self.release_lease().await;
-                    continue;
-                }
-                Stop::LeaseLost => {
-                    warn!(stream = %self.shared.key, "Drain lease lost; standing by.");
-                    continue;
-                }
-                Stop::Idle => continue,
-                Stop::Publish(error) => {
-                    warn!(stream = %self.shared.key, %error, window = self.window, "Republishing a spooled message failed; pausing the drainer.");
-                    error
-                }
-                Stop::Redis(e, generation) => {
-                    if e.is_failover() {
-                        self.shared.primary.invalidate(generation, &e).await;
-                    }
-                    warn!(stream = %self.shared.key, error = %e, "Drainer cannot reach Redis; pausing.");
-                    e.to_string()
-                }
+            // `None` goes round again; a cancelled pass ends the loop by its
+            // condition.
+            let Some(pause) = self.pause_reason(stop).await else {
+                continue;
             };
             self.shared.record_drain_pause(&pause);
             if self.shared.drained_total() > drained_before {
@@ -583,6 +565,33 @@ impl<P: DrainPublisher> Drainer<P> {
         self.release_lease().await;
         self.shared.set_drainer_state(DrainerState::NotRunning);
         info!(stream = %self.shared.key, "Drainer stopped.");
+    }
+
+    /// What ended a leased stretch, as `run` sees it: the error to pause on,
+    /// or `None` when there is nothing to wait out.
+    async fn pause_reason(&mut self, stop: Stop) -> Option<String> {
+        match stop {
+            Stop::Cancelled | Stop::Idle => None,
+            Stop::Disabled => {
+                self.release_lease().await;
+                None
+            }
+            Stop::LeaseLost => {
+                warn!(stream = %self.shared.key, "Drain lease lost; standing by.");
+                None
+            }
+            Stop::Publish(error) => {
+                warn!(stream = %self.shared.key, %error, window = self.window, "Republishing a spooled message failed; pausing the drainer.");
+                Some(error)
+            }
+            Stop::Redis(e, generation) => {
+                if e.is_failover() {
+                    self.shared.primary.invalidate(generation, &e).await;
+                }
+                warn!(stream = %self.shared.key, error = %e, "Drainer cannot reach Redis; pausing.");
+                Some(e.to_string())
+            }
+        }
     }
 
     /// After a failed pass: wait a random time up to `backoff` (full
@@ -865,6 +874,7 @@ struct DrainPass<'a, P: DrainPublisher> {
     last_read: Option<String>,
     /// A read returned less than a batch: the stream has no more for now.
     at_end: bool,
+    /// Something was sent: the drainer shows as draining.
     sent_any: bool,
     stall: Duration,
     /// The last send or confirm; a stall is measured from it. Progress only
@@ -901,6 +911,7 @@ impl<'a, P: DrainPublisher> DrainPass<'a, P> {
         }
     }
 
+    /// Turn until the stream is drained or an event ends the pass.
     async fn run(mut self) -> Stop {
         let (stop, settle) = loop {
             self.start_read();
@@ -922,7 +933,8 @@ impl<'a, P: DrainPublisher> DrainPass<'a, P> {
         self.drainer.finish(stop, self.pass, settle).await
     }
 
-    /// Nothing in flight, nothing queued, nothing more to read.
+    /// Nothing queued, read, sent or deleted is outstanding (and a read
+    /// would have started if the stream had more).
     fn is_done(&self) -> bool {
         self.pass.inflight.is_empty()
             && self.queue.is_empty()
