@@ -89,8 +89,8 @@ struct PluginInner {
     pre: PluginWorldPre<super::instance::State>,
     /// Where `handle` is among the component's exports, found once at load
     /// so an invocation looks up and type-checks only that function (the
-    /// generated `instantiate` would also load and check `manifest` every
-    /// time: ~4% of the drain benchmark's CPU under `perf`).
+    /// generated `instantiate` would also look up and type-check
+    /// `manifest` on every delivery).
     handle: ComponentExportIndex,
     path: PathBuf,
     manifest: Manifest,
