@@ -35,27 +35,25 @@
 //! `NOREPLICAS` while the replicas lag) also stops the sending, but the
 //! confirms in flight are still awaited, and confirmed entries Redis could
 //! not delete are kept and deleted before the next pass reads: a Redis
-//! failure never republishes what the broker confirmed. (Dropping them made
-//! every Redis hiccup cost a window of duplicates.)
+//! failure never republishes what the broker confirmed (dropping them
+//! would cost a window of duplicates per Redis hiccup).
 //!
 //! # Slow is not failed
 //! A failure is a publish that fails, or no progress — no send completing
 //! and no confirm arriving — for `stall_timeout_ms` while publishes are in
 //! flight and the broker is not blocking publishes (`connection.blocked`:
-//! the broker is alive and said why it is slow). It is not a confirm that
-//! arrives later than some deadline counted from its own send: through a
-//! slow broker the tail of a full window is confirmed many timeouts after
-//! it was sent while every confirm before it arrives on time. Timing out
-//! on age gave up on that tail, paused and republished it (all
-//! duplicates), again and again: measured in CI, a 1 s timeout and a 1,024
-//! window made ~80 passes of ~1,000 duplicates each for ~80 entries of
-//! progress, and the backlog never drained. A short stall timeout does the
-//! same to a broker that pauses (a disk stalling an fsync): a pass fails at
-//! each pause and republishes its window (`outage.rs` measured 3,568
-//! repeats for 3,000 entries with 1 s against 1.5 s pauses). A dead
-//! connection is noticed by the heartbeat, which fails every confirm in
-//! flight; the stall timeout is the last resort for a confirm that never
-//! comes on a live one, so Warren's default is long (30 s).
+//! the broker is alive and said why it is slow). It is never a confirm
+//! that arrives later than some deadline counted from its own send:
+//! through a slow broker the tail of a full window is confirmed many
+//! timeouts after it was sent while every confirm before it arrives on
+//! time, and giving up on that tail would pause and republish it (all
+//! duplicates) on every pass, so a backlog would never drain. A stall
+//! timeout shorter than the broker's pauses (a disk stalling an fsync)
+//! does the same: every pause fails the pass and republishes its window.
+//! A dead connection is noticed by the heartbeat, which fails every
+//! confirm in flight; the stall timeout is the last resort for a confirm
+//! that never comes on a live connection, so it is long (Warren's default
+//! is 30 s).
 //!
 //! For the same reason the backoff restarts from its minimum after a pass
 //! that deleted something (a drainer that makes progress is not retrying a
@@ -160,8 +158,8 @@ pub trait DrainPublisher: Send + Sync + 'static {
 
     /// Whether the broker has said it is holding publishes back (AMQP
     /// `connection.blocked`, a resource alarm). Time spent blocked is not a
-    /// stall: the broker is alive and said why it is slow, and publishing
-    /// again would only queue behind the same alarm.
+    /// stall (see the module doc, "Slow is not failed"): publishing again
+    /// would only queue behind the same alarm.
     fn is_blocked(&self) -> bool {
         false
     }
@@ -467,11 +465,8 @@ impl<P: DrainPublisher> Drainer<P> {
             Ok(false) => Adopted::Declined,
             Err((e, g)) => self.redis_failure(e, g).await,
             Ok(true) => {
-                let mut lease_until = Instant::now() + self.ttl();
-                let mut renew = tokio::time::interval(self.ttl() / 3);
-                renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                renew.tick().await;
-                match self.drain_pass(cancel, &mut renew, &mut lease_until).await {
+                let mut lease = Lease::held(self.ttl()).await;
+                match self.drain_pass(cancel, &mut lease).await {
                     Stop::Idle => Adopted::Drained,
                     Stop::LeaseLost => Adopted::Declined,
                     Stop::Cancelled | Stop::Disabled => Adopted::Interrupted(None),
@@ -525,10 +520,7 @@ impl<P: DrainPublisher> Drainer<P> {
     pub async fn run(mut self, cancel: CancellationToken) {
         info!(stream = %self.shared.key, token = %self.token, "Drainer starting.");
         let mut backoff = Duration::from_millis(self.cfg.backoff_min_ms);
-        loop {
-            if cancel.is_cancelled() {
-                break;
-            }
+        while !cancel.is_cancelled() {
             let drained_before = self.shared.drained_total();
             if !*self.enabled.borrow_and_update() {
                 self.shared.set_drainer_state(DrainerState::Disabled);
@@ -545,57 +537,28 @@ impl<P: DrainPublisher> Drainer<P> {
                     self.drain_leased(&cancel, &mut backoff).await
                 }
                 Ok(false) => {
+                    // Another host holds the lease: try again one renewal
+                    // period later.
                     self.shared.set_drainer_state(DrainerState::Standby);
-                    tokio::select! {
-                        biased;
-                        _ = cancel.cancelled() => break,
-                        _ = tokio::time::sleep(self.ttl() / 3) => {}
+                    if sleep_unless_cancelled(&cancel, self.ttl() / 3).await {
+                        continue;
                     }
-                    continue;
+                    break;
                 }
                 Err((e, g)) => Stop::Redis(e, g),
             };
-            let pause = match stop {
-                Stop::Cancelled => break,
-                Stop::Disabled => {
-                    self.release_lease().await;
-                    continue;
-                }
-                Stop::LeaseLost => {
-                    warn!(stream = %self.shared.key, "Drain lease lost; standing by.");
-                    continue;
-                }
-                Stop::Idle => continue,
-                Stop::Publish(error) => {
-                    warn!(stream = %self.shared.key, %error, window = self.window, "Republishing a spooled message failed; pausing the drainer.");
-                    error
-                }
-                Stop::Redis(e, generation) => {
-                    if e.is_failover() {
-                        self.shared.primary.invalidate(generation, &e).await;
-                    }
-                    warn!(stream = %self.shared.key, error = %e, "Drainer cannot reach Redis; pausing.");
-                    e.to_string()
-                }
+            // `None` goes round again; a cancelled pass ends the loop by its
+            // condition.
+            let Some(pause) = self.pause_reason(stop).await else {
+                continue;
             };
             self.shared.record_drain_pause(&pause);
             if self.shared.drained_total() > drained_before {
                 // Progress before the failure: not a dead broker.
                 backoff = Duration::from_millis(self.cfg.backoff_min_ms);
             }
-            let jittered = Duration::from_millis(rand::random_range(
-                self.cfg.backoff_min_ms.min(backoff.as_millis() as u64)
-                    ..=backoff.as_millis() as u64,
-            ));
-            self.shared.set_drainer_state(DrainerState::Paused {
-                error: pause,
-                retry_in_ms: jittered.as_millis() as u64,
-            });
-            metrics::counter!(super::metric::DRAIN_PAUSES).increment(1);
-            tokio::select! {
-                biased;
-                _ = cancel.cancelled() => break,
-                _ = tokio::time::sleep(jittered) => {}
+            if !self.pause(&cancel, pause, backoff).await {
+                break;
             }
             backoff = (backoff * 2).min(Duration::from_millis(self.cfg.backoff_max_ms));
         }
@@ -604,14 +567,53 @@ impl<P: DrainPublisher> Drainer<P> {
         info!(stream = %self.shared.key, "Drainer stopped.");
     }
 
+    /// What ended a leased stretch, as `run` sees it: the error to pause on,
+    /// or `None` when there is nothing to wait out.
+    async fn pause_reason(&mut self, stop: Stop) -> Option<String> {
+        match stop {
+            Stop::Cancelled | Stop::Idle => None,
+            Stop::Disabled => {
+                self.release_lease().await;
+                None
+            }
+            Stop::LeaseLost => {
+                warn!(stream = %self.shared.key, "Drain lease lost; standing by.");
+                None
+            }
+            Stop::Publish(error) => {
+                warn!(stream = %self.shared.key, %error, window = self.window, "Republishing a spooled message failed; pausing the drainer.");
+                Some(error)
+            }
+            Stop::Redis(e, generation) => {
+                if e.is_failover() {
+                    self.shared.primary.invalidate(generation, &e).await;
+                }
+                warn!(stream = %self.shared.key, error = %e, "Drainer cannot reach Redis; pausing.");
+                Some(e.to_string())
+            }
+        }
+    }
+
+    /// After a failed pass: wait a random time up to `backoff` (full
+    /// jitter, at least the minimum), showing why. False when `cancel`
+    /// fired first.
+    async fn pause(&self, cancel: &CancellationToken, error: String, backoff: Duration) -> bool {
+        let jittered = Duration::from_millis(rand::random_range(
+            self.cfg.backoff_min_ms.min(backoff.as_millis() as u64)..=backoff.as_millis() as u64,
+        ));
+        self.shared.set_drainer_state(DrainerState::Paused {
+            error,
+            retry_in_ms: jittered.as_millis() as u64,
+        });
+        metrics::counter!(super::metric::DRAIN_PAUSES).increment(1);
+        sleep_unless_cancelled(cancel, jittered).await
+    }
+
     /// Holding the lease: drain, idle, renew, until something stops us.
     async fn drain_leased(&mut self, cancel: &CancellationToken, backoff: &mut Duration) -> Stop {
-        let mut lease_until = Instant::now() + self.ttl();
-        let mut renew = tokio::time::interval(self.ttl() / 3);
-        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        renew.tick().await;
+        let mut lease = Lease::held(self.ttl()).await;
         loop {
-            match self.drain_pass(cancel, &mut renew, &mut lease_until).await {
+            match self.drain_pass(cancel, &mut lease).await {
                 Stop::Idle => {}
                 other => return other,
             }
@@ -625,16 +627,27 @@ impl<P: DrainPublisher> Drainer<P> {
                         return Stop::Disabled;
                     }
                 }
-                _ = renew.tick() => {
-                    match self.extend_lease().await {
-                        Ok(true) => lease_until = Instant::now() + self.ttl(),
-                        Ok(false) => return Stop::LeaseLost,
-                        Err((e, g)) => return Stop::Redis(e, g),
+                _ = lease.renew.tick() => {
+                    if let Err(stop) = self.renew_lease(&mut lease).await {
+                        return stop;
                     }
                 }
                 _ = self.shared.appended_notify.notified() => {}
                 _ = tokio::time::sleep(Duration::from_millis(self.cfg.idle_poll_ms)) => {}
             }
+        }
+    }
+
+    /// Extend the lease held in `lease`; the [`Stop`] when it was lost or
+    /// Redis failed.
+    async fn renew_lease(&self, lease: &mut Lease) -> Result<(), Stop> {
+        match self.extend_lease().await {
+            Ok(true) => {
+                lease.until = Instant::now() + self.ttl();
+                Ok(())
+            }
+            Ok(false) => Err(Stop::LeaseLost),
+            Err((e, g)) => Err(Stop::Redis(e, g)),
         }
     }
 
@@ -645,12 +658,7 @@ impl<P: DrainPublisher> Drainer<P> {
     /// Reads (the next `XRANGE` page) and deletes (of the confirmed prefix)
     /// run alongside the publishes, one of each at a time, so neither stalls
     /// the window.
-    async fn drain_pass(
-        &mut self,
-        cancel: &CancellationToken,
-        renew: &mut tokio::time::Interval,
-        lease_until: &mut Instant,
-    ) -> Stop {
+    async fn drain_pass(&mut self, cancel: &CancellationToken, lease: &mut Lease) -> Stop {
         // Entries confirmed by an earlier pass but not deleted (Redis
         // failed): delete them before reading, or they would be read and
         // published again.
@@ -658,171 +666,7 @@ impl<P: DrainPublisher> Drainer<P> {
             return Stop::Redis(e, g);
         }
         self.publisher.begin_pass();
-        let mut queue: VecDeque<(Entry, Result<OutboundMessage, String>)> = VecDeque::new();
-        let mut pass = Pass {
-            inflight: FuturesOrdered::new(),
-            confirmed: Vec::new(),
-            deleting: None,
-        };
-        let mut reading: Option<BoxFuture<'static, ReadResult>> = None;
-        let mut last_read: Option<String> = None;
-        let mut at_end = false;
-        let mut sent_any = false;
-        let stall = Duration::from_millis(self.cfg.stall_timeout_ms);
-        // The last send or confirm; a stall is measured from it. Progress
-        // only stores the time: the timer is moved when it fires early, not
-        // re-armed on every confirm.
-        let mut progress_at = Instant::now();
-        let stall_timer = tokio::time::sleep(stall);
-        tokio::pin!(stall_timer);
-        loop {
-            if reading.is_none() && !at_end && queue.len() < self.cfg.batch {
-                reading = Some(Box::pin(read_entries(
-                    self.shared.clone(),
-                    last_read.clone(),
-                    self.cfg.batch,
-                )));
-            }
-            // Fill the window, in stream order.
-            while pass.inflight.len() < self.window && !cancel.is_cancelled() {
-                let Some((entry, msg)) = queue.pop_front() else {
-                    break;
-                };
-                if !sent_any {
-                    self.shared.set_drainer_state(DrainerState::Draining);
-                    sent_any = true;
-                }
-                if Instant::now() + Duration::from_millis(50) >= *lease_until {
-                    match self.extend_lease().await {
-                        Ok(true) => *lease_until = Instant::now() + self.ttl(),
-                        Ok(false) => {
-                            return self.finish(Stop::LeaseLost, pass, Settle::Collect).await;
-                        }
-                        Err((e, g)) => {
-                            return self.finish(Stop::Redis(e, g), pass, Settle::Collect).await;
-                        }
-                    }
-                }
-                match msg {
-                    Ok(msg) => {
-                        // Ends at the confirm (the span lives in the
-                        // confirm's future).
-                        let span = crate::telemetry::drain_publish_span(&msg);
-                        match self.send(msg, stall).instrument(span.clone()).await {
-                            Ok(confirm) => {
-                                progress_at = Instant::now();
-                                self.shared.record_republished();
-                                pass.inflight.push_back(Box::pin(async move {
-                                    let confirmed = confirm.await;
-                                    drop(span);
-                                    (entry, confirmed)
-                                }));
-                            }
-                            Err(error) => {
-                                return self
-                                    .finish(Stop::Publish(error), pass, Settle::Collect)
-                                    .await;
-                            }
-                        }
-                    }
-                    Err(detail) => {
-                        if let Err((e, g)) = self.park_corrupt(&entry, &detail).await {
-                            return self.finish(Stop::Redis(e, g), pass, Settle::Collect).await;
-                        }
-                        pass.inflight
-                            .push_back(Box::pin(async move { (entry, Ok(())) }));
-                    }
-                }
-            }
-            if pass.deleting.is_none() && !pass.confirmed.is_empty() {
-                pass.deleting = Some(Box::pin(delete_entries(
-                    self.shared.clone(),
-                    std::mem::take(&mut pass.confirmed),
-                )));
-            }
-            if pass.inflight.is_empty()
-                && queue.is_empty()
-                && reading.is_none()
-                && pass.deleting.is_none()
-            {
-                return if cancel.is_cancelled() {
-                    Stop::Cancelled
-                } else {
-                    Stop::Idle
-                };
-            }
-            // Cancel-safe: confirms left in flight are simply dropped; their
-            // entries stay in the stream and are republished. A read or
-            // delete in flight is finished or dropped in `finish`.
-            tokio::select! {
-                biased;
-                _ = cancel.cancelled() => {
-                    return self.finish(Stop::Cancelled, pass, Settle::Drop).await;
-                }
-                _ = renew.tick() => {
-                    match self.extend_lease().await {
-                        Ok(true) => *lease_until = Instant::now() + self.ttl(),
-                        Ok(false) => return self.finish(Stop::LeaseLost, pass, Settle::Collect).await,
-                        Err((e, g)) => return self.finish(Stop::Redis(e, g), pass, Settle::Collect).await,
-                    }
-                }
-                r = poll_opt(&mut pass.deleting), if pass.deleting.is_some() => {
-                    pass.deleting = None;
-                    if let Err((e, g, entries)) = r {
-                        self.unsettled.extend(entries);
-                        return self.finish(Stop::Redis(e, g), pass, Settle::Collect).await;
-                    }
-                }
-                r = poll_opt(&mut reading), if reading.is_some() => {
-                    reading = None;
-                    match r {
-                        Ok(entries) => {
-                            if entries.len() < self.cfg.batch {
-                                at_end = true;
-                            }
-                            if let Some((e, _)) = entries.last() {
-                                last_read = Some(e.stream_id.clone());
-                            }
-                            queue.extend(entries);
-                        }
-                        Err((e, g)) => {
-                            return self.finish(Stop::Redis(e, g), pass, Settle::Collect).await;
-                        }
-                    }
-                }
-                done = pass.inflight.next(), if !pass.inflight.is_empty() => {
-                    let Some((entry, result)) = done else { continue };
-                    match result {
-                        Ok(()) => {
-                            progress_at = Instant::now();
-                            self.grow_window();
-                            pass.confirmed.push(entry);
-                        }
-                        Err(e) => {
-                            // This one and every publish behind it.
-                            let abandoned = pass.inflight.len() + 1;
-                            let stop = Stop::Publish(e.to_string());
-                            return self.finish(stop, pass, Settle::Abandon(abandoned)).await;
-                        }
-                    }
-                }
-                // Last, so a confirm that is ready wins over the timer.
-                _ = &mut stall_timer, if !pass.inflight.is_empty() => {
-                    if self.publisher.is_blocked() {
-                        progress_at = Instant::now();
-                    }
-                    let due = progress_at + stall;
-                    if Instant::now() < due {
-                        stall_timer.as_mut().reset(due.into());
-                        continue;
-                    }
-                    let abandoned = pass.inflight.len();
-                    self.publisher.stalled();
-                    let stop = Stop::Publish(format!("no confirm for {stall:?} with {abandoned} publishes in flight"));
-                    return self.finish(stop, pass, Settle::Abandon(abandoned)).await;
-                }
-            }
-        }
+        DrainPass::new(self, cancel, lease).run().await
     }
 
     /// Hand `msg` to the publisher; fails on an error or when the send makes
@@ -971,5 +815,298 @@ return 1
         if let Err(e) = released {
             debug!(stream = %self.shared.key, error = %e, "Could not release the drain lease; it expires by itself.");
         }
+    }
+}
+
+/// A lease this drainer holds: when it runs out unless renewed, and the
+/// timer that renews it every third of its TTL.
+struct Lease {
+    until: Instant,
+    renew: tokio::time::Interval,
+}
+
+impl Lease {
+    /// A lease just taken or extended for `ttl`.
+    async fn held(ttl: Duration) -> Lease {
+        let until = Instant::now() + ttl;
+        let mut renew = tokio::time::interval(ttl / 3);
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The first tick is immediate; the lease was just extended.
+        renew.tick().await;
+        Lease { until, renew }
+    }
+}
+
+/// Sleep for `d`; false when `cancel` fired first.
+async fn sleep_unless_cancelled(cancel: &CancellationToken, d: Duration) -> bool {
+    tokio::select! {
+        biased;
+        _ = cancel.cancelled() => false,
+        _ = tokio::time::sleep(d) => true,
+    }
+}
+
+/// How an event ends a pass: why, and what becomes of the publishes still
+/// in flight (see [`Drainer::finish`]).
+type End = (Stop, Settle);
+
+/// A Redis failure mid-pass: stop sending, collect the confirms in flight.
+fn redis_end((e, g): (SpoolError, u64)) -> End {
+    (Stop::Redis(e, g), Settle::Collect)
+}
+
+/// One drain pass (see [`Drainer::drain_pass`]) and its state. Each turn
+/// of the loop starts a read if the queue runs low, fills the window,
+/// starts a delete of the confirmed prefix, then waits for one event: one
+/// method per `select!` arm. An event that ends the pass returns the
+/// [`End`], and [`Drainer::finish`] settles it.
+struct DrainPass<'a, P: DrainPublisher> {
+    drainer: &'a mut Drainer<P>,
+    cancel: &'a CancellationToken,
+    lease: &'a mut Lease,
+    /// Publishes awaiting their confirm, the confirmed prefix, the delete.
+    pass: Pass<P::Error>,
+    /// Entries read and not yet sent, in stream order.
+    queue: VecDeque<(Entry, Result<OutboundMessage, String>)>,
+    /// The `XRANGE` in flight, at most one.
+    reading: Option<BoxFuture<'static, ReadResult>>,
+    /// The last stream id read; the next read starts after it.
+    last_read: Option<String>,
+    /// A read returned less than a batch: the stream has no more for now.
+    at_end: bool,
+    /// Something was sent: the drainer shows as draining.
+    sent_any: bool,
+    stall: Duration,
+    /// The last send or confirm; a stall is measured from it. Progress only
+    /// stores the time: the timer is moved when it fires early, not re-armed
+    /// on every confirm.
+    progress_at: Instant,
+    stall_timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<'a, P: DrainPublisher> DrainPass<'a, P> {
+    fn new(
+        drainer: &'a mut Drainer<P>,
+        cancel: &'a CancellationToken,
+        lease: &'a mut Lease,
+    ) -> Self {
+        let stall = Duration::from_millis(drainer.cfg.stall_timeout_ms);
+        DrainPass {
+            drainer,
+            cancel,
+            lease,
+            pass: Pass {
+                inflight: FuturesOrdered::new(),
+                confirmed: Vec::new(),
+                deleting: None,
+            },
+            queue: VecDeque::new(),
+            reading: None,
+            last_read: None,
+            at_end: false,
+            sent_any: false,
+            stall,
+            progress_at: Instant::now(),
+            stall_timer: Box::pin(tokio::time::sleep(stall)),
+        }
+    }
+
+    /// Turn until the stream is drained or an event ends the pass.
+    async fn run(mut self) -> Stop {
+        let (stop, settle) = loop {
+            self.start_read();
+            if let Err(end) = self.fill_window().await {
+                break end;
+            }
+            self.start_delete();
+            if self.is_done() {
+                return if self.cancel.is_cancelled() {
+                    Stop::Cancelled
+                } else {
+                    Stop::Idle
+                };
+            }
+            if let Err(end) = self.next_event().await {
+                break end;
+            }
+        };
+        self.drainer.finish(stop, self.pass, settle).await
+    }
+
+    /// Nothing queued, read, sent or deleted is outstanding (and a read
+    /// would have started if the stream had more).
+    fn is_done(&self) -> bool {
+        self.pass.inflight.is_empty()
+            && self.queue.is_empty()
+            && self.reading.is_none()
+            && self.pass.deleting.is_none()
+    }
+
+    /// Read the next page when the queue is below a batch.
+    fn start_read(&mut self) {
+        let batch = self.drainer.cfg.batch;
+        if self.reading.is_none() && !self.at_end && self.queue.len() < batch {
+            self.reading = Some(Box::pin(read_entries(
+                self.drainer.shared.clone(),
+                self.last_read.clone(),
+                batch,
+            )));
+        }
+    }
+
+    /// Delete the confirmed prefix, one delete at a time.
+    fn start_delete(&mut self) {
+        if self.pass.deleting.is_none() && !self.pass.confirmed.is_empty() {
+            self.pass.deleting = Some(Box::pin(delete_entries(
+                self.drainer.shared.clone(),
+                std::mem::take(&mut self.pass.confirmed),
+            )));
+        }
+    }
+
+    /// Send queued entries until the window is full, in stream order,
+    /// checking the lease before each.
+    async fn fill_window(&mut self) -> Result<(), End> {
+        while self.pass.inflight.len() < self.drainer.window && !self.cancel.is_cancelled() {
+            let Some((entry, msg)) = self.queue.pop_front() else {
+                break;
+            };
+            if !self.sent_any {
+                self.drainer
+                    .shared
+                    .set_drainer_state(DrainerState::Draining);
+                self.sent_any = true;
+            }
+            if Instant::now() + Duration::from_millis(50) >= self.lease.until {
+                self.renew_lease().await?;
+            }
+            match msg {
+                Ok(msg) => self.publish(entry, msg).await?,
+                Err(detail) => {
+                    self.drainer
+                        .park_corrupt(&entry, &detail)
+                        .await
+                        .map_err(redis_end)?;
+                    self.pass
+                        .inflight
+                        .push_back(Box::pin(async move { (entry, Ok(())) }));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Send one entry; its confirm joins the window.
+    async fn publish(&mut self, entry: Entry, msg: OutboundMessage) -> Result<(), End> {
+        // Ends at the confirm (the span lives in the confirm's future).
+        let span = crate::telemetry::drain_publish_span(&msg);
+        let confirm = self
+            .drainer
+            .send(msg, self.stall)
+            .instrument(span.clone())
+            .await
+            .map_err(|error| (Stop::Publish(error), Settle::Collect))?;
+        self.progress_at = Instant::now();
+        self.drainer.shared.record_republished();
+        self.pass.inflight.push_back(Box::pin(async move {
+            let confirmed = confirm.await;
+            drop(span);
+            (entry, confirmed)
+        }));
+        Ok(())
+    }
+
+    async fn renew_lease(&mut self) -> Result<(), End> {
+        self.drainer
+            .renew_lease(self.lease)
+            .await
+            .map_err(|stop| (stop, Settle::Collect))
+    }
+
+    /// Wait for one event and handle it.
+    async fn next_event(&mut self) -> Result<(), End> {
+        // Cancel-safe: confirms left in flight are simply dropped; their
+        // entries stay in the stream and are republished. A read or delete
+        // in flight is finished or dropped in `finish`.
+        tokio::select! {
+            biased;
+            _ = self.cancel.cancelled() => Err((Stop::Cancelled, Settle::Drop)),
+            _ = self.lease.renew.tick() => self.renew_lease().await,
+            r = poll_opt(&mut self.pass.deleting), if self.pass.deleting.is_some() => {
+                self.deleted(r)
+            }
+            r = poll_opt(&mut self.reading), if self.reading.is_some() => self.read(r),
+            done = self.pass.inflight.next(), if !self.pass.inflight.is_empty() => {
+                self.confirmed(done)
+            }
+            // Last, so a confirm that is ready wins over the timer.
+            _ = &mut self.stall_timer, if !self.pass.inflight.is_empty() => self.stall_timer_fired(),
+        }
+    }
+
+    /// The delete finished; what it could not delete waits for the next
+    /// pass.
+    fn deleted(&mut self, r: DeleteResult) -> Result<(), End> {
+        self.pass.deleting = None;
+        r.map_err(|(e, g, entries)| {
+            self.drainer.unsettled.extend(entries);
+            redis_end((e, g))
+        })
+    }
+
+    /// A page was read: queue it.
+    fn read(&mut self, r: ReadResult) -> Result<(), End> {
+        self.reading = None;
+        let entries = r.map_err(redis_end)?;
+        if entries.len() < self.drainer.cfg.batch {
+            self.at_end = true;
+        }
+        if let Some((e, _)) = entries.last() {
+            self.last_read = Some(e.stream_id.clone());
+        }
+        self.queue.extend(entries);
+        Ok(())
+    }
+
+    /// The oldest publish in flight was confirmed, or failed.
+    fn confirmed(&mut self, done: Option<(Entry, Result<(), P::Error>)>) -> Result<(), End> {
+        let Some((entry, result)) = done else {
+            return Ok(());
+        };
+        match result {
+            Ok(()) => {
+                self.progress_at = Instant::now();
+                self.drainer.grow_window();
+                self.pass.confirmed.push(entry);
+                Ok(())
+            }
+            Err(e) => {
+                // This one and every publish behind it.
+                let abandoned = self.pass.inflight.len() + 1;
+                Err((Stop::Publish(e.to_string()), Settle::Abandon(abandoned)))
+            }
+        }
+    }
+
+    /// The stall timer fired: a stall if there was no progress for the
+    /// stall timeout (time the broker blocks publishes counts as progress;
+    /// see the module doc, "Slow is not failed"), else it is moved to the
+    /// new due time.
+    fn stall_timer_fired(&mut self) -> Result<(), End> {
+        if self.drainer.publisher.is_blocked() {
+            self.progress_at = Instant::now();
+        }
+        let stall = self.stall;
+        let due = self.progress_at + stall;
+        if Instant::now() < due {
+            self.stall_timer.as_mut().reset(due.into());
+            return Ok(());
+        }
+        let abandoned = self.pass.inflight.len();
+        self.drainer.publisher.stalled();
+        let stop = Stop::Publish(format!(
+            "no confirm for {stall:?} with {abandoned} publishes in flight"
+        ));
+        Err((stop, Settle::Abandon(abandoned)))
     }
 }

@@ -3,8 +3,8 @@
 //!
 //! # Why a custom resolver, not deadpool-redis's sentinel pool
 //!
-//! Measured against real Sentinel failovers: deadpool-redis's sentinel pool keeps writing to a demoted primary after a
-//! manual `SENTINEL FAILOVER` (its recycle only PINGs), and redis-rs resolves
+//! deadpool-redis's sentinel pool keeps writing to a demoted primary after
+//! a manual `SENTINEL FAILOVER` (its recycle only PINGs), and redis-rs resolves
 //! through `SENTINEL MASTERS`, which the failover leader keeps stale for up
 //! to `failover-timeout`. A pool also recycles connections that should be
 //! dropped. The spool needs one connection at a time (the writer batches,
@@ -43,15 +43,14 @@
 //! check above. The required count is only ever raised by the periodic
 //! refresh, lowered only by a full re-resolution.
 //!
-//! Both rules are needed (measured with the manual-failover integration
-//! test, 8 appenders, ~170k appends): waiting for `min_replicas` (1) only
-//! lost 16,825 acknowledged appends; waiting for all replicas without the
-//! successor check lost 9,412 (the short `WAIT` led to a re-resolution that
-//! accepted the old primary with its one remaining replica); with both,
-//! none. The price: one replica lagging more than the WAIT timeout refuses
-//! appends until it catches up. `SpoolConfig::wait_for_all_replicas = false`
-//! trades that back (WAIT for `min_replicas` only) and accepts the loss
-//! window above.
+//! Both rules are needed. Waiting for `min_replicas` alone acknowledges
+//! appends that only the replica about to be re-pointed holds, and its
+//! resync loses them. Waiting for every replica without the successor
+//! check loses them too: the re-resolution after the short `WAIT` accepts
+//! the old primary again, with its one remaining replica. The price: one
+//! replica lagging more than the WAIT timeout refuses appends until it
+//! catches up. `SpoolConfig::wait_for_all_replicas = false` trades that
+//! back (WAIT for `min_replicas` only) and accepts the loss window above.
 //!
 //! # Credentials and TLS
 //! [`Dialer`] builds every connection: to the sentinels (the sentinel URLs,
@@ -282,6 +281,10 @@ enum Target {
         client: Box<Client>,
     },
 }
+
+/// A resolved primary: its address, the connection kept for appends, the
+/// replicas each append waits for, and the start-up check findings.
+type Resolved = (String, MultiplexedConnection, u32, Vec<String>);
 
 /// `GET-MASTER-ADDR-BY-NAME`, `MASTER` and `REPLICAS` replies.
 type SentinelReply = (Option<(String, u16)>, Vec<String>, Vec<Vec<String>>);
@@ -526,91 +529,122 @@ impl Primary {
         }
     }
 
-    async fn resolve(
-        &self,
-    ) -> Result<(String, MultiplexedConnection, u32, Vec<String>), SpoolError> {
+    async fn resolve(&self) -> Result<Resolved, SpoolError> {
         match &self.target {
-            Target::Plain { addr, client } => {
-                let mut conn = self.connect(client, addr, &self.probe_cfg).await?;
-                let info = check_primary(&mut conn, addr).await?;
-                if info.online_replicas < self.min_replicas {
-                    return Err(too_few(addr, info.online_replicas, self.min_replicas));
-                }
-                let warnings = startup_checks(&mut conn, addr).await;
-                conn.set_response_timeout(self.response_timeout);
-                Ok((addr.clone(), conn, self.min_replicas, warnings))
-            }
+            Target::Plain { addr, client } => self.resolve_plain(addr, client).await,
             Target::Sentinel { master, sentinels } => {
-                let answers = join_all(
-                    sentinels
-                        .iter()
-                        .enumerate()
-                        .map(|(i, (addr, c))| self.ask_sentinel(i, addr, c, master)),
-                )
-                .await;
-                let mut errors = Vec::new();
-                let mut ok = Vec::new();
-                for a in answers {
-                    match a {
-                        Ok(a) => ok.push(a),
-                        Err(e) => errors.push(e),
-                    }
-                }
-                // Highest config-epoch first; ties in configured order.
-                ok.sort_by(|a, b| b.epoch.cmp(&a.epoch).then(a.index.cmp(&b.index)));
-                let Some(best) = ok.first() else {
-                    // Every sentinel refused the credentials: say so, not
-                    // "no primary".
-                    if let Some(auth) = errors.iter().find(|e| e.is_auth())
-                        && errors.iter().all(SpoolError::is_auth)
-                    {
-                        return Err(auth.clone());
-                    }
-                    let detail: Vec<String> = errors.iter().map(ToString::to_string).collect();
-                    return Err(SpoolError::NoPrimary {
-                        master: master.clone(),
-                        detail: detail.join("; "),
-                    });
-                };
-                let addr = best.addr.clone();
-                let client = self.dialer.data_node(&addr)?;
-                let mut conn = self.connect(&client, &addr, &self.probe_cfg).await?;
-                let info = check_primary(&mut conn, &addr).await?;
-
-                let mut others: Vec<String> = Vec::new();
-                for a in &ok {
-                    for o in std::iter::once(&a.addr).chain(a.replicas.iter()) {
-                        if *o != addr && !others.contains(o) {
-                            others.push(o.clone());
-                        }
-                    }
-                }
-                let probes = join_all(others.iter().map(|o| self.probe(o))).await;
-                for (other, probe) in others.iter().zip(probes) {
-                    if let Some(p) = probe
-                        && p.role == "master"
-                        && !info.replid.is_empty()
-                        && p.replid2 == info.replid
-                    {
-                        return Err(SpoolError::FailoverInProgress {
-                            addr,
-                            successor: other.clone(),
-                        });
-                    }
-                }
-                if info.online_replicas < self.min_replicas {
-                    return Err(too_few(&addr, info.online_replicas, self.min_replicas));
-                }
-                let warnings = startup_checks(&mut conn, &addr).await;
-                conn.set_response_timeout(self.response_timeout);
-                let wait_for = if self.wait_for_all {
-                    info.online_replicas.max(self.min_replicas)
-                } else {
-                    self.min_replicas
-                };
-                Ok((addr, conn, wait_for, warnings))
+                self.resolve_sentinel(master, sentinels).await
             }
         }
+    }
+
+    /// The configured `url`: it must be a primary with enough replicas.
+    async fn resolve_plain(&self, addr: &str, client: &Client) -> Result<Resolved, SpoolError> {
+        let mut conn = self.connect(client, addr, &self.probe_cfg).await?;
+        let info = check_primary(&mut conn, addr).await?;
+        if info.online_replicas < self.min_replicas {
+            return Err(too_few(addr, info.online_replicas, self.min_replicas));
+        }
+        let warnings = startup_checks(&mut conn, addr).await;
+        conn.set_response_timeout(self.response_timeout);
+        Ok((addr.to_owned(), conn, self.min_replicas, warnings))
+    }
+
+    /// Steps 1–5 of the module doc, "How the primary is chosen".
+    async fn resolve_sentinel(
+        &self,
+        master: &str,
+        sentinels: &[(String, Client)],
+    ) -> Result<Resolved, SpoolError> {
+        let (addr, answers) = self.ask_sentinels(master, sentinels).await?;
+        let client = self.dialer.data_node(&addr)?;
+        let mut conn = self.connect(&client, &addr, &self.probe_cfg).await?;
+        let info = check_primary(&mut conn, &addr).await?;
+        self.check_no_successor(&addr, &info, &answers).await?;
+        if info.online_replicas < self.min_replicas {
+            return Err(too_few(&addr, info.online_replicas, self.min_replicas));
+        }
+        let warnings = startup_checks(&mut conn, &addr).await;
+        conn.set_response_timeout(self.response_timeout);
+        let wait_for = if self.wait_for_all {
+            info.online_replicas.max(self.min_replicas)
+        } else {
+            self.min_replicas
+        };
+        Ok((addr, conn, wait_for, warnings))
+    }
+
+    /// Ask every sentinel at once: the address the one with the highest
+    /// `config-epoch` names (ties in configured order), and every answer.
+    async fn ask_sentinels(
+        &self,
+        master: &str,
+        sentinels: &[(String, Client)],
+    ) -> Result<(String, Vec<SentinelAnswer>), SpoolError> {
+        let answers = join_all(
+            sentinels
+                .iter()
+                .enumerate()
+                .map(|(i, (addr, c))| self.ask_sentinel(i, addr, c, master)),
+        )
+        .await;
+        let mut errors = Vec::new();
+        let mut ok = Vec::new();
+        for a in answers {
+            match a {
+                Ok(a) => ok.push(a),
+                Err(e) => errors.push(e),
+            }
+        }
+        // Highest config-epoch first; ties in configured order.
+        ok.sort_by(|a, b| b.epoch.cmp(&a.epoch).then(a.index.cmp(&b.index)));
+        let Some(best) = ok.first() else {
+            // Every sentinel refused the credentials: say so, not "no
+            // primary".
+            if let Some(auth) = errors.iter().find(|e| e.is_auth())
+                && errors.iter().all(SpoolError::is_auth)
+            {
+                return Err(auth.clone());
+            }
+            let detail: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            return Err(SpoolError::NoPrimary {
+                master: master.to_owned(),
+                detail: detail.join("; "),
+            });
+        };
+        Ok((best.addr.clone(), ok))
+    }
+
+    /// The successor check (step 4 of the module doc): refuse `addr` when
+    /// another node the sentinels know is a primary promoted from it.
+    async fn check_no_successor(
+        &self,
+        addr: &str,
+        info: &ReplInfo,
+        answers: &[SentinelAnswer],
+    ) -> Result<(), SpoolError> {
+        let mut others: Vec<String> = Vec::new();
+        for a in answers {
+            for o in std::iter::once(&a.addr).chain(a.replicas.iter()) {
+                if *o != addr && !others.contains(o) {
+                    others.push(o.clone());
+                }
+            }
+        }
+        let probes = join_all(others.iter().map(|o| self.probe(o))).await;
+        for (other, probe) in others.iter().zip(probes) {
+            if let Some(p) = probe
+                && p.role == "master"
+                && !info.replid.is_empty()
+                && p.replid2 == info.replid
+            {
+                return Err(SpoolError::FailoverInProgress {
+                    addr: addr.to_owned(),
+                    successor: other.clone(),
+                });
+            }
+        }
+        Ok(())
     }
 
     async fn connect(
@@ -714,43 +748,18 @@ impl Primary {
                 return;
             };
             i = i.wrapping_add(1);
-            let subscribed = async {
-                let mut ps =
-                    tokio::time::timeout(self.probe_timeout, client.get_async_pubsub()).await??;
-                ps.subscribe("+switch-master").await?;
-                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(ps)
-            };
             let ps = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return,
-                r = subscribed => r,
+                r = self.subscribe_switch_master(client) => r,
             };
             match ps {
                 Ok(ps) => {
                     pause = FIRST_PAUSE;
                     failed_in_row = 0;
                     debug!(sentinel = %addr, "Subscribed to +switch-master.");
-                    let mut stream = ps.into_on_message();
-                    loop {
-                        // Cancel-safe: a pub/sub message lost at shutdown
-                        // does not matter.
-                        let msg = tokio::select! {
-                            biased;
-                            _ = cancel.cancelled() => return,
-                            m = stream.next() => m,
-                        };
-                        let Some(msg) = msg else { break };
-                        // "<name> <old-ip> <old-port> <new-ip> <new-port>"
-                        let payload: String = msg.get_payload().unwrap_or_default();
-                        let parts: Vec<&str> = payload.split(' ').collect();
-                        if let [name, _, _, ip, port] = parts[..]
-                            && name == master
-                        {
-                            info!(sentinel = %addr, %payload, "Sentinel switched the primary.");
-                            metrics::counter!(super::metric::SWITCH_MASTER).increment(1);
-                            self.switched.notify_waiters();
-                            self.invalidate_unless(&format!("{ip}:{port}")).await;
-                        }
+                    if !self.follow_switches(ps, addr, master, &cancel).await {
+                        return;
                     }
                     debug!(sentinel = %addr, "Sentinel subscription ended; trying the next.");
                 }
@@ -766,6 +775,49 @@ impl Primary {
                 biased;
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+
+    /// A pub/sub connection to one sentinel, subscribed to `+switch-master`.
+    async fn subscribe_switch_master(
+        &self,
+        client: &Client,
+    ) -> Result<redis::aio::PubSub, Box<dyn std::error::Error + Send + Sync>> {
+        let mut ps = tokio::time::timeout(self.probe_timeout, client.get_async_pubsub()).await??;
+        ps.subscribe("+switch-master").await?;
+        Ok(ps)
+    }
+
+    /// Act on `master`'s switches announced on `ps` until the subscription
+    /// ends (true) or `cancel` (false).
+    async fn follow_switches(
+        &self,
+        ps: redis::aio::PubSub,
+        sentinel: &str,
+        master: &str,
+        cancel: &CancellationToken,
+    ) -> bool {
+        let mut stream = ps.into_on_message();
+        loop {
+            // Cancel-safe: a pub/sub message lost at shutdown does not
+            // matter.
+            let msg = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return false,
+                m = stream.next() => m,
+            };
+            let Some(msg) = msg else { return true };
+            // "<name> <old-ip> <old-port> <new-ip> <new-port>"
+            let payload: String = msg.get_payload().unwrap_or_default();
+            let parts: Vec<&str> = payload.split(' ').collect();
+            if let [name, _, _, ip, port] = parts[..]
+                && name == master
+            {
+                info!(%sentinel, %payload, "Sentinel switched the primary.");
+                metrics::counter!(super::metric::SWITCH_MASTER).increment(1);
+                self.switched.notify_waiters();
+                self.invalidate_unless(&format!("{ip}:{port}")).await;
             }
         }
     }
@@ -836,7 +888,9 @@ fn parse_repl_info(text: &str) -> ReplInfo {
     info
 }
 
-/// Start-up checks (CHECKLIST 20): findings are reported, not fatal.
+/// Start-up checks of the primary's durability settings (`appendonly`,
+/// `min-replicas-to-write`, `maxmemory-policy`): findings are reported, not
+/// fatal.
 async fn startup_checks(conn: &mut MultiplexedConnection, addr: &str) -> Vec<String> {
     let mut p = redis::pipe();
     p.cmd("CONFIG")

@@ -704,69 +704,39 @@ impl Writer {
         let link = shared.primary.get().await.map_err(|e| (e, None))?;
         let generation = Some(link.generation);
         let wait_for = link.wait_for();
-        let mut p = redis::pipe();
-        p.ignore_errors();
-        p.cmd("EVAL")
-            .arg(APPEND_SCRIPT)
-            .arg(2)
-            .arg(&shared.key)
-            .arg(&shared.bytes_key)
-            .arg(shared.cfg.max_entries)
-            .arg(shared.cfg.max_bytes);
-        for r in batch {
-            p.arg(r.id.to_string()).arg(&r.payload);
-        }
-        if wait_for > 0 {
-            p.cmd("WAIT").arg(wait_for).arg(shared.cfg.wait_timeout_ms);
-        }
+        let pipe = append_pipeline(shared, batch, wait_for);
         let mut conn = link.conn();
+        // Held until depth and bytes include this batch, so a concurrent
+        // depth read from Redis is not stored over them.
         let mutation = shared.begin_mutation();
-        let reply: Result<Vec<Value>, _> = p.query_async(&mut conn).await;
-        let outcome = (|| {
-            let values = reply.map_err(|e| SpoolError::from_redis(&link.addr, e))?;
-            let mut values = values.into_iter();
-            let ids = match values.next() {
-                Some(Value::Array(ids)) => ids,
-                Some(Value::ServerError(e)) => return Err(SpoolError::from_server(&link.addr, e)),
-                other => {
-                    return Err(SpoolError::Command {
-                        addr: link.addr.clone(),
-                        source: redis::RedisError::from((
-                            redis::ErrorKind::Parse,
-                            "unexpected append reply",
-                            format!("{other:?}"),
-                        )),
-                    });
-                }
-            };
-            if wait_for > 0 {
-                let acked = match values.next() {
-                    Some(Value::Int(n)) => n.max(0) as u64,
-                    Some(Value::ServerError(e)) => {
-                        return Err(SpoolError::from_server(&link.addr, e));
-                    }
-                    _ => 0,
-                };
-                if acked < u64::from(wait_for) {
-                    return Err(SpoolError::NotReplicated {
-                        addr: link.addr.clone(),
-                        acked,
-                        required: wait_for,
-                    });
-                }
-            }
-            Ok(ids)
-        })();
-        let ids = match outcome {
-            Ok(ids) => ids,
-            Err(e) => return Err((e, generation)),
-        };
+        let reply: Result<Vec<Value>, _> = pipe.query_async(&mut conn).await;
+        let ids = appended_ids(&link.addr, wait_for, reply).map_err(|e| (e, generation))?;
+        let (results, added) = self.count_appended(batch, ids);
+        drop(mutation);
+        shared.appended.fetch_add(added, Ordering::Relaxed);
+        metrics::counter!(metric::APPENDED).increment(added);
+        if added > 0 {
+            shared.appended_notify.notify_one();
+        }
+        Ok(results)
+    }
+
+    /// Each request's result from the script's reply (`ids`: a stream id,
+    /// or nil where a limit refused it); adds what was appended to the
+    /// depth and bytes. Returns the results and how many were appended.
+    fn count_appended(
+        &self,
+        batch: &[AppendRequest],
+        ids: Vec<Value>,
+    ) -> (Vec<Result<EntryId, SpoolError>>, u64) {
+        let shared = &self.shared;
         let mut results = Vec::with_capacity(batch.len());
         let (mut added, mut added_bytes) = (0u64, 0u64);
         for (r, v) in batch.iter().zip(ids) {
             match v {
                 Value::BulkString(b) => {
                     let stream_id = String::from_utf8_lossy(&b).into_owned();
+                    // The first entry of an empty spool is its oldest.
                     if added == 0
                         && shared.depth.load(Ordering::SeqCst) == 0
                         && let Some(ms) = stream_id_ms(&stream_id)
@@ -794,14 +764,70 @@ impl Writer {
         }
         shared.depth.fetch_add(added, Ordering::SeqCst);
         shared.bytes.fetch_add(added_bytes, Ordering::SeqCst);
-        drop(mutation);
-        shared.appended.fetch_add(added, Ordering::Relaxed);
-        metrics::counter!(metric::APPENDED).increment(added);
-        if added > 0 {
-            shared.appended_notify.notify_one();
-        }
-        Ok(results)
+        (results, added)
     }
+}
+
+/// The append script over `batch`, then `WAIT` for `wait_for` replicas
+/// (none when 0). Errors stay in the reply, to be read per command.
+fn append_pipeline(shared: &Shared, batch: &[AppendRequest], wait_for: u32) -> redis::Pipeline {
+    let mut p = redis::pipe();
+    p.ignore_errors();
+    p.cmd("EVAL")
+        .arg(APPEND_SCRIPT)
+        .arg(2)
+        .arg(&shared.key)
+        .arg(&shared.bytes_key)
+        .arg(shared.cfg.max_entries)
+        .arg(shared.cfg.max_bytes);
+    for r in batch {
+        p.arg(r.id.to_string()).arg(&r.payload);
+    }
+    if wait_for > 0 {
+        p.cmd("WAIT").arg(wait_for).arg(shared.cfg.wait_timeout_ms);
+    }
+    p
+}
+
+/// The append script's per-entry replies, once `WAIT` (if any) confirmed
+/// `wait_for` replicas; else why the batch is not durable.
+fn appended_ids(
+    addr: &str,
+    wait_for: u32,
+    reply: redis::RedisResult<Vec<Value>>,
+) -> Result<Vec<Value>, SpoolError> {
+    let mut values = reply
+        .map_err(|e| SpoolError::from_redis(addr, e))?
+        .into_iter();
+    let ids = match values.next() {
+        Some(Value::Array(ids)) => ids,
+        Some(Value::ServerError(e)) => return Err(SpoolError::from_server(addr, e)),
+        other => {
+            return Err(SpoolError::Command {
+                addr: addr.to_owned(),
+                source: redis::RedisError::from((
+                    redis::ErrorKind::Parse,
+                    "unexpected append reply",
+                    format!("{other:?}"),
+                )),
+            });
+        }
+    };
+    if wait_for > 0 {
+        let acked = match values.next() {
+            Some(Value::Int(n)) => n.max(0) as u64,
+            Some(Value::ServerError(e)) => return Err(SpoolError::from_server(addr, e)),
+            _ => 0,
+        };
+        if acked < u64::from(wait_for) {
+            return Err(SpoolError::NotReplicated {
+                addr: addr.to_owned(),
+                acked,
+                required: wait_for,
+            });
+        }
+    }
+    Ok(ids)
 }
 
 /// Keep the connection checked, the depth honest and the status published.

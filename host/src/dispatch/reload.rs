@@ -383,8 +383,8 @@ impl Reloader {
             failed: scan.failed,
             ..ReloadReport::default()
         };
-        let desired: Routes = scan
-            .plugins
+        let plugins = scan.plugins;
+        let desired: Routes = plugins
             .iter()
             .map(|(name, c)| {
                 let subs = subscriptions_for(&self.overrides, &c.plugin)
@@ -398,48 +398,31 @@ impl Reloader {
             .iter()
             .map(|(n, l)| (n.clone(), l.routes.clone()))
             .collect();
-        let changed: BTreeSet<String> = scan
-            .plugins
+        let changed: BTreeSet<String> = plugins
             .iter()
             .filter(|(n, c)| old.get(*n).is_some_and(|o| o.candidate.digest != c.digest))
             .map(|(n, _)| n.clone())
             .collect();
         let plan = plan(&running, &changed, &desired);
-
-        for (name, loaded) in &old {
-            if !scan.plugins.contains_key(name) {
-                info!(plugin = %name, version = loaded.candidate.plugin.version(), "Plugin removed.");
-                report
-                    .removed
-                    .push(PluginRef::from(&loaded.candidate.plugin));
-            }
+        report_plugins(&old, &plugins, &changed, &desired, &mut report);
+        let routes = self.carry_out(&plan, running, &plugins, &mut report).await;
+        report_routes(&plan, &routes, &mut report);
+        for f in &report.failed {
+            error!(file = %f.file.display(), error = %f.error, "Plugin not loaded; the others run.");
         }
-        for (name, candidate) in &scan.plugins {
-            let plugin = &candidate.plugin;
-            match old.get(name) {
-                None => {
-                    info!(plugin = %name, version = plugin.version(), file = %plugin.path().display(), "Plugin loaded.");
-                    report.loaded.push(PluginRef::from(plugin));
-                }
-                Some(_) if !changed.contains(name) => {
-                    report.unchanged.push(name.clone());
-                }
-                Some(prev) => {
-                    let from = prev.candidate.plugin.version().to_string();
-                    info!(plugin = %name, from = %from, to = plugin.version(), file = %plugin.path().display(), "Plugin replaced.");
-                    report.replaced.push(Replaced {
-                        name: name.clone(),
-                        from_version: from,
-                        to_version: plugin.version().to_string(),
-                        file: plugin.path().to_path_buf(),
-                    });
-                }
-            }
-            if desired.get(name).is_none_or(BTreeMap::is_empty) {
-                warn!(plugin = %name, "Plugin has no subscriptions; configure some under [plugin.{name}].");
-            }
-        }
+        self.commit(plugins, routes, &report);
+        report
+    }
 
+    /// Change the routes as `plan` says: stop, then swap, then start.
+    /// Returns the routes now running.
+    async fn carry_out(
+        &self,
+        plan: &Plan,
+        running: Routes,
+        plugins: &BTreeMap<String, Candidate>,
+        report: &mut ReloadReport,
+    ) -> Routes {
         // 1. Stop what goes away or changes (in-flight deliveries finish and
         //    are acked first), so the queues are free for what comes next.
         let mut routes = running;
@@ -453,7 +436,7 @@ impl Reloader {
         }
         // 2. Swap kept routes of changed plugins: atomic per route.
         for (name, queue) in &plan.swap {
-            let Some(c) = scan.plugins.get(name) else {
+            let Some(c) = plugins.get(name) else {
                 continue;
             };
             self.dispatcher.declare_outputs(&c.plugin).await;
@@ -463,7 +446,7 @@ impl Reloader {
         }
         // 3. Start new and changed subscriptions.
         for (name, sub) in &plan.start {
-            let Some(c) = scan.plugins.get(name) else {
+            let Some(c) = plugins.get(name) else {
                 continue;
             };
             let queue = sub.queue.clone();
@@ -487,24 +470,18 @@ impl Reloader {
                 }
             }
         }
-        let stopped: BTreeSet<&String> = plan.stop.iter().map(|(_, q)| q).collect();
-        let started: BTreeSet<&String> = plan
-            .start
-            .iter()
-            .filter(|(n, s)| routes.get(n).is_some_and(|r| r.contains_key(&s.queue)))
-            .map(|(_, s)| &s.queue)
-            .collect();
-        report.routes_restarted = stopped
-            .intersection(&started)
-            .map(|q| (*q).clone())
-            .collect();
-        report.routes_stopped = stopped.difference(&started).map(|q| (*q).clone()).collect();
-        report.routes_started = started.difference(&stopped).map(|q| (*q).clone()).collect();
-        for f in &report.failed {
-            error!(file = %f.file.display(), error = %f.error, "Plugin not loaded; the others run.");
-        }
-        let next: BTreeMap<String, Loaded> = scan
-            .plugins
+        routes
+    }
+
+    /// Make `plugins` with their running `routes` the plugin set; keep the
+    /// components that stop serving among the recent ones.
+    fn commit(
+        &self,
+        plugins: BTreeMap<String, Candidate>,
+        mut routes: Routes,
+        report: &ReloadReport,
+    ) {
+        let next: BTreeMap<String, Loaded> = plugins
             .into_iter()
             .map(|(name, candidate)| {
                 let routes = routes.remove(&name).unwrap_or_default();
@@ -525,8 +502,70 @@ impl Reloader {
         recent.truncate(RECENT);
         state.loaded = next;
         state.failed = report.failed.clone();
-        report
     }
+}
+
+/// Log and report each plugin removed, loaded, replaced or unchanged, and
+/// warn about plugins without subscriptions.
+fn report_plugins(
+    old: &BTreeMap<String, Loaded>,
+    plugins: &BTreeMap<String, Candidate>,
+    changed: &BTreeSet<String>,
+    desired: &Routes,
+    report: &mut ReloadReport,
+) {
+    for (name, loaded) in old {
+        if !plugins.contains_key(name) {
+            info!(plugin = %name, version = loaded.candidate.plugin.version(), "Plugin removed.");
+            report
+                .removed
+                .push(PluginRef::from(&loaded.candidate.plugin));
+        }
+    }
+    for (name, candidate) in plugins {
+        let plugin = &candidate.plugin;
+        match old.get(name) {
+            None => {
+                info!(plugin = %name, version = plugin.version(), file = %plugin.path().display(), "Plugin loaded.");
+                report.loaded.push(PluginRef::from(plugin));
+            }
+            Some(_) if !changed.contains(name) => {
+                report.unchanged.push(name.clone());
+            }
+            Some(prev) => {
+                let from = prev.candidate.plugin.version().to_string();
+                info!(plugin = %name, from = %from, to = plugin.version(), file = %plugin.path().display(), "Plugin replaced.");
+                report.replaced.push(Replaced {
+                    name: name.clone(),
+                    from_version: from,
+                    to_version: plugin.version().to_string(),
+                    file: plugin.path().to_path_buf(),
+                });
+            }
+        }
+        if desired.get(name).is_none_or(BTreeMap::is_empty) {
+            warn!(plugin = %name, "Plugin has no subscriptions; configure some under [plugin.{name}].");
+        }
+    }
+}
+
+/// Report the queues whose consumer started, stopped or restarted: a
+/// queue stopped and started again restarted; a start that failed is not
+/// in `routes`.
+fn report_routes(plan: &Plan, routes: &Routes, report: &mut ReloadReport) {
+    let stopped: BTreeSet<&String> = plan.stop.iter().map(|(_, q)| q).collect();
+    let started: BTreeSet<&String> = plan
+        .start
+        .iter()
+        .filter(|(n, s)| routes.get(n).is_some_and(|r| r.contains_key(&s.queue)))
+        .map(|(_, s)| &s.queue)
+        .collect();
+    report.routes_restarted = stopped
+        .intersection(&started)
+        .map(|q| (*q).clone())
+        .collect();
+    report.routes_stopped = stopped.difference(&started).map(|q| (*q).clone()).collect();
+    report.routes_started = started.difference(&stopped).map(|q| (*q).clone()).collect();
 }
 
 /// Name, length and modification time of every `*.wasm` in `dir`.

@@ -89,8 +89,8 @@ struct PluginInner {
     pre: PluginWorldPre<super::instance::State>,
     /// Where `handle` is among the component's exports, found once at load
     /// so an invocation looks up and type-checks only that function (the
-    /// generated `instantiate` would also load and check `manifest` every
-    /// time: ~4% of the drain benchmark's CPU under `perf`).
+    /// generated `instantiate` would also look up and type-check
+    /// `manifest` on every delivery).
     handle: ComponentExportIndex,
     path: PathBuf,
     manifest: Manifest,
@@ -123,6 +123,56 @@ impl PluginInner {
             .instantiate_async(&mut inv.store)
             .await?;
         instance.get_typed_func(&mut inv.store, self.handle)
+    }
+
+    /// Call `handle` with `delivery` in `instance`, or in a fresh instance
+    /// in `inv`'s store. Returns the outcome and the instance, unless it
+    /// trapped: a trap retires the instance, whatever state it left stays
+    /// with it.
+    async fn call_handle(
+        &self,
+        inv: &mut Invocation,
+        instance: Option<wasmtime::component::Instance>,
+        delivery: &Delivery,
+    ) -> (Outcome, Option<wasmtime::component::Instance>) {
+        let input = delivery_to_wit(delivery);
+        let result = async {
+            let instance = match instance {
+                Some(i) => i,
+                None => {
+                    self.pre
+                        .instance_pre()
+                        .instantiate_async(&mut inv.store)
+                        .await?
+                }
+            };
+            let handle = instance
+                .get_typed_func::<(&wit::Delivery,), (Result<(), wit::HandleError>,)>(
+                    &mut inv.store,
+                    self.handle,
+                )?;
+            let (result,) = handle.call_async(&mut inv.store, (&input,)).await?;
+            wasmtime::Result::Ok((instance, result))
+        }
+        .await;
+        match result {
+            Ok((instance, Ok(()))) => (
+                Outcome::Ack {
+                    outputs: inv.take_outputs(),
+                },
+                Some(instance),
+            ),
+            Ok((instance, Err(wit::HandleError::Retry(reason)))) => {
+                (Outcome::Retry { reason }, Some(instance))
+            }
+            Ok((instance, Err(wit::HandleError::Reject(reason)))) => {
+                (Outcome::Reject { reason }, Some(instance))
+            }
+            Err(e) => {
+                let (kind, message) = inv.classify(&e);
+                (Outcome::Trapped { kind, message }, None)
+            }
+        }
     }
 }
 
@@ -216,29 +266,8 @@ impl PluginRuntime {
         settings_for: impl FnOnce(&str) -> PluginSettings,
     ) -> Result<Plugin, LoadError> {
         let path = path.to_path_buf();
-        if bytes.len() < 8 || &bytes[..4] != WASM_MAGIC {
-            return Err(LoadError::NotWasm { path });
-        }
-        // Bytes 4..8: version and layer; layer 1 is a component.
-        if bytes[6..8] != [1, 0] {
-            return Err(LoadError::CoreModule { path });
-        }
-        let engine = self.inner().engine.clone();
-        let compiled = tokio::task::spawn_blocking(move || {
-            let component =
-                Component::from_binary(&engine, &bytes).map_err(|e| format!("{e:#}"))?;
-            let footprint = Footprint::of(&bytes, &component)?;
-            Ok::<_, String>((component, footprint))
-        })
-        .await
-        .map_err(|e| LoadError::Compile {
-            path: path.clone(),
-            message: format!("compiler task failed: {e}"),
-        })?;
-        let (component, footprint) = compiled.map_err(|message| LoadError::Compile {
-            path: path.clone(),
-            message,
-        })?;
+        check_layer(&path, &bytes)?;
+        let (component, footprint) = self.compile(&path, bytes).await?;
         if let Some(reason) = self.inner().pool.refuses(&footprint) {
             return Err(LoadError::TooBig { path, reason });
         }
@@ -251,20 +280,7 @@ impl PluginRuntime {
                 expected: CONTRACT_VERSION,
             });
         }
-        let pre = self
-            .inner()
-            .linker
-            .instantiate_pre(&component)
-            .and_then(PluginWorldPre::new)
-            .map_err(|e| LoadError::WrongWorld {
-                path: path.clone(),
-                message: format!("{e:#}"),
-            })?;
-        let handle = handle_export(&component).ok_or_else(|| LoadError::WrongWorld {
-            path: path.clone(),
-            message: format!("no `{HANDLER}` export with a `handle` function"),
-        })?;
-
+        let (pre, handle) = self.link(&path, &component)?;
         let (manifest, memory_floor) = self.call_manifest(&path, &pre, &footprint).await?;
         let problems = manifest.problems();
         if !problems.is_empty() {
@@ -299,6 +315,55 @@ impl PluginRuntime {
                 config: Arc::new(settings.config.clone()),
             }),
         })
+    }
+
+    /// Compile `bytes` on a blocking thread (compiling takes long enough to
+    /// hold up the deliveries sharing an async thread) and price one
+    /// instance in pool slots.
+    async fn compile(
+        &self,
+        path: &Path,
+        bytes: Vec<u8>,
+    ) -> Result<(Component, Footprint), LoadError> {
+        let engine = self.inner().engine.clone();
+        let compiled = tokio::task::spawn_blocking(move || {
+            let component =
+                Component::from_binary(&engine, &bytes).map_err(|e| format!("{e:#}"))?;
+            let footprint = Footprint::of(&bytes, &component)?;
+            Ok::<_, String>((component, footprint))
+        })
+        .await
+        .map_err(|e| LoadError::Compile {
+            path: path.to_path_buf(),
+            message: format!("compiler task failed: {e}"),
+        })?;
+        compiled.map_err(|message| LoadError::Compile {
+            path: path.to_path_buf(),
+            message,
+        })
+    }
+
+    /// Link `component` against the host's imports and find its `handle`
+    /// export: it must be a `warren:plugin` world.
+    fn link(
+        &self,
+        path: &Path,
+        component: &Component,
+    ) -> Result<(PluginWorldPre<super::instance::State>, ComponentExportIndex), LoadError> {
+        let pre = self
+            .inner()
+            .linker
+            .instantiate_pre(component)
+            .and_then(PluginWorldPre::new)
+            .map_err(|e| LoadError::WrongWorld {
+                path: path.to_path_buf(),
+                message: format!("{e:#}"),
+            })?;
+        let handle = handle_export(component).ok_or_else(|| LoadError::WrongWorld {
+            path: path.to_path_buf(),
+            message: format!("no `{HANDLER}` export with a `handle` function"),
+        })?;
+        Ok((pre, handle))
     }
 
     async fn call_manifest(
@@ -341,6 +406,23 @@ impl PluginRuntime {
             }
         }
     }
+}
+
+/// Refuse bytes that are not a WebAssembly component (a core module, or
+/// no wasm at all) before compiling anything.
+fn check_layer(path: &Path, bytes: &[u8]) -> Result<(), LoadError> {
+    if bytes.len() < 8 || &bytes[..4] != WASM_MAGIC {
+        return Err(LoadError::NotWasm {
+            path: path.to_path_buf(),
+        });
+    }
+    // Bytes 4..8: version and layer; layer 1 is a component.
+    if bytes[6..8] != [1, 0] {
+        return Err(LoadError::CoreModule {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(())
 }
 
 /// Refuse `limits` that leave less memory than the plugin takes to start.
@@ -485,47 +567,7 @@ impl Plugin {
             }
         };
         inv.begin_call();
-        let input = delivery_to_wit(delivery);
-        let result = async {
-            let instance = match instance {
-                Some(i) => i,
-                None => {
-                    inner
-                        .pre
-                        .instance_pre()
-                        .instantiate_async(&mut inv.store)
-                        .await?
-                }
-            };
-            let handle = instance
-                .get_typed_func::<(&wit::Delivery,), (Result<(), wit::HandleError>,)>(
-                    &mut inv.store,
-                    inner.handle,
-                )?;
-            let (result,) = handle.call_async(&mut inv.store, (&input,)).await?;
-            wasmtime::Result::Ok((instance, result))
-        }
-        .await;
-        let (outcome, instance) = match result {
-            Ok((instance, Ok(()))) => (
-                Outcome::Ack {
-                    outputs: inv.take_outputs(),
-                },
-                Some(instance),
-            ),
-            Ok((instance, Err(wit::HandleError::Retry(reason)))) => {
-                (Outcome::Retry { reason }, Some(instance))
-            }
-            Ok((instance, Err(wit::HandleError::Reject(reason)))) => {
-                (Outcome::Reject { reason }, Some(instance))
-            }
-            // A trap retires the instance: whatever state it left stays
-            // with it.
-            Err(e) => {
-                let (kind, message) = inv.classify(&e);
-                (Outcome::Trapped { kind, message }, None)
-            }
-        };
+        let (outcome, instance) = inner.call_handle(&mut inv, instance, delivery).await;
         if let (InstancePolicy::Reuse { max_deliveries }, Some(instance)) = (inner.policy, instance)
             && served + 1 < max_deliveries
         {
