@@ -19,6 +19,8 @@
 //!   commented TOML.
 //! - [`dispatch`]: delivery → plugin → outcome → ack, retry or dead-letter;
 //!   the outbox (broker or spool).
+//! - [`backoff`]: retry delays, exponential and capped, for every retry
+//!   loop (leaf).
 //! - [`app`]: `warren run` — builds, wires and stops everything.
 //! - [`admin`]: the admin HTTP API (axum); reads handles, owns no state.
 //! - [`secret`]: [`secret::Secret`] (never printed), `*-file` secrets and
@@ -35,6 +37,7 @@
 pub mod admin;
 pub mod amqp;
 pub mod app;
+pub mod backoff;
 pub mod buffer;
 pub mod cli;
 pub mod config;

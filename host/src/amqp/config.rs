@@ -8,9 +8,9 @@ use std::time::Duration;
 use documented::{DocumentedFieldsOpt, DocumentedOpt};
 use serde::{Deserialize, Serialize};
 
-use super::backoff::BackoffConfig;
 use super::supervisor::AmqpConfig;
 use super::topology::Topology;
+use crate::backoff::BackoffConfig;
 use crate::secret::{redact_url, redacted_url, redacted_urls};
 
 /// `[amqp]`: the broker connection.

@@ -27,12 +27,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::ack::{AckBook, AckFrame, AckKind, Finish};
-use super::backoff::{Backoff, BackoffConfig};
 use super::convert::{from_basic_properties, short};
 use super::failure::{AmqpError, Failure, FailureClass, classify, is_connection_level};
 use super::metrics;
 use super::supervisor::Shared;
 use super::topology;
+use crate::backoff::{Backoff, BackoffConfig};
 use crate::message::MessageProperties;
 
 /// What to consume and how.

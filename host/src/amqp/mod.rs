@@ -15,11 +15,10 @@
 //! (subscriptions and deliveries), `ack` (ack coalescing), `publisher`
 //! (confirm channel), `refusal` (permanent refusals, told apart from
 //! transient failures and remembered per session), `topology` (registry and declarations), `failure`
-//! (classes and errors), `backoff`, `convert` (lapin property conversion),
+//! (classes and errors), `convert` (lapin property conversion),
 //! `metrics` (names), `outage_log` (how an outage reads in the log).
 
 pub mod ack;
-pub mod backoff;
 pub mod config;
 pub mod consumer;
 pub mod convert;
@@ -32,7 +31,7 @@ pub mod server;
 pub mod supervisor;
 pub mod topology;
 
-pub use backoff::BackoffConfig;
+pub use crate::backoff::BackoffConfig;
 pub use config::AmqpSection;
 pub use consumer::{
     AckOutcome, ConsumerState, Delivery, DeliveryAcker, SubscriptionConfig, SubscriptionStatus,

@@ -25,6 +25,7 @@ use super::failure::{Failure, FailureClass, classify, is_connection_level};
 use super::metrics;
 use super::refusal::{Refusal, Screen, Subject, attribute};
 use super::supervisor::AmqpStatus;
+use crate::backoff::{Backoff, BackoffConfig};
 use crate::message::OutboundMessage;
 
 /// Why a publish did not end confirmed.
@@ -479,7 +480,10 @@ impl Keeper {
     /// connection-level failure is reported.
     async fn open(&self) -> Option<Channel> {
         let generation = self.generation;
-        let mut retry = Duration::from_millis(50);
+        let mut retry = Backoff::new(BackoffConfig {
+            initial: Duration::from_millis(50),
+            max: Duration::from_secs(2),
+        });
         loop {
             let opened = async {
                 let ch = self.conn.create_channel().await?;
@@ -507,9 +511,8 @@ impl Keeper {
             tokio::select! {
                 biased;
                 _ = self.abort.cancelled() => return None,
-                _ = tokio::time::sleep(retry) => {}
+                _ = tokio::time::sleep(retry.next_fixed()) => {}
             }
-            retry = (retry * 2).min(Duration::from_secs(2));
         }
     }
 

@@ -26,7 +26,6 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::backoff::{Backoff, BackoffConfig};
 use super::consumer::{self, ConsumerCtx, Delivery, SubscriptionConfig, SubscriptionStatus};
 use super::failure::{AmqpError, Failure, FailureClass, classify, is_connection_level};
 use super::metrics;
@@ -34,6 +33,7 @@ use super::outage_log::OutageLog;
 use super::publisher::{self, Publisher, PublisherLink};
 use super::server::{self, ServerInfo};
 use super::topology::{self, ArgumentDiff, Topology, TopologyRegistry};
+use crate::backoff::{Backoff, BackoffConfig};
 use crate::secret::redact_url;
 
 /// Settings of one supervised connection. Plain data.

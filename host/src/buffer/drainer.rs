@@ -86,6 +86,7 @@ use uuid::Uuid;
 
 use super::spool::{DrainerState, Shared, SpoolHandle, refresh_depth};
 use super::{DrainerConfig, SpoolError};
+use crate::backoff::{Backoff, BackoffConfig};
 use crate::message::OutboundMessage;
 
 /// The lease script's body: take the lease if nobody holds it, extend it
@@ -226,11 +227,6 @@ impl DrainerHandle {
     /// broker connection came back).
     pub fn kick(&self) {
         self.shared.appended_notify.notify_one();
-    }
-
-    /// Whether draining is enabled.
-    pub fn is_enabled(&self) -> bool {
-        *self.enabled.borrow()
     }
 
     /// Follow this drainer's pause and resume (the adopter does).
@@ -519,7 +515,10 @@ impl<P: DrainPublisher> Drainer<P> {
     /// and retry.
     pub async fn run(mut self, cancel: CancellationToken) {
         info!(stream = %self.shared.key, token = %self.token, "Drainer starting.");
-        let mut backoff = Duration::from_millis(self.cfg.backoff_min_ms);
+        let mut backoff = Backoff::new(BackoffConfig {
+            initial: Duration::from_millis(self.cfg.backoff_min_ms),
+            max: Duration::from_millis(self.cfg.backoff_max_ms),
+        });
         while !cancel.is_cancelled() {
             let drained_before = self.shared.drained_total();
             if !*self.enabled.borrow_and_update() {
@@ -555,12 +554,12 @@ impl<P: DrainPublisher> Drainer<P> {
             self.shared.record_drain_pause(&pause);
             if self.shared.drained_total() > drained_before {
                 // Progress before the failure: not a dead broker.
-                backoff = Duration::from_millis(self.cfg.backoff_min_ms);
+                backoff.reset();
             }
-            if !self.pause(&cancel, pause, backoff).await {
+            let wait = backoff.next_delay_at_least(Duration::from_millis(self.cfg.backoff_min_ms));
+            if !self.pause(&cancel, pause, wait).await {
                 break;
             }
-            backoff = (backoff * 2).min(Duration::from_millis(self.cfg.backoff_max_ms));
         }
         self.release_lease().await;
         self.shared.set_drainer_state(DrainerState::NotRunning);
@@ -594,30 +593,26 @@ impl<P: DrainPublisher> Drainer<P> {
         }
     }
 
-    /// After a failed pass: wait a random time up to `backoff` (full
-    /// jitter, at least the minimum), showing why. False when `cancel`
+    /// After a failed pass: wait `wait`, showing why. False when `cancel`
     /// fired first.
-    async fn pause(&self, cancel: &CancellationToken, error: String, backoff: Duration) -> bool {
-        let jittered = Duration::from_millis(rand::random_range(
-            self.cfg.backoff_min_ms.min(backoff.as_millis() as u64)..=backoff.as_millis() as u64,
-        ));
+    async fn pause(&self, cancel: &CancellationToken, error: String, wait: Duration) -> bool {
         self.shared.set_drainer_state(DrainerState::Paused {
             error,
-            retry_in_ms: jittered.as_millis() as u64,
+            retry_in_ms: wait.as_millis() as u64,
         });
         metrics::counter!(super::metric::DRAIN_PAUSES).increment(1);
-        sleep_unless_cancelled(cancel, jittered).await
+        sleep_unless_cancelled(cancel, wait).await
     }
 
     /// Holding the lease: drain, idle, renew, until something stops us.
-    async fn drain_leased(&mut self, cancel: &CancellationToken, backoff: &mut Duration) -> Stop {
+    async fn drain_leased(&mut self, cancel: &CancellationToken, backoff: &mut Backoff) -> Stop {
         let mut lease = Lease::held(self.ttl()).await;
         loop {
             match self.drain_pass(cancel, &mut lease).await {
                 Stop::Idle => {}
                 other => return other,
             }
-            *backoff = Duration::from_millis(self.cfg.backoff_min_ms);
+            backoff.reset();
             self.shared.set_drainer_state(DrainerState::Idle);
             tokio::select! {
                 biased;

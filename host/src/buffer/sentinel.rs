@@ -83,6 +83,7 @@ use tracing::{debug, info, warn};
 
 use super::error::AUTH_RETRY;
 use super::{SpoolConfig, SpoolError};
+use crate::backoff::{Backoff, BackoffConfig};
 use crate::secret::{Secret, read_secret_file};
 
 /// Builds the spool's Redis clients: TLS material shared by every node, and
@@ -740,8 +741,10 @@ impl Primary {
         // After a failed subscription: short while another sentinel is left
         // to try, doubled after each round in which every one failed (a
         // password they all refuse must not be retried five times a second).
-        const FIRST_PAUSE: Duration = Duration::from_millis(200);
-        let mut pause = FIRST_PAUSE;
+        let mut pause = Backoff::new(BackoffConfig {
+            initial: Duration::from_millis(200),
+            max: AUTH_RETRY,
+        });
         let mut failed_in_row = 0usize;
         loop {
             let Some((addr, client)) = sentinels.get(i % sentinels.len().max(1)) else {
@@ -755,7 +758,7 @@ impl Primary {
             };
             match ps {
                 Ok(ps) => {
-                    pause = FIRST_PAUSE;
+                    pause.reset();
                     failed_in_row = 0;
                     debug!(sentinel = %addr, "Subscribed to +switch-master.");
                     if !self.follow_switches(ps, addr, master, &cancel).await {
@@ -767,14 +770,14 @@ impl Primary {
                     debug!(sentinel = %addr, error = %e, "Cannot subscribe on sentinel.");
                     failed_in_row += 1;
                     if failed_in_row.is_multiple_of(sentinels.len()) {
-                        pause = (pause * 2).min(AUTH_RETRY);
+                        pause.grow();
                     }
                 }
             }
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(pause) => {}
+                _ = tokio::time::sleep(pause.ceiling()) => {}
             }
         }
     }

@@ -42,6 +42,7 @@ use uuid::Uuid;
 
 use super::sentinel::Primary;
 use super::{SpoolConfig, SpoolError, metric};
+use crate::backoff::{Backoff, BackoffConfig};
 use crate::message::{HeaderValue, OutboundMessage};
 
 /// Adds a batch: checks the limits, `XADD`s each entry (refusing the rest
@@ -642,7 +643,10 @@ impl Writer {
     async fn commit(&self, batch: Vec<AppendRequest>) {
         let mut batch = batch;
         let mut last: Option<SpoolError> = None;
-        let mut backoff = Duration::from_millis(20);
+        let mut backoff = Backoff::new(BackoffConfig {
+            initial: Duration::from_millis(20),
+            max: Duration::from_millis(250),
+        });
         loop {
             let now = Instant::now();
             let (expired, live): (Vec<_>, Vec<_>) =
@@ -687,9 +691,8 @@ impl Writer {
                         .map(|r| r.deadline)
                         .min()
                         .unwrap_or_else(Instant::now);
-                    let wake = (Instant::now() + backoff).min(earliest);
+                    let wake = (Instant::now() + backoff.next_fixed()).min(earliest);
                     tokio::time::sleep_until(wake.into()).await;
-                    backoff = (backoff * 2).min(Duration::from_millis(250));
                 }
             }
         }

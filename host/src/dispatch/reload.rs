@@ -266,10 +266,7 @@ impl Reloader {
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        match self.state.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+        crate::sync::lock(&self.state)
     }
 
     /// The plugins directory.
@@ -302,10 +299,7 @@ impl Reloader {
     }
 
     fn recent(&self) -> std::sync::MutexGuard<'_, VecDeque<Candidate>> {
-        match self.recent.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+        crate::sync::lock(&self.recent)
     }
 
     /// A component already compiled from `path` with these bytes (serving

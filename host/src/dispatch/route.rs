@@ -25,6 +25,7 @@ use super::metric;
 use super::outbox::Outbox;
 use super::topology::DispatchConfig;
 use crate::amqp::{self, AckOutcome};
+use crate::backoff::{Backoff, BackoffConfig};
 use crate::message::{HeaderValue, MessageProperties, OutboundMessage};
 use crate::plugins::{self, Outcome, Plugin};
 use crate::telemetry::{self, TraceContext};
@@ -232,7 +233,10 @@ async fn publish_all(
         );
         let context = telemetry::span_context(&span, Some(trace), tracestate);
         headers::propagate_trace(incoming, &context, &mut msg.properties);
-        let mut delay = Duration::from_millis(50);
+        let mut delay = Backoff::new(BackoffConfig {
+            initial: Duration::from_millis(50),
+            max: Duration::from_secs(2),
+        });
         let mut warned = false;
         loop {
             match ctx.outbox.publish(msg).instrument(span.clone()).await {
@@ -252,8 +256,7 @@ async fn publish_all(
                     // Also during shutdown: keep trying until the grace
                     // period ends; then the process exits and the broker
                     // redelivers the delivery.
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(2));
+                    tokio::time::sleep(delay.next_fixed()).await;
                 }
             }
         }

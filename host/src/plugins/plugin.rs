@@ -23,6 +23,7 @@ use super::manifest::Manifest;
 use super::outcome::{LoadError, Outcome};
 use super::runtime::PluginRuntime;
 use crate::message::MessageProperties;
+use crate::sync::lock;
 
 /// A delivery as the runtime hands it to a plugin.
 #[derive(Debug, Clone, Default)]
@@ -585,13 +586,6 @@ impl Plugin {
     /// How deliveries get their instance.
     pub fn instance_policy(&self) -> InstancePolicy {
         self.inner.policy
-    }
-}
-
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
     }
 }
 

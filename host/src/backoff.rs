@@ -1,5 +1,9 @@
-//! Reconnect delays: exponential, capped, with full jitter.
+//! Retry delays: exponential and capped, the one backoff of every retry
+//! loop in Warren (reconnects, channel reopening, spool writes and drains,
+//! sentinel subscriptions, outputs held for a broker and spool that both
+//! refuse). A leaf: no subsystem state.
 //!
+//! Reconnects draw with full jitter:
 //! `delay = random(0 ..= min(cap, initial * 2^attempt))` (AWS "full
 //! jitter"), so a fleet of hosts that lost the same broker does not come
 //! back in lockstep. Failures that retrying quickly cannot fix use
@@ -67,6 +71,28 @@ impl Backoff {
     pub fn slow_delay(&mut self) -> Duration {
         self.attempt = self.attempt.saturating_add(1);
         jitter(self.config.max / 2, self.config.max)
+    }
+
+    /// The next delay, uniformly in `low..=ceiling` (`low` capped at the
+    /// ceiling): full jitter with a floor.
+    pub fn next_delay_at_least(&mut self, low: Duration) -> Duration {
+        let ceiling = self.ceiling();
+        self.attempt = self.attempt.saturating_add(1);
+        jitter(low.min(ceiling), ceiling)
+    }
+
+    /// The next delay without jitter: the ceiling, which then doubles. For
+    /// a loop that waits on a resource of its own, where there is no fleet
+    /// to spread.
+    pub fn next_fixed(&mut self) -> Duration {
+        let ceiling = self.ceiling();
+        self.grow();
+        ceiling
+    }
+
+    /// Double the ceiling without taking a delay.
+    pub fn grow(&mut self) {
+        self.attempt = self.attempt.saturating_add(1);
     }
 
     /// Start over (after a healthy session).
