@@ -399,13 +399,8 @@ impl App {
 /// their versions, the queues, the spool's mode and primary, the broker,
 /// and the admin address.
 async fn announce_ready(handle: AppHandle, admin: SocketAddr, cancel: CancellationToken) {
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
-    loop {
-        tokio::select! {
-            biased;
-            _ = cancel.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+    let mut ticker = crate::sync::Ticker::new(Duration::from_millis(100));
+    while ticker.tick(&cancel).await {
         if handle.readiness().ready {
             let routes = handle.dispatcher.route_info();
             let plugins: std::collections::BTreeSet<String> = routes

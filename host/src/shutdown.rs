@@ -15,17 +15,12 @@
 //! A second signal ends the process at once with status 130 (`main`). SIGHUP does not stop
 //! anything: it reloads the plugins ([`reload_on_hangup`]).
 
+use documented::{DocumentedFieldsOpt, DocumentedOpt};
+use serde::{Deserialize, Serialize};
 use tokio::signal::unix::{SignalKind, signal};
 
 /// `[shutdown]`: stopping.
-#[derive(
-    Debug,
-    Clone,
-    serde::Deserialize,
-    serde::Serialize,
-    documented::DocumentedOpt,
-    documented::DocumentedFieldsOpt,
-)]
+#[derive(Debug, Clone, Deserialize, Serialize, DocumentedOpt, DocumentedFieldsOpt)]
 #[serde(rename_all = "kebab-case", default)]
 pub struct ShutdownConfig {
     /// How long the whole stop may take after SIGTERM or SIGINT, ms:

@@ -10,6 +10,8 @@ use std::fmt::Write as _;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use documented::{DocumentedFieldsOpt, DocumentedOpt};
+use serde::{Deserialize, Serialize};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use opentelemetry::trace::{
     SpanContext, SpanId, TraceContextExt as _, TraceFlags, TraceId, TraceState, TracerProvider as _,
@@ -23,14 +25,7 @@ use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Layer as _};
 
 /// `[telemetry]`: logs and trace export.
-#[derive(
-    Debug,
-    Clone,
-    serde::Deserialize,
-    serde::Serialize,
-    documented::DocumentedOpt,
-    documented::DocumentedFieldsOpt,
-)]
+#[derive(Debug, Clone, Deserialize, Serialize, DocumentedOpt, DocumentedFieldsOpt)]
 #[serde(rename_all = "kebab-case", default)]
 pub struct TelemetryConfig {
     /// `text` or `json`.

@@ -36,6 +36,8 @@ mod status;
 
 use std::sync::Arc;
 
+use documented::{DocumentedFieldsOpt, DocumentedOpt};
+use serde::{Deserialize, Serialize};
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post, put};
@@ -47,14 +49,7 @@ use crate::app::AppHandle;
 use crate::secret::Secret;
 
 /// `[admin]`: the admin HTTP API.
-#[derive(
-    Debug,
-    Clone,
-    serde::Deserialize,
-    serde::Serialize,
-    documented::DocumentedOpt,
-    documented::DocumentedFieldsOpt,
-)]
+#[derive(Debug, Clone, Deserialize, Serialize, DocumentedOpt, DocumentedFieldsOpt)]
 #[serde(rename_all = "kebab-case", default)]
 pub struct AdminConfig {
     /// Listen address.

@@ -163,24 +163,20 @@ impl Dialer {
         if certificates.is_some() && !tls {
             problems.push("TLS files are set but the addresses use redis://, not rediss://".into());
         }
-        let data = Credentials {
-            username: cfg.username.clone(),
-            password: secret(
-                "password_file",
-                cfg.password.as_ref(),
-                cfg.password_file.as_deref(),
-                problems,
-            ),
-        };
-        let sentinel = Credentials {
-            username: cfg.sentinel_username.clone(),
-            password: secret(
-                "sentinel_password_file",
-                cfg.sentinel_password.as_ref(),
-                cfg.sentinel_password_file.as_deref(),
-                problems,
-            ),
-        };
+        let data = Credentials::read(
+            "password_file",
+            &cfg.username,
+            &cfg.password,
+            &cfg.password_file,
+            problems,
+        );
+        let sentinel = Credentials::read(
+            "sentinel_password_file",
+            &cfg.sentinel_username,
+            &cfg.sentinel_password,
+            &cfg.sentinel_password_file,
+            problems,
+        );
         Dialer {
             scheme: if tls { "rediss" } else { "redis" },
             certificates,
@@ -225,19 +221,27 @@ impl Dialer {
     }
 }
 
-/// The secret given inline, or read from `file`.
-fn secret(
-    file_key: &str,
-    inline: Option<&Secret>,
-    file: Option<&std::path::Path>,
-    problems: &mut Vec<String>,
-) -> Option<Secret> {
-    match (inline, file) {
-        (Some(s), _) => Some(s.clone()),
-        (None, Some(path)) => read_secret_file(file_key, path)
-            .map_err(|e| problems.push(e))
-            .ok(),
-        (None, None) => None,
+impl Credentials {
+    /// A user and the password given inline or in a file (`file_key`
+    /// names the file's setting in a problem).
+    fn read(
+        file_key: &str,
+        username: &Option<String>,
+        inline: &Option<Secret>,
+        file: &Option<std::path::PathBuf>,
+        problems: &mut Vec<String>,
+    ) -> Credentials {
+        let password = match (inline, file) {
+            (Some(s), _) => Some(s.clone()),
+            (None, Some(path)) => read_secret_file(file_key, path)
+                .map_err(|e| problems.push(e))
+                .ok(),
+            (None, None) => None,
+        };
+        Credentials {
+            username: username.clone(),
+            password,
+        }
     }
 }
 

@@ -835,14 +835,8 @@ fn appended_ids(
 
 /// Keep the connection checked, the depth honest and the status published.
 async fn refresh_loop(shared: Arc<Shared>, cancel: CancellationToken) {
-    let mut tick = tokio::time::interval(shared.cfg.status_interval());
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            biased;
-            _ = cancel.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+    let mut ticker = crate::sync::Ticker::new(shared.cfg.status_interval());
+    while ticker.tick(&cancel).await {
         shared.primary.refresh().await;
         // Resolving here also runs the start-up checks before the first
         // append, so status shows them early.

@@ -112,7 +112,10 @@ impl PluginMetrics {
         &self.plugin
     }
 
-    pub(crate) fn handled(&self, outcome: &Outcome, took: Duration) {
+    /// One delivery `plugin` handled: its outcome counted (for
+    /// `/plugins` and Prometheus) and its handle time recorded.
+    pub(crate) fn handled(&self, plugin: &crate::plugins::Plugin, outcome: &Outcome, took: Duration) {
+        plugin.count(outcome);
         let m = match outcome {
             Outcome::Ack { .. } => &self.ack,
             Outcome::Retry { .. } => &self.retry,

@@ -587,14 +587,8 @@ pub async fn watch(
     let dir = reloader.dir().to_path_buf();
     let mut applied = fingerprint(&dir);
     let mut last = applied.clone();
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            biased;
-            _ = cancel.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+    let mut ticker = crate::sync::Ticker::new(every);
+    while ticker.tick(&cancel).await {
         let now = fingerprint(&dir);
         if now != applied && now == last {
             info!(dir = %dir.display(), "Plugins directory changed; reloading.");

@@ -12,19 +12,15 @@
 
 use std::time::Duration;
 
+use documented::{DocumentedFieldsOpt, DocumentedOpt};
+use serde::{Deserialize, Serialize};
+
 use crate::amqp::{BindingSpec, ExchangeSpec, ExchangeType, QueueSpec, QueueType, Topology};
 use crate::message::HeaderValue;
 use crate::plugins::manifest::{Binding, ExchangeKind, Outputs, QueueKind, Subscription};
 
 /// `[dispatch]`: what happens to each outcome.
-#[derive(
-    Debug,
-    Clone,
-    serde::Deserialize,
-    serde::Serialize,
-    documented::DocumentedOpt,
-    documented::DocumentedFieldsOpt,
-)]
+#[derive(Debug, Clone, Deserialize, Serialize, DocumentedOpt, DocumentedFieldsOpt)]
 #[serde(rename_all = "kebab-case", default)]
 pub struct DispatchConfig {
     /// Attempts before a message is dead-lettered (a subscription's

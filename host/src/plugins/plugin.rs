@@ -537,6 +537,12 @@ impl Plugin {
         self.inner.counters.snapshot()
     }
 
+    /// Count `outcome` among those this plugin handled: dispatch does,
+    /// once per delivery, where it records the delivery's metrics.
+    pub(crate) fn count(&self, outcome: &Outcome) {
+        self.inner.counters.count(outcome);
+    }
+
     /// Wait for one of this plugin's concurrency permits. Dispatch holds it
     /// from before instantiation until the delivery is acknowledged.
     pub async fn acquire(&self) -> Result<OwnedSemaphorePermit, AcquireError> {
@@ -579,7 +585,6 @@ impl Plugin {
                 _slot: slot,
             });
         }
-        inner.counters.count(&outcome);
         outcome
     }
 
