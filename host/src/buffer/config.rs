@@ -59,12 +59,18 @@ pub struct SpoolConfig {
     /// How often depth, oldest age and the primary's role are refreshed
     /// and this host's claim on its stream is renewed, ms.
     pub status_interval_ms: u64,
-    /// Spooled messages the drainer keeps awaiting their confirm at once
-    /// (see [`DrainerConfig::window`]).
+    /// Spooled messages the drainer keeps awaiting their confirm at once.
+    /// 1 keeps strict order even when a republish fails mid-way; larger
+    /// windows drain much faster, and a failed republish then comes again
+    /// after the ones behind it. Each failed pass halves the window in
+    /// use; a window's worth of confirms in a row doubles it back.
     pub drain_window: usize,
     /// How long the drainer waits with publishes in flight and no progress
-    /// before it republishes from the first unconfirmed entry, ms (see
-    /// [`DrainerConfig::stall_timeout_ms`]).
+    /// at all (no send completing, no confirm arriving, the broker not
+    /// blocking publishes) before it republishes from the first
+    /// unconfirmed entry, duplicating whatever the broker had routed, ms.
+    /// Progress, not age: a slow broker is waited for; a dead one is
+    /// noticed sooner, by the heartbeat.
     pub drain_stall_timeout_ms: u64,
     /// With entries in the spool and the broker connected, how long the
     /// drain may make no progress before `/ready` and `/status` list it as
@@ -96,8 +102,7 @@ pub struct SpoolConfig {
     /// host adopts and drains a stream whose owner has not renewed its
     /// claim (every `status-interval-ms`) for this long.
     pub owner_lease_ms: u64,
-    /// Drain the streams of hosts that are gone (their claim expired; see
-    /// `buffer::adopt`).
+    /// Drain the streams of hosts that are gone (their claim expired).
     pub adopt_orphans: bool,
 }
 
@@ -398,22 +403,14 @@ fn host_name() -> String {
 pub struct DrainerConfig {
     /// Entries read per `XRANGE`.
     pub batch: usize,
-    /// Publishes awaiting their confirm at once, at most. 1 gives strict
-    /// order even across publish failures; larger windows are needed for
-    /// throughput (see the drainer's module doc for what a failure does to
-    /// order). Each failed pass halves the window in use; a window's worth
-    /// of confirms in a row doubles it back up to this.
+    /// Publishes awaiting their confirm at once, at most: `spool.drain-window`.
     pub window: usize,
     /// Lease time-to-live; renewed every third of it.
     pub lease_ttl_ms: u64,
-    /// How long the drainer waits without progress (no send completing, no
-    /// confirm arriving, the broker not blocking publishes) before it gives
-    /// the broker up for failed and republishes from the first unconfirmed
-    /// entry. Progress, not age: a slow broker confirming a full window in
-    /// several times this long is waited for.
+    /// `spool.drain-stall-timeout-ms`.
     pub stall_timeout_ms: u64,
-    /// First pause after a failed publish; doubles up to `backoff_max_ms`,
-    /// with full jitter.
+    /// First pause after a failed pass; its ceiling doubles up to
+    /// `backoff_max_ms`, jittered between this and the ceiling.
     pub backoff_min_ms: u64,
     /// Longest pause after failed publishes.
     pub backoff_max_ms: u64,
