@@ -36,11 +36,11 @@ mod status;
 
 use std::sync::Arc;
 
-use documented::{DocumentedFieldsOpt, DocumentedOpt};
-use serde::{Deserialize, Serialize};
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post, put};
+use documented::{DocumentedFieldsOpt, DocumentedOpt};
+use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;

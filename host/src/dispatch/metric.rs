@@ -114,7 +114,12 @@ impl PluginMetrics {
 
     /// One delivery `plugin` handled: its outcome counted (for
     /// `/plugins` and Prometheus) and its handle time recorded.
-    pub(crate) fn handled(&self, plugin: &crate::plugins::Plugin, outcome: &Outcome, took: Duration) {
+    pub(crate) fn handled(
+        &self,
+        plugin: &crate::plugins::Plugin,
+        outcome: &Outcome,
+        took: Duration,
+    ) {
         plugin.count(outcome);
         let m = match outcome {
             Outcome::Ack { .. } => &self.ack,
