@@ -154,7 +154,7 @@ async fn handle_in_span(
     };
     let started = Instant::now();
     let outcome = plugin.invoke(&input).await;
-    metrics.handled(&plugin, &outcome, started.elapsed());
+    metrics.handled(plugin, &outcome, started.elapsed());
     let span = tracing::Span::current();
     span.record("outcome", outcome.label());
     // Error status on every outcome that dead-letters the delivery.
