@@ -233,31 +233,47 @@ fn run(config_path: Option<PathBuf>, plugins: Option<PathBuf>, watch: bool) -> E
     };
     tracing::info!(config = ?path, "Starting Warren.");
     tracing::debug!(?config, "Configuration.");
-    let runtime = match async_runtime() {
-        Ok(runtime) => runtime,
-        Err(code) => return code,
+    let grace = config.shutdown.grace();
+    // Two runtimes: the app's, whose workers plugins may keep busy, and
+    // this thread's, which only waits for signals and the stop's deadline,
+    // so neither is late however busy the plugins are.
+    let (runtime, control) = match (async_runtime(), control_runtime()) {
+        (Ok(runtime), Ok(control)) => (runtime, control),
+        (Err(code), _) | (_, Err(code)) => return code,
     };
-    let code = runtime.block_on(async {
+    let started = runtime.block_on(async {
         let hangups = shutdown::hangups();
-        let app = match App::start(config).await {
-            Ok(app) => app,
-            Err(e) => {
-                tracing::error!(error = %e, "Cannot start.");
-                eprintln!("warren: {e}");
-                return if e.is_config() {
-                    ExitCode::from(EXIT_CONFIG)
-                } else {
-                    ExitCode::FAILURE
-                };
-            }
-        };
-        let signal = tokio::select! {
-            s = shutdown::wait_for_signal() => s,
-            () = shutdown::reload_on_hangup(hangups, app.handle().reloader.clone()) => return ExitCode::FAILURE,
-        };
+        App::start(config).await.map(|app| {
+            let reloader = app.handle().reloader.clone();
+            let hangup = tokio::spawn(shutdown::reload_on_hangup(hangups, reloader));
+            (app, hangup)
+        })
+    });
+    let (app, hangup) = match started {
+        Ok(started) => started,
+        Err(e) => {
+            tracing::error!(error = %e, "Cannot start.");
+            eprintln!("warren: {e}");
+            return if e.is_config() {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            };
+        }
+    };
+    let code = control.block_on(async {
+        let signal = shutdown::wait_for_signal().await;
         tracing::info!(?signal, "Stop requested.");
+        hangup.abort();
+        let deadline = tokio::time::Instant::now() + grace;
+        let stop = runtime.spawn(app.shutdown());
         tokio::select! {
-            () = app.shutdown() => ExitCode::SUCCESS,
+            stopped = tokio::time::timeout_at(deadline, stop) => {
+                if stopped.is_err() {
+                    tracing::warn!("The grace period is over; abandoning what is still running.");
+                }
+                ExitCode::SUCCESS
+            }
             signal = shutdown::wait_for_signal() => {
                 tracing::warn!(?signal, "Second signal: exiting now without finishing in-flight work.");
                 ExitCode::from(130)
@@ -269,4 +285,15 @@ fn run(config_path: Option<PathBuf>, plugins: Option<PathBuf>, watch: bool) -> E
     // abandoned rather than waited for.
     runtime.shutdown_background();
     code
+}
+
+/// The runtime of the main thread: signals and the stop's deadline.
+fn control_runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("warren: failed to start the control runtime: {e}");
+            ExitCode::FAILURE
+        })
 }
