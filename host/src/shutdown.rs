@@ -12,7 +12,10 @@
 //!    already queued;
 //! 5. channels and the connection close; the admin server stops last.
 //!
-//! A second signal ends the process at once with status 130 (`main`). SIGHUP does not stop
+//! `main` waits for the signals and enforces the deadline on a runtime of
+//! its own, so plugins that keep the app's workers busy delay neither;
+//! at the deadline it abandons the stop where it is. A second signal ends
+//! the process at once with status 130. SIGHUP does not stop
 //! anything: it reloads the plugins ([`reload_on_hangup`]).
 
 use documented::{DocumentedFieldsOpt, DocumentedOpt};
