@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeSet;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use warren_it::broker::{Broker, unique};
@@ -56,6 +56,23 @@ fn write_config(dir: &std::path::Path, admin: &str, dlq: &str, rest: &str) -> st
 
 fn sigterm(child: &Child) {
     signal(child, "TERM").unwrap();
+}
+
+/// SIGTERM, then look every `poll` whether the process has ended (failing
+/// after `limit`): its status and how long it took.
+async fn stop(child: &mut Child, limit: Duration, poll: Duration) -> (ExitStatus, Duration) {
+    sigterm(child);
+    let stopping = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return (s, stopping.elapsed());
+        }
+        assert!(
+            stopping.elapsed() < limit,
+            "warren did not exit within {limit:?}"
+        );
+        tokio::time::sleep(poll).await;
+    }
 }
 
 #[test]
@@ -121,18 +138,12 @@ async fn sigterm_under_load_exits_zero_and_loses_nothing() {
     let bodies: Vec<String> = (0..n).map(|i| format!("m-{i}")).collect();
     broker.publish_all("", &echo_in, &bodies).await.unwrap();
     // Stop while it is still working through them.
-    sigterm(&child);
-    let started = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "warren did not exit within the grace period"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let (status, _) = stop(
+        &mut child,
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+    )
+    .await;
     assert_eq!(status.code(), Some(0), "clean stop exits 0");
 
     // Every input is either acked with its output confirmed, or still in
@@ -313,21 +324,19 @@ async fn a_stop_with_deliveries_that_cannot_finish_ends_within_the_grace_period(
     let queue = unique("stop-in");
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(wasm("slow").unwrap(), dir.path().join("slow.wasm")).unwrap();
-    let cfg = write_config(
-        dir.path(),
-        "127.0.0.1:0",
-        &unique("dlq"),
-        &format!(
+    let cfg = WarrenToml::isolated(dir.path())
+        .admin_bind("127.0.0.1:0")
+        .grace_period_ms(2000)
+        .merge(&format!(
             r#"
-            [shutdown]
-            grace-period-ms = 2000
             [plugin.slow]
             subscriptions = [{{ queue = "{queue}", prefetch = 4 }}]
             limits = {{ deadline-ms = 30000, max-concurrency = 4 }}
             config = {{ millis = 20000 }}
             "#
-        ),
-    );
+        ))
+        .write_in(dir.path())
+        .unwrap();
     let mut child = spawn_consuming(&cfg, &broker, &queue).await;
     let n = 12;
     let bodies: Vec<String> = (0..n).map(|i| format!("m-{i}")).collect();
@@ -340,19 +349,7 @@ async fn a_stop_with_deliveries_that_cannot_finish_ends_within_the_grace_period(
     .await
     .unwrap();
 
-    sigterm(&child);
-    let stopping = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            stopping.elapsed() < Duration::from_secs(10),
-            "warren did not exit"
-        );
-        tokio::time::sleep(POLL).await;
-    };
-    let took = stopping.elapsed();
+    let (status, took) = stop(&mut child, Duration::from_secs(10), POLL).await;
     assert_eq!(status.code(), Some(0), "a stop at the deadline exits 0");
     assert!(
         took <= Duration::from_secs(2) + POLL,
