@@ -104,6 +104,21 @@ fn interrupt(child: &Child) {
     assert!(sent.success());
 }
 
+/// The quickstart's job, killed with its whole process group if the test
+/// ends before it stopped (a failed assertion must not leave a Warren
+/// holding port 9090 for the next run).
+struct Job(Child);
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let group = format!("-{}", self.0.id());
+            let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 async fn ready() -> bool {
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], 9090).into();
     warren_it::http::request(addr, "GET", "/ready", &[], None)
@@ -131,15 +146,22 @@ async fn the_readme_quickstart_works_as_written() {
     let set_up = stdout(&run(setup));
     assert!(set_up.contains("nothing to do"), "{set_up}");
 
+    // Port 9090 must be free, or the answers below would come from
+    // whatever holds it.
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", 9090)).is_err(),
+        "something already listens on 127.0.0.1:9090 (a Warren left running?); the quickstart's Warren needs it"
+    );
     // Cold builds of the plugins and of Warren come first.
     let log_path =
         std::env::temp_dir().join(format!("warren-quickstart-{}.log", std::process::id()));
     let log = std::fs::File::create(&log_path).unwrap();
-    let mut warren = sh(start)
+    let mut job = Job(sh(start)
         .stdout(Stdio::from(log.try_clone().unwrap()))
         .stderr(Stdio::from(log))
         .spawn()
-        .unwrap();
+        .unwrap());
+    let warren = &mut job.0;
     let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
     let deadline = Instant::now() + Duration::from_secs(30 * 60);
     while !ready().await {
@@ -190,7 +212,7 @@ async fn the_readme_quickstart_works_as_written() {
     assert_eq!(invoked["outputs"][0]["exchange"], "orders.routed");
     assert_eq!(invoked["outputs"][0]["routing_key"], "orders.eu");
 
-    interrupt(&warren);
+    interrupt(warren);
     let deadline = Instant::now() + Duration::from_secs(60);
     let status = loop {
         if let Some(s) = warren.try_wait().unwrap() {
