@@ -70,7 +70,9 @@ pub struct RuntimeConfig {
     pub max_outputs: usize,
     /// Most body bytes one invocation may `publish` in total.
     pub max_output_bytes: usize,
-    /// How often the epoch advances; deadlines are enforced to within one tick.
+    /// How often the epoch advances, ms. A deadline counts the ticks its
+    /// guest runs: a guest running alone traps between its deadline and
+    /// two ticks after it.
     pub epoch_tick_ms: u32,
     /// Bytes of each linear memory kept mapped between instances and reset
     /// with `memset` instead of `madvise`: the fast path for a guest whose
