@@ -194,37 +194,15 @@ fn print_config(config: Option<PathBuf>) -> ExitCode {
 
 fn run(config_path: Option<PathBuf>, plugins: Option<PathBuf>, watch: bool) -> ExitCode {
     let path = self::config_path(config_path);
-    let mut config = match Config::load(path.as_deref(), warren::config::warren_env()) {
+    let config = match run_config(path.as_deref(), plugins, watch) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("warren: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    if let Some(dir) = plugins {
-        config.plugins.dir = dir;
-    }
-    if watch && config.plugins.watch_ms == 0 {
-        config.plugins.watch_ms = 1000;
-    }
-    // The OpenTelemetry SDK's own variables (OTEL_EXPORTER_OTLP_*) when
-    // the file names no endpoint; OTEL_SERVICE_NAME and
-    // OTEL_RESOURCE_ATTRIBUTES are read by the SDK.
-    let otlp =
-        warren::telemetry::otlp_endpoint(config.telemetry.otlp_endpoint.as_deref(), |name| {
-            std::env::var(name).ok()
-        })
-        .map(|endpoint| warren::telemetry::OtlpConfig {
-            endpoint,
-            sample_ratio: config.telemetry.otlp_sample_ratio,
-            instance_id: config.spool.host_id(),
-        });
     // Flushes exported spans when `run` returns.
-    let _telemetry = match warren::telemetry::init(
-        config.telemetry.log_format,
-        &config.telemetry.log_level,
-        otlp.as_ref(),
-    ) {
+    let _telemetry = match start_telemetry(&config) {
         Ok(g) => g,
         Err(e) => {
             eprintln!("warren: {e}");
@@ -249,42 +227,90 @@ fn run(config_path: Option<PathBuf>, plugins: Option<PathBuf>, watch: bool) -> E
             (app, hangup)
         })
     });
-    let (app, hangup) = match started {
-        Ok(started) => started,
+    let code = match started {
+        Ok((app, hangup)) => control.block_on(serve(&runtime, app, hangup, grace)),
         Err(e) => {
             tracing::error!(error = %e, "Cannot start.");
             eprintln!("warren: {e}");
-            return if e.is_config() {
+            if e.is_config() {
                 ExitCode::from(EXIT_CONFIG)
             } else {
                 ExitCode::FAILURE
-            };
+            }
         }
     };
-    let code = control.block_on(async {
-        let signal = shutdown::wait_for_signal().await;
-        tracing::info!(?signal, "Stop requested.");
-        hangup.abort();
-        let deadline = tokio::time::Instant::now() + grace;
-        let stop = runtime.spawn(app.shutdown());
-        tokio::select! {
-            stopped = tokio::time::timeout_at(deadline, stop) => {
-                if stopped.is_err() {
-                    tracing::warn!("The grace period is over; abandoning what is still running.");
-                }
-                ExitCode::SUCCESS
-            }
-            signal = shutdown::wait_for_signal() => {
-                tracing::warn!(?signal, "Second signal: exiting now without finishing in-flight work.");
-                ExitCode::from(130)
-            }
-        }
-    });
     // The stop has had its grace period (or a second signal cut it short):
     // work still running, a compile on a blocking thread included, is
     // abandoned rather than waited for.
     runtime.shutdown_background();
     code
+}
+
+/// The configuration `warren run` uses: the file and the environment, then
+/// its `--plugins` and `--watch`.
+fn run_config(
+    path: Option<&std::path::Path>,
+    plugins: Option<PathBuf>,
+    watch: bool,
+) -> Result<Config, warren::config::ConfigError> {
+    let mut config = Config::load(path, warren::config::warren_env())?;
+    if let Some(dir) = plugins {
+        config.plugins.dir = dir;
+    }
+    if watch && config.plugins.watch_ms == 0 {
+        config.plugins.watch_ms = 1000;
+    }
+    Ok(config)
+}
+
+/// Logging, and span export when an endpoint is configured: the file's,
+/// else the OpenTelemetry SDK's own variables (OTEL_EXPORTER_OTLP_*);
+/// OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES are read by the SDK.
+fn start_telemetry(
+    config: &Config,
+) -> Result<warren::telemetry::TelemetryGuard, warren::telemetry::TelemetryError> {
+    let otlp =
+        warren::telemetry::otlp_endpoint(config.telemetry.otlp_endpoint.as_deref(), |name| {
+            std::env::var(name).ok()
+        })
+        .map(|endpoint| warren::telemetry::OtlpConfig {
+            endpoint,
+            sample_ratio: config.telemetry.otlp_sample_ratio,
+            instance_id: config.spool.host_id(),
+        });
+    warren::telemetry::init(
+        config.telemetry.log_format,
+        &config.telemetry.log_level,
+        otlp.as_ref(),
+    )
+}
+
+/// Run until the first stop signal, then stop within `grace`: the stop
+/// runs on the app's `runtime`, the wait for its deadline here. A second
+/// signal ends it at once (130).
+async fn serve(
+    runtime: &tokio::runtime::Runtime,
+    app: App,
+    hangup: tokio::task::JoinHandle<()>,
+    grace: std::time::Duration,
+) -> ExitCode {
+    let signal = shutdown::wait_for_signal().await;
+    tracing::info!(?signal, "Stop requested.");
+    hangup.abort();
+    let deadline = tokio::time::Instant::now() + grace;
+    let stop = runtime.spawn(app.shutdown());
+    tokio::select! {
+        stopped = tokio::time::timeout_at(deadline, stop) => {
+            if stopped.is_err() {
+                tracing::warn!("The grace period is over; abandoning what is still running.");
+            }
+            ExitCode::SUCCESS
+        }
+        signal = shutdown::wait_for_signal() => {
+            tracing::warn!(?signal, "Second signal: exiting now without finishing in-flight work.");
+            ExitCode::from(130)
+        }
+    }
 }
 
 /// The runtime of the main thread: signals and the stop's deadline.
