@@ -242,10 +242,30 @@ impl SpoolConfig {
         }
     }
 
-    /// Every problem with this section, at once.
+    /// Every problem with this section, at once: its values, and the
+    /// addresses, TLS files and secret files they name.
     pub fn problems(&self) -> Vec<String> {
         let mut out = self.address_problems();
         out.extend(self.secret_problems());
+        out.extend(self.value_problems());
+        out
+    }
+
+    /// The values' own problems, for the subsystem's constructors: the
+    /// files the section names are read, and reported, by the spool's
+    /// dialer when it is built.
+    pub fn validate(&self) -> Result<(), SpoolError> {
+        let problems = self.value_problems();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(SpoolError::InvalidConfig(problems))
+        }
+    }
+
+    /// Problems with the values themselves (no file is read).
+    fn value_problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
         if self.is_sentinel() && self.master_name.is_empty() {
             out.push("spool.master-name is empty".into());
         }
@@ -279,17 +299,6 @@ impl SpoolConfig {
             ));
         }
         out
-    }
-
-    /// [`SpoolConfig::problems`] as a `Result`, for the subsystem's
-    /// constructors.
-    pub fn validate(&self) -> Result<(), SpoolError> {
-        let problems = self.problems();
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(SpoolError::InvalidConfig(problems))
-        }
     }
 
     /// Problems with the addresses and TLS settings.
@@ -464,7 +473,7 @@ mod tests {
     #[test]
     fn validate_reports_every_problem() {
         let cfg = SpoolConfig {
-            url: "http://x".into(),
+            max_batch: 0,
             max_entries: 0,
             ..SpoolConfig::default()
         };
