@@ -155,7 +155,8 @@ impl AmqpSection {
             watchdog_interval: Duration::from_secs(1),
             consumer_check_interval: Duration::from_millis(self.consumer_check_ms),
             confirm_timeout: Duration::from_millis(self.confirm_timeout_ms),
-            drain_timeout: crate::shutdown::ShutdownConfig::default().grace(),
+            // `warren run` sets the grace period (`App::start`).
+            drain_timeout: Duration::from_secs(30),
             ack_flush_interval: Duration::from_millis(5),
             topology: Topology::default(),
         }
