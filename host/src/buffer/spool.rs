@@ -162,6 +162,8 @@ pub struct DrainStats {
 /// State shared by the writer, the drainer and the handles.
 pub(crate) struct Shared {
     pub(crate) cfg: SpoolConfig,
+    /// `cfg.host_id()`, resolved once: what this host's claim holds.
+    host_id: String,
     pub(crate) key: String,
     pub(crate) bytes_key: String,
     pub(crate) primary: Arc<Primary>,
@@ -210,6 +212,7 @@ impl Shared {
         Shared {
             bytes_key: format!("{key}:bytes"),
             key,
+            host_id: cfg.host_id(),
             cfg,
             primary,
             depth: AtomicU64::new(0),
@@ -861,7 +864,7 @@ async fn renew_claim(shared: &Shared, link: &super::sentinel::Link) {
     let mut conn = link.conn();
     let renewed: Result<(), _> = redis::cmd("SET")
         .arg(SpoolConfig::owner_key(&shared.key))
-        .arg(shared.cfg.host_id())
+        .arg(&shared.host_id)
         .arg("PX")
         .arg(shared.cfg.owner_lease_ms)
         .query_async(&mut conn)
