@@ -368,6 +368,12 @@ impl App {
     /// the broker).
     pub async fn shutdown(self) {
         let deadline = tokio::time::Instant::now() + self.grace;
+        self.shutdown_by(deadline).await;
+    }
+
+    /// [`App::shutdown`] by a deadline the caller already holds (`main`'s,
+    /// taken when the signal came), so the stop has one deadline, not two.
+    pub async fn shutdown_by(self, deadline: tokio::time::Instant) {
         info!(grace = ?self.grace, "Shutting down: readiness off, consumers cancelled, finishing in-flight deliveries.");
         self.handle.stopping.store(true, Ordering::SeqCst);
         self.stop.plugins.cancel();

@@ -298,7 +298,7 @@ async fn serve(
     tracing::info!(?signal, "Stop requested.");
     hangup.abort();
     let deadline = tokio::time::Instant::now() + grace;
-    let stop = runtime.spawn(app.shutdown());
+    let stop = runtime.spawn(app.shutdown_by(deadline));
     tokio::select! {
         stopped = tokio::time::timeout_at(deadline, stop) => {
             if stopped.is_err() {
