@@ -55,21 +55,21 @@ impl Backoff {
     /// The next delay, uniformly in `0..=ceiling`.
     pub fn next_delay(&mut self) -> Duration {
         let ceiling = self.ceiling();
-        self.attempt = self.attempt.saturating_add(1);
+        self.grow();
         jitter(Duration::ZERO, ceiling)
     }
 
     /// [`Backoff::next_delay`] with the ceiling lowered to `cap`.
     pub fn next_delay_within(&mut self, cap: Duration) -> Duration {
         let ceiling = self.ceiling().min(cap);
-        self.attempt = self.attempt.saturating_add(1);
+        self.grow();
         jitter(Duration::ZERO, ceiling)
     }
 
     /// The next delay for a failure that fast retries cannot fix: uniformly
     /// in `max/2..=max`.
     pub fn slow_delay(&mut self) -> Duration {
-        self.attempt = self.attempt.saturating_add(1);
+        self.grow();
         jitter(self.config.max / 2, self.config.max)
     }
 
@@ -77,7 +77,7 @@ impl Backoff {
     /// ceiling): full jitter with a floor.
     pub fn next_delay_at_least(&mut self, low: Duration) -> Duration {
         let ceiling = self.ceiling();
-        self.attempt = self.attempt.saturating_add(1);
+        self.grow();
         jitter(low.min(ceiling), ceiling)
     }
 
