@@ -85,6 +85,18 @@ impl Dispatcher {
         }
     }
 
+    /// Per route: its queue, its plugin and the deliveries Warren is
+    /// handling for it now (taken and not yet settled).
+    pub fn in_flight(&self) -> Vec<(String, String, usize)> {
+        self.routes()
+            .iter()
+            .map(|(queue, e)| {
+                let plugin = e.plugin.borrow().name().to_string();
+                (queue.clone(), plugin, e.inflight.len())
+            })
+            .collect()
+    }
+
     /// The outbox every publish goes through.
     pub fn outbox(&self) -> &Outbox {
         &self.outbox
