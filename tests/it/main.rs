@@ -34,6 +34,7 @@ mod broker_rules;
 mod buffer;
 mod cluster;
 mod contract;
+mod deploy;
 mod fidelity;
 mod gauntlet;
 mod host;
