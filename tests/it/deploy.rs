@@ -136,3 +136,101 @@ fn supply_chain_check_fails_on_a_known_vulnerable_version_and_passes_a_fixed_one
     assert!(ok, "{text}");
     assert!(text.contains("advisories: ok"), "{text}");
 }
+
+/// `deploy/kubernetes/validate` as README runs it: every manifest passes
+/// the Kubernetes schemas (strict: no unknown fields).
+#[test]
+fn kubernetes_manifests_validate() {
+    let out = Command::new("deploy/kubernetes/validate")
+        .current_dir(repo_root())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    for kind in [
+        "deployment/warren",
+        "configmap/warren-config",
+        "secret/warren-secrets",
+        "poddisruptionbudget/warren",
+        "service/warren",
+    ] {
+        assert!(
+            text.contains(&format!("passed for resource {kind} ")),
+            "{kind}:\n{text}"
+        );
+    }
+    assert!(!text.contains("ERROR"), "{text}");
+}
+
+/// The recipe's numbers fit together: the pod's grace period covers the
+/// preStop pause and Warren's drain, and KEDA scales on gauges Warren
+/// exports (the metrics test checks they are there with HELP).
+#[test]
+fn kubernetes_recipe_grace_period_and_scaling_fit_warren() {
+    let root = repo_root().join("deploy/kubernetes");
+    let read = |f: &str| std::fs::read_to_string(root.join(f)).unwrap();
+    let number = |text: &str, key: &str| -> u64 {
+        let line = text
+            .lines()
+            .find(|l| l.trim_start().starts_with(key))
+            .unwrap_or_else(|| panic!("{key} not found"));
+        line.trim_start()[key.len()..]
+            .trim()
+            .trim_matches('"')
+            .parse()
+            .unwrap_or_else(|_| panic!("{line:?}"))
+    };
+    let deployment = read("deployment.yaml");
+    let config = read("configmap.yaml");
+    let termination = number(&deployment, "terminationGracePeriodSeconds:");
+    let pre_stop = number(&deployment, "seconds:");
+    let grace_ms = number(&config, "grace-period-ms =");
+    assert!(
+        termination * 1000 > pre_stop * 1000 + grace_ms,
+        "terminationGracePeriodSeconds {termination} must cover preStop {pre_stop} s + grace {grace_ms} ms"
+    );
+    for probe in ["path: /live", "path: /ready"] {
+        assert!(deployment.contains(probe), "{probe}");
+    }
+    for setting in [
+        "readOnlyRootFilesystem: true",
+        "runAsNonRoot: true",
+        "allowPrivilegeEscalation: false",
+        "drop: [\"ALL\"]",
+        "mountPath: /var/lib/warren/plugins",
+        "mountPath: /var/cache/warren",
+    ] {
+        assert!(deployment.contains(setting), "{setting}");
+    }
+    // The configuration parses as Warren's, with its secret file key.
+    let toml = config
+        .split_once("warren.toml: |\n")
+        .map(|(_, t)| t)
+        .unwrap()
+        .lines()
+        .map(|l| l.strip_prefix("    ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n");
+    // The secret file is the pod's; here a stand-in.
+    let secret = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(secret.path(), "pw\n").unwrap();
+    let toml = toml.replace(
+        "/etc/warren/secrets/redis-password",
+        &secret.path().display().to_string(),
+    );
+    let c = warren::config::Config::parse(&toml, Vec::new()).unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(c.shutdown.grace_period_ms, grace_ms);
+    assert!(c.spool.password_file.is_some());
+    let scaled = read("scaledobject.yaml");
+    for gauge in [
+        warren::admin::metric::ROUTE_READY,
+        warren::admin::metric::ROUTE_UNACKED,
+        "warren_spool_depth",
+    ] {
+        assert!(scaled.contains(gauge), "the ScaledObject scales on {gauge}");
+    }
+}
