@@ -42,4 +42,5 @@ mod outage;
 mod plugins;
 mod refusals;
 mod reload;
+mod retries;
 mod run;
