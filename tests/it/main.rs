@@ -43,4 +43,5 @@ mod outage;
 mod plugins;
 mod refusals;
 mod reload;
+mod retries;
 mod run;

@@ -152,7 +152,6 @@ impl Dispatcher {
             .max_attempts
             .unwrap_or(self.config.max_attempts);
         let ctx = Arc::new(route::RouteContext {
-            retry_queue: self.config.retry_queue(&queue),
             queue: queue.clone(),
             max_attempts,
             outbox: self.outbox.clone(),

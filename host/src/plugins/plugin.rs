@@ -163,9 +163,14 @@ impl PluginInner {
                 },
                 Some(instance),
             ),
-            Ok((instance, Err(wit::HandleError::Retry(reason)))) => {
-                (Outcome::Retry { reason }, Some(instance))
-            }
+            // The 0.2.0 contract has no way to ask for a delay.
+            Ok((instance, Err(wit::HandleError::Retry(reason)))) => (
+                Outcome::Retry {
+                    reason,
+                    delay: None,
+                },
+                Some(instance),
+            ),
             Ok((instance, Err(wit::HandleError::Reject(reason)))) => {
                 (Outcome::Reject { reason }, Some(instance))
             }
