@@ -64,6 +64,18 @@ async fn a_new_session_ends_the_drain_pause(target: Shared) {
         broker.publish_all("", &input, [&marker]).await.unwrap();
         proxy.set_mode(Mode::Pass);
         let back = Instant::now();
+        // When the new session runs: the reconnect's share of the figure.
+        let session = {
+            let mut status = handle.amqp.status();
+            tokio::spawn(async move {
+                while !status.borrow_and_update().is_running() {
+                    if status.changed().await.is_err() {
+                        break;
+                    }
+                }
+                back.elapsed()
+            })
+        };
         let got = broker
             .collect_until_complete(
                 &output,
@@ -73,7 +85,7 @@ async fn a_new_session_ends_the_drain_pause(target: Shared) {
             .await
             .unwrap();
         assert!(got.1.is_empty(), "run {run}: the new output never came");
-        figures.push(back.elapsed());
+        figures.push((back.elapsed(), session.await.unwrap()));
         wait::until_true("spool drained", Duration::from_secs(30), || {
             let h = handle.clone();
             async move { h.spool.status().await.depth == 0 }
@@ -87,15 +99,18 @@ async fn a_new_session_ends_the_drain_pause(target: Shared) {
             .unwrap();
         assert!(spooled.iter().all(|g| g.body.starts_with(b"spooled-")));
     }
-    let ms: Vec<u128> = figures.iter().map(Duration::as_millis).collect();
+    let ms: Vec<(u128, u128)> = figures
+        .iter()
+        .map(|(o, s)| (o.as_millis(), s.as_millis()))
+        .collect();
     println!(
-        "{:?}: broker back → first new output, ms, {RUNS} runs: {ms:?}",
+        "{:?}: broker back → (first new output, session running), ms, {RUNS} runs: {ms:?}",
         target.version
     );
     // The reconnect (refused-retry 250 ms), the drain and a confirm: well
     // under the drainer's backoff cap (10 s) in every run. The issue's
     // target is 1 s; this bound is generous for a loaded machine.
-    for (run, d) in figures.iter().enumerate() {
+    for (run, (d, _)) in figures.iter().enumerate() {
         assert!(*d < Duration::from_secs(3), "run {run}: {d:?}");
     }
     app.shutdown().await;
