@@ -268,7 +268,7 @@ impl App {
         tasks.spawn(spool.run(stop.spool.clone()));
 
         let outbox = Outbox::new(
-            amqp_handle.publisher(),
+            amqp_handle.clone(),
             spool_handle.clone(),
             dispatch_config.dead_letter_exchange.clone(),
         );
@@ -279,6 +279,11 @@ impl App {
             outbox.drain_publisher(),
         )?;
         tasks.spawn(drainer.run(stop.drain.clone()));
+        tasks.spawn(wake_drainer_with_session(
+            amqp_handle.status(),
+            drainer_handle.clone(),
+            stop.drain.clone(),
+        ));
         if config.spool.adopt_orphans {
             let adopter = Adopter::new(
                 drainer_config,
@@ -437,6 +442,34 @@ async fn announce_ready(handle: AppHandle, admin: SocketAddr, cancel: Cancellati
                 "Ready: consumers registered."
             );
             return;
+        }
+    }
+}
+
+/// Kick the drainer whenever the broker may take publishes again: a
+/// session starts running (a new one, or the same one unblocked). A
+/// non-empty spool then costs its drain, not the rest of a backoff pause
+/// taken while the broker was away; and live outputs, which queue behind
+/// the spool while it is not empty, wait no longer than that drain.
+async fn wake_drainer_with_session(
+    mut status: tokio::sync::watch::Receiver<crate::amqp::AmqpStatus>,
+    drainer: DrainerHandle,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut running: Option<u64> = None;
+    loop {
+        let now = {
+            let s = status.borrow_and_update();
+            s.is_running().then_some(s.generation)
+        };
+        if now.is_some() && now != running {
+            drainer.kick();
+        }
+        running = now;
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            r = status.changed() => if r.is_err() { return },
         }
     }
 }

@@ -318,10 +318,11 @@ async fn outputs_refused_for_permission_or_size_are_dead_lettered_live_and_from_
     app.shutdown().await;
 }
 
-/// The dead-letter exchange itself is gone mid-session, so refused spool
-/// entries cannot end: the drain stalls with the broker connected. Warren
-/// stays ready but says so (a degraded reason with the failure), and the
-/// drain resumes once the exchange is back.
+/// The dead-letter exchange is replaced mid-session by one of another type
+/// that routes nowhere (so Warren cannot declare its own again), and
+/// refused spool entries cannot end: the drain stalls with the broker
+/// connected. Warren stays ready but says so (a degraded reason with the
+/// failure), and the drain resumes once the exchange is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_that_cannot_progress_is_reported_stalled() {
     let (broker, proxy) = shared_broker_behind_proxy().await;
@@ -335,6 +336,10 @@ async fn a_drain_that_cannot_progress_is_reported_stalled() {
     .await;
     let dlx = format!("{dlq}.x");
     broker.delete_exchange(&dlx).await.unwrap();
+    broker
+        .declare_exchange(&dlx, ExchangeKind::Direct)
+        .await
+        .unwrap();
     let missing = unique("stalled-missing-x");
     for i in 0..10 {
         handle.spool.append(output(&missing, i, 0)).await.unwrap();
@@ -367,6 +372,7 @@ async fn a_drain_that_cannot_progress_is_reported_stalled() {
         "{metrics}"
     );
 
+    broker.delete_exchange(&dlx).await.unwrap();
     broker
         .declare_exchange(&dlx, ExchangeKind::Fanout)
         .await

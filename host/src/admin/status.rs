@@ -43,6 +43,16 @@ pub(crate) struct Connection {
     /// Queues consumed as they exist although their settings differ from
     /// Warren's declaration, with each difference.
     pub queue_differences: std::collections::BTreeMap<String, Vec<crate::amqp::ArgumentDiff>>,
+    /// Publishes the broker nacked (a failure class of their own: the
+    /// channel that took the nack is replaced).
+    pub publish_nacks: PublishNacks,
+}
+
+#[derive(Serialize)]
+pub(crate) struct PublishNacks {
+    pub nacks: u64,
+    pub channels_replaced: u64,
+    pub last_unix_ms: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -171,6 +181,14 @@ impl Status {
                 declaration_errors: amqp.declaration_errors,
                 server: amqp.server,
                 endpoint: amqp.endpoint,
+                publish_nacks: {
+                    let n = app.amqp.publisher().nacks();
+                    PublishNacks {
+                        nacks: n.nacks,
+                        channels_replaced: n.channels_replaced,
+                        last_unix_ms: n.last.map(unix_ms),
+                    }
+                },
                 queue_differences: amqp.queue_differences,
             },
             consumers,

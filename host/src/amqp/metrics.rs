@@ -17,6 +17,8 @@ pub const STALE_ACKS: &str = "warren_amqp_stale_acks_total";
 pub const CONSUMER_TIMEOUTS: &str = "warren_amqp_consumer_timeouts_total";
 /// Publishes by outcome.
 pub const PUBLISHES: &str = "warren_amqp_publishes_total";
+/// Publish channels replaced, by reason (`nack`, `stall`).
+pub const CHANNELS_REPLACED: &str = "warren_amqp_publish_channels_replaced_total";
 /// 1 while the connection is running, 0 otherwise.
 pub const CONNECTED: &str = "warren_amqp_connected";
 /// Histogram: seconds from a publish being on the wire to its confirm.
@@ -47,6 +49,10 @@ pub(crate) fn describe() {
         "Consumers ended by the broker's consumer timeout, by queue."
     );
     describe_counter!(PUBLISHES, "Publishes to the broker, by outcome.");
+    describe_counter!(
+        CHANNELS_REPLACED,
+        "Publish channels replaced, by reason: nack (the broker nacked a publish on it), stall (no confirms on a live connection)."
+    );
     describe_gauge!(
         CONNECTED,
         "1 while the AMQP connection is running, 0 otherwise."
@@ -84,6 +90,10 @@ pub(crate) fn stale_ack(queue: &str) {
 
 pub(crate) fn publish(outcome: &'static str) {
     metrics::counter!(PUBLISHES, "outcome" => outcome).increment(1);
+}
+
+pub(crate) fn channel_replaced(reason: &'static str) {
+    metrics::counter!(CHANNELS_REPLACED, "reason" => reason).increment(1);
 }
 
 pub(crate) fn confirmed(took: std::time::Duration) {

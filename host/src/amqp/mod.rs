@@ -38,7 +38,7 @@ pub use consumer::{
 };
 pub use convert::{from_basic_properties, to_basic_properties};
 pub use failure::{AmqpError, Failure, FailureClass};
-pub use publisher::{PublishError, Publisher};
+pub use publisher::{NackSnapshot, PublishError, Publisher};
 pub use refusal::{Refusal, RefusalKind};
 pub use server::ServerInfo;
 pub use supervisor::{Amqp, AmqpConfig, AmqpHandle, AmqpStatus, ConnectionState, Subscription};

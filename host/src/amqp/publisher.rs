@@ -7,6 +7,16 @@
 //! confirm. Many publishes may be in flight at once: confirms are
 //! pipelined on the one channel. It never buffers while disconnected; the
 //! caller decides (the outbox spools).
+//!
+//! A channel the broker nacks is replaced, never reused: a quorum queue
+//! whose first publish on a channel came before its new leader existed
+//! keeps nacking that channel's publishes to it, while a new channel is
+//! acked. The first nack on a channel retires it (once; later nacks on it
+//! only count); its publishes in flight fail, and the caller sends again
+//! from its first unconfirmed message (the drainer after its backoff, a
+//! live publish through the spool). Nacks are their own failure class:
+//! counted in `/status` ([`NackStats`]) and in the publish metric's
+//! `nacked` outcome, with the channel replacements by reason.
 
 use std::ops::ControlFlow;
 use std::sync::Arc;
@@ -112,6 +122,53 @@ impl PublishError {
     }
 }
 
+/// Publishes the broker nacked, and the publish channels replaced for it.
+#[derive(Debug, Default)]
+pub struct NackStats {
+    nacks: std::sync::atomic::AtomicU64,
+    replaced: std::sync::atomic::AtomicU64,
+    last: std::sync::Mutex<Option<std::time::SystemTime>>,
+}
+
+/// A copy of [`NackStats`] for `/status`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct NackSnapshot {
+    /// Publishes nacked since start.
+    pub nacks: u64,
+    /// Publish channels replaced after a nack.
+    pub channels_replaced: u64,
+    /// When the last nack arrived.
+    #[serde(skip)]
+    pub last: Option<std::time::SystemTime>,
+}
+
+impl NackStats {
+    fn nacked(&self) {
+        self.nacks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        *crate::sync::lock(&self.last) = Some(std::time::SystemTime::now());
+    }
+
+    /// The counts now.
+    pub fn snapshot(&self) -> NackSnapshot {
+        NackSnapshot {
+            nacks: self.nacks.load(std::sync::atomic::Ordering::Relaxed),
+            channels_replaced: self.replaced.load(std::sync::atomic::Ordering::Relaxed),
+            last: *crate::sync::lock(&self.last),
+        }
+    }
+}
+
+/// Why a publish channel is replaced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Retired {
+    Live = 0,
+    /// No progress for a long time on a live connection.
+    Stalled = 1,
+    /// The broker nacked a publish on it.
+    Nacked = 2,
+}
+
 /// The current confirm channel.
 #[derive(Clone)]
 pub(crate) struct PublisherLink {
@@ -121,9 +178,18 @@ pub(crate) struct PublisherLink {
     pub(crate) channel: Channel,
     /// The session's connection, for the side channel of exchange checks.
     pub(crate) conn: Arc<Connection>,
-    /// Set by [`Publisher::retire_channel`]: the keeper closes this channel
-    /// and opens another.
-    retire: Arc<std::sync::atomic::AtomicBool>,
+    /// Set (to a [`Retired`]) by [`Publisher::retire_channel`] or a nack:
+    /// the keeper closes this channel and opens another.
+    retire: Arc<std::sync::atomic::AtomicU8>,
+}
+
+impl PublisherLink {
+    /// Open and not marked for replacement: a retired channel takes no
+    /// more publishes while the keeper replaces it.
+    fn usable(&self) -> bool {
+        self.channel.status().connected()
+            && self.retire.load(std::sync::atomic::Ordering::Relaxed) == Retired::Live as u8
+    }
 }
 
 /// Publish channels opened so far, for [`PublisherLink::epoch`].
@@ -144,6 +210,7 @@ pub struct Publisher {
     status: watch::Receiver<AmqpStatus>,
     confirm_timeout: Duration,
     screen: Screen,
+    nacks: Arc<NackStats>,
 }
 
 impl Publisher {
@@ -157,7 +224,13 @@ impl Publisher {
             status,
             confirm_timeout,
             screen: Screen::default(),
+            nacks: Arc::default(),
         }
+    }
+
+    /// Nacks so far.
+    pub fn nacks(&self) -> NackSnapshot {
+        self.nacks.snapshot()
     }
 
     /// The confirm timeout.
@@ -182,11 +255,30 @@ impl Publisher {
     /// alive, so the channel is suspect (e.g. a confirm it will never
     /// deliver). Publishes in flight on it fail and are sent again.
     pub fn retire_channel(&self, epoch: u64) {
-        if let Some(l) = self.link.borrow().as_ref()
-            && l.epoch == epoch
-        {
-            l.retire.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.retire(epoch, Retired::Stalled);
+    }
+
+    /// Mark channel `epoch` for replacement, if it is still the current one
+    /// and not marked yet. True when this call marked it.
+    fn retire(&self, epoch: u64, why: Retired) -> bool {
+        match self.link.borrow().as_ref() {
+            Some(l) if l.epoch == epoch => l
+                .retire
+                .compare_exchange(
+                    Retired::Live as u8,
+                    why as u8,
+                    std::sync::atomic::Ordering::Relaxed,
+                    std::sync::atomic::Ordering::Relaxed,
+                )
+                .is_ok(),
+            _ => false,
         }
+    }
+
+    /// Forget that `exchange` was refused in this session (it was declared
+    /// again): the next publish to it goes to the broker.
+    pub fn forget_refusal(&self, exchange: &str) {
+        self.screen.forget(exchange);
     }
 
     /// Whether the broker is blocking publishes (`connection.blocked`).
@@ -277,7 +369,7 @@ impl Publisher {
             Ok(r) => r.map_err(|e| self.lost(generation, &subject, e))?,
             Err(_) => return Err(PublishError::ConfirmTimeout(timeout)),
         };
-        Ok(self.confirmed(confirm, generation, subject, deadline))
+        Ok(self.confirmed(confirm, generation, link.epoch, subject, deadline))
     }
 
     /// While the broker blocks publishing, wait (bounded by the deadline)
@@ -309,7 +401,7 @@ impl Publisher {
     ) -> Result<PublisherLink, PublishError> {
         match pinned {
             Some(Some(epoch)) => match self.link.borrow().as_ref() {
-                Some(l) if l.epoch == *epoch && l.channel.status().connected() => Ok(l.clone()),
+                Some(l) if l.epoch == *epoch && l.usable() => Ok(l.clone()),
                 _ => Err(PublishError::NotConnected),
             },
             Some(pin) => {
@@ -327,6 +419,7 @@ impl Publisher {
         &self,
         confirm: PublisherConfirm,
         generation: u64,
+        epoch: u64,
         subject: Subject,
         deadline: Option<tokio::time::Instant>,
     ) -> PendingConfirm {
@@ -344,7 +437,20 @@ impl Publisher {
                         subject.no_route(ret.reply_code, ret.reply_text.as_str().to_owned()),
                     ),
                 ),
-                Confirmation::Nack(None) => Err(PublishError::Nacked),
+                Confirmation::Nack(None) => {
+                    this.nacks.nacked();
+                    if this.retire(epoch, Retired::Nacked) {
+                        this.nacks
+                            .replaced
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        metrics::channel_replaced("nack");
+                        warn!(
+                            generation,
+                            "The broker nacked a publish; replacing the publish channel."
+                        );
+                    }
+                    Err(PublishError::Nacked)
+                }
                 Confirmation::NotRequested => Err(PublishError::ConnectionLost {
                     class: FailureClass::Other,
                     message: "channel is not in confirm mode".to_owned(),
@@ -367,7 +473,7 @@ impl Publisher {
         let wait_until = deadline.map_or(reopen, |d| d.min(reopen));
         loop {
             if let Some(l) = link.borrow_and_update().as_ref()
-                && l.channel.status().connected()
+                && l.usable()
             {
                 return Ok(l.clone());
             }
@@ -521,7 +627,7 @@ impl Keeper {
     /// over (the channel closed here).
     async fn serve(&self, channel: Channel) -> ControlFlow<()> {
         let generation = self.generation;
-        let retire = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let retire = Arc::new(std::sync::atomic::AtomicU8::new(Retired::Live as u8));
         self.link.send_replace(Some(PublisherLink {
             generation,
             epoch: CHANNEL_EPOCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
@@ -539,10 +645,17 @@ impl Keeper {
                     return ControlFlow::Break(());
                 }
                 _ = poll.tick() => {
-                    if retire.load(std::sync::atomic::Ordering::Relaxed) {
-                        warn!(generation, channel = channel.id(), "No confirm for a long time on a live connection; replacing the publish channel.");
+                    let why = retire.load(std::sync::atomic::Ordering::Relaxed);
+                    if why != Retired::Live as u8 {
+                        let text = if why == Retired::Nacked as u8 {
+                            "replaced: nacked"
+                        } else {
+                            warn!(generation, channel = channel.id(), "No confirm for a long time on a live connection; replacing the publish channel.");
+                            metrics::channel_replaced("stall");
+                            "replaced: no confirms"
+                        };
                         self.link.send_replace(None);
-                        let _ = tokio::time::timeout(Duration::from_secs(1), channel.close(200, "replaced: no confirms".into())).await;
+                        let _ = tokio::time::timeout(Duration::from_secs(1), channel.close(200, text.into())).await;
                         return ControlFlow::Continue(());
                     }
                     if !channel.status().connected() {

@@ -326,6 +326,11 @@ impl Screen {
         }
     }
 
+    /// Forget what is known of `exchange` (it was declared again).
+    pub(crate) fn forget(&self, exchange: &str) {
+        crate::sync::lock(&self.memory).exchanges.remove(exchange);
+    }
+
     /// Remember what the broker refused: the exchange for a while, or its
     /// maximum body size.
     pub(crate) fn remember(&self, generation: u64, r: &Refusal) {

@@ -1101,6 +1101,33 @@ impl AmqpHandle {
         self.publisher.clone()
     }
 
+    /// What Warren declares for the destination `exchange` /
+    /// `routing_key`, if it declares it: the queue `routing_key` of the
+    /// default exchange, or the exchange with its bindings and the queues
+    /// they bind, each with the bindings of its own. `None` for what
+    /// nobody declared here.
+    pub fn owned_destination(&self, exchange: &str, routing_key: &str) -> Option<Topology> {
+        let all = self.shared.topology.snapshot();
+        if exchange.is_empty() {
+            return all
+                .queues
+                .contains_key(routing_key)
+                .then(|| all.for_queue(routing_key));
+        }
+        let spec = all.exchanges.get(exchange)?.clone();
+        let mut t = Topology::default().exchange(spec);
+        let queues: Vec<String> = all
+            .bindings
+            .iter()
+            .filter(|b| b.exchange == exchange)
+            .map(|b| b.queue.clone())
+            .collect();
+        for q in queues {
+            t = t.with_missing(all.for_queue(&q));
+        }
+        Some(t)
+    }
+
     /// Add `t` to the registry and declare it on the live connection, if
     /// any.
     pub async fn declare(&self, t: Topology) -> Result<(), AmqpError> {

@@ -125,7 +125,9 @@ return 0
 ";
 
 /// Deletes confirmed entries (id, size pairs) and subtracts the sizes of
-/// those that still existed from the byte counter. Returns {deleted, bytes}.
+/// those that still existed from the byte counter, which never goes below
+/// zero: an entry Warren did not write (moved aside as corrupt) was never
+/// added to it. Returns {deleted, bytes}.
 const DELETE_SCRIPT: &str = r"
 local n = 0
 local b = 0
@@ -135,7 +137,10 @@ for i = 1, #ARGV, 2 do
     b = b + tonumber(ARGV[i + 1])
   end
 end
-if b > 0 then redis.call('DECRBY', KEYS[2], b) end
+if b > 0 then
+  local left = redis.call('DECRBY', KEYS[2], b)
+  if left < 0 then redis.call('SET', KEYS[2], 0) end
+end
 return {n, b}
 ";
 
@@ -223,9 +228,11 @@ impl DrainerHandle {
         self.shared.appended_notify.notify_one();
     }
 
-    /// Retry now instead of waiting out the current backoff (e.g. when the
-    /// broker connection came back).
+    /// Retry now instead of waiting out the current backoff: the broker
+    /// connection came back (a new session) or stopped blocking publishes.
+    /// A kick while no pause is under way ends the next one at once.
     pub fn kick(&self) {
+        self.shared.wake.notify_one();
         self.shared.appended_notify.notify_one();
     }
 
@@ -593,15 +600,25 @@ impl<P: DrainPublisher> Drainer<P> {
         }
     }
 
-    /// After a failed pass: wait `wait`, showing why. False when `cancel`
-    /// fired first.
+    /// After a failed pass: wait `wait`, showing why, or until the broker
+    /// may take publishes again ([`DrainerHandle::kick`]): a pause waits
+    /// out a broker that failed, never one that came back. False when
+    /// `cancel` fired first.
     async fn pause(&self, cancel: &CancellationToken, error: String, wait: Duration) -> bool {
         self.shared.set_drainer_state(DrainerState::Paused {
             error,
             retry_in_ms: wait.as_millis() as u64,
         });
         metrics::counter!(super::metric::DRAIN_PAUSES).increment(1);
-        sleep_unless_cancelled(cancel, wait).await
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => false,
+            _ = self.shared.wake.notified() => {
+                debug!(stream = %self.shared.key, "The broker is back; ending the drain pause.");
+                true
+            }
+            _ = tokio::time::sleep(wait) => true,
+        }
     }
 
     /// Holding the lease: drain, idle, renew, until something stops us.

@@ -71,6 +71,13 @@ pub enum SpoolError {
         required: u32,
     },
 
+    /// The node answered, but not as Warren expected: a reply of another
+    /// type, a value that does not parse, an `ERR` reply (e.g. a counter
+    /// that is not a number). A bug or data Warren did not write, never a
+    /// lost connection: the connection is kept.
+    #[error("unexpected reply from {addr}: {detail}")]
+    UnexpectedReply { addr: String, detail: String },
+
     /// A command failed for another reason (I/O, timeout, protocol).
     #[error("redis command failed on {addr}: {source}")]
     Command {
@@ -186,6 +193,15 @@ impl SpoolError {
                 SpoolError::MasterDown { addr }
             }
             (_, "NOREPLICAS") => SpoolError::NoReplicas { addr, detail },
+            (
+                ErrorKind::UnexpectedReturnType
+                | ErrorKind::Parse
+                | ErrorKind::Server(ServerErrorKind::ResponseError),
+                _,
+            ) => SpoolError::UnexpectedReply {
+                addr,
+                detail: err.to_string(),
+            },
             _ => SpoolError::Command { addr, source: err },
         }
     }
@@ -227,6 +243,24 @@ mod tests {
         };
         assert!(t.is_not_replicated());
         assert!(!SpoolError::Unencodable("x".into()).is_transient());
+    }
+
+    #[test]
+    fn an_unexpected_reply_keeps_the_connection() {
+        for e in [
+            RedisError::from((ErrorKind::UnexpectedReturnType, "not an int")),
+            RedisError::from((ErrorKind::Parse, "bad float")),
+            RedisError::from((
+                ErrorKind::Server(ServerErrorKind::ResponseError),
+                "value is not an integer",
+            )),
+        ] {
+            let s = SpoolError::from_redis("a:1", e);
+            assert!(
+                matches!(s, SpoolError::UnexpectedReply { .. }) && !s.is_failover(),
+                "{s:?}"
+            );
+        }
     }
 
     #[test]

@@ -77,6 +77,9 @@ pub mod metric {
     /// Histogram: seconds an accepted append took (written on the primary
     /// and confirmed by the required replicas).
     pub const APPEND_SECONDS: &str = "warren_spool_append_seconds";
+    /// Counter: Redis replies of a type or value Warren did not expect
+    /// (the connection is kept).
+    pub const UNEXPECTED_REPLIES: &str = "warren_spool_unexpected_replies_total";
 
     /// HELP text of every metric above.
     pub(crate) fn describe() {
@@ -104,6 +107,10 @@ pub mod metric {
         );
         describe_counter!(DRAIN_PAUSES, "Spool drainer pauses after a failure.");
         describe_counter!(PRIMARY_RESOLVED, "(Re)connections to a spool primary.");
+        describe_counter!(
+            UNEXPECTED_REPLIES,
+            "Redis replies of a type or value Warren did not expect; the connection is kept."
+        );
         describe_counter!(
             ADOPTED,
             "Entries republished from the streams of hosts that are gone."

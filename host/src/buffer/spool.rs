@@ -37,7 +37,7 @@ use serde::Serialize;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 use uuid::Uuid;
 
 use super::sentinel::Primary;
@@ -188,6 +188,11 @@ pub(crate) struct Shared {
     last_drain_failure: std::sync::Mutex<Option<String>>,
     /// Woken after each acknowledged batch (wakes an idle drainer).
     pub(crate) appended_notify: Notify,
+    /// Woken when the broker may take publishes again (a new session, an
+    /// unblocked connection): ends a drainer's backoff pause at once.
+    pub(crate) wake: Notify,
+    /// Kinds of unexpected reply already logged.
+    unexpected_logged: std::sync::Mutex<Vec<std::mem::Discriminant<SpoolError>>>,
     drainer: std::sync::Mutex<DrainerState>,
     adoption: std::sync::Mutex<Adoption>,
     status_tx: watch::Sender<SpoolStatus>,
@@ -230,6 +235,8 @@ impl Shared {
             drain_window: AtomicU64::new(0),
             last_drain_failure: std::sync::Mutex::new(None),
             appended_notify: Notify::new(),
+            wake: Notify::new(),
+            unexpected_logged: std::sync::Mutex::new(Vec::new()),
             drainer: std::sync::Mutex::new(DrainerState::NotRunning),
             adoption: std::sync::Mutex::new(Adoption::default()),
             status_tx,
@@ -254,6 +261,19 @@ impl Shared {
     pub(crate) fn begin_mutation(&self) -> MutationGuard<'_> {
         self.mutating.fetch_add(1, Ordering::SeqCst);
         MutationGuard(self)
+    }
+
+    /// A reply Warren did not expect (see
+    /// [`SpoolError::UnexpectedReply`]): logged once per kind of error
+    /// per process, the connection kept.
+    pub(crate) fn unexpected_reply(&self, e: &SpoolError) {
+        let mut seen = crate::sync::lock(&self.unexpected_logged);
+        let key = std::mem::discriminant(e);
+        if !seen.contains(&key) {
+            seen.push(key);
+            error!(stream = %self.key, error = %e, "Unexpected reply from Redis (a bug, or data Warren did not write); keeping the connection. Logged once.");
+        }
+        metrics::counter!(metric::UNEXPECTED_REPLIES).increment(1);
     }
 
     /// Record `n` entries of `bytes` drained (deleted after their confirm).
@@ -889,19 +909,24 @@ pub(crate) async fn refresh_depth(shared: &Shared, link: &super::sentinel::Link)
         .arg("COUNT")
         .arg(1);
     let mut conn = link.conn();
-    type DepthReply = (u64, Option<u64>, Vec<(String, Value)>);
+    // The counter read as signed: one below zero (a hand-edited stream)
+    // counts as empty rather than failing every refresh.
+    type DepthReply = (u64, Option<i64>, Vec<(String, Value)>);
     let reply: Result<DepthReply, _> = p.query_async(&mut conn).await;
     match reply {
         Ok((len, bytes, first)) => {
             if let Some(ms) = first.first().and_then(|(id, _)| stream_id_ms(id)) {
                 shared.oldest_ms.store(ms, Ordering::Relaxed);
             }
-            shared.sync_depth(mark, len, bytes.unwrap_or(0));
+            let bytes = bytes.unwrap_or(0).max(0).unsigned_abs();
+            shared.sync_depth(mark, len, bytes);
         }
         Err(e) => {
             let e = SpoolError::from_redis(&link.addr, e);
             if e.is_failover() {
                 shared.primary.invalidate(link.generation, &e).await;
+            } else {
+                shared.unexpected_reply(&e);
             }
         }
     }

@@ -23,6 +23,11 @@ pub const STALE_SETTLES: &str = "warren_stale_settles_total";
 /// by `reason` (unroutable, exchange_not_found, access_refused, too_large,
 /// invalid_property).
 pub const OUTPUTS_DEAD_LETTERED: &str = "warren_outputs_dead_lettered_total";
+/// Counter: destinations Warren declares that were found missing when an
+/// output was refused, and re-declared, by `destination` (the exchange, or
+/// the queue for the default exchange: names from manifests and Warren's
+/// own configuration, so few).
+pub const DESTINATIONS_REDECLARED: &str = "warren_destinations_redeclared_total";
 /// Counter: outbox publishes refused by both broker and spool.
 pub const OUTBOX_REFUSED: &str = "warren_outbox_refused_total";
 
@@ -54,6 +59,10 @@ pub(crate) fn describe() {
     describe_counter!(
         OUTPUTS_DEAD_LETTERED,
         "Outputs the broker refused for good and Warren dead-lettered, by reason."
+    );
+    describe_counter!(
+        DESTINATIONS_REDECLARED,
+        "Destinations Warren declares, found missing when an output was refused, and re-declared, by destination."
     );
     describe_counter!(
         OUTBOX_REFUSED,
@@ -156,4 +165,9 @@ pub(crate) fn outbox_refused() {
 
 pub(crate) fn output_dead_lettered(kind: crate::amqp::RefusalKind) {
     metrics::counter!(OUTPUTS_DEAD_LETTERED, "reason" => kind.as_str()).increment(1);
+}
+
+pub(crate) fn destination_redeclared(destination: &str) {
+    metrics::counter!(DESTINATIONS_REDECLARED, "destination" => destination.to_owned())
+        .increment(1);
 }

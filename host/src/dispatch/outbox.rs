@@ -13,13 +13,22 @@
 //! drainer publishes through [`Outbox::drain_publisher`]), so nothing
 //! queues behind it. Repeated refusals of one destination log one line per
 //! [`REFUSAL_LOG_INTERVAL`], not one per message.
+//!
+//! Except where Warren owns the destination: an output refused because an
+//! exchange or queue is missing (404, or no route) that Warren declares
+//! itself (a manifest's outputs, the retry tiers, the dead-letter exchange
+//! and queue) has the destination re-declared with its bindings and is
+//! published again; only if that fails is it dead-lettered. Each
+//! destination is re-declared at most once per [`HEAL_INTERVAL`] (logged
+//! once each time); outputs refused by the state before a re-declaration
+//! finished are published again without another.
 
 use crate::sync::lock;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::amqp::{PublishError, Publisher, Refusal, RefusalKind};
+use crate::amqp::{AmqpHandle, PublishError, Publisher, Refusal, RefusalKind};
 use crate::buffer::{DrainPublisher, SpoolError, SpoolHandle};
 use crate::message::{HeaderValue, OutboundMessage};
 
@@ -59,22 +68,106 @@ pub struct OutboxError {
 /// At most one log line per destination and refusal kind this often.
 pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
+/// At most one re-declaration of a destination Warren owns this often.
+pub const HEAL_INTERVAL: Duration = Duration::from_secs(10);
+
 /// Cheap to clone.
 #[derive(Clone)]
 pub struct Outbox {
+    amqp: AmqpHandle,
     publisher: Publisher,
     spool: SpoolHandle,
     dead_letter_exchange: String,
     refusals: Arc<RefusalLog>,
+    heals: Arc<Heals>,
 }
 
+/// When each destination was last re-declared; a lock per destination, so
+/// outputs refused at once wait for one re-declaration.
+#[derive(Default)]
+struct Heals {
+    by_destination: Mutex<HashMap<(String, String), HealSlot>>,
+}
+
+/// When one destination was last re-declared.
+type HealSlot = Arc<tokio::sync::Mutex<Option<Instant>>>;
+
 impl Outbox {
-    pub fn new(publisher: Publisher, spool: SpoolHandle, dead_letter_exchange: String) -> Self {
+    pub fn new(amqp: AmqpHandle, spool: SpoolHandle, dead_letter_exchange: String) -> Self {
         Self {
-            publisher,
+            publisher: amqp.publisher(),
+            amqp,
             spool,
             dead_letter_exchange,
             refusals: Arc::default(),
+            heals: Arc::default(),
+        }
+    }
+
+    /// Whether `msg`, refused by `r` after being sent at `sent_at`, should
+    /// be published again: its destination is Warren's own and was
+    /// re-declared after it was sent (by this call or a concurrent one).
+    /// False for destinations Warren does not declare, and when the last
+    /// re-declaration is recent and did not help.
+    async fn heal(&self, msg: &OutboundMessage, r: &Refusal, sent_at: Instant) -> bool {
+        if !matches!(r.kind, RefusalKind::NotFound | RefusalKind::NoRoute) {
+            return false;
+        }
+        let Some(topology) = self.amqp.owned_destination(&msg.exchange, &msg.routing_key) else {
+            return false;
+        };
+        // An exchange is one destination whatever the key; the default
+        // exchange's destinations are its queues.
+        let key = (
+            msg.exchange.clone(),
+            if msg.exchange.is_empty() {
+                msg.routing_key.clone()
+            } else {
+                String::new()
+            },
+        );
+        let slot = {
+            let mut map = lock(&self.heals.by_destination);
+            if map.len() > MAX_LOGGED_DESTINATIONS {
+                map.clear();
+            }
+            map.entry(key).or_default().clone()
+        };
+        let mut last = slot.lock().await;
+        match *last {
+            Some(at) if at > sent_at => return true,
+            Some(at) if at.elapsed() < HEAL_INTERVAL => return false,
+            _ => {}
+        }
+        let declared = self.amqp.declare(topology).await;
+        *last = Some(Instant::now());
+        match declared {
+            Ok(()) => {
+                self.publisher.forget_refusal(&msg.exchange);
+                super::metric::destination_redeclared(if msg.exchange.is_empty() {
+                    &msg.routing_key
+                } else {
+                    &msg.exchange
+                });
+                tracing::warn!(exchange = %msg.exchange, routing_key = %msg.routing_key, reason = r.kind.as_str(), reply_text = %r.reply_text, "An output's destination that Warren declares was missing; re-declared it with its bindings and publishing again.");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(exchange = %msg.exchange, routing_key = %msg.routing_key, error = %e, "Could not re-declare a missing destination that Warren declares; dead-lettering.");
+                false
+            }
+        }
+    }
+
+    /// Publish `msg` and wait for its confirm; a refusal of a destination
+    /// Warren owns heals it and publishes once more (see [`Outbox::heal`]).
+    async fn publish_healing(&self, msg: &OutboundMessage) -> Result<u64, PublishError> {
+        let sent_at = Instant::now();
+        match self.publisher.publish(msg).await {
+            Err(PublishError::Refused(r)) if self.heal(msg, &r, sent_at).await => {
+                self.publisher.publish(msg).await
+            }
+            other => other,
         }
     }
 
@@ -117,26 +210,35 @@ impl Outbox {
     async fn to_broker(&self, msg: &OutboundMessage) -> Result<Placement, PublishError> {
         let deadline = Instant::now() + self.publisher.confirm_timeout();
         loop {
+            let sent_at = Instant::now();
             match self.publisher.publish(msg).await {
                 Err(e) if e.is_channel_only() && Instant::now() < deadline => {}
-                confirmed => return self.settle(msg, confirmed).await,
+                confirmed => return self.settle(msg, confirmed, sent_at).await,
             }
         }
     }
 
-    /// What a broker confirm means: done, dead-letter a refused message,
-    /// or a (transient) failure for the caller.
+    /// What a broker confirm of `msg` (sent at `sent_at`) means: done,
+    /// heal a destination Warren owns and publish again, dead-letter a
+    /// refused message, or a (transient) failure for the caller.
     async fn settle(
         &self,
         msg: &OutboundMessage,
         confirmed: Result<u64, PublishError>,
+        sent_at: Instant,
     ) -> Result<Placement, PublishError> {
+        let confirmed = match confirmed {
+            Err(PublishError::Refused(r)) if self.heal(msg, &r, sent_at).await => {
+                self.publisher.publish(msg).await
+            }
+            other => other,
+        };
         match confirmed {
             Ok(_) => Ok(Placement::Broker),
             Err(PublishError::Refused(refusal)) => {
                 self.refusals.note(&refusal);
                 let dead = self.dead_letter(msg, &refusal);
-                match self.publisher.publish(&dead).await {
+                match self.publish_healing(&dead).await {
                     Ok(_) => Ok(Placement::DeadLettered),
                     Err(PublishError::Refused(again)) => {
                         tracing::error!(dead_letter_exchange = %self.dead_letter_exchange, error = %again, "The dead letter of a refused output was refused too; keeping the output. Declare the dead-letter exchange (Warren does on every reconnect) or grant write access to it.");
@@ -216,25 +318,30 @@ impl DrainPublisher for OutboxDrain {
             // The drainer sends one at a time, so the lock is never
             // contended; it is not held across the await.
             let mut channel = *lock(&self.channel);
+            let sent_at = Instant::now();
             // Unbounded here: the drainer bounds the time without progress.
             let sent = outbox
                 .publisher
                 .send_unbounded(&message, &mut channel)
                 .await;
             *lock(&self.channel) = channel;
-            let confirm: Self::Confirm = match sent {
-                Ok(pending) => Box::pin(async move {
-                    let confirmed = pending.await;
-                    outbox.settle(&message, confirmed).await.map(|_| ())
-                }),
-                // Refused before it was sent (a destination this session
-                // already knows is refused): its dead letter takes its
-                // place in the window, in stream order.
-                Err(e @ PublishError::Refused(_)) => {
-                    Box::pin(async move { outbox.settle(&message, Err(e)).await.map(|_| ()) })
-                }
-                Err(e) => return Err(e),
-            };
+            let confirm: Self::Confirm =
+                match sent {
+                    Ok(pending) => Box::pin(async move {
+                        let confirmed = pending.await;
+                        outbox
+                            .settle(&message, confirmed, sent_at)
+                            .await
+                            .map(|_| ())
+                    }),
+                    // Refused before it was sent (a destination this session
+                    // already knows is refused): its dead letter takes its
+                    // place in the window, in stream order.
+                    Err(e @ PublishError::Refused(_)) => Box::pin(async move {
+                        outbox.settle(&message, Err(e), sent_at).await.map(|_| ())
+                    }),
+                    Err(e) => return Err(e),
+                };
             Ok(confirm)
         }
     }

@@ -636,3 +636,92 @@ async fn redis_refusing_writes_mid_drain_republishes_nothing() {
     assert_eq!(status.drained, N);
     run.stop().await;
 }
+
+/// Entries Warren did not write, which do not decode, are moved aside; the
+/// byte counter never goes below zero (the moved entries were never
+/// counted), and a counter already below zero (left by an older version)
+/// is read as empty: no refresh fails, no Redis connection is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_entries_are_moved_aside_and_the_connection_kept() {
+    let run = start(plain_cfg("malformed")).await;
+    let key = run.handle.stream_key().to_owned();
+    let client = redis::Client::open(PLAIN_URL).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    run.handle.append(message(1)).await.unwrap();
+    for i in 0..3 {
+        let _: String = redis::cmd("XADD")
+            .arg(&key)
+            .arg("*")
+            .arg("id")
+            .arg(format!("hand-{i}"))
+            .arg("m")
+            .arg(format!("not json {i}"))
+            .query_async(&mut c)
+            .await
+            .unwrap();
+    }
+    run.handle.append(message(2)).await.unwrap();
+    let generation = run.handle.status().await.primary_generation;
+
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let publisher = {
+        let got = got.clone();
+        FnPublisher(move |m: OutboundMessage| {
+            let got = got.clone();
+            async move {
+                got.lock().unwrap().push(seq_of(&m));
+                Ok::<(), String>(())
+            }
+        })
+    };
+    let (drainer, _control) = Drainer::new(drain_cfg(), &run.handle, publisher).unwrap();
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(drainer.run(cancel.clone()));
+    wait::until_true("drained", Duration::from_secs(10), || async {
+        xlen(PLAIN_URL, &key).await == 0
+    })
+    .await
+    .unwrap();
+    assert_eq!(*got.lock().unwrap(), vec![1, 2]);
+    assert_eq!(xlen(PLAIN_URL, &format!("{key}:corrupt")).await, 3);
+    let bytes: i64 = redis::cmd("GET")
+        .arg(format!("{key}:bytes"))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(bytes >= 0, "byte counter {bytes}");
+
+    // A counter below zero, as a hand edit or an older version left it.
+    let _: () = redis::cmd("SET")
+        .arg(format!("{key}:bytes"))
+        .arg(-100)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    // Twenty status refreshes (every 100 ms) without a reconnect.
+    let mut refreshes = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut last = run.handle.subscribe();
+    while refreshes < 20 && tokio::time::Instant::now() < deadline {
+        if tokio::time::timeout_at(deadline, last.changed())
+            .await
+            .is_err()
+        {
+            break;
+        }
+        let s = last.borrow_and_update().clone();
+        assert_eq!(
+            s.primary_generation, generation,
+            "no Redis reconnect: {:?}",
+            s.last_error
+        );
+        refreshes += 1;
+    }
+    assert_eq!(refreshes, 20, "the status kept refreshing");
+    assert_eq!(run.handle.status().await.bytes, 0);
+
+    cancel.cancel();
+    task.await.unwrap();
+    run.stop().await;
+    cleanup(&key).await;
+}

@@ -1,0 +1,120 @@
+//! The drainer wakes with the session: at the shipped defaults, with the
+//! spool holding entries (and the drainer deep in its backoff) when the
+//! broker comes back, the first new output reaches its queue as soon as
+//! the reconnect and the drain allow, not after the rest of the backoff.
+
+use std::time::{Duration, Instant};
+
+use warren::message::OutboundMessage;
+use warren_it::broker::unique;
+use warren_it::config::WarrenToml;
+use warren_it::proxy::Mode;
+use warren_it::rabbit::Shared;
+use warren_it::wait;
+
+use crate::outage::broker_behind_proxy;
+
+/// Runs per version.
+const RUNS: usize = 10;
+
+each_version!(a_new_session_ends_the_drain_pause);
+async fn a_new_session_ends_the_drain_pause(target: Shared) {
+    let (broker, proxy) = broker_behind_proxy(&target).await;
+    let (input, output, dlq) = (unique("wake-in"), unique("wake-out"), unique("wake-dlq"));
+    broker.declare_queue(&output).await.unwrap();
+    let dir = crate::host::plugins_dir(&[("echo", "echo")]).unwrap();
+    // Shipped defaults but for where things are (and a free admin port).
+    let config = crate::host::parse(
+        &WarrenToml::isolated(dir.path())
+            .amqp_url(&proxy.amqp_url())
+            .dead_letters(&unique("wake-dlx"), &dlq)
+            .admin_bind("127.0.0.1:0")
+            .merge(&format!(
+                r#"
+                [plugin.echo]
+                subscriptions = [{{ queue = "{input}" }}]
+                config = {{ routing-key = "{output}" }}
+                "#
+            )),
+    );
+    let (app, handle) = crate::host::start_ready(config).await.unwrap();
+    let mut figures = Vec::new();
+    for run in 0..RUNS {
+        proxy.set_mode(Mode::Refuse);
+        wait::until_true("connection lost", Duration::from_secs(30), || {
+            let h = handle.clone();
+            async move { !h.amqp.status_now().is_connected() }
+        })
+        .await
+        .unwrap();
+        // Entries in the spool, and the drainer failing on them until its
+        // pause is long: three failed passes.
+        let pauses = handle.spool.status().await.drain.pauses;
+        for i in 0..5 {
+            let m = OutboundMessage::new("", output.as_str(), format!("spooled-{run}-{i}"));
+            handle.spool.append(m).await.unwrap();
+        }
+        wait::until_true("drainer backing off", Duration::from_secs(60), || {
+            let h = handle.clone();
+            async move { h.spool.status().await.drain.pauses >= pauses + 3 }
+        })
+        .await
+        .unwrap();
+        let marker = format!("new-{run}");
+        broker.publish_all("", &input, [&marker]).await.unwrap();
+        proxy.set_mode(Mode::Pass);
+        let back = Instant::now();
+        // When the new session runs: the reconnect's share of the figure.
+        let session = {
+            let mut status = handle.amqp.status();
+            tokio::spawn(async move {
+                while !status.borrow_and_update().is_running() {
+                    if status.changed().await.is_err() {
+                        break;
+                    }
+                }
+                back.elapsed()
+            })
+        };
+        let got = broker
+            .collect_until_complete(
+                &output,
+                &[marker.clone().into_bytes()].into_iter().collect(),
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap();
+        assert!(got.1.is_empty(), "run {run}: the new output never came");
+        figures.push((back.elapsed(), session.await.unwrap()));
+        wait::until_true("spool drained", Duration::from_secs(30), || {
+            let h = handle.clone();
+            async move { h.spool.status().await.depth == 0 }
+        })
+        .await
+        .unwrap();
+        // The spooled entries came first (order), then the new output.
+        let spooled = broker
+            .collect(&output, 100, Duration::from_millis(200))
+            .await
+            .unwrap();
+        assert!(spooled.iter().all(|g| g.body.starts_with(b"spooled-")));
+    }
+    let ms: Vec<(u128, u128)> = figures
+        .iter()
+        .map(|(o, s)| (o.as_millis(), s.as_millis()))
+        .collect();
+    println!(
+        "{:?}: broker back → (first new output, session running), ms, {RUNS} runs: {ms:?}",
+        target.version
+    );
+    // The reconnect (refused-retry 250 ms), the drain and a confirm: well
+    // under the drainer's backoff cap (10 s) in every run. The issue's
+    // target is 1 s; this bound is generous for a loaded machine.
+    for (run, (d, _)) in figures.iter().enumerate() {
+        assert!(*d < Duration::from_secs(3), "run {run}: {d:?}");
+    }
+    app.shutdown().await;
+    for q in [&input, &output, &dlq] {
+        broker.delete_queue(q).await.unwrap();
+    }
+}
