@@ -40,7 +40,8 @@ async fn a_new_session_ends_the_drain_pause(target: Shared) {
     let (app, handle) = crate::host::start_ready(config).await.unwrap();
     let mut figures = Vec::new();
     for run in 0..RUNS {
-        proxy.set_mode(Mode::Refuse);
+        // Down as a dead node is: its port refuses connections.
+        proxy.set_mode(Mode::Closed);
         wait::until_true("connection lost", Duration::from_secs(30), || {
             let h = handle.clone();
             async move { !h.amqp.status_now().is_connected() }

@@ -10,6 +10,8 @@
 //!   client counting publishes the broker never saw).
 //! - [`Mode::Refuse`]: reset every live socket and reset new ones as soon
 //!   as they are accepted (a dead broker).
+//! - [`Mode::Closed`]: reset every live socket and stop listening, so a
+//!   connect is refused (a broker whose node is down: nothing listens).
 //! - [`Mode::Throttle`]: forward both ways, but client-to-broker bytes at
 //!   most at the given rate (a slow or congested broker: everything the
 //!   client sends arrives, late).
@@ -42,6 +44,10 @@ pub enum Mode {
     Blackhole,
     /// Reset live and new sockets.
     Refuse,
+    /// Reset live sockets and stop listening: a connect is refused
+    /// (nothing listens on the port), as when the broker is down. The
+    /// port is listened on again when the mode changes.
+    Closed,
     /// Forward, client-to-broker at most this many bytes a second.
     Throttle(u32),
     /// Read nothing either way: bytes wait in the socket buffers and flow
@@ -178,9 +184,21 @@ async fn accept_loop(
     filter: Filter,
 ) {
     let mut conns = tokio::task::JoinSet::new();
+    let mut ctl = ctl;
+    let addr = listener.local_addr().ok();
+    let mut listener = Some(listener);
     loop {
+        let closed = ctl.borrow().mode == Mode::Closed;
+        if closed {
+            listener = None;
+        } else if listener.is_none()
+            && let Some(a) = addr
+        {
+            listener = TcpListener::bind(a).await.ok();
+        }
         tokio::select! {
-            r = listener.accept() => {
+            r = ctl.changed() => if r.is_err() { return },
+            r = async { match &listener { Some(l) => l.accept().await, None => std::future::pending().await } } => {
                 let Ok((client, _)) = r else { continue };
                 accepted.fetch_add(1, Ordering::SeqCst);
                 let _ = client.set_zero_linger();
@@ -236,7 +254,7 @@ async fn pipe(
             changed = ctl.changed() => {
                 if changed.is_err() { return; }
                 let now = *ctl.borrow_and_update();
-                if now.cuts != start.cuts || now.mode == Mode::Refuse || (lost && now.mode.forwards()) {
+                if now.cuts != start.cuts || matches!(now.mode, Mode::Refuse | Mode::Closed) || (lost && now.mode.forwards()) {
                     return; // both sockets reset on drop (linger 0)
                 }
             }
