@@ -262,7 +262,7 @@ pub async fn invoke(args: InvokeArgs) -> ExitCode {
         limits: LimitsOverride {
             memory_bytes: args.memory_bytes,
             deadline_ms: args.deadline_ms,
-            max_concurrency: None,
+            ..LimitsOverride::default()
         },
         config: args.config.iter().cloned().collect::<BTreeMap<_, _>>(),
         ..PluginSettings::default()

@@ -39,6 +39,7 @@ mod gauntlet;
 mod host;
 mod ops;
 mod outage;
+mod outbound;
 mod plugins;
 mod refusals;
 mod reload;

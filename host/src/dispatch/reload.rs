@@ -53,6 +53,7 @@ pub fn plugin_settings(overrides: &BTreeMap<String, PluginOverride>, name: &str)
             limits: o.limits,
             config: o.config_strings(),
             instance: o.instance_policy(),
+            allow_outbound: o.allow_outbound.clone(),
         })
         .unwrap_or_default()
 }
