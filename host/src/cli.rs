@@ -326,9 +326,12 @@ pub fn outcome_json(file: &Path, name: &str, version: &str, outcome: &Outcome) -
             v["outcome"] = json!("ack");
             v["outputs"] = Value::Array(outputs.iter().map(output_json).collect());
         }
-        Outcome::Retry { reason } => {
+        Outcome::Retry { reason, delay } => {
             v["outcome"] = json!("retry");
             v["reason"] = json!(reason);
+            if let Some(d) = delay {
+                v["delay_ms"] = json!(u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+            }
         }
         Outcome::Reject { reason } => {
             v["outcome"] = json!("reject");

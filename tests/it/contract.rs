@@ -147,7 +147,7 @@ async fn retry_reports_the_attempt(lang: Impl) {
     for attempt in 1..=2 {
         d.attempt = attempt;
         match flaky.invoke(&d).await {
-            Outcome::Retry { reason } => {
+            Outcome::Retry { reason, .. } => {
                 assert!(reason.contains(&format!("attempt {attempt}")), "{reason}")
             }
             other => panic!("expected retry, got {other:?}"),

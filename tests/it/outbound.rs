@@ -230,7 +230,10 @@ async fn a_429_retries_after_its_retry_after(lang: Option<Lang>) {
         .invoke(&delivery(&format!("http://api.test:{}/busy", addr.port())))
         .await;
     match &o {
-        Outcome::Retry { reason, .. } => assert!(reason.contains("429"), "{reason}"),
+        Outcome::Retry { reason, delay } => {
+            assert!(reason.contains("429"), "{reason}");
+            assert_eq!(*delay, Some(Duration::from_secs(2)), "{reason}");
+        }
         other => panic!("expected a retry, got {other:?}"),
     }
 }

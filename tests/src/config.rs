@@ -27,14 +27,12 @@ impl WarrenToml {
         Self::default()
     }
 
-    /// Plugins from `dir`, and a spool stream and a retry exchange of its
-    /// own, so that tests running at once on the shared broker and Redis
-    /// do not meet.
+    /// Plugins from `dir`, and a spool stream of its own, so that tests
+    /// running at once on the shared broker and Redis do not meet. The
+    /// retry tiers are shared: a tier's name says its delay, and a retry
+    /// returns to the queue it came from by its routing key.
     pub fn isolated(dir: &Path) -> Self {
-        Self::new()
-            .plugins_dir(dir)
-            .own_spool_stream()
-            .retry_exchange(&unique("retry"))
+        Self::new().plugins_dir(dir).own_spool_stream()
     }
 
     /// `plugins.dir`.

@@ -21,6 +21,16 @@ pub const BROKER_CONSUMERS: &str = "warren_broker_consumers";
 /// Gauge: ready messages in the queue at the last check (the lag), by
 /// `queue`.
 pub const QUEUE_DEPTH: &str = "warren_queue_depth";
+/// Gauge: ready messages waiting at the broker for a route at the last
+/// consumer check, by `queue` and `plugin`.
+pub const ROUTE_READY: &str = "warren_route_ready_messages";
+/// Gauge: deliveries the broker holds unacknowledged for this Warren's
+/// consumer of a route, at the last consumer check, by `queue` and
+/// `plugin`.
+pub const ROUTE_UNACKED: &str = "warren_route_unacked_messages";
+/// Gauge: deliveries a route's plugin is handling now (taken and not yet
+/// settled), by `queue` and `plugin`.
+pub const ROUTE_IN_FLIGHT: &str = "warren_route_in_flight";
 /// Gauge: 1 while ready.
 pub const READY: &str = "warren_ready";
 /// Gauge: 1 while the spool drain is stalled (entries waiting, the broker
@@ -53,6 +63,18 @@ pub(crate) fn describe_all() {
     describe_gauge!(
         QUEUE_DEPTH,
         "Ready messages in the queue at the last check (the lag), by queue."
+    );
+    describe_gauge!(
+        ROUTE_READY,
+        "Ready messages waiting at the broker for the route at the last consumer check, by queue and plugin."
+    );
+    describe_gauge!(
+        ROUTE_UNACKED,
+        "Deliveries the broker holds unacknowledged for this Warren's consumer of the route at the last consumer check, by queue and plugin."
+    );
+    describe_gauge!(
+        ROUTE_IN_FLIGHT,
+        "Deliveries the route's plugin is handling now (taken, not yet settled), by queue and plugin."
     );
     describe_gauge!(READY, "1 while Warren is ready to receive work.");
     describe_gauge!(
@@ -100,9 +122,33 @@ pub(crate) fn sample(app: &AppHandle) {
             metrics::gauge!(QUEUE_DEPTH, "queue" => c.queue.clone()).set(f64::from(n));
         }
     }
+    sample_backlog(app);
     metrics::gauge!(READY).set(if app.readiness().ready { 1.0 } else { 0.0 });
     let stalled = app.drain_stalled(&status).is_some();
     metrics::gauge!(DRAIN_STALLED).set(if stalled { 1.0 } else { 0.0 });
     metrics::gauge!(PLUGINS_LOADED).set(app.reloader.plugins().len() as f64);
     metrics::gauge!(PLUGINS_FAILED).set(app.failed_plugins().len() as f64);
+}
+
+/// The backlog gauges of every route: what waits at the broker (the
+/// consumer check's counts) and what Warren handles now. The spool's depth
+/// is the host's (`warren_spool_depth`): outputs of every route share it.
+fn sample_backlog(app: &AppHandle) {
+    let checks: std::collections::HashMap<String, (Option<u32>, Option<u32>)> = app
+        .amqp
+        .consumers()
+        .into_iter()
+        .map(|c| (c.queue, (c.broker_messages, c.unacked)))
+        .collect();
+    for (queue, plugin, in_flight) in app.dispatcher.in_flight() {
+        let labels = [("queue", queue.clone()), ("plugin", plugin)];
+        metrics::gauge!(ROUTE_IN_FLIGHT, &labels).set(in_flight as f64);
+        let (ready, unacked) = checks.get(&queue).copied().unwrap_or((None, None));
+        if let Some(n) = ready {
+            metrics::gauge!(ROUTE_READY, &labels).set(f64::from(n));
+        }
+        if let Some(n) = unacked {
+            metrics::gauge!(ROUTE_UNACKED, &labels).set(f64::from(n));
+        }
+    }
 }

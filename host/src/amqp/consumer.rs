@@ -105,6 +105,9 @@ pub struct SubscriptionStatus {
     pub broker_consumers: Option<(u32, SystemTime)>,
     /// The broker's message count at the last check.
     pub broker_messages: Option<u32>,
+    /// Deliveries to this consumer not yet acknowledged (unacked at the
+    /// broker on its behalf), at the last check.
+    pub unacked: Option<u32>,
     /// The generation of the session the consumer runs in.
     pub generation: u64,
     /// Times the consumer was re-established without a reconnect.
@@ -138,6 +141,7 @@ impl SubscriptionStatus {
             believed_consumers: 0,
             broker_consumers: None,
             broker_messages: None,
+            unacked: None,
             generation: 0,
             reestablished: 0,
             zombies: 0,
@@ -976,9 +980,11 @@ impl<'a> Pump<'a> {
         match r {
             Ok(Ok((consumers, messages))) => {
                 self.unanswered = 0;
+                let unacked = u32::try_from(self.book.outstanding()).unwrap_or(u32::MAX);
                 self.ctx.shared.update_sub(queue, |s| {
                     s.broker_consumers = Some((consumers, SystemTime::now()));
                     s.broker_messages = Some(messages);
+                    s.unacked = Some(unacked);
                 });
                 if consumers == 0 {
                     metrics::zombie(queue);

@@ -48,13 +48,16 @@ pub fn stash_expiration(p: &mut MessageProperties) {
     }
 }
 
-/// `p` as its publisher sent it, after a stay in Warren's retry queue
-/// `retry_queue`: a stashed expiration back in the property (the header
+/// `p` as its publisher sent it, after a stay in a queue of Warren's that
+/// `is_retry_queue` names: a stashed expiration back in the property (the header
 /// gone), and the dead-lettering record the broker added when the delay
 /// ran out (its `x-death` entry for that queue, and `x-first-death-*` /
 /// `x-last-death-*` naming it) removed. Records of the publisher's own
 /// dead-lettering stay.
-pub fn as_published(mut p: MessageProperties, retry_queue: &str) -> MessageProperties {
+pub fn as_published(
+    mut p: MessageProperties,
+    is_retry_queue: impl Fn(&str) -> bool,
+) -> MessageProperties {
     // Per delivery: most have neither.
     if p.header("x-death").is_none() && p.header(ORIGINAL_EXPIRATION).is_none() {
         return p;
@@ -67,7 +70,7 @@ pub fn as_published(mut p: MessageProperties, retry_queue: &str) -> MessagePrope
         let queue = p
             .header(&format!("{prefix}-queue"))
             .and_then(HeaderValue::as_str);
-        if queue == Some(retry_queue) {
+        if queue.is_some_and(&is_retry_queue) {
             let start = format!("{prefix}-");
             p.headers.retain(|(k, _)| !k.starts_with(&start));
         }
@@ -80,7 +83,9 @@ pub fn as_published(mut p: MessageProperties, retry_queue: &str) -> MessagePrope
                 HeaderValue::Table(t) => t.iter().find(|(k, _)| k == "queue").map(|(_, v)| v),
                 _ => None,
             };
-            queue.and_then(HeaderValue::as_str) != Some(retry_queue)
+            !queue
+                .and_then(HeaderValue::as_str)
+                .is_some_and(&is_retry_queue)
         });
         if deaths.is_empty() {
             p.headers.retain(|(k, _)| k != "x-death");
@@ -191,7 +196,7 @@ mod tests {
             "x-death",
             HeaderValue::Array(vec![death(retry), death("their-own")]),
         );
-        let back = as_published(p, retry);
+        let back = as_published(p, |q| q == retry);
         assert_eq!(back.expiration.as_deref(), Some("60000"));
         assert_eq!(
             back.headers,

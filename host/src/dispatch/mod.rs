@@ -85,6 +85,18 @@ impl Dispatcher {
         }
     }
 
+    /// Per route: its queue, its plugin and the deliveries Warren is
+    /// handling for it now (taken and not yet settled).
+    pub fn in_flight(&self) -> Vec<(String, String, usize)> {
+        self.routes()
+            .iter()
+            .map(|(queue, e)| {
+                let plugin = e.plugin.borrow().name().to_string();
+                (queue.clone(), plugin, e.inflight.len())
+            })
+            .collect()
+    }
+
     /// The outbox every publish goes through.
     pub fn outbox(&self) -> &Outbox {
         &self.outbox
@@ -140,7 +152,6 @@ impl Dispatcher {
             .max_attempts
             .unwrap_or(self.config.max_attempts);
         let ctx = Arc::new(route::RouteContext {
-            retry_queue: self.config.retry_queue(&queue),
             queue: queue.clone(),
             max_attempts,
             outbox: self.outbox.clone(),

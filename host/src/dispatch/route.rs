@@ -33,8 +33,6 @@ use crate::telemetry::{self, TraceContext};
 /// What a route's tasks share.
 pub(crate) struct RouteContext {
     pub(crate) queue: String,
-    /// The queue's retry queue (see [`DispatchConfig::retry_queue`]).
-    pub(crate) retry_queue: String,
     pub(crate) max_attempts: u32,
     pub(crate) outbox: Outbox,
     pub(crate) config: Arc<DispatchConfig>,
@@ -141,8 +139,10 @@ async fn handle_in_span(
     trace: &TraceContext,
 ) {
     let attempt = headers::attempt(&d.properties);
-    // As its publisher sent it, also after a stay in the retry queue.
-    let properties = headers::as_published(d.properties.clone(), &ctx.retry_queue);
+    // As its publisher sent it, also after a stay in a retry tier.
+    let properties = headers::as_published(d.properties.clone(), |q| {
+        ctx.config.is_retry_queue(q, &ctx.queue)
+    });
     let input = plugins::Delivery {
         body: d.body.clone(),
         exchange: d.exchange.clone(),
@@ -159,7 +159,7 @@ async fn handle_in_span(
     span.record("outcome", outcome.label());
     // Error status on every outcome that dead-letters the delivery.
     match &outcome {
-        Outcome::Retry { reason } if attempt >= ctx.max_attempts => {
+        Outcome::Retry { reason, .. } if attempt >= ctx.max_attempts => {
             telemetry::set_error(&span, "retries_exhausted", reason)
         }
         Outcome::Reject { reason } => telemetry::set_error(&span, "reject", reason),
@@ -171,10 +171,10 @@ async fn handle_in_span(
 
     let mut settle: Vec<OutboundMessage> = match outcome {
         Outcome::Ack { outputs } => outputs,
-        Outcome::Retry { reason } if attempt < ctx.max_attempts => {
-            vec![retry_copy(ctx, &input, attempt + 1, &reason)]
+        Outcome::Retry { reason, delay } if attempt < ctx.max_attempts => {
+            vec![retry_copy(ctx, &input, attempt + 1, &reason, delay)]
         }
-        Outcome::Retry { reason } => vec![dead_letter(
+        Outcome::Retry { reason, .. } => vec![dead_letter(
             ctx,
             plugin,
             &input,
@@ -264,33 +264,32 @@ async fn publish_all(
     true
 }
 
-/// The delivery `d` again, for the retry queue: its properties and headers
-/// as they came, plus Warren's (the attempt, the reason, the queue, and
-/// the delay as `expiration`, the message's own kept in a header).
+/// The delivery `d` again, for the retry tier of `requested` (the delay
+/// the plugin asked for; `None` is the backoff schedule's delay for
+/// `next_attempt`): its properties and headers as they came, plus Warren's
+/// (the attempt, the reason, the queue), without an `expiration` (the
+/// message's own is kept in a header: the tier's TTL is the delay, and a
+/// shorter one of the message's own would drop it in the tier).
 fn retry_copy(
     ctx: &RouteContext,
     d: &plugins::Delivery,
     next_attempt: u32,
     reason: &str,
+    requested: Option<Duration>,
 ) -> OutboundMessage {
     let mut properties = d.properties.clone();
     headers::stash_expiration(&mut properties);
     properties.set_header(headers::ATTEMPT, HeaderValue::I64(next_attempt.into()));
     properties.set_header(headers::REASON, HeaderValue::String(reason.to_string()));
     properties.set_header(headers::QUEUE, HeaderValue::String(ctx.queue.clone()));
-    properties.expiration = Some(
-        ctx.config
-            .retry_delay_for(next_attempt)
-            .as_millis()
-            .max(1)
-            .to_string(),
-    );
     if properties.delivery_mode.is_none() {
         properties.delivery_mode = Some(2);
     }
     metric::retried(&ctx.queue);
+    let delay = requested.unwrap_or_else(|| ctx.config.retry_delay_for(next_attempt));
     OutboundMessage {
-        exchange: ctx.config.retry_exchange.clone(),
+        exchange: ctx.config.retry_tier_name(ctx.config.retry_tier_for(delay)),
+        // A tier dead-letters with the routing key: back to this queue.
         routing_key: ctx.queue.clone(),
         properties,
         body: d.body.clone(),

@@ -2,20 +2,27 @@
 //! binding, a delayed-retry queue per subscription, and the dead-letter
 //! exchange and queue.
 //!
-//! Retries: a retried message is republished to the direct exchange
-//! `retry_exchange` with its queue name as routing key, into the classic
-//! queue `<retry_exchange>.<queue>`, with a per-message TTL (`expiration`)
-//! equal to the delay. That queue dead-letters expired messages through the
-//! default exchange back to `<queue>`. The delay doubles per attempt, so a
-//! message with a short delay can wait behind one with a longer delay (per
-//! message TTLs expire at the head): the delay is a lower bound.
+//! Retries wait in delay tiers: one quorum queue per delay, shared by every
+//! subscription. The tiers are `retry-delay-ms` doubled until
+//! `retry-delay-max-ms`, which is the last (1 s, 2 s, ... 32 s, 60 s by
+//! default), so every delay of the backoff schedule is a tier. Tier `d` is
+//! the fanout exchange `<retry-exchange>.<d>` bound to the quorum queue of
+//! the same name, whose fixed `x-message-ttl` is `d` and which
+//! dead-letters (at least once) through the default exchange with the
+//! message's own routing key: a retry copy is published to its tier with
+//! the queue it came from as routing key, so it returns there when `d`
+//! runs out. A queue-wide TTL expires messages in arrival order, so in one
+//! tier nothing waits behind a longer delay; a requested delay goes to the
+//! smallest tier at least as long (the longest tier past that), so it is
+//! honoured within one tier, never early. Quorum queues are replicated, so
+//! a dead node never stops retries.
 
 use std::time::Duration;
 
 use documented::{DocumentedFieldsOpt, DocumentedOpt};
 use serde::{Deserialize, Serialize};
 
-use crate::amqp::{BindingSpec, ExchangeSpec, ExchangeType, QueueSpec, QueueType, Topology};
+use crate::amqp::{BindingSpec, ExchangeSpec, ExchangeType, QueueSpec, Topology};
 use crate::message::HeaderValue;
 use crate::plugins::manifest::{Binding, ExchangeKind, Outputs, QueueKind, Subscription};
 
@@ -30,7 +37,10 @@ pub struct DispatchConfig {
     pub retry_delay_ms: u64,
     /// Longest retry delay, ms.
     pub retry_delay_max_ms: u64,
-    /// Exchange (and queue prefix) Warren declares for delayed retries.
+    /// Name prefix of the retry delay tiers Warren declares: an exchange
+    /// and a quorum queue `<retry-exchange>.<delay>` per tier (`.1s`,
+    /// `.2s`, ... `.60s` by default; `ms` for delays that are not whole
+    /// seconds).
     pub retry_exchange: String,
     /// Dead-letter exchange Warren declares.
     pub dead_letter_exchange: String,
@@ -105,48 +115,99 @@ impl DispatchConfig {
             .min(Duration::from_millis(self.retry_delay_max_ms))
     }
 
-    /// The retry queue of `queue`. Names past AMQP's 255 bytes are
-    /// shortened with a hash of the full name.
-    pub fn retry_queue(&self, queue: &str) -> String {
-        let name = format!("{}.{queue}", self.retry_exchange);
-        if name.len() <= 255 {
-            return name;
+    /// The retry delay tiers, shortest first: `retry-delay-ms` doubled
+    /// while shorter than `retry-delay-max-ms`, then that maximum.
+    pub fn retry_tiers(&self) -> Vec<Duration> {
+        let max = Duration::from_millis(self.retry_delay_max_ms.max(1));
+        let mut tier = Duration::from_millis(self.retry_delay_ms.max(1)).min(max);
+        let mut out = Vec::new();
+        while tier < max {
+            out.push(tier);
+            tier = tier.saturating_mul(2);
         }
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in queue.bytes() {
-            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-        }
-        let mut prefix = name;
-        let mut cut = 255 - 17;
+        out.push(max);
+        out
+    }
+
+    /// The tier a retry delayed by `delay` waits in: the shortest at least
+    /// as long, or the longest.
+    pub fn retry_tier_for(&self, delay: Duration) -> Duration {
+        let tiers = self.retry_tiers();
+        let longest = tiers.last().copied().unwrap_or(delay);
+        tiers.into_iter().find(|t| *t >= delay).unwrap_or(longest)
+    }
+
+    /// The name of tier `tier`'s exchange and queue. A name past AMQP's
+    /// 255 bytes keeps the whole suffix and as much of the prefix as fits.
+    pub fn retry_tier_name(&self, tier: Duration) -> String {
+        let ms = tier.as_millis();
+        let suffix = if ms.is_multiple_of(1000) {
+            format!(".{}s", ms / 1000)
+        } else {
+            format!(".{ms}ms")
+        };
+        let mut prefix = self.retry_exchange.clone();
+        let mut cut = prefix.len().min(255 - suffix.len());
         while !prefix.is_char_boundary(cut) {
             cut -= 1;
         }
         prefix.truncate(cut);
-        format!("{prefix}.{h:016x}")
+        prefix + &suffix
     }
 
-    /// The topology shared by all subscriptions: retry exchange, dead-letter
-    /// exchange and queue.
+    /// Whether `name` is a queue a retry of `queue` waited in: a tier, or
+    /// the classic queue `<retry-exchange>.<queue>` (not declared, but one
+    /// that exists on the broker still dead-letters into `queue`).
+    pub fn is_retry_queue(&self, name: &str, queue: &str) -> bool {
+        name.strip_prefix(self.retry_exchange.as_str())
+            .and_then(|rest| rest.strip_prefix('.'))
+            .is_some_and(|rest| rest == queue)
+            || self
+                .retry_tiers()
+                .into_iter()
+                .any(|t| self.retry_tier_name(t) == name)
+    }
+
+    /// The topology shared by all subscriptions: the retry tiers, the
+    /// dead-letter exchange and queue.
     pub fn base_topology(&self) -> Topology {
-        Topology::default()
-            .exchange(ExchangeSpec::durable(
-                self.retry_exchange.clone(),
-                ExchangeType::Direct,
-            ))
-            .exchange(ExchangeSpec::durable(
-                self.dead_letter_exchange.clone(),
-                ExchangeType::Fanout,
-            ))
-            .queue(QueueSpec::quorum(self.dead_letter_queue.clone()))
-            .binding(BindingSpec::new(
-                self.dead_letter_queue.clone(),
-                self.dead_letter_exchange.clone(),
-                "",
-            ))
+        let mut t = Topology::default();
+        for tier in self.retry_tiers() {
+            let name = self.retry_tier_name(tier);
+            let mut q = QueueSpec::quorum(name.clone());
+            q.message_ttl = Some(tier);
+            // The default exchange, with the routing key the copy was
+            // published with: the queue it came from.
+            q.dead_letter_exchange = Some(String::new());
+            // At-least-once dead-lettering keeps an expired copy until the
+            // queue it returns to has confirmed it; it needs reject-publish.
+            q.arguments.push((
+                "x-dead-letter-strategy".into(),
+                HeaderValue::String("at-least-once".into()),
+            ));
+            q.arguments.push((
+                "x-overflow".into(),
+                HeaderValue::String("reject-publish".into()),
+            ));
+            t = t
+                .exchange(ExchangeSpec::durable(name.clone(), ExchangeType::Fanout))
+                .queue(q)
+                .binding(BindingSpec::new(name.clone(), name, ""));
+        }
+        t.exchange(ExchangeSpec::durable(
+            self.dead_letter_exchange.clone(),
+            ExchangeType::Fanout,
+        ))
+        .queue(QueueSpec::quorum(self.dead_letter_queue.clone()))
+        .binding(BindingSpec::new(
+            self.dead_letter_queue.clone(),
+            self.dead_letter_exchange.clone(),
+            "",
+        ))
     }
 
     /// The topology one subscription needs: its queue (and exchange and
-    /// bindings) and its retry queue. A quorum queue gets Warren's
+    /// bindings). A quorum queue gets Warren's
     /// dead-letter exchange and an explicit delivery limit, so a message
     /// the broker gives up on (returned `delivery_limit` times) ends in the
     /// dead-letter queue with the broker's reason in `x-death`, never
@@ -163,22 +224,7 @@ impl DispatchConfig {
             QueueKind::Classic => QueueSpec::durable(s.queue.clone()),
         };
         queue.message_ttl = s.message_ttl_ms.map(|ms| Duration::from_millis(ms.into()));
-        let mut retry = QueueSpec::durable(self.retry_queue(&s.queue));
-        retry.queue_type = QueueType::Classic;
-        retry.dead_letter_exchange = Some(String::new());
-        retry.dead_letter_routing_key = Some(s.queue.clone());
-        let mut t = Topology::default()
-            .exchange(ExchangeSpec::durable(
-                self.retry_exchange.clone(),
-                ExchangeType::Direct,
-            ))
-            .queue(queue)
-            .queue(retry.clone())
-            .binding(BindingSpec::new(
-                retry.name.clone(),
-                self.retry_exchange.clone(),
-                s.queue.clone(),
-            ));
+        let mut t = Topology::default().queue(queue);
         if let Some(b) = &s.bind {
             t = bound(t, &s.queue, b, false);
         }
@@ -327,12 +373,68 @@ mod tests {
     }
 
     #[test]
-    fn retry_queue_names_fit_amqp() {
+    fn retry_tiers_double_up_to_the_maximum() {
         let c = DispatchConfig::default();
-        assert_eq!(c.retry_queue("orders"), "warren.retry.orders");
-        let long = "q".repeat(255);
-        let a = c.retry_queue(&long);
-        assert!(a.len() <= 255, "{}", a.len());
-        assert_ne!(a, c.retry_queue(&"r".repeat(255)));
+        let secs = |s: u64| Duration::from_secs(s);
+        assert_eq!(c.retry_tiers(), [1, 2, 4, 8, 16, 32, 60].map(secs).to_vec());
+        // Every delay of the backoff schedule is a tier.
+        for n in 2..12 {
+            let d = c.retry_delay_for(n);
+            assert_eq!(c.retry_tier_for(d), d);
+        }
+        // A requested delay: the shortest tier at least as long.
+        assert_eq!(c.retry_tier_for(Duration::from_millis(1)), secs(1));
+        assert_eq!(c.retry_tier_for(Duration::from_millis(1001)), secs(2));
+        assert_eq!(c.retry_tier_for(secs(33)), secs(60));
+        assert_eq!(c.retry_tier_for(secs(3600)), secs(60));
+        let quick = DispatchConfig {
+            retry_delay_ms: 50,
+            retry_delay_max_ms: 200,
+            ..DispatchConfig::default()
+        };
+        let names: Vec<String> = quick
+            .retry_tiers()
+            .into_iter()
+            .map(|t| quick.retry_tier_name(t))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "warren.retry.50ms",
+                "warren.retry.100ms",
+                "warren.retry.200ms"
+            ]
+        );
+        assert!(quick.is_retry_queue("warren.retry.100ms", "orders"));
+        assert!(quick.is_retry_queue("warren.retry.orders", "orders"));
+        assert!(!quick.is_retry_queue("warren.retry.orders", "other"));
+        assert!(!quick.is_retry_queue("warren.retry.1s", "orders"));
+    }
+
+    #[test]
+    fn retry_tiers_are_replicated_and_return_to_their_queue() {
+        let c = DispatchConfig::default();
+        let t = c.base_topology();
+        let q = &t.queues["warren.retry.4s"];
+        assert_eq!(q.queue_type, crate::amqp::QueueType::Quorum);
+        assert_eq!(q.message_ttl, Some(Duration::from_secs(4)));
+        assert_eq!(q.dead_letter_exchange.as_deref(), Some(""));
+        assert_eq!(q.dead_letter_routing_key, None);
+        assert_eq!(t.exchanges["warren.retry.4s"].kind, ExchangeType::Fanout);
+        assert!(
+            t.bindings
+                .contains(&BindingSpec::new("warren.retry.4s", "warren.retry.4s", ""))
+        );
+    }
+
+    #[test]
+    fn retry_tier_names_fit_amqp() {
+        let c = DispatchConfig {
+            retry_exchange: "r".repeat(255),
+            ..DispatchConfig::default()
+        };
+        let a = c.retry_tier_name(Duration::from_secs(60));
+        assert_eq!(a.len(), 255);
+        assert!(a.ends_with(".60s"));
     }
 }

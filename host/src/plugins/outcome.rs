@@ -7,6 +7,7 @@
 //! be loaded at all is a [`LoadError`].
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -18,8 +19,19 @@ use crate::message::OutboundMessage;
 pub enum Outcome {
     /// `handle` returned `ok`: publish `outputs`, then acknowledge.
     Ack { outputs: Vec<OutboundMessage> },
-    /// A transient failure: deliver again later (bounded by attempts).
-    Retry { reason: String },
+    /// A transient failure: deliver again later (bounded by attempts),
+    /// after `delay` if the plugin asked for one, else after the
+    /// configured backoff for the next attempt. The delay is honoured to
+    /// within one retry tier (see `dispatch::topology`).
+    Retry {
+        reason: String,
+        #[serde(
+            rename = "delay_ms",
+            serialize_with = "delay_ms",
+            skip_serializing_if = "Option::is_none"
+        )]
+        delay: Option<Duration>,
+    },
     /// A permanent failure: dead-letter now.
     Reject { reason: String },
     /// The guest faulted; any outputs were discarded.
@@ -35,6 +47,14 @@ impl Outcome {
             Outcome::Reject { .. } => "reject",
             Outcome::Trapped { .. } => "trap",
         }
+    }
+}
+
+/// A requested retry delay as whole milliseconds.
+fn delay_ms<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        None => s.serialize_none(),
     }
 }
 

@@ -168,7 +168,13 @@ impl PluginInner {
         if let Some(reason) = inv.budget_spent() {
             drop(inv.take_outputs());
             let instance = result.ok().map(|(i, _)| i);
-            return (Outcome::Retry { reason }, instance);
+            return (
+                Outcome::Retry {
+                    reason,
+                    delay: None,
+                },
+                instance,
+            );
         }
         match result {
             Ok((instance, Ok(()))) => (
@@ -177,12 +183,22 @@ impl PluginInner {
                 },
                 Some(instance),
             ),
-            Ok((instance, Err(wit::HandleError::Retry(reason)))) => {
-                (Outcome::Retry { reason }, Some(instance))
-            }
-            Ok((instance, Err(wit::HandleError::RetryAfter(r)))) => {
-                (Outcome::Retry { reason: r.reason }, Some(instance))
-            }
+            Ok((instance, Err(wit::HandleError::Retry(reason)))) => (
+                Outcome::Retry {
+                    reason,
+                    delay: None,
+                },
+                Some(instance),
+            ),
+            // The plugin's delay (a downstream's Retry-After), honoured by
+            // dispatch's delay tiers.
+            Ok((instance, Err(wit::HandleError::RetryAfter(r)))) => (
+                Outcome::Retry {
+                    reason: r.reason,
+                    delay: Some(std::time::Duration::from_millis(r.delay_ms.into())),
+                },
+                Some(instance),
+            ),
             Ok((instance, Err(wit::HandleError::Reject(reason)))) => {
                 (Outcome::Reject { reason }, Some(instance))
             }
