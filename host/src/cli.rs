@@ -222,6 +222,7 @@ pub async fn check(files: &[PathBuf]) -> ExitCode {
                 "file": file,
                 "manifest": plugin.manifest(),
                 "limits": plugin.limits(),
+                "outbound": plugin.grants(),
             })),
             Err(e) => {
                 ok = false;

@@ -324,6 +324,16 @@ impl Config {
             out.extend(o.problems(name));
         }
         out.extend(self.dispatch.problems());
+        // Past the broker's consumer timeout the broker takes a delivery
+        // back mid-handle: the wall budget must end first, so a slow
+        // service becomes a retry and not a redelivery.
+        let wall = u64::from(self.plugins.runtime.max_wall_deadline_ms);
+        if wall >= self.dispatch.broker_consumer_timeout_ms {
+            out.push(format!(
+                "plugins.runtime.max-wall-deadline-ms ({wall}) must be below dispatch.broker-consumer-timeout-ms ({})",
+                self.dispatch.broker_consumer_timeout_ms
+            ));
+        }
         out.extend(self.admin.problems());
         out.extend(self.telemetry.problems());
         out.extend(self.shutdown.problems());
@@ -673,6 +683,50 @@ mod tests {
         let subs = o.subscriptions.as_ref().unwrap();
         assert_eq!(subs[0].queue, "echo.custom");
         assert_eq!(subs[0].prefetch, 5);
+    }
+
+    #[test]
+    fn secrets_come_from_files_and_the_environment_and_are_never_shown() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "file-secret-7f3a\n").unwrap();
+        let toml = format!(
+            "[plugin.echo]\nconfig = {{ token = {{ file = {:?} }}, home = {{ env = \"HOME\" }} }}\n",
+            file.display()
+        );
+        let c = parse(&toml).unwrap();
+        let cfg = c.plugin["echo"].config_strings();
+        assert_eq!(cfg["token"], "file-secret-7f3a");
+        assert_eq!(Some(cfg["home"].clone()), std::env::var("HOME").ok());
+        // What `/config` and `warren config` print, and the debug form logs
+        // would use: the reference, never the value.
+        let rendered = crate::config_doc::render(&c, "test");
+        assert!(rendered.contains(&file.display().to_string()), "{rendered}");
+        for shown in [rendered, format!("{c:?}")] {
+            assert!(!shown.contains("file-secret-7f3a"), "{shown}");
+        }
+        // A file read again after it changed (a reload).
+        std::fs::write(&file, "rotated-secret\n").unwrap();
+        assert_eq!(c.plugin["echo"].config_strings()["token"], "rotated-secret");
+        // A missing file or variable is a problem naming the key, never a value.
+        let bad = "[plugin.echo]\nconfig = { a = { file = \"/nonexistent/x\" }, b = { env = \"WARREN_NO_SUCH_VAR_27\" }, c = { nope = 1 } }\n";
+        let all = parse(bad).unwrap_err().join("\n");
+        assert!(
+            all.contains("plugin.echo.config.a") && all.contains("/nonexistent/x"),
+            "{all}"
+        );
+        assert!(all.contains("WARREN_NO_SUCH_VAR_27"), "{all}");
+        assert!(all.contains("plugin.echo.config.c"), "{all}");
+    }
+
+    #[test]
+    fn the_wall_budget_ends_before_the_broker_takes_a_delivery_back() {
+        let all = parse(
+            "[plugins.runtime]\nmax-wall-deadline-ms = 60000\n[dispatch]\nbroker-consumer-timeout-ms = 60000\n",
+        )
+        .unwrap_err()
+        .join("\n");
+        assert!(all.contains("max-wall-deadline-ms"), "{all}");
     }
 
     #[test]

@@ -237,3 +237,98 @@ async fn a_429_retries_after_its_retry_after(lang: Option<Lang>) {
         other => panic!("expected a retry, got {other:?}"),
     }
 }
+
+/// The standard `wasi:http/outgoing-handler` goes through the same client
+/// and grants as the SDK's helper.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wasi_http_calls_meet_the_same_grants() {
+    let addr = server().await;
+    let rt = runtime();
+    let mut s = PluginSettings {
+        allow_outbound: vec![format!("http://api.test:{}", addr.port())],
+        ..PluginSettings::default()
+    };
+    s.config.insert("via".into(), "wasi-http".into());
+    let p = rt.load_file(&wasm("caller").unwrap(), &s).await.unwrap();
+    let out = p
+        .invoke(&delivery(&format!("http://api.test:{}/ok", addr.port())))
+        .await;
+    let Outcome::Ack { outputs } = out else {
+        panic!("expected ack, got {out:?}");
+    };
+    assert_eq!(&outputs[0].body[..], b"pong");
+    // The host returns the redirect instead of following it.
+    let out = p
+        .invoke(&delivery(&format!(
+            "http://api.test:{}/redirect",
+            addr.port()
+        )))
+        .await;
+    let Outcome::Ack { outputs } = out else {
+        panic!("expected ack, got {out:?}");
+    };
+    assert_eq!(
+        outputs[0]
+            .header("x-status")
+            .and_then(warren::message::HeaderValue::as_str),
+        Some("302")
+    );
+    let o = p.invoke(&delivery("http://meta.test:8080/")).await;
+    let r = reject_reason(&o);
+    assert!(
+        r.contains("non-public-address") && r.contains("169.254.169.254"),
+        "{r}"
+    );
+    let o = p
+        .invoke(&delivery(&format!("http://other.test:{}/ok", addr.port())))
+        .await;
+    assert!(reject_reason(&o).contains("origin-not-granted"), "{o:?}");
+}
+
+/// Key-value state is part of the contract but not provided by this
+/// Warren yet: a plugin importing it is refused at load, naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_importing_keyvalue_is_refused_naming_the_interface() {
+    let rt = runtime();
+    let e = rt
+        .load_file(&wasm("kv-user").unwrap(), &PluginSettings::default())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("wasi:keyvalue/store"), "{e}");
+}
+
+/// A secret given as `{ file = .. }` reaches the plugin through
+/// `wasi:config/store`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_from_a_file_reaches_the_plugin_through_wasi_config() {
+    let addr = server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("token");
+    std::fs::write(&file, "s3cr3t-from-file\n").unwrap();
+    let overrides: warren::config::PluginOverride = toml::from_str(&format!(
+        "config = {{ token = {{ file = {:?} }} }}\nallow-outbound = [\"http://api.test:{}\"]\n",
+        file.display(),
+        addr.port()
+    ))
+    .unwrap();
+    let s = PluginSettings {
+        config: overrides.config_strings(),
+        allow_outbound: overrides.allow_outbound.clone(),
+        ..PluginSettings::default()
+    };
+    let rt = runtime();
+    let p = rt.load_file(&wasm("caller").unwrap(), &s).await.unwrap();
+    let out = p
+        .invoke(&delivery(&format!("http://api.test:{}/ok", addr.port())))
+        .await;
+    let Outcome::Ack { outputs } = out else {
+        panic!("expected ack, got {out:?}");
+    };
+    assert_eq!(
+        outputs[0]
+            .header("x-token-length")
+            .and_then(warren::message::HeaderValue::as_str),
+        Some("16")
+    );
+}
