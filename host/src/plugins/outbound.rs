@@ -221,7 +221,7 @@ pub fn non_public(ip: IpAddr) -> Option<&'static str> {
                 Some("loopback")
             } else if v6.is_unspecified() {
                 Some("unspecified")
-            } else if s[0] == 0xfd00 && s[1..7] == [0; 6] && s[7] == 0x254 {
+            } else if s == [0xfd00, 0x0ec2, 0, 0, 0, 0, 0, 0x254] {
                 Some("metadata")
             } else if (s[0] & 0xffc0) == 0xfe80 {
                 Some("link-local")
@@ -758,6 +758,13 @@ mod tests {
                 .contains("metadata")
         );
         assert!(g.check_address("svc.test", mapped).is_err());
+        let aws6: IpAddr = "fd00:ec2::254".parse().unwrap();
+        assert!(
+            g.check_address("svc.test", aws6)
+                .unwrap_err()
+                .text
+                .contains("metadata")
+        );
         assert!(
             g.check_address("svc.test", "93.184.216.34".parse().unwrap())
                 .is_ok()
