@@ -222,6 +222,7 @@ pub async fn check(files: &[PathBuf]) -> ExitCode {
                 "file": file,
                 "manifest": plugin.manifest(),
                 "limits": plugin.limits(),
+                "outbound": plugin.grants(),
             })),
             Err(e) => {
                 ok = false;
@@ -262,7 +263,7 @@ pub async fn invoke(args: InvokeArgs) -> ExitCode {
         limits: LimitsOverride {
             memory_bytes: args.memory_bytes,
             deadline_ms: args.deadline_ms,
-            max_concurrency: None,
+            ..LimitsOverride::default()
         },
         config: args.config.iter().cloned().collect::<BTreeMap<_, _>>(),
         ..PluginSettings::default()

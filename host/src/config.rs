@@ -84,8 +84,13 @@ impl Default for PluginsSection {
 pub struct PluginOverride {
     /// Limits overrides.
     pub limits: LimitsOverride,
-    /// Values for the plugin's `config(key)` import. Numbers and booleans
-    /// are passed as their text.
+    /// Values for the plugin's `config(key)` import and `wasi:config/store`.
+    /// Numbers and booleans are passed as their text. A secret is given by
+    /// where it is, never by value: `{ env = "NAME" }` (an environment
+    /// variable of Warren's) or `{ file = "/run/secrets/x" }` (the file's
+    /// contents, trailing newline removed, read at start and on every
+    /// reload). Only the reference is shown in `/config`; the value is
+    /// never printed, logged or traced by Warren.
     pub config: BTreeMap<String, toml::Value>,
     /// Replaces the manifest's subscriptions when present.
     pub subscriptions: Option<Vec<Subscription>>,
@@ -96,6 +101,12 @@ pub struct PluginOverride {
     /// Deliveries one reused instance serves before it is replaced
     /// (default 1000).
     pub reuse_max_deliveries: Option<u32>,
+    /// Outbound HTTP grants of this plugin, on top of
+    /// `plugins.runtime.allow-outbound`: origins (`https://api.example.com`,
+    /// `https://*.example.com`) and address ranges (`10.1.0.0/16`). A
+    /// loopback, private, link-local or metadata address is reached only
+    /// through a grant of its host by name or of a range containing it.
+    pub allow_outbound: Vec<String>,
 }
 
 /// `[plugin.<name>] instance`.
@@ -133,6 +144,14 @@ impl PluginOverride {
                 "plugin.{name}.reuse-max-deliveries must be at least 1"
             ));
         }
+        for (key, v) in &self.config {
+            if let Err(e) = config_value(v) {
+                out.push(format!("plugin.{name}.config.{key}: {e}"));
+            }
+        }
+        if let Err(e) = crate::plugins::outbound::OperatorGrants::parse(&self.allow_outbound) {
+            out.push(format!("plugin.{name}.allow-outbound: {e}"));
+        }
         for s in self.subscriptions.iter().flatten() {
             out.extend(
                 s.problems()
@@ -143,18 +162,34 @@ impl PluginOverride {
         out
     }
 
-    /// `config` as strings, the form the plugin sees.
+    /// `config` as strings, the form the plugin sees, with secrets read
+    /// from their environment variable or file. A secret that cannot be
+    /// read is left out (validation reports it, naming the key only).
     pub fn config_strings(&self) -> BTreeMap<String, String> {
         self.config
             .iter()
-            .map(|(k, v)| {
-                let s = match v {
-                    toml::Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                };
-                (k.clone(), s)
-            })
+            .filter_map(|(k, v)| config_value(v).ok().map(|s| (k.clone(), s)))
             .collect()
+    }
+}
+
+/// The text a plugin sees for one `config` value: a `{ env }` or `{ file }`
+/// reference read now, anything else as its text. Errors never contain the
+/// value.
+fn config_value(v: &toml::Value) -> Result<String, String> {
+    let toml::Value::Table(t) = v else {
+        return Ok(match v {
+            toml::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        });
+    };
+    match (t.get("env"), t.get("file"), t.len()) {
+        (Some(toml::Value::String(name)), None, 1) => std::env::var(name)
+            .map_err(|_| format!("environment variable {name} is not set (or not UTF-8)")),
+        (None, Some(toml::Value::String(path)), 1) => std::fs::read_to_string(path)
+            .map(|s| s.strip_suffix('\n').map(str::to_owned).unwrap_or(s))
+            .map_err(|e| format!("cannot read secret file {path}: {}", e.kind())),
+        _ => Err("a table value must be { env = \"NAME\" } or { file = \"/path\" }".into()),
     }
 }
 
@@ -289,6 +324,16 @@ impl Config {
             out.extend(o.problems(name));
         }
         out.extend(self.dispatch.problems());
+        // Past the broker's consumer timeout the broker takes a delivery
+        // back mid-handle: the wall budget must end first, so a slow
+        // service becomes a retry and not a redelivery.
+        let wall = u64::from(self.plugins.runtime.max_wall_deadline_ms);
+        if wall >= self.dispatch.broker_consumer_timeout_ms {
+            out.push(format!(
+                "plugins.runtime.max-wall-deadline-ms ({wall}) must be below dispatch.broker-consumer-timeout-ms ({})",
+                self.dispatch.broker_consumer_timeout_ms
+            ));
+        }
         out.extend(self.admin.problems());
         out.extend(self.telemetry.problems());
         out.extend(self.shutdown.problems());
@@ -638,6 +683,50 @@ mod tests {
         let subs = o.subscriptions.as_ref().unwrap();
         assert_eq!(subs[0].queue, "echo.custom");
         assert_eq!(subs[0].prefetch, 5);
+    }
+
+    #[test]
+    fn secrets_come_from_files_and_the_environment_and_are_never_shown() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "file-secret-7f3a\n").unwrap();
+        let toml = format!(
+            "[plugin.echo]\nconfig = {{ token = {{ file = {:?} }}, home = {{ env = \"HOME\" }} }}\n",
+            file.display()
+        );
+        let c = parse(&toml).unwrap();
+        let cfg = c.plugin["echo"].config_strings();
+        assert_eq!(cfg["token"], "file-secret-7f3a");
+        assert_eq!(Some(cfg["home"].clone()), std::env::var("HOME").ok());
+        // What `/config` and `warren config` print, and the debug form logs
+        // would use: the reference, never the value.
+        let rendered = crate::config_doc::render(&c, "test");
+        assert!(rendered.contains(&file.display().to_string()), "{rendered}");
+        for shown in [rendered, format!("{c:?}")] {
+            assert!(!shown.contains("file-secret-7f3a"), "{shown}");
+        }
+        // A file read again after it changed (a reload).
+        std::fs::write(&file, "rotated-secret\n").unwrap();
+        assert_eq!(c.plugin["echo"].config_strings()["token"], "rotated-secret");
+        // A missing file or variable is a problem naming the key, never a value.
+        let bad = "[plugin.echo]\nconfig = { a = { file = \"/nonexistent/x\" }, b = { env = \"WARREN_NO_SUCH_VAR_27\" }, c = { nope = 1 } }\n";
+        let all = parse(bad).unwrap_err().join("\n");
+        assert!(
+            all.contains("plugin.echo.config.a") && all.contains("/nonexistent/x"),
+            "{all}"
+        );
+        assert!(all.contains("WARREN_NO_SUCH_VAR_27"), "{all}");
+        assert!(all.contains("plugin.echo.config.c"), "{all}");
+    }
+
+    #[test]
+    fn the_wall_budget_ends_before_the_broker_takes_a_delivery_back() {
+        let all = parse(
+            "[plugins.runtime]\nmax-wall-deadline-ms = 60000\n[dispatch]\nbroker-consumer-timeout-ms = 60000\n",
+        )
+        .unwrap_err()
+        .join("\n");
+        assert!(all.contains("max-wall-deadline-ms"), "{all}");
     }
 
     #[test]

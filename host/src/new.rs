@@ -17,7 +17,7 @@ pub enum Lang {
 }
 
 /// The contract the binary implements (`package warren:plugin@...`).
-pub const CONTRACT: &str = "0.2.0";
+pub const CONTRACT: &str = "0.3.0";
 /// componentize-py version the Python SDK is tested with; the same as
 /// `plugins/tools/install` (a test compares them).
 pub const COMPONENTIZE_PY: &str = "0.25.1";
@@ -26,6 +26,48 @@ pub const COMPONENTIZE_QJS: &str = "0.4.5";
 
 const WIT: &str = include_str!("../../wit/plugin.wit");
 const RUST_SDK: &str = include_str!("../../plugins/sdk/src/lib.rs");
+const RUST_SDK_HTTP: &str = include_str!("../../plugins/sdk/src/http.rs");
+/// The standard WASI packages the contract imports, beside `plugin.wit`.
+const WIT_DEPS: &[(&str, &str)] = &[
+    ("cli.wit", include_str!("../../wit/deps/cli.wit")),
+    ("clocks.wit", include_str!("../../wit/deps/clocks.wit")),
+    (
+        "filesystem.wit",
+        include_str!("../../wit/deps/filesystem.wit"),
+    ),
+    ("http.wit", include_str!("../../wit/deps/http.wit")),
+    ("io.wit", include_str!("../../wit/deps/io.wit")),
+    ("random.wit", include_str!("../../wit/deps/random.wit")),
+    ("sockets.wit", include_str!("../../wit/deps/sockets.wit")),
+    (
+        "config/store.wit",
+        include_str!("../../wit/deps/config/store.wit"),
+    ),
+    (
+        "config/world.wit",
+        include_str!("../../wit/deps/config/world.wit"),
+    ),
+    (
+        "keyvalue/atomic.wit",
+        include_str!("../../wit/deps/keyvalue/atomic.wit"),
+    ),
+    (
+        "keyvalue/batch.wit",
+        include_str!("../../wit/deps/keyvalue/batch.wit"),
+    ),
+    (
+        "keyvalue/store.wit",
+        include_str!("../../wit/deps/keyvalue/store.wit"),
+    ),
+    (
+        "keyvalue/watch.wit",
+        include_str!("../../wit/deps/keyvalue/watch.wit"),
+    ),
+    (
+        "keyvalue/world.wit",
+        include_str!("../../wit/deps/keyvalue/world.wit"),
+    ),
+];
 const RUST_CARGO_CONFIG: &str = include_str!("../../plugins/.cargo/config.toml");
 const PYTHON_SDK: &str = include_str!("../../plugins/python/sdk/warren/__init__.py");
 const JS_SDK: &str = include_str!("../../plugins/js/sdk/warren.js");
@@ -72,6 +114,7 @@ const RUST_FILES: &[(&str, Source)] = &[
         Source::Template(include_str!("../templates/rust/sdk.Cargo.toml")),
     ),
     ("warren-sdk/src/lib.rs", Source::Verbatim(RUST_SDK)),
+    ("warren-sdk/src/http.rs", Source::Verbatim(RUST_SDK_HTTP)),
     ("warren-sdk/wit/plugin.wit", Source::Verbatim(WIT)),
     (
         "README.md",
@@ -127,7 +170,7 @@ const JS_FILES: &[(&str, Source)] = &[
 
 /// Files of a project, relative to its directory, and whether each is
 /// executable.
-fn files(lang: Lang, name: &str) -> Vec<(&'static str, String, bool)> {
+fn files(lang: Lang, name: &str) -> Vec<(String, String, bool)> {
     let fill = |t: &str| {
         t.replace("{{name}}", name)
             .replace("{{file}}", &name.replace('-', "_"))
@@ -140,14 +183,24 @@ fn files(lang: Lang, name: &str) -> Vec<(&'static str, String, bool)> {
         Lang::Python => PYTHON_FILES,
         Lang::Js => JS_FILES,
     };
-    table
+    let wit_dir = match lang {
+        Lang::Rust => "warren-sdk/wit",
+        Lang::Python | Lang::Js => "wit",
+    };
+    let mut out: Vec<(String, String, bool)> = table
         .iter()
         .map(|(path, source)| match source {
-            Source::Template(t) => (*path, fill(t), false),
-            Source::Verbatim(t) => (*path, (*t).to_string(), false),
-            Source::Script(t) => (*path, fill(t), true),
+            Source::Template(t) => (path.to_string(), fill(t), false),
+            Source::Verbatim(t) => (path.to_string(), (*t).to_string(), false),
+            Source::Script(t) => (path.to_string(), fill(t), true),
         })
-        .collect()
+        .collect();
+    out.extend(
+        WIT_DEPS
+            .iter()
+            .map(|(rel, text)| (format!("{wit_dir}/deps/{rel}"), (*text).to_string(), false)),
+    );
+    out
 }
 
 /// The command that builds a project of `lang`, as its README says.

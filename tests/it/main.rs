@@ -42,6 +42,7 @@ mod host;
 mod nacks;
 mod ops;
 mod outage;
+mod outbound;
 mod plugins;
 mod refusals;
 mod reload;

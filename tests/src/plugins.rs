@@ -274,7 +274,7 @@ fn build_polyglot(lang: Lang, name: &str) -> Result<PathBuf> {
             cmd.current_dir(&src)
                 .arg("-d")
                 .arg(root.join("wit"))
-                .args(["-w", "plugin", "componentize", "-p", ".", "-p"])
+                .args(["-w", "plugin-script", "componentize", "-p", ".", "-p"])
                 .arg(root.join("plugins/python/sdk"))
                 .args(["app", "-o"])
                 .arg(&partial);
@@ -283,7 +283,7 @@ fn build_polyglot(lang: Lang, name: &str) -> Result<PathBuf> {
             cmd.current_dir(&src)
                 .arg("--wit")
                 .arg(root.join("wit"))
-                .args(["-n", "plugin", "--js", "plugin.js", "--sync"])
+                .args(["-n", "plugin-script", "--js", "plugin.js", "--sync"])
                 .arg("--module-root")
                 .arg(root.join("plugins/js"))
                 .arg("-o")

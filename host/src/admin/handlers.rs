@@ -207,6 +207,8 @@ pub(crate) struct PluginView {
     pub memory_floor_bytes: u64,
     /// `fresh` or `reuse` (with its `max_deliveries`).
     pub instance: crate::plugins::InstancePolicy,
+    /// What it may call: manifest origins granted, operator grants.
+    pub outbound: crate::plugins::outbound::Grants,
 }
 
 pub(crate) fn plugin_views(app: &crate::app::AppHandle) -> Vec<PluginView> {
@@ -226,6 +228,7 @@ pub(crate) fn plugin_views(app: &crate::app::AppHandle) -> Vec<PluginView> {
             footprint: p.footprint(),
             memory_floor_bytes: p.memory_floor(),
             instance: p.instance_policy(),
+            outbound: p.grants().clone(),
             name,
         })
         .collect()

@@ -53,6 +53,7 @@ pub fn plugin_settings(overrides: &BTreeMap<String, PluginOverride>, name: &str)
             limits: o.limits,
             config: o.config_strings(),
             instance: o.instance_policy(),
+            allow_outbound: o.allow_outbound.clone(),
         })
         .unwrap_or_default()
 }
@@ -201,6 +202,18 @@ pub struct ReloadReport {
     pub routes_started: Vec<String>,
     pub routes_stopped: Vec<String>,
     pub routes_restarted: Vec<String>,
+    /// Plugins that may now call origins or addresses they could not
+    /// before: a reload that widens what a plugin reaches says so.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub outbound_widened: Vec<Widened>,
+}
+
+/// Outbound grants a reload added to one plugin.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Widened {
+    pub name: String,
+    /// Origins and ranges granted now that were not before.
+    pub added: Vec<String>,
 }
 
 /// Why a reload did not run.
@@ -518,6 +531,16 @@ fn report_plugins(
     }
     for (name, candidate) in plugins {
         let plugin = &candidate.plugin;
+        if let Some(prev) = old.get(name) {
+            let added = plugin.grants().widened_from(prev.candidate.plugin.grants());
+            if !added.is_empty() {
+                warn!(plugin = %name, added = ?added, "Reload widens the plugin's outbound grants.");
+                report.outbound_widened.push(Widened {
+                    name: name.clone(),
+                    added,
+                });
+            }
+        }
         match old.get(name) {
             None => {
                 info!(plugin = %name, version = plugin.version(), file = %plugin.path().display(), "Plugin loaded.");

@@ -1,18 +1,26 @@
 //! The one `bindgen!` of the host, generated from `wit/plugin.wit`.
 //! Only the items the runtime uses are re-exported.
+//!
+//! The world bound here is `plugin-script`: Warren's own interfaces. The
+//! standard ones of the `plugin` world (`wasi:http`, `wasi:config`) are
+//! linked from their wasmtime crates (see [`super::runtime`]).
 
 wasmtime::component::bindgen!({
-    world: "plugin",
+    world: "plugin-script",
     path: "../wit",
+    imports: { "warren:plugin/http.fetch": async },
     exports: { default: async },
 });
 
 pub(crate) use self::exports::warren::plugin::handler::HandleError;
 pub(crate) use self::warren::plugin::host::Host;
+pub(crate) use self::warren::plugin::http::{
+    Host as HttpHost, HttpError, HttpRequest, HttpResponse,
+};
 pub(crate) use self::warren::plugin::types::Host as TypesHost;
 pub(crate) use self::warren::plugin::types::{
     Binding, Decimal, Delivery, DeliveryMode, ExchangeKind, Header, HeaderValue, LogLevel,
     Manifest, Message, Properties, PublishError, QueueKind, Subscription,
 };
-pub(crate) use Plugin as PluginWorld;
-pub(crate) use PluginPre as PluginWorldPre;
+pub(crate) use PluginScript as PluginWorld;
+pub(crate) use PluginScriptPre as PluginWorldPre;

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use wasmtime::component::ResourceTable;
@@ -15,6 +16,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::bindings as wit;
 use super::limits::Limits;
+use super::outbound::{Budget, CallError, Outbound};
 use super::outcome::TrapKind;
 use super::runtime::RuntimeInner;
 use crate::message::OutboundMessage;
@@ -49,6 +51,136 @@ pub(crate) struct State {
     /// Ticks one call gets (its deadline in ticks).
     ticks: u64,
     deadline_limit: std::time::Duration,
+    http_ctx: wasmtime_wasi_http::WasiHttpCtx,
+    /// Outbound HTTP of this plugin and the current delivery's budget.
+    http: HttpHooks,
+    config_vars: wasmtime_wasi_config::WasiConfigVariables,
+}
+
+/// The host side of outbound calls for one store: the plugin's client and
+/// grants, and the wall budget of the delivery in flight.
+struct HttpHooks {
+    outbound: Option<Arc<Outbound>>,
+    wall: std::time::Duration,
+    budget: Option<Budget>,
+    /// Set when a call found the budget spent: the delivery is retried.
+    spent: Arc<AtomicBool>,
+}
+
+impl HttpHooks {
+    /// Make one call; without outbound settings every call is refused.
+    fn call(
+        &self,
+        req: super::outbound::Request,
+    ) -> impl std::future::Future<Output = Result<super::outbound::Response, CallError>> + Send + 'static
+    {
+        let outbound = self.outbound.clone();
+        let budget = self.budget;
+        let spent = self.spent.clone();
+        async move {
+            let Some(outbound) = outbound else {
+                return Err(CallError::Denied(
+                    "denied by rule `no-outbound`: outbound calls are not available here".into(),
+                ));
+            };
+            let mut now_spent = false;
+            let r = outbound.call(req, budget, &mut now_spent).await;
+            if now_spent {
+                spent.store(true, Ordering::Relaxed);
+            }
+            r
+        }
+    }
+}
+
+impl wasmtime_wasi_http::WasiHttpHooks for HttpHooks {
+    fn send_request(
+        &mut self,
+        request: http::Request<wasmtime_wasi_http::WasiBody>,
+        options: Option<wasmtime_wasi_http::RequestOptions>,
+        fut: Box<dyn std::future::Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+    ) -> Box<
+        dyn std::future::Future<
+                Output = Result<
+                    (
+                        http::Response<wasmtime_wasi_http::WasiBody>,
+                        Box<
+                            dyn std::future::Future<Output = Result<(), wasmtime_wasi_http::Error>>
+                                + Send,
+                        >,
+                    ),
+                    wasmtime_wasi_http::Error,
+                >,
+            > + Send,
+    > {
+        use http_body_util::BodyExt;
+        drop(fut);
+        let hooks = HttpHooks {
+            outbound: self.outbound.clone(),
+            wall: self.wall,
+            budget: self.budget,
+            spent: self.spent.clone(),
+        };
+        Box::new(async move {
+            let (parts, body) = request.into_parts();
+            let body = body.collect().await?.to_bytes();
+            let headers = parts
+                .headers
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.as_str().to_string(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
+                .collect();
+            let timeout = options.and_then(|o| o.first_byte_timeout.or(o.connect_timeout));
+            let req = super::outbound::Request {
+                method: parts.method.as_str().to_string(),
+                url: parts.uri.to_string(),
+                headers,
+                body: (!body.is_empty()).then(|| body.to_vec()),
+                timeout,
+            };
+            let resp = hooks.call(req).await.map_err(|e| match e {
+                CallError::Timeout(_) => wasmtime_wasi_http::Error::HttpResponseTimeout,
+                CallError::TooLarge(_) => wasmtime_wasi_http::Error::HttpResponseBodySize(None),
+                CallError::Invalid(_) => wasmtime_wasi_http::Error::HttpRequestUriInvalid,
+                other => wasmtime_wasi_http::Error::InternalError(Some(other.to_string())),
+            })?;
+            let mut builder = http::Response::builder().status(resp.status);
+            for (k, v) in &resp.headers {
+                builder = builder.header(k.as_str(), v.as_str());
+            }
+            let body = http_body_util::Full::new(bytes::Bytes::from(resp.body))
+                .map_err(|never| match never {})
+                .boxed_unsync();
+            let resp = builder
+                .body(body)
+                .map_err(|e| wasmtime_wasi_http::Error::InternalError(Some(e.to_string())))?;
+            let done: Box<
+                dyn std::future::Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send,
+            > = Box::new(async { Ok(()) });
+            Ok((resp, done))
+        })
+    }
+}
+
+impl wasmtime_wasi_http::WasiHttpView for State {
+    fn http(&mut self) -> wasmtime_wasi_http::WasiHttpCtxView<'_> {
+        wasmtime_wasi_http::WasiHttpCtxView {
+            ctx: &mut self.http_ctx,
+            table: &mut self.table,
+            hooks: &mut self.http,
+        }
+    }
+}
+
+impl State {
+    /// `wasi:config/store` over the plugin's config values.
+    pub(crate) fn wasi_config(&mut self) -> wasmtime_wasi_config::WasiConfig<'_> {
+        wasmtime_wasi_config::WasiConfig::from(&self.config_vars)
+    }
 }
 
 impl WasiView for State {
@@ -114,6 +246,7 @@ impl Invocation {
         rt: &RuntimeInner,
         ident: Arc<Ident>,
         config: Arc<BTreeMap<String, String>>,
+        outbound: Option<Arc<Outbound>>,
         limits: &Limits,
     ) -> Self {
         let stderr = MemoryOutputPipe::new(STDERR_CAPACITY);
@@ -136,7 +269,17 @@ impl Invocation {
                 peak: 0,
             },
             ident,
+            config_vars: wasmtime_wasi_config::WasiConfigVariables::from_iter(
+                config.iter().map(|(k, v)| (k.clone(), v.clone())),
+            ),
             config,
+            http_ctx: wasmtime_wasi_http::WasiHttpCtx::new(),
+            http: HttpHooks {
+                outbound,
+                wall: limits.wall_deadline,
+                budget: None,
+                spent: Arc::default(),
+            },
             outputs: Vec::new(),
             output_bytes: 0,
             max_outputs: rt.config.max_outputs,
@@ -171,6 +314,24 @@ impl Invocation {
         state.ticks_left = state.ticks;
         state.outputs.clear();
         state.output_bytes = 0;
+        let now = std::time::Instant::now();
+        state.http.budget = Some(Budget {
+            deadline: now + state.http.wall,
+            total: state.http.wall,
+        });
+        state.http.spent = Arc::default();
+    }
+
+    /// Why this delivery must be retried whatever `handle` returned: an
+    /// outbound call found its wall budget spent.
+    pub(crate) fn budget_spent(&self) -> Option<String> {
+        let http = &self.store.data().http;
+        http.spent.load(Ordering::Relaxed).then(|| {
+            format!(
+                "wall deadline of {} ms for outbound calls exceeded",
+                http.wall.as_millis()
+            )
+        })
     }
 
     /// The largest size one of this store's memories asked for so far.
@@ -332,6 +493,32 @@ impl wit::Host for State {
 
     fn config(&mut self, key: String) -> Option<String> {
         self.config.get(&key).cloned()
+    }
+}
+
+impl wit::HttpHost for State {
+    async fn fetch(&mut self, req: wit::HttpRequest) -> Result<wit::HttpResponse, wit::HttpError> {
+        let req = super::outbound::Request {
+            method: req.method,
+            url: req.url,
+            headers: req.headers,
+            body: req.body,
+            timeout: req
+                .timeout_ms
+                .map(|ms| std::time::Duration::from_millis(ms.into())),
+        };
+        match self.http.call(req).await {
+            Ok(r) => Ok(wit::HttpResponse {
+                status: r.status,
+                headers: r.headers,
+                body: r.body,
+            }),
+            Err(CallError::Denied(t)) => Err(wit::HttpError::Denied(t)),
+            Err(CallError::Timeout(t)) => Err(wit::HttpError::Timeout(t)),
+            Err(CallError::TooLarge(t)) => Err(wit::HttpError::TooLarge(t)),
+            Err(CallError::Invalid(t)) => Err(wit::HttpError::Invalid(t)),
+            Err(CallError::Failed(t)) => Err(wit::HttpError::Failed(t)),
+        }
     }
 }
 

@@ -21,6 +21,11 @@ pub struct Limits {
     pub deadline: Duration,
     /// Most invocations running at once.
     pub max_concurrency: u32,
+    /// Wall-clock budget of all outbound calls of one delivery.
+    #[serde(with = "millis")]
+    pub wall_deadline: Duration,
+    /// Largest response body of one outbound call.
+    pub max_response_bytes: u64,
 }
 
 impl Default for Limits {
@@ -29,6 +34,8 @@ impl Default for Limits {
             memory_bytes: 64 << 20,
             deadline: Duration::from_secs(1),
             max_concurrency: 64,
+            wall_deadline: Duration::from_secs(10),
+            max_response_bytes: 1 << 20,
         }
     }
 }
@@ -41,6 +48,8 @@ pub struct LimitsOverride {
     pub memory_bytes: Option<u64>,
     pub deadline_ms: Option<u32>,
     pub max_concurrency: Option<u32>,
+    pub wall_deadline_ms: Option<u32>,
+    pub max_response_bytes: Option<u64>,
 }
 
 impl Limits {
@@ -68,10 +77,23 @@ impl Limits {
             .or(requested.max_concurrency)
             .unwrap_or(defaults.max_concurrency)
             .clamp(1, caps.max_concurrency.max(1));
+        let wall_deadline = host
+            .wall_deadline_ms
+            .or(requested.wall_deadline_ms)
+            .map(|ms| Duration::from_millis(ms.into()))
+            .unwrap_or(defaults.wall_deadline)
+            .clamp(Duration::from_millis(1), caps.wall_deadline);
+        let max_response_bytes = host
+            .max_response_bytes
+            .or(requested.max_response_bytes)
+            .unwrap_or(defaults.max_response_bytes)
+            .min(caps.max_response_bytes);
         Limits {
             memory_bytes,
             deadline,
             max_concurrency,
+            wall_deadline,
+            max_response_bytes,
         }
     }
 }
@@ -94,6 +116,8 @@ mod tests {
         memory_bytes: 256 << 20,
         deadline: Duration::from_secs(60),
         max_concurrency: 256,
+        wall_deadline: Duration::from_secs(60),
+        max_response_bytes: 16 << 20,
     };
 
     #[test]
@@ -102,6 +126,7 @@ mod tests {
             memory_bytes: Some(8 << 20),
             deadline_ms: Some(200),
             max_concurrency: None,
+            ..Default::default()
         };
         let host = LimitsOverride {
             deadline_ms: Some(50),
@@ -119,6 +144,8 @@ mod tests {
             memory_bytes: Some(u64::MAX),
             deadline_ms: Some(u32::MAX),
             max_concurrency: Some(100_000),
+            wall_deadline_ms: Some(u32::MAX),
+            max_response_bytes: Some(u64::MAX),
         };
         let l = Limits::resolve(Limits::default(), CAPS, req, LimitsOverride::default());
         assert_eq!(l, CAPS);

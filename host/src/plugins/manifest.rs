@@ -18,6 +18,12 @@ pub struct Manifest {
     #[serde(default)]
     pub outputs: Outputs,
     pub limits: RequestedLimits,
+    /// Origins the plugin calls (what it asks; the operator grants).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outbound: Vec<String>,
+    /// Whether it uses `wasi:keyvalue` state.
+    #[serde(default)]
+    pub state: bool,
 }
 
 /// Where a plugin's outputs go: declared by Warren so they exist before
@@ -130,6 +136,10 @@ pub struct RequestedLimits {
     pub deadline_ms: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrency: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wall_deadline_ms: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_response_bytes: Option<u64>,
 }
 
 /// Longest plugin name.
@@ -176,6 +186,11 @@ impl Manifest {
         }
         out.extend(self.outputs.problems());
         out.extend(self.limits.problems());
+        for o in &self.outbound {
+            if let Err(e) = super::outbound::Origin::parse(o) {
+                out.push(e);
+            }
+        }
         out
     }
 }
@@ -288,6 +303,9 @@ impl RequestedLimits {
         if self.max_concurrency == Some(0) {
             out.push("limits.max-concurrency must be at least 1".to_string());
         }
+        if self.wall_deadline_ms == Some(0) {
+            out.push("limits.wall-deadline-ms must be at least 1".to_string());
+        }
         out
     }
 }
@@ -324,7 +342,11 @@ impl From<wit::Manifest> for Manifest {
                 memory_bytes: m.limits.memory_bytes,
                 deadline_ms: m.limits.deadline_ms,
                 max_concurrency: m.limits.max_concurrency,
+                wall_deadline_ms: m.limits.wall_deadline_ms,
+                max_response_bytes: m.limits.max_response_bytes,
             },
+            outbound: m.outbound,
+            state: m.state,
         }
     }
 }
@@ -405,6 +427,8 @@ mod tests {
                 }],
             },
             limits: RequestedLimits::default(),
+            outbound: vec!["https://*.example.com".into()],
+            state: false,
         }
     }
 

@@ -11,6 +11,7 @@
 //! - [`plugin`]: loading and invoking one plugin.
 //! - [`directory`]: the `*.wasm` files of the plugins directory.
 //! - `instance`: one invocation's store and the `host` imports.
+//! - [`outbound`]: outbound HTTP grants and the client every call uses.
 //! - [`manifest`], [`limits`], [`outcome`]: plain data and validation.
 
 mod bindings;
@@ -19,6 +20,7 @@ pub mod footprint;
 mod instance;
 pub mod limits;
 pub mod manifest;
+pub mod outbound;
 pub mod outcome;
 pub mod plugin;
 mod properties;

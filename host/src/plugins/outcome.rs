@@ -95,6 +95,8 @@ impl std::fmt::Display for TrapKind {
 /// line naming the file and the problem.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
+    #[error("{path}: outbound grants: {message}")]
+    Grants { path: PathBuf, message: String },
     #[error("{path}: cannot read file: {source}")]
     Read {
         path: PathBuf,
@@ -160,7 +162,8 @@ impl LoadError {
             | LoadError::ManifestCall { path, .. }
             | LoadError::InvalidManifest { path, .. }
             | LoadError::MemoryFloor { path, .. }
-            | LoadError::TooBig { path, .. } => path,
+            | LoadError::TooBig { path, .. }
+            | LoadError::Grants { path, .. } => path,
         }
     }
 }

@@ -20,6 +20,7 @@ use super::footprint::Footprint;
 use super::instance::{Ident, Invocation};
 use super::limits::{Limits, LimitsOverride};
 use super::manifest::Manifest;
+use super::outbound::{Grants, OperatorGrants, Outbound, OutboundDefaults};
 use super::outcome::{LoadError, Outcome};
 use super::runtime::PluginRuntime;
 use crate::message::MessageProperties;
@@ -46,6 +47,9 @@ pub struct PluginSettings {
     pub config: BTreeMap<String, String>,
     /// Fresh instance per delivery, or reused ones.
     pub instance: InstancePolicy,
+    /// The operator's outbound grants for this plugin (origins and CIDRs),
+    /// on top of the runtime-wide ones.
+    pub allow_outbound: Vec<String>,
 }
 
 /// How deliveries get their instance.
@@ -107,6 +111,8 @@ struct PluginInner {
     /// plugin's concurrency, since each served one delivery in flight).
     warm: std::sync::Mutex<Vec<Warm>>,
     config: Arc<BTreeMap<String, String>>,
+    /// Outbound HTTP: grants, client pool and limits, shared by instances.
+    outbound: Arc<Outbound>,
     permits: Arc<Semaphore>,
     /// Shared by every version of the plugin with this name.
     counters: Arc<PluginCounters>,
@@ -156,6 +162,20 @@ impl PluginInner {
             wasmtime::Result::Ok((instance, result))
         }
         .await;
+        // Past the wall budget the delivery is retried, whatever the guest
+        // made of the failed call (even a panic over it): the cause is the
+        // time, and another attempt may find the service faster.
+        if let Some(reason) = inv.budget_spent() {
+            drop(inv.take_outputs());
+            let instance = result.ok().map(|(i, _)| i);
+            return (
+                Outcome::Retry {
+                    reason,
+                    delay: None,
+                },
+                instance,
+            );
+        }
         match result {
             Ok((instance, Ok(()))) => (
                 Outcome::Ack {
@@ -163,11 +183,19 @@ impl PluginInner {
                 },
                 Some(instance),
             ),
-            // The 0.2.0 contract has no way to ask for a delay.
             Ok((instance, Err(wit::HandleError::Retry(reason)))) => (
                 Outcome::Retry {
                     reason,
                     delay: None,
+                },
+                Some(instance),
+            ),
+            // The plugin's delay (a downstream's Retry-After), honoured by
+            // dispatch's delay tiers.
+            Ok((instance, Err(wit::HandleError::RetryAfter(r)))) => (
+                Outcome::Retry {
+                    reason: r.reason,
+                    delay: Some(std::time::Duration::from_millis(r.delay_ms.into())),
                 },
                 Some(instance),
             ),
@@ -300,9 +328,11 @@ impl PluginRuntime {
             settings.limits,
         );
         check_floor(&path, memory_floor, &limits)?;
+        let outbound = self.outbound(&path, &manifest, settings, &limits)?;
         Ok(Plugin {
             inner: Arc::new(PluginInner {
                 runtime: self.clone(),
+                outbound,
                 pre,
                 handle,
                 path,
@@ -321,6 +351,38 @@ impl PluginRuntime {
                 config: Arc::new(settings.config.clone()),
             }),
         })
+    }
+
+    /// The outbound side of plugin `manifest` under `settings`.
+    fn outbound(
+        &self,
+        path: &Path,
+        manifest: &Manifest,
+        settings: &PluginSettings,
+        limits: &Limits,
+    ) -> Result<Arc<Outbound>, LoadError> {
+        let rc = self.config();
+        let fail = |message: String| LoadError::Grants {
+            path: path.to_path_buf(),
+            message,
+        };
+        let mut entries = rc.allow_outbound.clone();
+        entries.extend(settings.allow_outbound.iter().cloned());
+        let operator = OperatorGrants::parse(&entries).map_err(fail)?;
+        let grants = Grants::resolve(&manifest.outbound, rc.grant_manifest_origins, operator);
+        let defaults = OutboundDefaults {
+            call_timeout: std::time::Duration::from_millis(rc.outbound_timeout_ms.into()),
+            max_in_flight: rc.outbound_max_in_flight,
+            hosts: Arc::new(
+                rc.outbound_hosts
+                    .iter()
+                    .map(|(k, v)| (k.to_ascii_lowercase(), *v))
+                    .collect(),
+            ),
+        };
+        Outbound::new(&manifest.name, grants, limits.max_response_bytes, &defaults)
+            .map(Arc::new)
+            .map_err(fail)
     }
 
     /// Compile `bytes` on a blocking thread (compiling takes long enough to
@@ -356,6 +418,19 @@ impl PluginRuntime {
         path: &Path,
         component: &Component,
     ) -> Result<(PluginWorldPre<super::instance::State>, ComponentExportIndex), LoadError> {
+        let engine = &self.inner().engine;
+        if let Some((name, _)) = component
+            .component_type()
+            .imports(engine)
+            .find(|(name, _)| NOT_PROVIDED.iter().any(|p| name.starts_with(p)))
+        {
+            return Err(LoadError::WrongWorld {
+                path: path.to_path_buf(),
+                message: format!(
+                    "imports `{name}`, which this Warren does not provide (key-value state is not available in this build)"
+                ),
+            });
+        }
         let pre = self
             .inner()
             .linker
@@ -395,7 +470,7 @@ impl PluginRuntime {
         // Under the largest limits any plugin may get: the manifest says
         // what the plugin asks for, and what it takes here is its floor.
         let limits = self.config().caps();
-        let mut inv = Invocation::new(self.inner(), ident, Arc::default(), &limits);
+        let mut inv = Invocation::new(self.inner(), ident, Arc::default(), None, &limits);
         let result = async {
             let world = pre.instantiate_async(&mut inv.store).await?;
             world
@@ -444,9 +519,12 @@ fn check_floor(path: &Path, floor: u64, limits: &Limits) -> Result<(), LoadError
 }
 
 /// The contract version this host runs (`package` in `wit/plugin.wit`).
-pub const CONTRACT_VERSION: &str = "0.2.0";
+pub const CONTRACT_VERSION: &str = "0.3.0";
 /// The exported interface plugins implement.
-const HANDLER: &str = "warren:plugin/handler@0.2.0";
+const HANDLER: &str = "warren:plugin/handler@0.3.0";
+/// Interfaces of the contract this Warren does not provide yet: a plugin
+/// importing one is refused at load, naming it.
+const NOT_PROVIDED: &[&str] = &["wasi:keyvalue/"];
 /// What every version of that interface's name starts with.
 const HANDLER_ANY_VERSION: &str = "warren:plugin/handler@";
 
@@ -507,9 +585,11 @@ impl Plugin {
             settings.limits,
         );
         check_floor(&self.inner.path, self.inner.memory_floor, &limits)?;
+        let outbound = rt.outbound(&self.inner.path, &self.inner.manifest, settings, &limits)?;
         Ok(Plugin {
             inner: Arc::new(PluginInner {
                 runtime: rt.clone(),
+                outbound,
                 pre: self.inner.pre.clone(),
                 handle: self.inner.handle,
                 path: self.inner.path.clone(),
@@ -525,6 +605,12 @@ impl Plugin {
                 counters: self.inner.counters.clone(),
             }),
         })
+    }
+
+    /// What the plugin may call (manifest origins granted, and the
+    /// operator's grants).
+    pub fn grants(&self) -> &Grants {
+        &self.inner.outbound.grants
     }
 
     /// The memory one instance takes before it handles anything.
@@ -573,8 +659,13 @@ impl Plugin {
                         message: "plugin runtime is shutting down".into(),
                     };
                 };
-                let inv =
-                    Invocation::new(rt, inner.ident.clone(), inner.config.clone(), &inner.limits);
+                let inv = Invocation::new(
+                    rt,
+                    inner.ident.clone(),
+                    inner.config.clone(),
+                    Some(inner.outbound.clone()),
+                    &inner.limits,
+                );
                 (inv, None, 0, slot)
             }
         };
@@ -618,6 +709,7 @@ impl Plugin {
             inner.runtime.inner(),
             inner.ident.clone(),
             inner.config.clone(),
+            Some(inner.outbound.clone()),
             &limits,
         );
         let world = inner
@@ -638,8 +730,13 @@ impl Plugin {
         let mut t = [std::time::Duration::ZERO; 4];
         for _ in 0..n {
             let a = std::time::Instant::now();
-            let mut inv =
-                Invocation::new(rt, inner.ident.clone(), inner.config.clone(), &inner.limits);
+            let mut inv = Invocation::new(
+                rt,
+                inner.ident.clone(),
+                inner.config.clone(),
+                Some(inner.outbound.clone()),
+                &inner.limits,
+            );
             let b = std::time::Instant::now();
             let Ok(handle) = inner.instantiate(&mut inv).await else {
                 return [f64::NAN; 4];

@@ -85,6 +85,34 @@ pub struct RuntimeConfig {
     /// Size the compile cache is trimmed to (least recently used first);
     /// 0 turns the cache off.
     pub compile_cache_max_bytes: u64,
+    /// Whether a plugin may call the public origins its manifest lists
+    /// (`outbound`) without an operator grant. Off: only what
+    /// `allow-outbound` grants.
+    pub grant_manifest_origins: bool,
+    /// Origins (`https://api.example.com`, `http://*.svc.local`) and
+    /// address ranges (`10.0.0.0/8`) every plugin may call, on top of its
+    /// own `[plugin.<name>] allow-outbound`. A loopback, private,
+    /// link-local or metadata address is reached only through a grant of
+    /// its host by name here or a range containing it.
+    pub allow_outbound: Vec<String>,
+    /// Static name entries for outbound calls (`"inventory.internal" =
+    /// "10.0.0.7"`), answered instead of DNS; the address is checked like
+    /// any resolved one.
+    pub outbound_hosts: BTreeMap<String, std::net::IpAddr>,
+    /// Timeout of one outbound call that asks for none, ms.
+    pub outbound_timeout_ms: u32,
+    /// Most outbound calls of one plugin in flight at once.
+    pub outbound_max_in_flight: u32,
+    /// Wall-clock budget of all outbound calls of one delivery for plugins
+    /// that ask for none, ms; must stay below
+    /// `dispatch.broker-consumer-timeout-ms`.
+    pub default_wall_deadline_ms: u32,
+    /// Longest wall-clock budget any plugin may be given, ms.
+    pub max_wall_deadline_ms: u32,
+    /// Largest outbound response body for plugins that ask for no limit.
+    pub default_max_response_bytes: u64,
+    /// Largest outbound response body any plugin may be given.
+    pub max_response_bytes: u64,
 }
 
 impl Default for RuntimeConfig {
@@ -104,6 +132,16 @@ impl Default for RuntimeConfig {
             memory_keep_resident: 128 << 10,
             compile_cache_dir: None,
             compile_cache_max_bytes: 1 << 30,
+            grant_manifest_origins: true,
+            allow_outbound: Vec::new(),
+            outbound_hosts: BTreeMap::new(),
+            outbound_timeout_ms: 10_000,
+            outbound_max_in_flight: 64,
+            default_wall_deadline_ms: u32::try_from(d.wall_deadline.as_millis())
+                .unwrap_or(u32::MAX),
+            max_wall_deadline_ms: 60_000,
+            default_max_response_bytes: d.max_response_bytes,
+            max_response_bytes: 64 << 20,
         }
     }
 }
@@ -132,6 +170,28 @@ impl RuntimeConfig {
         }
         if self.epoch_tick_ms == 0 || self.epoch_tick_ms > 1000 {
             out.push("plugins.runtime.epoch-tick-ms must be between 1 and 1000".into());
+        }
+        if self.default_wall_deadline_ms == 0
+            || self.default_wall_deadline_ms > self.max_wall_deadline_ms
+        {
+            out.push(
+                "plugins.runtime.default-wall-deadline-ms must be at least 1 and at most max-wall-deadline-ms"
+                    .into(),
+            );
+        }
+        if self.default_max_response_bytes > self.max_response_bytes {
+            out.push(
+                "plugins.runtime.default-max-response-bytes exceeds max-response-bytes".into(),
+            );
+        }
+        if self.outbound_timeout_ms == 0 || self.outbound_max_in_flight == 0 {
+            out.push(
+                "plugins.runtime.outbound-timeout-ms and outbound-max-in-flight must be at least 1"
+                    .into(),
+            );
+        }
+        if let Err(e) = super::outbound::OperatorGrants::parse(&self.allow_outbound) {
+            out.push(format!("plugins.runtime.allow-outbound: {e}"));
         }
         if let Some(dir) = &self.compile_cache_dir
             && !dir.is_absolute()
@@ -164,6 +224,8 @@ impl RuntimeConfig {
             memory_bytes: self.default_memory_bytes,
             deadline: Duration::from_millis(self.default_deadline_ms.into()),
             max_concurrency: self.default_max_concurrency,
+            wall_deadline: Duration::from_millis(self.default_wall_deadline_ms.into()),
+            max_response_bytes: self.default_max_response_bytes,
         }
     }
 
@@ -173,6 +235,8 @@ impl RuntimeConfig {
             memory_bytes: self.max_memory_bytes,
             deadline: Duration::from_millis(self.max_deadline_ms.into()),
             max_concurrency: self.max_concurrency,
+            wall_deadline: Duration::from_millis(self.max_wall_deadline_ms.into()),
+            max_response_bytes: self.max_response_bytes,
         }
     }
 }
@@ -235,6 +299,10 @@ impl PluginRuntime {
             Engine::new(&engine_cfg).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         let mut linker = Linker::<State>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .map_err(|e| RuntimeError::Link(format!("{e:#}")))?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
+            .map_err(|e| RuntimeError::Link(format!("{e:#}")))?;
+        wasmtime_wasi_config::add_to_linker(&mut linker, State::wasi_config)
             .map_err(|e| RuntimeError::Link(format!("{e:#}")))?;
         PluginWorld::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s)
             .map_err(|e| RuntimeError::Link(format!("{e:#}")))?;

@@ -11,4 +11,4 @@ if [ ! -e "$tools/.warren-ready" ]; then
     "$tools/bin/pip" install --quiet --disable-pip-version-check "componentize-py=={{componentize_py}}"
     touch "$tools/.warren-ready"
 fi
-"$tools/bin/componentize-py" -d wit -w plugin componentize -p src app -o {{name}}.wasm
+"$tools/bin/componentize-py" -d wit -w plugin-script componentize -p src app -o {{name}}.wasm

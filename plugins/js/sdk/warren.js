@@ -1,6 +1,6 @@
 // The Warren plugin SDK for JavaScript (QuickJS, built with
 // componentize-qjs --sync): a thin layer over the bindings of the
-// `warren:plugin@0.2.0` world (`wit/plugin.wit`).
+// `warren:plugin@0.3.0` world (its `plugin-script` variant) (`wit/plugin.wit`).
 //
 // A plugin is an ES module that exports `handler`:
 //
@@ -35,15 +35,89 @@
 // deliveries or any trap): never keep there what one message must not see
 // of another.
 
-import host from "warren:plugin/host@0.2.0";
+import host from "warren:plugin/host@0.3.0";
+import http from "warren:plugin/http@0.3.0";
 
-/** A transient failure: deliver the message again after a delay. */
+/**
+ * A transient failure: deliver the message again after a delay; `delayMs`
+ * asks for at least that delay (a downstream's `Retry-After`).
+ */
 export class Retry extends Error {
-  constructor(reason) {
+  constructor(reason, delayMs = null) {
     super(reason);
     this.name = "Retry";
+    this.delayMs = delayMs;
   }
 }
+
+/**
+ * An outbound call that produced no response: `kind` is `denied` (the
+ * message names the rule), `timeout`, `too-large`, `invalid` or `failed`.
+ * Uncaught, a timeout or failure retries the delivery, the others reject it.
+ */
+export class HttpError extends Error {
+  constructor(kind, text) {
+    super(`outbound call ${kind}: ${text}`);
+    this.name = "HttpError";
+    this.kind = kind;
+  }
+}
+
+/** A whole response, whatever its status (redirects are returned). */
+export class Response {
+  constructor(r) {
+    this.status = r.status;
+    this.headers = Object.fromEntries(r.headers);
+    this.body = r.body;
+  }
+  header(name) {
+    return this.headers[name.toLowerCase()] ?? null;
+  }
+  get ok() {
+    return this.status >= 200 && this.status < 300;
+  }
+  text() {
+    return text(this.body);
+  }
+  json() {
+    return JSON.parse(text(this.body));
+  }
+  /** Throw `Retry` after the `Retry-After` for 429 and 503. */
+  retryIfBusy() {
+    if (this.status === 429 || this.status === 503) {
+      const secs = parseInt(this.header("retry-after"), 10);
+      throw new Retry(`downstream answered ${this.status}`, Number.isFinite(secs) ? secs * 1000 : 1000);
+    }
+    return this;
+  }
+}
+
+/**
+ * Call `url` under the plugin's grants: `{ method, headers, body, json,
+ * timeoutMs }`; returns a `Response`.
+ */
+export function fetch(url, opts = {}) {
+  const headers = Object.entries(opts.headers ?? {});
+  let body = opts.body ?? null;
+  if (opts.json !== undefined) {
+    body = JSON.stringify(opts.json);
+    headers.push(["content-type", "application/json"]);
+  }
+  if (typeof body === "string") body = utf8(body);
+  try {
+    return new Response(
+      http.fetch({ method: opts.method ?? "GET", url, headers, body, timeoutMs: opts.timeoutMs ?? null }),
+    );
+  } catch (e) {
+    // The error variant, thrown as is or as an Error's `payload`.
+    const v = e && typeof e.tag === "string" ? e : e?.payload;
+    if (v && typeof v.tag === "string") throw new HttpError(v.tag, v.val);
+    throw e;
+  }
+}
+
+export const get = (url, opts = {}) => fetch(url, { ...opts, method: "GET" });
+export const post = (url, opts = {}) => fetch(url, { ...opts, method: "POST" });
 
 /** A permanent failure: dead-letter the message now. */
 export class Reject extends Error {
@@ -100,7 +174,27 @@ export class Manifest {
     this.version = version;
     this.subscriptions = [];
     this.outputs = { exchanges: [], queues: [] };
-    this.limits = { memoryBytes: null, deadlineMs: null, maxConcurrency: null };
+    this.limits = {
+      memoryBytes: null,
+      deadlineMs: null,
+      maxConcurrency: null,
+      wallDeadlineMs: null,
+      maxResponseBytes: null,
+    };
+    this.outbound = [];
+    this.state = false;
+  }
+
+  /** Ask to call `origin` (`https://*.example.com` for subdomains); the operator grants. */
+  allowOutbound(origin) {
+    this.outbound.push(origin);
+    return this;
+  }
+
+  /** Wall-clock budget of all outbound calls of one delivery. */
+  wallDeadlineMs(ms) {
+    this.limits.wallDeadlineMs = ms;
+    return this;
   }
 
   subscribe(s) {
@@ -283,7 +377,11 @@ export function exportPlugin(plugin) {
       try {
         plugin.handle(delivery);
       } catch (e) {
+        if (e instanceof Retry && e.delayMs != null)
+          throw { tag: "retry-after", val: { reason: e.message || "Retry", delayMs: e.delayMs } };
         if (e instanceof Retry) throw { tag: "retry", val: e.message || "Retry" };
+        if (e instanceof HttpError)
+          throw { tag: e.kind === "timeout" || e.kind === "failed" ? "retry" : "reject", val: e.message };
         if (e instanceof Reject) throw { tag: "reject", val: e.message || "Reject" };
         trap(e);
       }

@@ -1,5 +1,5 @@
 //! The Warren plugin SDK: a thin layer over `wit-bindgen` for the
-//! `warren:plugin@0.2.0` world (`wit/plugin.wit`).
+//! `warren:plugin@0.3.0` world (`wit/plugin.wit`).
 //!
 //! A plugin is a `cdylib` crate built for `wasm32-wasip2` with one `impl`
 //! and one macro call:
@@ -53,6 +53,11 @@ pub mod bindings {
         runtime_path: "::warren_sdk::__wit_bindgen::rt",
         // Compare deliveries, properties and headers in plugins and tests.
         additional_derives: [PartialEq],
+        // It holds a resource, which has no equality.
+        additional_derives_ignore: ["stream-error"],
+        // The standard WASI interfaces of the world (`wasi:http`,
+        // `wasi:config`, `wasi:keyvalue`) get bindings of their own.
+        generate_all,
     });
 }
 
@@ -61,10 +66,12 @@ pub use wit_bindgen as __wit_bindgen;
 
 pub use bindings::exports::warren::plugin::handler::Guest as Plugin;
 pub use bindings::warren::plugin::types::{
-    Binding, Decimal, Delivery, DeliveryMode, ExchangeKind, HandleError, Header, HeaderValue,
-    Limits, LogLevel, Manifest, Message, OutputExchange, OutputQueue, Outputs, Properties,
-    PublishError, QueueKind, Subscription,
+    Binding, Decimal, DelayedRetry, Delivery, DeliveryMode, ExchangeKind, HandleError, Header,
+    HeaderValue, Limits, LogLevel, Manifest, Message, OutputExchange, OutputQueue, Outputs,
+    Properties, PublishError, QueueKind, Subscription,
 };
+
+pub mod http;
 
 /// Export `$t` (a type implementing [`Plugin`]) as the component's handler.
 #[macro_export]
@@ -82,6 +89,14 @@ pub fn publish(msg: Message) -> Result<(), PublishError> {
 /// A per-plugin setting from the host's `warren.toml`.
 pub fn config(key: &str) -> Option<String> {
     bindings::warren::plugin::host::config(key)
+}
+
+/// A per-plugin setting or secret through the standard
+/// `wasi:config/store` (the same values as [`config`]; a value the
+/// operator gives as `{ file = ".." }` or `{ env = ".." }` arrives here
+/// like any other). `Err` when the store could not be read.
+pub fn secret(key: &str) -> Result<Option<String>, String> {
+    bindings::wasi::config::store::get(key).map_err(|e| format!("{e:?}"))
 }
 
 /// Log through the host; lines carry the plugin's name and version.
@@ -119,7 +134,11 @@ impl Manifest {
                 memory_bytes: None,
                 deadline_ms: None,
                 max_concurrency: None,
+                wall_deadline_ms: None,
+                max_response_bytes: None,
             },
+            outbound: Vec::new(),
+            state: false,
         }
     }
 
@@ -169,6 +188,21 @@ impl Manifest {
     /// Ask for a memory limit.
     pub fn memory_bytes(mut self, bytes: u64) -> Self {
         self.limits.memory_bytes = Some(bytes);
+        self
+    }
+
+    /// Ask to call `origin` (`https://api.example.com`,
+    /// `http://inventory:8080`, `https://*.example.com` for subdomains).
+    /// The operator's config decides what is granted.
+    pub fn outbound(mut self, origin: &str) -> Self {
+        self.outbound.push(origin.to_string());
+        self
+    }
+
+    /// Ask for a wall-clock budget of `ms` for all outbound calls of one
+    /// delivery; past it the delivery is retried.
+    pub fn wall_deadline_ms(mut self, ms: u32) -> Self {
+        self.limits.wall_deadline_ms = Some(ms);
         self
     }
 
@@ -498,6 +532,14 @@ impl HandleError {
     /// Deliver again later, with `reason`.
     pub fn retry(reason: impl std::fmt::Display) -> Self {
         HandleError::Retry(reason.to_string())
+    }
+
+    /// Retry after at least `delay_ms` (a downstream's `Retry-After`).
+    pub fn retry_after(reason: impl std::fmt::Display, delay_ms: u32) -> Self {
+        HandleError::RetryAfter(DelayedRetry {
+            reason: reason.to_string(),
+            delay_ms,
+        })
     }
 }
 

@@ -1,5 +1,5 @@
 """The Warren plugin SDK for Python: a thin layer over the componentize-py
-bindings of the ``warren:plugin@0.2.0`` world (``wit/plugin.wit``).
+bindings of the ``warren:plugin@0.3.0`` world (its ``plugin-script`` variant) (``wit/plugin.wit``).
 
 A plugin is a module (``app.py``) that subclasses :class:`Plugin` and binds
 the class componentize-py exports as ``Handler``::
@@ -45,7 +45,9 @@ import traceback
 
 from componentize_py_types import Err
 from wit_world import exports
-from wit_world.imports import host, types
+import json as _json
+
+from wit_world.imports import host, http as _http, types
 from wit_world.imports.types import (  # noqa: F401  (re-exported for plugins)
     Binding,
     Delivery,
@@ -88,7 +90,12 @@ __all__ = [
 
 class Retry(Exception):
     """A transient failure: deliver the message again after a delay, until
-    the subscription's attempt limit, then dead-letter it."""
+    the subscription's attempt limit, then dead-letter it. ``delay_ms``
+    asks for at least that delay (a downstream's ``Retry-After``)."""
+
+    def __init__(self, reason: str = "", delay_ms: int | None = None):
+        super().__init__(reason)
+        self.delay_ms = delay_ms
 
 
 class Reject(Exception):
@@ -162,8 +169,24 @@ class Manifest:
         self._exchanges = []
         self._queues = []
         self._limits = types.Limits(
-            memory_bytes=None, deadline_ms=None, max_concurrency=None
+            memory_bytes=None,
+            deadline_ms=None,
+            max_concurrency=None,
+            wall_deadline_ms=None,
+            max_response_bytes=None,
         )
+        self._outbound = []
+
+    def outbound(self, origin: str) -> "Manifest":
+        """Ask to call ``origin`` (``https://api.example.com``,
+        ``https://*.example.com`` for subdomains); the operator grants."""
+        self._outbound.append(origin)
+        return self
+
+    def wall_deadline_ms(self, ms: int) -> "Manifest":
+        """Wall-clock budget of all outbound calls of one delivery."""
+        self._limits.wall_deadline_ms = ms
+        return self
 
     def subscribe(self, s: Subscription) -> "Manifest":
         self._subscriptions.append(s._s)
@@ -208,6 +231,8 @@ class Manifest:
                 exchanges=list(self._exchanges), queues=list(self._queues)
             ),
             limits=self._limits,
+            outbound=list(self._outbound),
+            state=False,
         )
 
 
@@ -288,6 +313,84 @@ def config(key: str):
     return host.config(key)
 
 
+class HttpError(Exception):
+    """An outbound call that produced no response: ``kind`` is ``denied``
+    (the message names the rule), ``timeout``, ``too-large``, ``invalid``
+    or ``failed``. Unhandled, a timeout or failure retries the delivery and
+    the others reject it."""
+
+    def __init__(self, kind: str, text: str):
+        super().__init__(f"outbound call {kind}: {text}")
+        self.kind = kind
+
+
+class Response:
+    """A whole response, whatever its status (redirects are returned)."""
+
+    def __init__(self, r):
+        self.status = r.status
+        self.headers = dict(r.headers)
+        self.body = bytes(r.body)
+
+    def header(self, name: str):
+        return self.headers.get(name.lower())
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300
+
+    def text(self) -> str:
+        return self.body.decode("utf-8", "replace")
+
+    def json(self):
+        return _json.loads(self.body)
+
+    def retry_if_busy(self) -> "Response":
+        """Raise :class:`Retry` after the ``Retry-After`` for 429 and 503."""
+        if self.status in (429, 503):
+            try:
+                delay = int(self.header("retry-after")) * 1000
+            except (TypeError, ValueError):
+                delay = 1000
+            raise Retry(f"downstream answered {self.status}", delay_ms=delay)
+        return self
+
+
+_HTTP_ERRORS = {
+    "HttpError_Denied": "denied",
+    "HttpError_Timeout": "timeout",
+    "HttpError_TooLarge": "too-large",
+    "HttpError_Invalid": "invalid",
+    "HttpError_Failed": "failed",
+}
+
+
+def fetch(method: str, url: str, headers=None, body=None, json=None, timeout_ms=None):
+    """Call ``url`` under the plugin's grants and return a :class:`Response`."""
+    headers = list((headers or {}).items())
+    if json is not None:
+        body = _json.dumps(json).encode()
+        headers.append(("content-type", "application/json"))
+    if isinstance(body, str):
+        body = body.encode()
+    req = _http.HttpRequest(
+        method=method, url=url, headers=headers, body=body, timeout_ms=timeout_ms
+    )
+    try:
+        return Response(_http.fetch(req))
+    except Err as e:
+        kind = _HTTP_ERRORS.get(type(e.value).__name__, "failed")
+        raise HttpError(kind, e.value.value) from None
+
+
+def get(url: str, **kw) -> Response:
+    return fetch("GET", url, **kw)
+
+
+def post(url: str, **kw) -> Response:
+    return fetch("POST", url, **kw)
+
+
 class _Log:
     """Log through the host; lines carry the plugin's name and version."""
 
@@ -347,7 +450,17 @@ def export(plugin_class):
             try:
                 plugin.handle(delivery)
             except Retry as e:
+                if e.delay_ms is not None:
+                    raise Err(
+                        types.HandleError_RetryAfter(
+                            types.DelayedRetry(reason=_reason(e), delay_ms=e.delay_ms)
+                        )
+                    ) from None
                 raise Err(types.HandleError_Retry(_reason(e))) from None
+            except HttpError as e:
+                if e.kind in ("timeout", "failed"):
+                    raise Err(types.HandleError_Retry(str(e))) from None
+                raise Err(types.HandleError_Reject(str(e))) from None
             except Reject as e:
                 raise Err(types.HandleError_Reject(_reason(e))) from None
             except BaseException as e:

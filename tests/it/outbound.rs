@@ -1,0 +1,334 @@
+//! Outbound HTTP from plugins, through the runtime: what is granted goes
+//! out and its answer reaches the plugin; what is not is refused inside
+//! the guest with the rule named; the wall budget turns a slow service
+//! into a retry. An in-test HTTP server on 127.0.0.1 plays the services;
+//! static host entries (`plugins.runtime.outbound-hosts`) give the names
+//! the plugin calls the addresses each case needs.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use warren::plugins::{Outcome, Plugin, PluginRuntime, PluginSettings, RuntimeConfig};
+use warren_it::plugins::{Lang, polyglot_wasm, wasm};
+
+use crate::plugins::delivery;
+
+/// How long the slow route waits before answering.
+const SLOW: Duration = Duration::from_secs(20);
+
+/// A server answering by path: `/ok` 200 `pong`, `/redirect` 302 to a
+/// loopback name, `/slow` after [`SLOW`], `/busy` 429 with
+/// `Retry-After: 2`, `/echo-host` 200 with the Host header it got.
+async fn server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match sock.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&buf).into_owned();
+                let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
+                let (status, extra, body) = match path.as_str() {
+                    "/ok" => ("200 OK", String::new(), "pong".to_string()),
+                    "/redirect" => (
+                        "302 Found",
+                        "location: http://loop.test:8080/secret\r\n".to_string(),
+                        String::new(),
+                    ),
+                    "/slow" => {
+                        tokio::time::sleep(SLOW).await;
+                        ("200 OK", String::new(), "late".to_string())
+                    }
+                    "/busy" => (
+                        "429 Too Many Requests",
+                        "retry-after: 2\r\n".to_string(),
+                        String::new(),
+                    ),
+                    _ => ("404 Not Found", String::new(), String::new()),
+                };
+                let resp = format!(
+                    "HTTP/1.1 {status}\r\n{extra}content-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = sock.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+/// A runtime whose names `api.test` (the server), `loop.test` and
+/// `meta.test` resolve to 127.0.0.1, 127.0.0.1 and 169.254.169.254.
+fn runtime() -> PluginRuntime {
+    let mut hosts = BTreeMap::new();
+    hosts.insert("api.test".to_string(), "127.0.0.1".parse().unwrap());
+    hosts.insert("loop.test".to_string(), "127.0.0.1".parse().unwrap());
+    hosts.insert("meta.test".to_string(), "169.254.169.254".parse().unwrap());
+    PluginRuntime::new(RuntimeConfig {
+        outbound_hosts: hosts,
+        ..RuntimeConfig::default()
+    })
+    .unwrap()
+}
+
+/// The `caller` plugin of `lang` (for Python and JavaScript, their
+/// `fixture` in mode `caller`) with the operator's grant of the server's
+/// origin by name (it is on a loopback address, so only such a grant lets
+/// it through).
+async fn caller(rt: &PluginRuntime, lang: Option<Lang>, port: u16, wall_ms: Option<u32>) -> Plugin {
+    let mut s = PluginSettings {
+        allow_outbound: vec![format!("http://api.test:{port}")],
+        ..PluginSettings::default()
+    };
+    s.limits.wall_deadline_ms = wall_ms;
+    let path = match lang {
+        None => wasm("caller").unwrap(),
+        Some(l) => {
+            s.config.insert("mode".into(), "caller".into());
+            polyglot_wasm(l, "fixture").unwrap()
+        }
+    };
+    rt.load_file(&path, &s)
+        .await
+        .unwrap_or_else(|e| panic!("loading caller: {e}"))
+}
+
+/// Generate `NAME::rust`, `NAME::python` and `NAME::js`, running the async
+/// fn `NAME(lang)` with the plugin of each language.
+macro_rules! for_every_language {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn rust() {
+                super::$name(None).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn python() {
+                super::$name(Some(warren_it::plugins::Lang::Python)).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn js() {
+                super::$name(Some(warren_it::plugins::Lang::Js)).await
+            }
+        }
+    };
+}
+
+fn reject_reason(o: &Outcome) -> &str {
+    match o {
+        Outcome::Reject { reason } => reason,
+        other => panic!("expected a reject, got {other:?}"),
+    }
+}
+
+for_every_language!(granted_calls_succeed_and_the_rest_are_refused_naming_the_rule);
+async fn granted_calls_succeed_and_the_rest_are_refused_naming_the_rule(lang: Option<Lang>) {
+    let addr = server().await;
+    let rt = runtime();
+    let p = caller(&rt, lang, addr.port(), None).await;
+    let manifest_origins = &p.manifest().outbound;
+    assert_eq!(
+        manifest_origins,
+        &["http://loop.test:8080", "http://meta.test:8080"]
+    );
+
+    // Allowed: the answer is published.
+    let out = p
+        .invoke(&delivery(&format!("http://api.test:{}/ok", addr.port())))
+        .await;
+    let Outcome::Ack { outputs } = out else {
+        panic!("expected ack, got {out:?}");
+    };
+    assert_eq!(outputs.len(), 1);
+    assert_eq!(&outputs[0].body[..], b"pong");
+    assert_eq!(
+        outputs[0]
+            .header("x-status")
+            .and_then(warren::message::HeaderValue::as_str),
+        Some("200")
+    );
+
+    // A host nobody granted.
+    let o = p
+        .invoke(&delivery(&format!("http://other.test:{}/ok", addr.port())))
+        .await;
+    assert!(reject_reason(&o).contains("origin-not-granted"), "{o:?}");
+    // The same server by address: its origin is not granted either.
+    let o = p
+        .invoke(&delivery(&format!("http://127.0.0.1:{}/ok", addr.port())))
+        .await;
+    assert!(reject_reason(&o).contains("origin-not-granted"), "{o:?}");
+
+    // Granted by the manifest, but resolving to loopback and metadata
+    // addresses, which only an operator grant opens.
+    let o = p.invoke(&delivery("http://loop.test:8080/")).await;
+    let r = reject_reason(&o);
+    assert!(
+        r.contains("non-public-address") && r.contains("127.0.0.1"),
+        "{r}"
+    );
+    let o = p.invoke(&delivery("http://meta.test:8080/")).await;
+    let r = reject_reason(&o);
+    assert!(
+        r.contains("non-public-address") && r.contains("169.254.169.254") && r.contains("metadata"),
+        "{r}"
+    );
+
+    // A redirect to a private address: the host does not follow it; the
+    // guest does, and that call is refused.
+    let o = p
+        .invoke(&delivery(&format!(
+            "http://api.test:{}/redirect",
+            addr.port()
+        )))
+        .await;
+    let r = reject_reason(&o);
+    assert!(
+        r.contains("non-public-address") && r.contains("loop.test"),
+        "{r}"
+    );
+}
+
+for_every_language!(a_slow_service_retries_the_delivery_at_the_wall_deadline);
+async fn a_slow_service_retries_the_delivery_at_the_wall_deadline(lang: Option<Lang>) {
+    let addr = server().await;
+    let rt = runtime();
+    let p = caller(&rt, lang, addr.port(), Some(500)).await;
+    let started = Instant::now();
+    let o = p
+        .invoke(&delivery(&format!("http://api.test:{}/slow", addr.port())))
+        .await;
+    let took = started.elapsed();
+    match &o {
+        Outcome::Retry { reason, .. } => {
+            assert!(reason.contains("wall deadline of 500 ms"), "{reason}")
+        }
+        other => panic!("expected a retry, got {other:?}"),
+    }
+    assert!(took < SLOW, "the call waited for the server ({took:?})");
+}
+
+for_every_language!(a_429_retries_after_its_retry_after);
+async fn a_429_retries_after_its_retry_after(lang: Option<Lang>) {
+    let addr = server().await;
+    let rt = runtime();
+    let p = caller(&rt, lang, addr.port(), None).await;
+    let o = p
+        .invoke(&delivery(&format!("http://api.test:{}/busy", addr.port())))
+        .await;
+    match &o {
+        Outcome::Retry { reason, delay } => {
+            assert!(reason.contains("429"), "{reason}");
+            assert_eq!(*delay, Some(Duration::from_secs(2)), "{reason}");
+        }
+        other => panic!("expected a retry, got {other:?}"),
+    }
+}
+
+/// The standard `wasi:http/outgoing-handler` goes through the same client
+/// and grants as the SDK's helper.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wasi_http_calls_meet_the_same_grants() {
+    let addr = server().await;
+    let rt = runtime();
+    let mut s = PluginSettings {
+        allow_outbound: vec![format!("http://api.test:{}", addr.port())],
+        ..PluginSettings::default()
+    };
+    s.config.insert("via".into(), "wasi-http".into());
+    let p = rt.load_file(&wasm("caller").unwrap(), &s).await.unwrap();
+    let out = p
+        .invoke(&delivery(&format!("http://api.test:{}/ok", addr.port())))
+        .await;
+    let Outcome::Ack { outputs } = out else {
+        panic!("expected ack, got {out:?}");
+    };
+    assert_eq!(&outputs[0].body[..], b"pong");
+    // The host returns the redirect instead of following it.
+    let out = p
+        .invoke(&delivery(&format!(
+            "http://api.test:{}/redirect",
+            addr.port()
+        )))
+        .await;
+    let Outcome::Ack { outputs } = out else {
+        panic!("expected ack, got {out:?}");
+    };
+    assert_eq!(
+        outputs[0]
+            .header("x-status")
+            .and_then(warren::message::HeaderValue::as_str),
+        Some("302")
+    );
+    let o = p.invoke(&delivery("http://meta.test:8080/")).await;
+    let r = reject_reason(&o);
+    assert!(
+        r.contains("non-public-address") && r.contains("169.254.169.254"),
+        "{r}"
+    );
+    let o = p
+        .invoke(&delivery(&format!("http://other.test:{}/ok", addr.port())))
+        .await;
+    assert!(reject_reason(&o).contains("origin-not-granted"), "{o:?}");
+}
+
+/// Key-value state is part of the contract but not provided by this
+/// Warren yet: a plugin importing it is refused at load, naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_importing_keyvalue_is_refused_naming_the_interface() {
+    let rt = runtime();
+    let e = rt
+        .load_file(&wasm("kv-user").unwrap(), &PluginSettings::default())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("wasi:keyvalue/store"), "{e}");
+}
+
+/// A secret given as `{ file = .. }` reaches the plugin through
+/// `wasi:config/store`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_from_a_file_reaches_the_plugin_through_wasi_config() {
+    let addr = server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("token");
+    std::fs::write(&file, "s3cr3t-from-file\n").unwrap();
+    let overrides: warren::config::PluginOverride = toml::from_str(&format!(
+        "config = {{ token = {{ file = {:?} }} }}\nallow-outbound = [\"http://api.test:{}\"]\n",
+        file.display(),
+        addr.port()
+    ))
+    .unwrap();
+    let s = PluginSettings {
+        config: overrides.config_strings(),
+        allow_outbound: overrides.allow_outbound.clone(),
+        ..PluginSettings::default()
+    };
+    let rt = runtime();
+    let p = rt.load_file(&wasm("caller").unwrap(), &s).await.unwrap();
+    let out = p
+        .invoke(&delivery(&format!("http://api.test:{}/ok", addr.port())))
+        .await;
+    let Outcome::Ack { outputs } = out else {
+        panic!("expected ack, got {out:?}");
+    };
+    assert_eq!(
+        outputs[0]
+            .header("x-token-length")
+            .and_then(warren::message::HeaderValue::as_str),
+        Some("16")
+    );
+}
