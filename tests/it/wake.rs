@@ -63,6 +63,7 @@ async fn a_new_session_ends_the_drain_pause(target: Shared) {
         .unwrap();
         let marker = format!("new-{run}");
         broker.publish_all("", &input, [&marker]).await.unwrap();
+        let accepted = proxy.accepted();
         proxy.set_mode(Mode::Pass);
         let back = Instant::now();
         // When the new session runs: the reconnect's share of the figure.
@@ -77,16 +78,20 @@ async fn a_new_session_ends_the_drain_pause(target: Shared) {
                 back.elapsed()
             })
         };
-        let got = broker
-            .collect_until_complete(
-                &output,
-                &[marker.clone().into_bytes()].into_iter().collect(),
-                Duration::from_secs(60),
-            )
-            .await
-            .unwrap();
+        let want = [marker.clone().into_bytes()].into_iter().collect();
+        let (connect_at, got) = tokio::join!(
+            async {
+                // The first connect the proxy takes once it listens again.
+                while proxy.accepted() == accepted {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                back.elapsed()
+            },
+            broker.collect_until_complete(&output, &want, Duration::from_secs(60))
+        );
+        let got = got.unwrap();
         assert!(got.1.is_empty(), "run {run}: the new output never came");
-        figures.push((back.elapsed(), session.await.unwrap()));
+        figures.push((back.elapsed(), session.await.unwrap(), connect_at));
         wait::until_true("spool drained", Duration::from_secs(30), || {
             let h = handle.clone();
             async move { h.spool.status().await.depth == 0 }
@@ -100,18 +105,22 @@ async fn a_new_session_ends_the_drain_pause(target: Shared) {
             .unwrap();
         assert!(spooled.iter().all(|g| g.body.starts_with(b"spooled-")));
     }
-    let ms: Vec<(u128, u128)> = figures
+    let ms: Vec<(u128, u128, u128)> = figures
         .iter()
-        .map(|(o, s)| (o.as_millis(), s.as_millis()))
+        .map(|(o, s, c)| (o.as_millis(), s.as_millis(), c.as_millis()))
         .collect();
     println!(
-        "{:?}: broker back → (first new output, session running), ms, {RUNS} runs: {ms:?}",
+        "{:?}: broker back → (first new output, session running, first connect), ms, {RUNS} runs: {ms:?}",
         target.version
     );
-    // The reconnect (refused-retry 250 ms), the drain and a confirm: well
-    // under the drainer's backoff cap (10 s) in every run. The issue's
+    // Well under the drainer's backoff cap (10 s) in every run. From the
+    // first connect on, running and the first output take tens of ms;
+    // what varies is the first connect: runs follow each other within the
+    // supervisor's 30 s "healthy session" reset, so its reconnect backoff
+    // stays grown (full jitter up to `backoff-max-ms`, 2 s) and the first
+    // sleep after a lost session can outlast the outage. The issue's
     // target is 1 s; this bound is generous for a loaded machine.
-    for (run, (d, _)) in figures.iter().enumerate() {
+    for (run, (d, _, _)) in figures.iter().enumerate() {
         assert!(*d < Duration::from_secs(3), "run {run}: {d:?}");
     }
     app.shutdown().await;

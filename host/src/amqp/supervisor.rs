@@ -1214,6 +1214,19 @@ impl AmqpHandle {
 
 #[cfg(test)]
 mod tests {
+    #[tokio::test]
+    async fn a_connect_nothing_listens_for_is_refused() {
+        // Port 1 on loopback: nothing listens there.
+        let uri: lapin::uri::AMQPUri = "amqp://guest:guest@127.0.0.1:1/%2f".parse().unwrap();
+        let err = match lapin::Connection::connect_uri(uri, lapin::ConnectionProperties::default())
+            .await
+        {
+            Ok(_) => panic!("something listens on port 1"),
+            Err(e) => e,
+        };
+        assert!(super::is_refused(&err), "{err:?}");
+    }
+
     use super::*;
 
     #[test]

@@ -16,6 +16,15 @@
 //! smallest tier at least as long (the longest tier past that), so it is
 //! honoured within one tier, never early. Quorum queues are replicated, so
 //! a dead node never stops retries.
+//!
+//! At-least-once dead-lettering keeps a retry whose queue no longer exists
+//! in its tier and tries it again later (RabbitMQ's dead-letter worker
+//! buffers what routes nowhere): a consumed queue Warren re-creates gets
+//! them back, but retries of a queue deleted for good stay, and since the
+//! worker takes at most `dead_letter_worker_consumer_prefetch` messages at
+//! once, enough of them would hold the tier's later expiries. Delete such
+//! a queue's retries (or the tier, which Warren declares again) when
+//! retiring a route.
 
 use std::time::Duration;
 
