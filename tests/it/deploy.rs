@@ -4,6 +4,7 @@
 
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 use warren_it::plugins::repo_root;
 
@@ -233,4 +234,195 @@ fn kubernetes_recipe_grace_period_and_scaling_fit_warren() {
     ] {
         assert!(scaled.contains(gauge), "the ScaledObject scales on {gauge}");
     }
+}
+
+/// A process killed (and reaped) when dropped, so a failed assertion does
+/// not leave it running.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The blob `digest` (`sha256:...`) of an unpacked OCI layout.
+fn blob(layout: &Path, digest: &str) -> std::path::PathBuf {
+    let (algo, hex) = digest.split_once(':').unwrap();
+    layout.join("blobs").join(algo).join(hex)
+}
+
+fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{cmd:?}:\n{text}");
+    text
+}
+
+/// `deploy/image/build` as README runs it; its layers unpacked into a
+/// directory and run there under `chroot` as the image's user, with the
+/// image's entry point and environment: `--version`, then `run` with a
+/// plugin against the local broker and Redis until `/ready` answers 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_image_builds_and_its_layers_run_warren_under_chroot() {
+    // Without the variables `cargo test` adds for test binaries: with
+    // them the nested release build is not the one .ci/run made and cargo
+    // builds it again.
+    let mut build = Command::new("deploy/image/build");
+    build.current_dir(repo_root());
+    for (k, _) in std::env::vars() {
+        let keep = ["CARGO_TARGET_DIR", "CARGO_HOME", "CARGO_TERM_COLOR"];
+        if (k.starts_with("CARGO") && !keep.contains(&k.as_str())) || k == "LD_LIBRARY_PATH" {
+            build.env_remove(k);
+        }
+    }
+    let out = build.output().unwrap();
+    let built = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(
+        out.status.success(),
+        "{built}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let archive = std::path::PathBuf::from(&built);
+    assert!(archive.is_file(), "{built}");
+
+    // The OCI archive: index → manifest → config and layers.
+    let layout = tempfile::tempdir().unwrap();
+    run_ok(
+        Command::new("tar")
+            .arg("-xf")
+            .arg(&archive)
+            .arg("-C")
+            .arg(layout.path()),
+    );
+    let index = json(&layout.path().join("index.json"));
+    let manifest = json(&blob(
+        layout.path(),
+        index["manifests"][0]["digest"].as_str().unwrap(),
+    ));
+    let config = json(&blob(
+        layout.path(),
+        manifest["config"]["digest"].as_str().unwrap(),
+    ));
+    let image = &config["config"];
+    let rootfs = tempfile::tempdir().unwrap();
+    for layer in manifest["layers"].as_array().unwrap() {
+        run_ok(
+            Command::new("tar")
+                .arg("-xf")
+                .arg(blob(layout.path(), layer["digest"].as_str().unwrap()))
+                .arg("-C")
+                .arg(rootfs.path()),
+        );
+    }
+    let user = image["User"].as_str().unwrap().to_owned();
+    assert_eq!(user, "65532:65532", "a non-root user");
+    let entrypoint: Vec<String> = image["Entrypoint"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect();
+    let cmd: Vec<String> = image["Cmd"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(cmd, ["run"], "warren run is the default command");
+    let env: Vec<(String, String)> = image["Env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            let (k, v) = v.as_str().unwrap().split_once('=').unwrap();
+            (k.to_owned(), v.to_owned())
+        })
+        .collect();
+    // The image as a runtime would start it: its user, its environment
+    // only, its entry point.
+    let in_image = |args: &[String]| {
+        let mut c = Command::new("chroot");
+        c.arg(format!("--userspec={user}"))
+            .arg(rootfs.path())
+            .args(&entrypoint)
+            .args(args)
+            .env_clear()
+            .envs(env.iter().cloned());
+        c
+    };
+
+    let version = run_ok(&mut in_image(&["--version".to_owned()]));
+    assert!(version.contains(env!("CARGO_PKG_VERSION")), "{version}");
+
+    // The plugins volume: a plugin placed where the image looks.
+    let plugins = rootfs.path().join("var/lib/warren/plugins");
+    std::fs::copy(
+        warren_it::plugins::wasm("noop").unwrap(),
+        plugins.join("noop.wasm"),
+    )
+    .unwrap();
+    run_ok(
+        Command::new("chown")
+            .arg("-R")
+            .arg("65532:65532")
+            .arg(&plugins),
+    );
+    let port = warren_it::ports::free_port().unwrap();
+    let queue = warren_it::broker::unique("image-in");
+    let stream = format!("warren:spool:it-{}", uuid::Uuid::new_v4().simple());
+    let mut run = in_image(&cmd);
+    run.env("WARREN_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")
+        .env("WARREN_SPOOL_URL", "redis://127.0.0.1:6379")
+        .env("WARREN_SPOOL_STREAM_KEY", &stream)
+        .env("WARREN_ADMIN_BIND", format!("127.0.0.1:{port}"))
+        .env(
+            "WARREN_DISPATCH_RETRY_EXCHANGE",
+            warren_it::broker::unique("retry"),
+        )
+        .env(
+            "WARREN_DISPATCH_DEAD_LETTER_EXCHANGE",
+            warren_it::broker::unique("dlx"),
+        )
+        .env(
+            "WARREN_DISPATCH_DEAD_LETTER_QUEUE",
+            warren_it::broker::unique("dlq"),
+        )
+        .env(
+            "WARREN_PLUGIN__NOOP__SUBSCRIPTIONS",
+            format!("[{{ queue = \"{queue}\" }}]"),
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit());
+    let child = KillOnDrop(run.spawn().unwrap());
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    warren_it::wait::until_true(
+        "/ready 200 from the image",
+        Duration::from_secs(60),
+        || async {
+            warren_it::http::request(addr, "GET", "/ready", &[], None)
+                .await
+                .is_ok_and(|r| r.status == 200)
+        },
+    )
+    .await
+    .unwrap();
+    // The compile cache went to its volume, not the read-only root.
+    assert!(
+        rootfs.path().join("var/cache/warren/compiled").is_dir(),
+        "compile cache on its volume"
+    );
+    warren_it::process::signal(&child.0, "TERM").unwrap();
+    drop(child);
+    let broker = warren_it::broker::Broker::shared().await.unwrap();
+    broker.delete_queue(&queue).await.unwrap();
 }
