@@ -50,8 +50,8 @@ async fn admin_get(port: u16, path: &str) -> String {
 async fn a_file_secret_reaches_the_plugin_and_is_shown_nowhere() {
     let broker = Broker::shared().await.unwrap();
     let input = warren_it::broker::unique("secret-in");
-    // The fixture publishes to `caller.out`.
-    broker.declare_queue("caller.out").await.unwrap();
+    let out = warren_it::broker::unique("secret-out");
+    broker.declare_queue(&out).await.unwrap();
     let http_port = server().await;
     let collector = Collector::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -67,7 +67,7 @@ async fn a_file_secret_reaches_the_plugin_and_is_shown_nowhere() {
         .merge(&format!(
             "[plugins.runtime]\noutbound-hosts = {{ \"api.test\" = \"127.0.0.1\" }}\n\
              [plugin.caller]\nallow-outbound = [\"http://api.test:{http_port}\"]\n\
-             config = {{ token = {{ file = {:?} }} }}\n",
+             config = {{ token = {{ file = {:?} }}, routing-key = \"{out}\" }}\n",
             secret_file.display()
         ))
         .write_in(dir.path())
@@ -95,7 +95,7 @@ async fn a_file_secret_reaches_the_plugin_and_is_shown_nowhere() {
         .await
         .unwrap();
     let got = broker
-        .collect("caller.out", 1, Duration::from_secs(60))
+        .collect(&out, 1, Duration::from_secs(60))
         .await
         .unwrap();
     assert_eq!(got.len(), 1);
@@ -153,6 +153,6 @@ async fn a_file_secret_reaches_the_plugin_and_is_shown_nowhere() {
     for (where_, text) in &shown {
         assert!(!text.contains(SECRET), "the secret shows in {where_}");
     }
-    broker.delete_queue("caller.out").await.unwrap();
+    broker.delete_queue(&out).await.unwrap();
     broker.delete_queue(&input).await.unwrap();
 }
