@@ -56,6 +56,12 @@ pub struct InvokeArgs {
     /// A value for the plugin's `config(key)`, `key=value`; repeatable.
     #[arg(long = "config", value_name = "KEY=VALUE", value_parser = parse_pair)]
     pub config: Vec<(String, String)>,
+    /// Grant the plugin an outbound origin (`http://localhost:8080`) or an
+    /// address range (`127.0.0.0/8`), as `[plugin.<name>] allow-outbound`
+    /// does; repeatable. Calls are real and meet the same rules as under
+    /// `warren run`.
+    #[arg(long = "allow-outbound", value_name = "ORIGIN|CIDR")]
+    pub allow_outbound: Vec<String>,
     /// Attempt number to report to the plugin.
     #[arg(long, default_value_t = 1)]
     pub attempt: u32,
@@ -266,6 +272,7 @@ pub async fn invoke(args: InvokeArgs) -> ExitCode {
             ..LimitsOverride::default()
         },
         config: args.config.iter().cloned().collect::<BTreeMap<_, _>>(),
+        allow_outbound: args.allow_outbound.clone(),
         ..PluginSettings::default()
     };
     let plugin = match rt.load_file(&args.file, &settings).await {

@@ -199,6 +199,7 @@ pub fn init(
                     .with_filter(filter_fn(|m| {
                         m.target().starts_with("warren::telemetry")
                             || m.target().starts_with("warren::dispatch")
+                            || m.target().starts_with("warren::plugins::outbound")
                     })),
             )
         }

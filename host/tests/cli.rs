@@ -91,13 +91,13 @@ fn check_refuses_every_kind_of_invalid_file() {
 
     assert_check_fails(
         &wasm("not-a-plugin").unwrap(),
-        "not a warren:plugin@0.2.0 component",
+        "not a warren:plugin@0.3.0 component",
     );
 
     let old = wasm("old-contract").unwrap();
     assert_check_fails(
         &old,
-        "built for contract warren:plugin@0.1.0, but this Warren runs warren:plugin@0.2.0",
+        "built for contract warren:plugin@0.1.0, but this Warren runs warren:plugin@0.3.0",
     );
 
     let bad = wasm("bad-manifest").unwrap();
@@ -227,4 +227,41 @@ fn check_refuses_a_plugin_whose_memory_floor_exceeds_its_limit() {
         &file,
         "needs at least 3.1 MiB of memory to start; its limit is 2.0 MiB",
     );
+}
+
+/// `warren invoke` makes real calls under the same grants as `warren run`:
+/// refused without `--allow-outbound`, made with it.
+#[test]
+fn invoke_calls_out_only_under_allow_outbound() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut sock in listener.incoming().flatten() {
+            let mut buf = [0u8; 4096];
+            let _ = sock.read(&mut buf);
+            let _ = sock.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\npong");
+        }
+    });
+    let file = wasm("caller").unwrap();
+    let url = format!("http://127.0.0.1:{port}/");
+    let origin = format!("http://127.0.0.1:{port}");
+    let refused = warren(&["invoke", path(&file), "--body", &url]);
+    let v: serde_json::Value = serde_json::from_slice(&refused.stdout).expect("json");
+    assert_eq!(v["outcome"], "reject", "{v}");
+    assert!(
+        v["reason"].as_str().unwrap().contains("origin-not-granted"),
+        "{v}"
+    );
+    let out = warren(&[
+        "invoke",
+        path(&file),
+        "--body",
+        &url,
+        "--allow-outbound",
+        &origin,
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["outcome"], "ack", "{v}");
+    assert_eq!(v["outputs"][0]["body"], "pong", "{v}");
 }

@@ -332,3 +332,91 @@ async fn a_secret_from_a_file_reaches_the_plugin_through_wasi_config() {
         Some("16")
     );
 }
+
+each_version!(a_429_comes_back_after_its_retry_after);
+/// Through the broker: a service answers 429 with `Retry-After: 2`, the
+/// plugin asks for that delay in one line, and the delivery comes back
+/// (and succeeds) 2 to 4 s later, through the delay tiers.
+async fn a_429_comes_back_after_its_retry_after(target: warren_it::rabbit::Shared) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use warren_it::broker::{Broker, unique};
+    use warren_it::config::WarrenToml;
+
+    // 429 on the first call, 200 `pong` after.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let busy = Arc::new(AtomicBool::new(true));
+    let flag = busy.clone();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let first = flag.swap(false, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = sock.read(&mut buf).await;
+                let resp: &[u8] = if first {
+                    b"HTTP/1.1 429 Too Many Requests\r\nretry-after: 2\r\ncontent-length: 0\r\n\r\n"
+                } else {
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\npong"
+                };
+                let _ = sock.write_all(resp).await;
+            });
+        }
+    });
+
+    let broker = Broker::connect(&target.url).await.unwrap();
+    let (input, dlq) = (unique("busy-in"), unique("busy-dlq"));
+    let prefix = unique("busy-retry");
+    let out = unique("busy-out");
+    broker.declare_queue(&out).await.unwrap();
+    let dir = crate::admin::plugins_dir(&[("caller", "caller")]);
+    let config = crate::host::parse(
+        &WarrenToml::isolated(dir.path())
+            .amqp_url(&target.url)
+            .retry_exchange(&prefix)
+            .set("dispatch.retry-delay-ms", 1000)
+            .set("dispatch.retry-delay-max-ms", 4000)
+            .set("dispatch.max-attempts", 5)
+            .dead_letters(&unique("busy-dlx"), &dlq)
+            .admin_bind("127.0.0.1:0")
+            .merge(&format!(
+                r#"
+                [plugins.runtime]
+                outbound-hosts = {{ "api.test" = "127.0.0.1" }}
+                [plugin.caller]
+                subscriptions = [{{ queue = "{input}" }}]
+                allow-outbound = ["http://api.test:{port}"]
+                config = {{ routing-key = "{out}" }}
+                "#
+            )),
+    );
+    let (app, _handle) = crate::host::start_ready(config).await.unwrap();
+    let started = Instant::now();
+    broker
+        .publish_all("", &input, [format!("http://api.test:{port}/")])
+        .await
+        .unwrap();
+    let got = broker
+        .collect(&out, 1, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].body, b"pong");
+    assert!(!busy.load(Ordering::SeqCst));
+    assert!(
+        took >= Duration::from_secs(2) && took <= Duration::from_secs(4),
+        "came back after {took:?}"
+    );
+
+    app.shutdown().await;
+    for q in [&input, &dlq] {
+        broker.delete_queue(q).await.unwrap();
+    }
+    broker.delete_queue(&out).await.unwrap();
+    for tier in ["1s", "2s", "4s"] {
+        let name = format!("{prefix}.{tier}");
+        broker.delete_queue(&name).await.unwrap();
+        broker.delete_exchange(&name).await.unwrap();
+    }
+}

@@ -365,6 +365,22 @@ impl Grants {
     }
 }
 
+/// The W3C `traceparent` of `span`, when it is exported (sampled or not).
+fn traceparent(span: &tracing::Span) -> Option<String> {
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let cx = span.context();
+    let sc = cx.span().span_context().clone();
+    sc.is_valid().then(|| {
+        format!(
+            "00-{}-{}-{:02x}",
+            sc.trace_id(),
+            sc.span_id(),
+            sc.trace_flags().to_u8()
+        )
+    })
+}
+
 /// Resolves names for one plugin's client, refusing what its grants do
 /// not allow; the client connects only to the addresses returned here.
 struct GrantedResolver {
@@ -587,6 +603,15 @@ impl Outbound {
             http.response.status_code = tracing::field::Empty,
             plugin = %self.plugin,
         );
+        // The call continues the delivery's trace: `traceparent` names this
+        // span, unless the guest set its own.
+        let has_traceparent = req
+            .headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("traceparent"));
+        if !has_traceparent && let Some(tp) = traceparent(&span) {
+            rb = rb.header("traceparent", tp);
+        }
         let exchange =
             async {
                 let _permit = self

@@ -1,5 +1,6 @@
 //! Test fixture `caller`: GETs the URL in the delivery's body through the
-//! SDK's HTTP helper and publishes the response body to `caller.out` with
+//! SDK's HTTP helper and publishes the response body to routing key
+//! `routing-key` (host config; default `caller.out`) with
 //! its status in header `x-status`. A redirect is followed once, by the
 //! guest (the host never follows one), so the target meets the grants
 //! again. A refused call rejects the delivery with the host's reason (it
@@ -23,9 +24,10 @@ impl Plugin for Caller {
 
     fn handle(d: Delivery) -> Result<(), HandleError> {
         let url = String::from_utf8_lossy(&d.body).into_owned();
+        let out = warren_sdk::config("routing-key").unwrap_or_else(|| "caller.out".into());
         if warren_sdk::config("via").as_deref() == Some("wasi-http") {
             let (status, body) = wasi_get(&url).map_err(HandleError::reject)?;
-            let msg = Message::new("", "caller.out", body).header("x-status", &status.to_string());
+            let msg = Message::new("", &out, body).header("x-status", &status.to_string());
             warren_sdk::publish(msg)?;
             return Ok(());
         }
@@ -36,8 +38,8 @@ impl Plugin for Caller {
             resp = http::get(&next).send()?;
         }
         let resp = resp.retry_if_busy()?;
-        let mut msg = Message::new("", "caller.out", resp.body.clone())
-            .header("x-status", &resp.status.to_string());
+        let mut msg =
+            Message::new("", &out, resp.body.clone()).header("x-status", &resp.status.to_string());
         // A secret read through wasi:config/store, sent on as the call's
         // proof that it arrived (tests only: a real plugin never publishes
         // one).
