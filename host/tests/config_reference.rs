@@ -1,6 +1,6 @@
-//! The README's configuration reference is `warren config` with no file
+//! docs/configuration.md's reference is `warren config` with no file
 //! and no `WARREN_*` variables, verbatim: this test fails when they differ
-//! (and prints what the README should say).
+//! (and prints what the file should say).
 
 // Test code: failing loudly is the point.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -9,7 +9,7 @@ use std::process::Command;
 
 use warren_it::plugins::repo_root;
 
-/// The line that precedes the reference's code block in the README.
+/// The line that precedes the reference's code block in docs/configuration.md.
 const MARKER: &str =
     "<!-- The output of `warren config`; host/tests/config_reference.rs keeps it so. -->";
 
@@ -33,10 +33,10 @@ fn warren_config() -> String {
 }
 
 fn readme_reference() -> String {
-    let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
+    let readme = std::fs::read_to_string(repo_root().join("docs/configuration.md")).unwrap();
     let start = readme
         .find(MARKER)
-        .unwrap_or_else(|| panic!("README.md has no line {MARKER:?}"));
+        .unwrap_or_else(|| panic!("docs/configuration.md has no line {MARKER:?}"));
     let block = &readme[start + MARKER.len()..];
     let body = block
         .strip_prefix("\n```toml\n")
@@ -56,7 +56,7 @@ fn the_readme_configuration_reference_is_warren_config() {
             .position(|(a, b)| a != b)
             .unwrap_or(printed.lines().count().min(readme.lines().count()));
         panic!(
-            "README.md's configuration reference differs from `warren config` from line {} of the block on; replace the block with:\n{printed}",
+            "docs/configuration.md differs from `warren config` from line {} of the block on; replace the block with:\n{printed}",
             first + 1
         );
     }
@@ -93,7 +93,7 @@ fn values(rendered: &str) -> std::collections::BTreeMap<String, String> {
     out
 }
 
-/// The defaults the README documents are the ones a running Warren uses:
+/// The defaults docs/configuration.md documents are the ones a running Warren uses:
 /// `warren run` with an empty file (the admin API moved to a free port by
 /// its variable, the plugins directory by `--plugins`), each section read
 /// back from the subsystem that holds it (`GET /config`).
