@@ -37,9 +37,25 @@ async fn a_new_session_ends_the_drain_pause(target: Shared) {
                 "#
             )),
     );
+    let backoff_max = Duration::from_millis(config.amqp.backoff_max_ms);
     let (app, handle) = crate::host::start_ready(config).await.unwrap();
     let mut figures = Vec::new();
     for run in 0..RUNS {
+        // A broker goes down after a session that ran, as a restart after
+        // service does: at least the longest reconnect delay, after which a
+        // lost session starts the reconnect backoff over. (A session cut
+        // sooner is a flapping broker, whose reconnects the grown backoff
+        // spaces on purpose.)
+        wait::until_true("session has run", Duration::from_secs(30), || {
+            let s = handle.amqp.status_now();
+            async move {
+                s.is_running()
+                    && s.session_started
+                        .is_some_and(|t| t.elapsed() >= backoff_max)
+            }
+        })
+        .await
+        .unwrap();
         // Down as a dead node is: its port refuses connections.
         proxy.set_mode(Mode::Closed);
         wait::until_true("connection lost", Duration::from_secs(30), || {
@@ -113,15 +129,13 @@ async fn a_new_session_ends_the_drain_pause(target: Shared) {
         "{:?}: broker back → (first new output, session running, first connect), ms, {RUNS} runs: {ms:?}",
         target.version
     );
-    // Well under the drainer's backoff cap (10 s) in every run. From the
-    // first connect on, running and the first output take tens of ms;
-    // what varies is the first connect: runs follow each other within the
-    // supervisor's 30 s "healthy session" reset, so its reconnect backoff
-    // stays grown (full jitter up to `backoff-max-ms`, 2 s) and the first
-    // sleep after a lost session can outlast the outage. The issue's
-    // target is 1 s; this bound is generous for a loaded machine.
+    // The issue's target, in every run: from the broker back, the first
+    // reconnect comes within `refused-retry-ms` (the first delay after the
+    // lost session is at most `backoff-initial-ms`, and every connect
+    // refused meanwhile is retried within `refused-retry-ms`), the session
+    // runs and the new session ends the drainer's pause.
     for (run, (d, _, _)) in figures.iter().enumerate() {
-        assert!(*d < Duration::from_secs(3), "run {run}: {d:?}");
+        assert!(*d <= Duration::from_secs(1), "run {run}: {d:?}");
     }
     app.shutdown().await;
     for q in [&input, &output, &dlq] {

@@ -34,8 +34,10 @@ pub struct AmqpSection {
     /// First reconnect delay ceiling, ms.
     pub backoff_initial_ms: u64,
     /// Largest reconnect delay, ms. Delays are fully jittered, so a
-    /// broker that returns is used again within about a third of this on
-    /// average, while a fleet still spreads its attempts over all of it.
+    /// fleet that lost the same broker spreads its attempts over all of
+    /// it. A session that ran at least this long starts the delays over:
+    /// the first attempt after its loss comes within backoff-initial-ms.
+    /// A session lost sooner (a flapping broker) lets them grow.
     pub backoff_max_ms: u64,
     /// Largest delay after a connect that every endpoint refused outright
     /// (nothing listening: a broker restarting), ms. Refused connects cost
@@ -151,7 +153,6 @@ impl AmqpSection {
             connect_timeout: Duration::from_millis(self.connect_timeout_ms),
             backoff: self.backoff(),
             refused_retry: Duration::from_millis(self.refused_retry_ms),
-            healthy_after: Duration::from_secs(30),
             watchdog_interval: Duration::from_secs(1),
             consumer_check_interval: Duration::from_millis(self.consumer_check_ms),
             confirm_timeout: Duration::from_millis(self.confirm_timeout_ms),

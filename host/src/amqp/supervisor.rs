@@ -61,8 +61,6 @@ pub struct AmqpConfig {
     /// the growing backoff: a broker that comes back is used again within
     /// about this long.
     pub refused_retry: Duration,
-    /// A session that lived this long resets the backoff.
-    pub healthy_after: Duration,
     /// How often the watchdog checks the connection status.
     pub watchdog_interval: Duration,
     /// How often each consumer compares the broker-side consumer count with
@@ -117,7 +115,8 @@ impl AmqpConfig {
 pub enum ConnectionState {
     /// Opening a connection.
     Connecting {
-        /// Attempts since the last healthy session (0 = first).
+        /// Attempts since the last healthy session (one that ran at least
+        /// the backoff's cap); 0 = first.
         attempt: u32,
     },
     /// Connected; declaring the topology.
@@ -426,8 +425,9 @@ impl Amqp {
     }
 
     /// A session on a fresh connection, accounted for in `retry`: a session
-    /// that lived long enough resets the backoff. Returns `None` after a
-    /// clean stop, or the failure that ended it.
+    /// that lived at least the backoff's cap starts the backoff over (see
+    /// below). Returns `None` after a clean stop, or the failure that ended
+    /// it.
     async fn serve(
         &mut self,
         conn: Connection,
@@ -444,7 +444,16 @@ impl Amqp {
             .status
             .send_modify(|s| s.endpoint = Some(endpoint));
         let outcome = self.session(conn, uri, retry.generation, cancel).await;
-        if started.elapsed() >= self.config.healthy_after {
+        // A session that ran at least as long as the longest reconnect delay
+        // ends the failure sequence before it: its loss is the first failure
+        // of a new outage, retried after at most the first delay, not after
+        // a delay grown by earlier, unrelated outages (and by the refused
+        // connects within them). Such a session already spaced its reconnect
+        // from the one before by more than the cap would, so starting over
+        // costs the broker at most the rate the cap allows. A session lost
+        // sooner (a flapping broker, or a failure that recurs right after
+        // each start) continues the sequence, and its delays keep growing.
+        if started.elapsed() >= self.config.backoff.max {
             retry.backoff.reset();
         }
         let failure = outcome?;

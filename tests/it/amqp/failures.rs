@@ -65,6 +65,45 @@ async fn wrong_password_is_auth_failed_without_hot_loop(target: Shared) -> Resul
     Ok(())
 }
 
+each_version!(a_flapping_broker_gets_growing_reconnect_delays -> Result<()>);
+/// Every session is cut the moment it runs (a broker that drops each
+/// connection right after it starts): a session lost before it ran the
+/// backoff's cap does not start the backoff over, so over 5 s the sessions
+/// stay within what the growing, capped delays allow, not one per
+/// first-delay ceiling.
+async fn a_flapping_broker_gets_growing_reconnect_delays(target: Shared) -> Result<()> {
+    init_tracing();
+    let proxy = Proxy::start(target.addr).await?;
+    let mut c = config(&proxy.amqp_url(), Topology::default());
+    c.backoff.initial = Duration::from_millis(10);
+    c.backoff.max = Duration::from_secs(2);
+    let r = Running::start(c)?;
+    r.until_running(1, Duration::from_secs(10)).await?;
+    let mut status = r.handle.status();
+    let (mut cut, mut last) = (0u64, 0u64);
+    let t0 = Instant::now();
+    let window = Duration::from_secs(5);
+    while t0.elapsed() < window {
+        let s = status.borrow_and_update().clone();
+        if s.is_running() && s.generation > last {
+            last = s.generation;
+            proxy.cut();
+            cut += 1;
+        }
+        // Each state change wakes the loop; the window bounds the wait.
+        let _ = tokio::time::timeout(window.saturating_sub(t0.elapsed()), status.changed()).await;
+    }
+    eprintln!("{cut} sessions cut in {:.1} s", t0.elapsed().as_secs_f64());
+    // Growing delays (10 ms doubling to 2 s, fully jittered) allow about
+    // ten sessions in 5 s; starting over after each loss leaves only
+    // the connect to space them (tens of sessions). 25 leaves a wide
+    // margin for the jitter.
+    assert!(cut >= 3, "it keeps reconnecting: {cut}");
+    assert!(cut <= 25, "{cut} sessions in 5 s: the backoff started over");
+    r.stop().await?;
+    Ok(())
+}
+
 each_version!(a_queue_with_other_arguments_is_consumed_as_it_is -> Result<()>);
 /// The queue exists with other arguments (each declaration would be a 406):
 /// the status names each differing argument with both values, the queue is
