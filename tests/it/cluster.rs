@@ -19,23 +19,7 @@ async fn killing_the_connected_cluster_node_moves_warren_to_another_and_loses_no
     let urls = cluster.amqp_urls();
     let (input, output) = (unique("cluster-in"), unique("cluster-out"));
     let dir = plugins_dir(&[("echo", "echo")]).unwrap();
-    let list = urls
-        .iter()
-        .map(|u| format!("{u:?}"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let cfg = crate::outage::config(
-        &urls[0],
-        (&format!("urls = [{list}]\nheartbeat-secs = 2"), ""),
-        dir.path(),
-        &format!(
-            r#"
-            [plugin.echo]
-            subscriptions = [{{ queue = "{input}", prefetch = 100 }}]
-            config = {{ routing-key = "{output}" }}
-            "#
-        ),
-    );
+    let cfg = echo_on_cluster(&urls, dir.path(), &input, &output);
     let (app, handle) = start_ready(cfg).await.unwrap();
     let endpoint = |h: &warren::app::AppHandle| h.amqp.status_now().endpoint.unwrap_or_default();
     let first = endpoint(&handle);
@@ -121,6 +105,33 @@ async fn killing_the_connected_cluster_node_moves_warren_to_another_and_loses_no
     app.shutdown().await;
 }
 
+/// Warren on every node of `urls` (the first as `amqp.url`), with `echo`
+/// consuming `input` and republishing to `output`.
+fn echo_on_cluster(
+    urls: &[String],
+    dir: &std::path::Path,
+    input: &str,
+    output: &str,
+) -> warren::config::Config {
+    let list = urls
+        .iter()
+        .map(|u| format!("{u:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    crate::outage::config(
+        &urls[0],
+        (&format!("urls = [{list}]\nheartbeat-secs = 2"), ""),
+        dir,
+        &format!(
+            r#"
+            [plugin.echo]
+            subscriptions = [{{ queue = "{input}", prefetch = 100 }}]
+            config = {{ routing-key = "{output}" }}
+            "#
+        ),
+    )
+}
+
 /// The port of the node Warren's session is on.
 fn connected_port(h: &warren::app::AppHandle, cluster: &Cluster) -> u16 {
     let e = h.amqp.status_now().endpoint.unwrap_or_default();
@@ -178,23 +189,7 @@ async fn cluster_gauntlet_on_3_10() {
     let (input, output) = (unique("gauntlet-in"), unique("gauntlet-out"));
     let routed = unique("gauntlet-routed");
     let dir = plugins_dir(&[("echo", "echo"), ("router", "router")]).unwrap();
-    let list = urls
-        .iter()
-        .map(|u| format!("{u:?}"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let cfg = crate::outage::config(
-        &urls[0],
-        (&format!("urls = [{list}]\nheartbeat-secs = 2"), ""),
-        dir.path(),
-        &format!(
-            r#"
-            [plugin.echo]
-            subscriptions = [{{ queue = "{input}", prefetch = 100 }}]
-            config = {{ routing-key = "{output}" }}
-            "#
-        ),
-    );
+    let cfg = echo_on_cluster(&urls, dir.path(), &input, &output);
     let (app, handle) = start_ready(cfg).await.unwrap();
     let victim = connected_port(&handle, &cluster);
     let mut quorum = FieldTable::default();
