@@ -273,7 +273,7 @@ async fn https_calls_trust_the_operators_ca_file() {
 
     // The setting as an operator writes it.
     let config: RuntimeConfig = toml::from_str(&format!(
-        "outbound-ca-file = {:?}\noutbound-hosts = {{ \"api.test\" = \"127.0.0.1\" }}\n",
+        "outbound-ca-file = {:?}\noutbound-hosts = {{ \"api.test\" = \"127.0.0.1\", \"loop.test\" = \"127.0.0.1\" }}\n",
         ca_file.display()
     ))
     .unwrap();
@@ -300,6 +300,23 @@ async fn https_calls_trust_the_operators_ca_file() {
         .invoke(&delivery(&format!("https://loop.test:{}/ok", addr.port())))
         .await;
     assert!(reject_reason(&o).contains("origin-not-granted"), "{o:?}");
+    // Granted and trusted, but the certificate is not for the name called
+    // (the name sent and verified is the URL's host, not the address).
+    let s = PluginSettings {
+        allow_outbound: vec![format!("https://loop.test:{}", addr.port())],
+        ..PluginSettings::default()
+    };
+    let other = rt.load_file(&wasm("caller").unwrap(), &s).await.unwrap();
+    let o = other
+        .invoke(&delivery(&format!("https://loop.test:{}/ok", addr.port())))
+        .await;
+    let Outcome::Retry { reason, .. } = &o else {
+        panic!("expected the guest's retry, got {o:?}");
+    };
+    assert!(
+        reason.contains("certificate not valid for name \"loop.test\""),
+        "{reason}"
+    );
 
     // Without the CA: the guest gets the certificate error and decides
     // (the caller asks for a retry, naming it); nothing traps.

@@ -422,15 +422,33 @@ pub struct OutboundDefaults {
     pub tls: rustls::ClientConfig,
 }
 
+/// The certificates of the operator's `outbound-ca-file`: at least one,
+/// all of them PEM.
+pub fn read_ca_file(
+    path: &std::path::Path,
+) -> Result<Vec<rustls_pki_types::CertificateDer<'static>>, String> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+
+    let shown = path.display();
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("plugins.runtime.outbound-ca-file {shown}: {e}"))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("plugins.runtime.outbound-ca-file {shown}: {e}"))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "plugins.runtime.outbound-ca-file {shown} holds no PEM certificate"
+        ));
+    }
+    Ok(certs)
+}
+
 /// The TLS settings of outbound clients: the system's trusted roots plus
 /// the operator's `ca_file` (PEM), verified with the ring provider. The
 /// server name sent (SNI) and verified is the URL's host, which is the
 /// granted origin's; the connection goes to the address the granted
 /// resolver returned, so TLS changes nothing about where a call may go.
 pub fn tls_config(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig, String> {
-    use rustls_pki_types::CertificateDer;
-    use rustls_pki_types::pem::PemObject;
-
     let mut roots = rustls::RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     let (added, _ignored) = roots.add_parsable_certificates(native.certs);
@@ -443,20 +461,10 @@ pub fn tls_config(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientCon
         );
     }
     if let Some(path) = ca_file {
-        let shown = path.display();
-        let certs = CertificateDer::pem_file_iter(path)
-            .map_err(|e| format!("plugins.runtime.outbound-ca-file {shown}: {e}"))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("plugins.runtime.outbound-ca-file {shown}: {e}"))?;
-        if certs.is_empty() {
-            return Err(format!(
-                "plugins.runtime.outbound-ca-file {shown} holds no PEM certificate"
-            ));
-        }
-        for c in certs {
+        for c in read_ca_file(path)? {
             roots
                 .add(c)
-                .map_err(|e| format!("plugins.runtime.outbound-ca-file {shown}: {e}"))?;
+                .map_err(|e| format!("plugins.runtime.outbound-ca-file {}: {e}", path.display()))?;
         }
     }
     // The ring provider, as everywhere else in the host (AMQP, Redis): its

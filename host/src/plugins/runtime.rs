@@ -199,6 +199,11 @@ impl RuntimeConfig {
         if let Err(e) = super::outbound::OperatorGrants::parse(&self.allow_outbound) {
             out.push(format!("plugins.runtime.allow-outbound: {e}"));
         }
+        if let Some(path) = &self.outbound_ca_file
+            && let Err(e) = super::outbound::read_ca_file(path)
+        {
+            out.push(e);
+        }
         if let Some(dir) = &self.compile_cache_dir
             && !dir.is_absolute()
         {
