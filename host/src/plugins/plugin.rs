@@ -373,6 +373,7 @@ impl PluginRuntime {
         let defaults = OutboundDefaults {
             call_timeout: std::time::Duration::from_millis(rc.outbound_timeout_ms.into()),
             max_in_flight: rc.outbound_max_in_flight,
+            tls: self.inner().outbound_tls.clone(),
             hosts: Arc::new(
                 rc.outbound_hosts
                     .iter()

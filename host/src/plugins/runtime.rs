@@ -99,6 +99,11 @@ pub struct RuntimeConfig {
     /// "10.0.0.7"`), answered instead of DNS; the address is checked like
     /// any resolved one.
     pub outbound_hosts: BTreeMap<String, std::net::IpAddr>,
+    /// A PEM file of extra CA certificates trusted by outbound `https://`
+    /// calls (a service behind a private CA), on top of the system's roots.
+    /// Read when the runtime starts; a file that cannot be read or holds no
+    /// certificate stops the start.
+    pub outbound_ca_file: Option<PathBuf>,
     /// Timeout of one outbound call that asks for none, ms.
     pub outbound_timeout_ms: u32,
     /// Most outbound calls of one plugin in flight at once.
@@ -135,6 +140,7 @@ impl Default for RuntimeConfig {
             grant_manifest_origins: true,
             allow_outbound: Vec::new(),
             outbound_hosts: BTreeMap::new(),
+            outbound_ca_file: None,
             outbound_timeout_ms: 10_000,
             outbound_max_in_flight: 64,
             default_wall_deadline_ms: u32::try_from(d.wall_deadline.as_millis())
@@ -192,6 +198,11 @@ impl RuntimeConfig {
         }
         if let Err(e) = super::outbound::OperatorGrants::parse(&self.allow_outbound) {
             out.push(format!("plugins.runtime.allow-outbound: {e}"));
+        }
+        if let Some(path) = &self.outbound_ca_file
+            && let Err(e) = super::outbound::read_ca_file(path)
+        {
+            out.push(e);
         }
         if let Some(dir) = &self.compile_cache_dir
             && !dir.is_absolute()
@@ -254,6 +265,8 @@ pub enum RuntimeError {
     Link(String),
     #[error("failed to start the epoch ticker thread: {0}")]
     Ticker(std::io::Error),
+    #[error("cannot set up TLS for outbound calls: {0}")]
+    OutboundTls(String),
 }
 
 /// The shared plugin runtime. Cheap to clone.
@@ -269,6 +282,9 @@ pub(super) struct RuntimeInner {
     /// The pool's slots: an instance's footprint is taken before it is
     /// instantiated, so the pool never refuses one.
     pub(super) pool: Pool,
+    /// The TLS settings of every plugin's outbound client (trusted roots
+    /// read once, at start).
+    pub(super) outbound_tls: rustls::ClientConfig,
     /// The compile cache, when on (a handle on the engine's; shares its
     /// hit and miss counts).
     cache: Option<Cache>,
@@ -293,6 +309,8 @@ impl PluginRuntime {
             return Err(RuntimeError::InvalidConfig(problems));
         }
         let cache = compile_cache(&config)?;
+        let outbound_tls = super::outbound::tls_config(config.outbound_ca_file.as_deref())
+            .map_err(RuntimeError::OutboundTls)?;
         let mut engine_cfg = engine_config(&config);
         engine_cfg.cache(cache.clone());
         let engine =
@@ -318,6 +336,7 @@ impl PluginRuntime {
                 linker,
                 config,
                 pool,
+                outbound_tls,
                 cache,
                 counters: std::sync::Mutex::default(),
                 _ticker: ticker,
