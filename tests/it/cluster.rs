@@ -409,8 +409,9 @@ impl std::fmt::Display for KillFigures {
 /// whichever is later; the election is taken as the start of the first
 /// probe publish the output queue confirms. The max must be within 2 s.
 /// Nothing is lost and the drain never stalls; prints kill → leader,
-/// kill → first output of an input published after the kill, the max and
-/// p99 above, the spool's peak and the duplicates.
+/// kill → first output of an input published (or entry spooled) after the
+/// kill, the max and p99 above, the spool's peak and the duplicates (a
+/// batch of inputs the test had to publish again can add some).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_gauntlet_on_3_10() {
     let mut cluster = Cluster::start(Version::V3_10, 3).await.unwrap();
