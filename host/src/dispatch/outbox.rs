@@ -71,6 +71,13 @@ pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// At most one re-declaration of a destination Warren owns this often.
 pub const HEAL_INTERVAL: Duration = Duration::from_secs(10);
 
+/// Tries of one re-declaration, [`HEAL_RETRY_DELAY`] apart. A deletion the
+/// broker is still completing can remove an exchange between its declare
+/// and the declare of its bindings; the next try finds it gone for good
+/// and declares both.
+const HEAL_TRIES: u32 = 3;
+const HEAL_RETRY_DELAY: Duration = Duration::from_millis(100);
+
 /// Cheap to clone.
 #[derive(Clone)]
 pub struct Outbox {
@@ -139,7 +146,14 @@ impl Outbox {
             Some(at) if at.elapsed() < HEAL_INTERVAL => return false,
             _ => {}
         }
-        let declared = self.amqp.declare(topology).await;
+        let mut declared = self.amqp.declare(topology.clone()).await;
+        for _ in 1..HEAL_TRIES {
+            if declared.is_ok() {
+                break;
+            }
+            tokio::time::sleep(HEAL_RETRY_DELAY).await;
+            declared = self.amqp.declare(topology.clone()).await;
+        }
         *last = Some(Instant::now());
         match declared {
             Ok(()) => {
