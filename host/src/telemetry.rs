@@ -179,6 +179,7 @@ pub fn init(
                 endpoint: o.endpoint.clone(),
                 message: e.to_string(),
             };
+            install_tls_provider();
             let exporter = opentelemetry_otlp::SpanExporter::builder()
                 .with_http()
                 .with_endpoint(o.endpoint.clone())
@@ -602,6 +603,17 @@ fn nonzero<T: PartialEq + Default>(mut f: impl FnMut() -> T) -> T {
             return v;
         }
     }
+}
+
+/// Make ring the process's rustls provider, once. The exporter's HTTP
+/// client is built by reqwest, whose TLS is compiled without a provider
+/// of its own (the plugins' client is given a full TLS config instead):
+/// without a process default it panics when built. ring, as everywhere
+/// else in the host; its deprecation only notes that it lacks
+/// post-quantum key exchange. A provider installed first is kept.
+fn install_tls_provider() {
+    #[allow(deprecated)]
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 #[cfg(test)]

@@ -85,11 +85,18 @@ async fn a_file_secret_reaches_the_plugin_and_is_shown_nowhere() {
         .stderr(log)
         .spawn()
         .unwrap();
-    wait::until_true("warren consumes", Duration::from_secs(60), || async {
+    let log_path = dir.path().join("warren.log");
+    let consumes = wait::until_true("warren consumes", Duration::from_secs(60), || async {
         broker.consumer_count(&input).await.unwrap_or(0) == 1
     })
-    .await
-    .unwrap();
+    .await;
+    if let Err(e) = consumes {
+        let _ = child.kill();
+        panic!(
+            "{e}; warren's log:\n{}",
+            std::fs::read_to_string(&log_path).unwrap_or_default()
+        );
+    }
     broker
         .publish_all("", &input, [format!("http://api.test:{http_port}/ok")])
         .await
