@@ -41,7 +41,7 @@ pub(crate) struct State {
     table: ResourceTable,
     limiter: MemoryLimiter,
     ident: Arc<Ident>,
-    config: Arc<BTreeMap<String, String>>,
+    config: Arc<PluginConfig>,
     outputs: Vec<OutboundMessage>,
     output_bytes: usize,
     max_outputs: usize,
@@ -54,7 +54,6 @@ pub(crate) struct State {
     http_ctx: wasmtime_wasi_http::WasiHttpCtx,
     /// Outbound HTTP of this plugin and the current delivery's budget.
     http: HttpHooks,
-    config_vars: wasmtime_wasi_config::WasiConfigVariables,
 }
 
 /// The host side of outbound calls for one store: the plugin's client and
@@ -179,7 +178,7 @@ impl wasmtime_wasi_http::WasiHttpView for State {
 impl State {
     /// `wasi:config/store` over the plugin's config values.
     pub(crate) fn wasi_config(&mut self) -> wasmtime_wasi_config::WasiConfig<'_> {
-        wasmtime_wasi_config::WasiConfig::from(&self.config_vars)
+        wasmtime_wasi_config::WasiConfig::from(&self.config.vars)
     }
 }
 
@@ -241,11 +240,34 @@ pub(crate) struct Invocation {
     stderr: MemoryOutputPipe,
 }
 
+/// A plugin's `[plugin.<name>] config` values, built once per load and
+/// shared by every instance: `host.config(key)` reads `values`,
+/// `wasi:config/store` reads `vars`, and neither is copied per delivery.
+pub(crate) struct PluginConfig {
+    values: BTreeMap<String, String>,
+    vars: wasmtime_wasi_config::WasiConfigVariables,
+}
+
+impl Default for PluginConfig {
+    fn default() -> Self {
+        Self::new(BTreeMap::new())
+    }
+}
+
+impl PluginConfig {
+    pub(crate) fn new(values: BTreeMap<String, String>) -> Self {
+        let vars = wasmtime_wasi_config::WasiConfigVariables::from_iter(
+            values.iter().map(|(k, v)| (k.clone(), v.clone())),
+        );
+        Self { values, vars }
+    }
+}
+
 impl Invocation {
     pub(crate) fn new(
         rt: &RuntimeInner,
         ident: Arc<Ident>,
-        config: Arc<BTreeMap<String, String>>,
+        config: Arc<PluginConfig>,
         outbound: Option<Arc<Outbound>>,
         limits: &Limits,
     ) -> Self {
@@ -269,9 +291,6 @@ impl Invocation {
                 peak: 0,
             },
             ident,
-            config_vars: wasmtime_wasi_config::WasiConfigVariables::from_iter(
-                config.iter().map(|(k, v)| (k.clone(), v.clone())),
-            ),
             config,
             http_ctx: wasmtime_wasi_http::WasiHttpCtx::new(),
             http: HttpHooks {
@@ -492,7 +511,7 @@ impl wit::Host for State {
     }
 
     fn config(&mut self, key: String) -> Option<String> {
-        self.config.get(&key).cloned()
+        self.config.values.get(&key).cloned()
     }
 }
 

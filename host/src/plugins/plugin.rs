@@ -17,7 +17,7 @@ use wasmtime::component::{Component, ComponentExportIndex, TypedFunc};
 
 use super::bindings::{self as wit, PluginWorldPre};
 use super::footprint::Footprint;
-use super::instance::{Ident, Invocation};
+use super::instance::{Ident, Invocation, PluginConfig};
 use super::limits::{Limits, LimitsOverride};
 use super::manifest::Manifest;
 use super::outbound::{Grants, OperatorGrants, Outbound, OutboundDefaults};
@@ -110,7 +110,7 @@ struct PluginInner {
     /// Idle instances under [`InstancePolicy::Reuse`] (at most the
     /// plugin's concurrency, since each served one delivery in flight).
     warm: std::sync::Mutex<Vec<Warm>>,
-    config: Arc<BTreeMap<String, String>>,
+    config: Arc<PluginConfig>,
     /// Outbound HTTP: grants, client pool and limits, shared by instances.
     outbound: Arc<Outbound>,
     permits: Arc<Semaphore>,
@@ -348,7 +348,7 @@ impl PluginRuntime {
                 footprint,
                 policy: settings.instance,
                 warm: std::sync::Mutex::default(),
-                config: Arc::new(settings.config.clone()),
+                config: Arc::new(PluginConfig::new(settings.config.clone())),
             }),
         })
     }
@@ -602,7 +602,7 @@ impl Plugin {
                 footprint: self.inner.footprint,
                 policy: settings.instance,
                 warm: std::sync::Mutex::default(),
-                config: Arc::new(settings.config.clone()),
+                config: Arc::new(PluginConfig::new(settings.config.clone())),
                 counters: self.inner.counters.clone(),
             }),
         })
