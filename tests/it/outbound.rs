@@ -200,17 +200,7 @@ async fn granted_calls_succeed_and_the_rest_are_refused_naming_the_rule(lang: Op
     let out = p
         .invoke(&delivery(&format!("http://api.test:{}/ok", addr.port())))
         .await;
-    let Outcome::Ack { outputs } = out else {
-        panic!("expected ack, got {out:?}");
-    };
-    assert_eq!(outputs.len(), 1);
-    assert_eq!(&outputs[0].body[..], b"pong");
-    assert_eq!(
-        outputs[0]
-            .header("x-status")
-            .and_then(warren::message::HeaderValue::as_str),
-        Some("200")
-    );
+    assert_published_pong(out);
 
     // A host nobody granted.
     let o = p
@@ -283,17 +273,7 @@ async fn https_calls_trust_the_operators_ca_file() {
         .await
         .unwrap();
     let out = p.invoke(&delivery(&url)).await;
-    let Outcome::Ack { outputs } = out else {
-        panic!("expected ack, got {out:?}");
-    };
-    assert_eq!(outputs.len(), 1);
-    assert_eq!(&outputs[0].body[..], b"pong");
-    assert_eq!(
-        outputs[0]
-            .header("x-status")
-            .and_then(warren::message::HeaderValue::as_str),
-        Some("200")
-    );
+    assert_published_pong(out);
     // The grant still decides: the same server by another name is refused
     // before any connection.
     let o = p
@@ -561,4 +541,20 @@ async fn a_429_comes_back_after_its_retry_after(target: warren_it::rabbit::Share
         broker.delete_queue(&name).await.unwrap();
         broker.delete_exchange(&name).await.unwrap();
     }
+}
+
+/// `out` acknowledged the delivery with one output: the test server's
+/// `pong`, with the `x-status: 200` the caller plugin copies from it.
+fn assert_published_pong(out: Outcome) {
+    let Outcome::Ack { outputs } = out else {
+        panic!("expected ack, got {out:?}");
+    };
+    assert_eq!(outputs.len(), 1);
+    assert_eq!(&outputs[0].body[..], b"pong");
+    assert_eq!(
+        outputs[0]
+            .header("x-status")
+            .and_then(warren::message::HeaderValue::as_str),
+        Some("200")
+    );
 }
