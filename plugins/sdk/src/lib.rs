@@ -36,6 +36,13 @@
 //! safe. Return [`HandleError::Retry`] for transient failures and
 //! [`HandleError::Reject`] to dead-letter the message. A panic is a trap:
 //! the delivery is dead-lettered with the panic message.
+//!
+//! State that must outlive a delivery goes in the plugin's key-value
+//! bucket ([`kv`]: `get`, `set`, `delete`, `increment`, JSON values; the
+//! manifest says [`Manifest::state`]). Its writes are part of the delivery:
+//! they reach the store only if `handle` returns `Ok`, and `?` on a [`kv`]
+//! call retries the delivery when the store is unreachable and rejects it
+//! for a refused key or value.
 
 // Lets the generated code name this crate the same way from inside and
 // from the plugin crates that expand `export_plugin!`.
@@ -72,6 +79,7 @@ pub use bindings::warren::plugin::types::{
 };
 
 pub mod http;
+pub mod kv;
 
 /// Export `$t` (a type implementing [`Plugin`]) as the component's handler.
 #[macro_export]
@@ -209,6 +217,12 @@ impl Manifest {
     /// Ask for a concurrency limit.
     pub fn max_concurrency(mut self, n: u32) -> Self {
         self.limits.max_concurrency = Some(n);
+        self
+    }
+
+    /// Say the plugin uses key-value state ([`kv`] or `wasi:keyvalue`).
+    pub fn state(mut self) -> Self {
+        self.state = true;
         self
     }
 }
