@@ -21,12 +21,23 @@ built with ``componentize-py -d wit -w plugin componentize -p . -p SDK app``
 (``SDK`` is the directory holding this package).
 
 ``handle`` returning acknowledges the delivery once the messages given to
-:func:`publish` are safe. Raise :class:`Retry` for a transient failure (the
+:func:`publish` are safe (and the writes given to :data:`kv` committed). Raise :class:`Retry` for a transient failure (the
 message is delivered again later, ``d.attempt`` counting up, until the
 subscription's attempt limit) and :class:`Reject` to dead-letter it now.
 Any other exception is a fault: the traceback goes to the host's log at
 error level and the delivery is dead-lettered as a trap whose reason is the
 exception's one-line summary (``ValueError: bad input``).
+
+State that must outlive a delivery goes in the plugin's key-value bucket,
+:data:`kv` (``kv.get``, ``kv.set``, ``kv.delete``, ``kv.increment``,
+``kv.get_json``, ``kv.set_json``), with ``.state()`` in the manifest::
+
+    seen = warren.kv.increment(f"count:{customer}", 1)
+
+Its writes are part of the delivery: they reach the store only if
+``handle`` returns, and a retry, reject or fault discards them. A refused
+operation raises :class:`KvError`; unhandled, ``unavailable`` retries the
+delivery and the others reject it.
 
 Rules of the sandbox: there is no filesystem, network or environment at
 run time, so import every module at the top of ``app.py`` (the build
@@ -47,7 +58,7 @@ from componentize_py_types import Err
 from wit_world import exports
 import json as _json
 
-from wit_world.imports import host, http as _http, types
+from wit_world.imports import host, http as _http, kv as _kv, types
 from wit_world.imports.types import (  # noqa: F401  (re-exported for plugins)
     Binding,
     Delivery,
@@ -72,6 +83,8 @@ __all__ = [
     "publish",
     "config",
     "log",
+    "kv",
+    "KvError",
     "message",
     "forward",
     "properties",
@@ -176,6 +189,12 @@ class Manifest:
             max_response_bytes=None,
         )
         self._outbound = []
+        self._state = False
+
+    def state(self) -> "Manifest":
+        """Say the plugin uses key-value state (:data:`kv`)."""
+        self._state = True
+        return self
 
     def outbound(self, origin: str) -> "Manifest":
         """Ask to call ``origin`` (``https://api.example.com``,
@@ -232,7 +251,7 @@ class Manifest:
             ),
             limits=self._limits,
             outbound=list(self._outbound),
-            state=False,
+            state=self._state,
         )
 
 
@@ -391,6 +410,84 @@ def post(url: str, **kw) -> Response:
     return fetch("POST", url, **kw)
 
 
+class KvError(Exception):
+    """A key-value operation the host refused: ``kind`` is
+    ``limit-exceeded`` (a key, a value or the delivery's writes over a
+    limit; ``text`` names it), ``invalid`` (an empty key, ``increment`` of a
+    value that is not an integer, a value that is not JSON) or
+    ``unavailable`` (the store cannot be reached). Unhandled,
+    ``unavailable`` retries the delivery and the others reject it."""
+
+    _WORDS = {
+        "limit-exceeded": "state limit exceeded",
+        "invalid": "invalid state operation",
+        "unavailable": "state unavailable",
+    }
+
+    def __init__(self, kind: str, text: str):
+        super().__init__(f"{self._WORDS.get(kind, kind)}: {text}")
+        self.kind = kind
+        self.text = text
+
+
+_KV_ERRORS = {
+    "KvError_LimitExceeded": "limit-exceeded",
+    "KvError_Invalid": "invalid",
+    "KvError_Unavailable": "unavailable",
+}
+
+
+def _kv_call(call, *args):
+    try:
+        return call(*args)
+    except Err as e:
+        kind = _KV_ERRORS.get(type(e.value).__name__, "unavailable")
+        raise KvError(kind, e.value.value) from None
+
+
+def _bytes(value) -> bytes:
+    return value.encode() if isinstance(value, str) else bytes(value)
+
+
+class _Kv:
+    """The plugin's key-value bucket. Writes are pending until ``handle``
+    returns; reads see this delivery's own pending writes."""
+
+    def get(self, key: str):
+        """The value of ``key`` as bytes, or None."""
+        return _kv_call(_kv.get, key)
+
+    def set(self, key: str, value) -> None:
+        """Set ``key`` to ``value`` (bytes, or text stored as UTF-8)."""
+        _kv_call(_kv.set, key, _bytes(value))
+
+    def delete(self, key: str) -> None:
+        """Delete ``key``."""
+        _kv_call(_kv.delete, key)
+
+    def increment(self, key: str, delta: int = 1) -> int:
+        """Add ``delta`` to the integer in ``key`` (absent counts as 0) and
+        return the value this delivery now sees (kept as decimal text)."""
+        return _kv_call(_kv.increment, key, delta)
+
+    def get_json(self, key: str):
+        """The value of ``key`` parsed as JSON, or None when absent."""
+        value = self.get(key)
+        if value is None:
+            return None
+        try:
+            return _json.loads(value)
+        except ValueError as e:
+            raise KvError("invalid", f"value of {key} is not JSON: {e}") from None
+
+    def set_json(self, key: str, value) -> None:
+        """Set ``key`` to ``value`` as JSON."""
+        self.set(key, _json.dumps(value))
+
+
+kv = _Kv()
+
+
 class _Log:
     """Log through the host; lines carry the plugin's name and version."""
 
@@ -459,6 +556,10 @@ def export(plugin_class):
                 raise Err(types.HandleError_Retry(_reason(e))) from None
             except HttpError as e:
                 if e.kind in ("timeout", "failed"):
+                    raise Err(types.HandleError_Retry(str(e))) from None
+                raise Err(types.HandleError_Reject(str(e))) from None
+            except KvError as e:
+                if e.kind == "unavailable":
                     raise Err(types.HandleError_Retry(str(e))) from None
                 raise Err(types.HandleError_Reject(str(e))) from None
             except Reject as e:
