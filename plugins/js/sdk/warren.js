@@ -25,6 +25,14 @@
 // is dead-lettered as a trap whose reason is its one-line summary
 // (`TypeError: x is undefined`).
 //
+// State that must outlive a delivery goes in the plugin's key-value bucket,
+// `kv` (`get`, `set`, `delete`, `increment`, `getJson`, `setJson`), with
+// `.withState()` in the manifest: `const seen = kv.increment("count:" + id, 1)`.
+// Its writes are part of the delivery: they reach the store only if
+// `handle` returns, and a retry, reject or fault discards them. A refused
+// operation throws `KvError`; uncaught, `unavailable` retries the delivery
+// and the others reject it.
+//
 // Records have camelCase fields (`d.routingKey`), enums are strings
 // (`"topic"`), `option` is a value or null, `list<u8>` a Uint8Array:
 // `text(d.body)` decodes UTF-8 (QuickJS has no TextDecoder). There is no
@@ -37,6 +45,7 @@
 
 import host from "warren:plugin/host@0.3.0";
 import http from "warren:plugin/http@0.3.0";
+import kvHost from "warren:plugin/kv@0.3.0";
 
 /**
  * A transient failure: deliver the message again after a delay; `delayMs`
@@ -116,6 +125,71 @@ export function fetch(url, opts = {}) {
   }
 }
 
+/**
+ * A key-value operation the host refused: `kind` is `limit-exceeded` (a
+ * key, a value or the delivery's writes over a limit; `text` names it),
+ * `invalid` (an empty key, `increment` of a value that is not an integer, a
+ * value that is not JSON) or `unavailable` (the store cannot be reached).
+ * Uncaught, `unavailable` retries the delivery and the others reject it.
+ */
+export class KvError extends Error {
+  constructor(kind, text) {
+    const words = {
+      "limit-exceeded": "state limit exceeded",
+      invalid: "invalid state operation",
+      unavailable: "state unavailable",
+    };
+    super(`${words[kind] ?? kind}: ${text}`);
+    this.name = "KvError";
+    this.kind = kind;
+    this.text = text;
+  }
+}
+
+function kvCall(call) {
+  try {
+    return call();
+  } catch (e) {
+    // The error variant, thrown as is or as an Error's `payload`.
+    const v = e && typeof e.tag === "string" ? e : e?.payload;
+    if (v && typeof v.tag === "string") throw new KvError(v.tag, v.val);
+    throw e;
+  }
+}
+
+/**
+ * The plugin's key-value bucket. Writes are pending until `handle`
+ * returns; reads see this delivery's own pending writes. Values are
+ * `Uint8Array`s; `set` takes a string too (stored as UTF-8).
+ */
+export const kv = {
+  /** The value of `key` (a `Uint8Array`), or null. */
+  get: (key) => kvCall(() => kvHost.get(key)) ?? null,
+  /** Set `key` to `value` (bytes, or a string stored as UTF-8). */
+  set: (key, value) => kvCall(() => kvHost.set(key, typeof value === "string" ? utf8(value) : value)),
+  /** Delete `key`. */
+  delete: (key) => kvCall(() => kvHost.delete(key)),
+  /**
+   * Add `delta` to the integer in `key` (absent counts as 0) and return the
+   * value this delivery now sees (a number: exact up to 2^53).
+   */
+  increment: (key, delta = 1) => kvCall(() => kvHost.increment(key, delta)),
+  /** The value of `key` parsed as JSON, or null when absent. */
+  getJson(key) {
+    const value = this.get(key);
+    if (value === null) return null;
+    try {
+      return JSON.parse(text(value));
+    } catch (e) {
+      throw new KvError("invalid", `value of ${key} is not JSON: ${e.message}`);
+    }
+  },
+  /** Set `key` to `value` as JSON. */
+  setJson(key, value) {
+    this.set(key, JSON.stringify(value));
+  },
+};
+
 export const get = (url, opts = {}) => fetch(url, { ...opts, method: "GET" });
 export const post = (url, opts = {}) => fetch(url, { ...opts, method: "POST" });
 
@@ -183,6 +257,12 @@ export class Manifest {
     };
     this.outbound = [];
     this.state = false;
+  }
+
+  /** Say the plugin uses key-value state (`kv`): sets `state`. */
+  withState() {
+    this.state = true;
+    return this;
   }
 
   /** Ask to call `origin` (`https://*.example.com` for subdomains); the operator grants. */
@@ -382,6 +462,8 @@ export function exportPlugin(plugin) {
         if (e instanceof Retry) throw { tag: "retry", val: e.message || "Retry" };
         if (e instanceof HttpError)
           throw { tag: e.kind === "timeout" || e.kind === "failed" ? "retry" : "reject", val: e.message };
+        if (e instanceof KvError)
+          throw { tag: e.kind === "unavailable" ? "retry" : "reject", val: e.message };
         if (e instanceof Reject) throw { tag: "reject", val: e.message || "Reject" };
         trap(e);
       }
