@@ -17,7 +17,7 @@ the class componentize-py exports as ``Handler``::
 
     Handler = warren.export(Echo)
 
-built with ``componentize-py -d wit -w plugin componentize -p . -p SDK app``
+built with ``componentize-py -d wit -w plugin-script componentize -p . -p SDK app``
 (``SDK`` is the directory holding this package).
 
 ``handle`` returning acknowledges the delivery once the messages given to
