@@ -43,6 +43,8 @@ pub enum StartError {
     Amqp(#[from] crate::amqp::AmqpError),
     #[error("invalid spool settings: {0}")]
     Spool(#[from] crate::buffer::SpoolError),
+    #[error("invalid key-value settings: {0}")]
+    Kv(String),
     #[error(transparent)]
     Admin(#[from] AdminError),
 }
@@ -51,7 +53,10 @@ impl StartError {
     /// Whether the settings or the plugins directory are at fault (exit
     /// 78), rather than the machine (a taken port, no runtime).
     pub fn is_config(&self) -> bool {
-        matches!(self, Self::PluginsDir(_) | Self::Amqp(_) | Self::Spool(_))
+        matches!(
+            self,
+            Self::PluginsDir(_) | Self::Amqp(_) | Self::Spool(_) | Self::Kv(_)
+        )
     }
 }
 
@@ -78,6 +83,8 @@ pub struct AppHandle {
     pub drainer: DrainerHandle,
     pub dispatcher: Arc<Dispatcher>,
     pub runtime: PluginRuntime,
+    /// Plugins' key-value state.
+    pub kv: crate::kv::Store,
     /// The plugin set; reloads go through it.
     pub reloader: Arc<Reloader>,
     /// The process-wide Prometheus recorder (`None` if another recorder
@@ -243,7 +250,13 @@ impl App {
         let metrics = crate::telemetry::install_metrics();
         admin::metric::describe_all();
         let admin_listener = admin::bind(&config.admin.bind).await?;
-        let runtime = PluginRuntime::new(config.plugins.runtime.clone())?;
+        let stop = StopTree::new();
+        let (kv, kv_task) =
+            crate::kv::Store::redis(&config.kv, &config.spool).map_err(StartError::Kv)?;
+        // Stopped with the spool, after dispatch: in-flight deliveries
+        // commit their writes during the grace period.
+        tasks.spawn(kv_task.run(stop.spool.clone()));
+        let runtime = PluginRuntime::with_kv(config.plugins.runtime.clone(), Some(kv.clone()))?;
         let scan = reload::scan(
             &runtime,
             &config.plugins.dir,
@@ -256,7 +269,6 @@ impl App {
             warn!(dir = %config.plugins.dir.display(), "No plugins loaded; Warren stays unready until one is.");
         }
 
-        let stop = StopTree::new();
         let dispatch_config = config.dispatch.clone();
         let mut amqp_cfg = config.amqp.supervisor("main");
         amqp_cfg.topology = dispatch_config.base_topology();
@@ -326,6 +338,7 @@ impl App {
             drainer: drainer_handle,
             dispatcher,
             runtime,
+            kv,
             reloader,
             metrics,
             stopping: Arc::new(AtomicBool::new(false)),

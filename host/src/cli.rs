@@ -74,6 +74,36 @@ pub struct InvokeArgs {
     /// Override the plugin's memory limit, in bytes.
     #[arg(long)]
     pub memory_bytes: Option<u64>,
+    /// Key-value state the plugin starts with: a JSON object of keys and
+    /// values (a string is stored as its text, anything else as its JSON).
+    /// The state lives in memory for this run; the writes the delivery
+    /// would commit are printed beside its outputs (`writes`).
+    #[arg(long, value_name = "FILE")]
+    pub kv_seed: Option<PathBuf>,
+}
+
+/// The values of a `--kv-seed` file.
+fn read_kv_seed(path: &Path) -> Result<BTreeMap<String, Vec<u8>>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("{}: cannot read the key-value seed: {e}", path.display()))?;
+    let Value::Object(map) = serde_json::from_str::<Value>(&text)
+        .map_err(|e| format!("{}: not JSON: {e}", path.display()))?
+    else {
+        return Err(format!(
+            "{}: the key-value seed must be a JSON object of keys and values",
+            path.display()
+        ));
+    };
+    Ok(map
+        .into_iter()
+        .map(|(k, v)| {
+            let bytes = match v {
+                Value::String(s) => s.into_bytes(),
+                other => other.to_string().into_bytes(),
+            };
+            (k, bytes)
+        })
+        .collect())
 }
 
 fn parse_pair(s: &str) -> Result<(String, String), String> {
@@ -201,8 +231,11 @@ fn set_property(p: &mut MessageProperties, name: &str, value: &str) -> Result<()
     Ok(())
 }
 
+/// The runtime of the offline commands: default settings, and key-value
+/// state in memory.
 fn runtime() -> Result<PluginRuntime, ExitCode> {
-    PluginRuntime::new(RuntimeConfig::default()).map_err(|e| {
+    let kv = crate::kv::Store::memory(crate::kv::KvConfig::default().limits());
+    PluginRuntime::with_kv(RuntimeConfig::default(), Some(kv)).map_err(|e| {
         eprintln!("warren: {e}");
         ExitCode::FAILURE
     })
@@ -282,6 +315,19 @@ pub async fn invoke(args: InvokeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(path) = &args.kv_seed {
+        let seeded = read_kv_seed(path).and_then(|values| match plugin.kv() {
+            Some(ns) => ns.seed(values).map_err(|e| e.to_string()),
+            None => Err(format!(
+                "--kv-seed: plugin {} does not declare `state` in its manifest",
+                plugin.name()
+            )),
+        });
+        if let Err(e) = seeded {
+            eprintln!("warren: {e}");
+            return ExitCode::from(2);
+        }
+    }
     let mut properties = MessageProperties {
         content_type: args.content_type.clone(),
         ..MessageProperties::default()
@@ -330,9 +376,12 @@ pub async fn invoke(args: InvokeArgs) -> ExitCode {
 pub fn outcome_json(file: &Path, name: &str, version: &str, outcome: &Outcome) -> Value {
     let mut v = json!({ "file": file, "plugin": name, "version": version });
     match outcome {
-        Outcome::Ack { outputs } => {
+        Outcome::Ack { outputs, writes } => {
             v["outcome"] = json!("ack");
             v["outputs"] = Value::Array(outputs.iter().map(output_json).collect());
+            if !writes.is_empty() {
+                v["writes"] = json!(writes);
+            }
         }
         Outcome::Retry { reason, delay } => {
             v["outcome"] = json!("retry");

@@ -29,6 +29,7 @@ pub use crate::admin::AdminConfig;
 pub use crate::amqp::AmqpSection;
 pub use crate::buffer::SpoolConfig;
 pub use crate::dispatch::DispatchConfig;
+use crate::kv::KvConfig;
 use crate::plugins::manifest::Subscription;
 pub use crate::plugins::{LimitsOverride, RuntimeConfig};
 pub use crate::secret::Secret;
@@ -44,6 +45,8 @@ pub const EXIT_CONFIG: u8 = 78;
 pub struct Config {
     pub amqp: AmqpSection,
     pub spool: SpoolConfig,
+    /// Plugins' key-value state (`[kv]`).
+    pub kv: KvConfig,
     pub plugins: PluginsSection,
     /// Per-plugin overrides, by manifest name (`[plugin.<name>]`).
     pub plugin: BTreeMap<String, PluginOverride>,
@@ -210,6 +213,7 @@ fn source_name(p: &Option<PathBuf>) -> String {
 const SECTIONS: &[&str] = &[
     "amqp",
     "spool",
+    "kv",
     "plugins",
     "plugin",
     "dispatch",
@@ -287,6 +291,7 @@ impl Config {
         let mut cfg = Config {
             amqp: section(&root, "amqp", &mut problems),
             spool: section(&root, "spool", &mut problems),
+            kv: section(&root, "kv", &mut problems),
             plugins: section(&root, "plugins", &mut problems),
             plugin: BTreeMap::new(),
             dispatch: section(&root, "dispatch", &mut problems),
@@ -319,6 +324,7 @@ impl Config {
     fn problems(&self) -> Vec<String> {
         let mut out = self.amqp.problems();
         out.extend(self.spool.problems());
+        out.extend(self.kv.problems());
         out.extend(self.plugins.runtime.problems());
         for (name, o) in &self.plugin {
             out.extend(o.problems(name));

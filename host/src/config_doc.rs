@@ -27,6 +27,7 @@ pub fn render(config: &Config, source: &str) -> String {
     );
     section(&mut out, "amqp", &config.amqp);
     section(&mut out, "spool", &config.spool);
+    section(&mut out, "kv", &config.kv);
     section(&mut out, "plugins", &config.plugins);
     section(&mut out, "plugins.runtime", &config.plugins.runtime);
     if config.plugin.is_empty() {

@@ -13,6 +13,8 @@
 //! - [`amqp`]: connection supervisor, topology registry, consumers,
 //!   confirmed publisher.
 //! - [`buffer`]: Sentinel discovery, the Redis Stream spool and its drainer.
+//! - [`kv`]: plugins' key-value state on Redis, committed with the
+//!   delivery.
 //! - [`config`]: `warren.toml`: the tree of the subsystems' own sections,
 //!   env overrides, validation.
 //! - [`config_doc`]: `warren config` — the effective configuration as
@@ -43,6 +45,7 @@ pub mod cli;
 pub mod config;
 pub mod config_doc;
 pub mod dispatch;
+pub mod kv;
 pub mod message;
 pub mod new;
 pub mod plugins;

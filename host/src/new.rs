@@ -27,6 +27,7 @@ pub const COMPONENTIZE_QJS: &str = "0.4.5";
 const WIT: &str = include_str!("../../wit/plugin.wit");
 const RUST_SDK: &str = include_str!("../../plugins/sdk/src/lib.rs");
 const RUST_SDK_HTTP: &str = include_str!("../../plugins/sdk/src/http.rs");
+const RUST_SDK_KV: &str = include_str!("../../plugins/sdk/src/kv.rs");
 /// The standard WASI packages the contract imports, beside `plugin.wit`.
 const WIT_DEPS: &[(&str, &str)] = &[
     ("cli.wit", include_str!("../../wit/deps/cli.wit")),
@@ -115,6 +116,7 @@ const RUST_FILES: &[(&str, Source)] = &[
     ),
     ("warren-sdk/src/lib.rs", Source::Verbatim(RUST_SDK)),
     ("warren-sdk/src/http.rs", Source::Verbatim(RUST_SDK_HTTP)),
+    ("warren-sdk/src/kv.rs", Source::Verbatim(RUST_SDK_KV)),
     ("warren-sdk/wit/plugin.wit", Source::Verbatim(WIT)),
     (
         "README.md",

@@ -33,6 +33,7 @@ async fn example(rt: &PluginRuntime, lang: Impl, name: &str, s: PluginSettings) 
 /// `role` for the other languages. `pairs` is more host config.
 async fn fixture(rt: &PluginRuntime, lang: Impl, role: &str, pairs: &[(&str, &str)]) -> Plugin {
     match lang {
+        Impl::Rust if role == "kv" => example(rt, lang, "kv-user", settings(pairs)).await,
         Impl::Rust => example(rt, lang, role, settings(pairs)).await,
         Impl::Other(_) => {
             let mut s = settings(pairs);
@@ -169,6 +170,77 @@ async fn sandbox_denies_files_environment_and_network(lang: Impl) {
     assert_eq!(report["env_count"], 0, "{report}");
 }
 
+/// A runtime whose plugins keep their state in memory.
+fn runtime_with_state() -> PluginRuntime {
+    let limits = warren::kv::KvConfig::default().limits();
+    PluginRuntime::with_kv(
+        warren::plugins::RuntimeConfig::default(),
+        Some(warren::kv::Store::memory(limits)),
+    )
+    .expect("runtime")
+}
+
+/// Run `commands` through the kv fixture: the texts it published and its
+/// outcome; the writes of an ack are committed, as dispatch does.
+async fn kv_run(p: &Plugin, commands: &str) -> (Vec<String>, Outcome) {
+    let outcome = p.invoke(&delivery(commands)).await;
+    let mut said = Vec::new();
+    if let Outcome::Ack { outputs, writes } = &outcome {
+        said = outputs
+            .iter()
+            .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+            .collect();
+        p.kv()
+            .expect("namespace")
+            .commit(writes)
+            .await
+            .expect("commit");
+    }
+    (said, outcome)
+}
+
+async fn state_reads_its_own_writes_and_commits_only_with_success(lang: Impl) {
+    let rt = runtime_with_state();
+    let p = fixture(&rt, lang, "kv", &[]).await;
+    assert!(p.manifest().state);
+    let (said, _) = kv_run(&p, "set a 1; get a; inc n 2; inc n 3; get n; del a; get a").await;
+    assert_eq!(said, ["a=1", "n+=2 -> 2", "n+=3 -> 5", "n=5", "a=(none)"]);
+    let (said, _) = kv_run(&p, "get n; get a; inc n -1").await;
+    assert_eq!(said, ["n=5", "a=(none)", "n+=-1 -> 4"]);
+    // A retry and a trap discard their writes.
+    let (_, o) = kv_run(&p, "inc n 100; set b 1; retry").await;
+    assert!(matches!(o, Outcome::Retry { .. }), "{o:?}");
+    let (_, o) = kv_run(&p, "inc n 100; panic").await;
+    assert!(matches!(o, Outcome::Trapped { .. }), "{o:?}");
+    let (said, _) = kv_run(&p, "get n; get b").await;
+    assert_eq!(said, ["n=4", "b=(none)"]);
+    let status = p.kv().expect("namespace").status().await;
+    assert_eq!(
+        (status.keys, status.commits, status.discarded_writes),
+        (Some(1), 2, 3),
+        "{status:?}"
+    );
+}
+
+async fn state_limits_are_refused_naming_the_limit(lang: Impl) {
+    let rt = runtime_with_state();
+    let p = fixture(&rt, lang, "kv", &[]).await;
+    let (said, _) = kv_run(&p, "big-key; big-value; set y z; inc y 1").await;
+    assert_eq!(said.len(), 3, "{said:?}");
+    assert!(
+        said[0].starts_with("error: limit-exceeded:") && said[0].contains("kv.max-key-bytes"),
+        "{said:?}"
+    );
+    assert!(
+        said[1].starts_with("error: limit-exceeded:") && said[1].contains("kv.max-value-bytes"),
+        "{said:?}"
+    );
+    assert!(
+        said[2].starts_with("error: invalid:") && said[2].contains("not a decimal integer"),
+        "{said:?}"
+    );
+}
+
 /// `NAME(lang)` as a test in `contract::rust`, `contract::python` and
 /// `contract::js`.
 macro_rules! for_every_language {
@@ -200,7 +272,27 @@ for_every_language!(
     an_exception_or_panic_traps_with_a_readable_reason,
     retry_reports_the_attempt,
     sandbox_denies_files_environment_and_network,
+    state_reads_its_own_writes_and_commits_only_with_success,
+    state_limits_are_refused_naming_the_limit,
 );
+
+/// The standard `wasi:keyvalue` (a Rust guest's bindings) over the same
+/// state: read-your-writes, the unsigned increment, and keys listed as the
+/// delivery sees them.
+#[tokio::test]
+async fn wasi_keyvalue_sees_the_same_state() {
+    let rt = runtime_with_state();
+    let p = fixture(&rt, Impl::Rust, "kv", &[]).await;
+    let (said, _) = kv_run(
+        &p,
+        "set a 1; wasi-inc a 4; wasi-get a; wasi-set b x; wasi-list",
+    )
+    .await;
+    assert_eq!(said, ["a+=4 -> 5", "a=5", "b set", "keys=a,b"]);
+    let (said, _) = kv_run(&p, "del a; wasi-list; get b; wasi-inc b 1").await;
+    assert_eq!(said[..2], ["keys=b", "b=x"]);
+    assert!(said[2].starts_with("error: "), "{said:?}");
+}
 
 /// README's "Writing a plugin" shows the Python and JavaScript routers as
 /// the files are (after their header comment), so what a reader copies is

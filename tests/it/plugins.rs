@@ -49,7 +49,7 @@ pub(crate) fn delivery(body: &str) -> Delivery {
 
 pub(crate) fn outputs(o: Outcome) -> Vec<warren::message::OutboundMessage> {
     match o {
-        Outcome::Ack { outputs } => outputs,
+        Outcome::Ack { outputs, .. } => outputs,
         other => panic!("expected ack, got {other:?}"),
     }
 }
@@ -432,7 +432,7 @@ async fn counts(plugin: &Plugin, bodies: &[&str]) -> Vec<Option<String>> {
     let mut out = Vec::new();
     for b in bodies {
         out.push(match plugin.invoke(&delivery(b)).await {
-            Outcome::Ack { outputs } => {
+            Outcome::Ack { outputs, .. } => {
                 Some(String::from_utf8_lossy(&outputs[0].body).into_owned())
             }
             _ => None,

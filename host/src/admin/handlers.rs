@@ -209,6 +209,8 @@ pub(crate) struct PluginView {
     pub instance: crate::plugins::InstancePolicy,
     /// What it may call: manifest origins granted, operator grants.
     pub outbound: crate::plugins::outbound::Grants,
+    /// Whether it uses key-value state (its manifest's `state`).
+    pub state: bool,
 }
 
 pub(crate) fn plugin_views(app: &crate::app::AppHandle) -> Vec<PluginView> {
@@ -229,6 +231,7 @@ pub(crate) fn plugin_views(app: &crate::app::AppHandle) -> Vec<PluginView> {
             memory_floor_bytes: p.memory_floor(),
             instance: p.instance_policy(),
             outbound: p.grants().clone(),
+            state: p.manifest().state,
             name,
         })
         .collect()

@@ -49,6 +49,7 @@ pub(crate) fn describe_all() {
     use metrics::describe_gauge;
     crate::amqp::metrics::describe();
     crate::buffer::metric::describe();
+    crate::kv::metric::describe();
     crate::dispatch::metric::describe();
     describe_gauge!(
         CONNECTION_STATE,

@@ -23,6 +23,10 @@ pub(crate) struct Status {
     pub plugins: Vec<super::handlers::PluginView>,
     pub routes: Vec<RouteInfo>,
     pub failed_plugins: Vec<FailedPlugin>,
+    /// Key-value state by plugin (those with `state` loaded since start):
+    /// keys and bytes held (null when Redis did not answer), commits,
+    /// keys written, discarded write calls.
+    pub kv: std::collections::BTreeMap<String, crate::kv::KvPluginStatus>,
     /// Components loaded from the compile cache and compiled since start
     /// (absent with the cache off).
     pub compile_cache: Option<crate::plugins::CompileCacheStats>,
@@ -203,6 +207,9 @@ impl Status {
             plugins: super::handlers::plugin_views(app),
             routes: app.dispatcher.route_info(),
             failed_plugins: app.failed_plugins(),
+            kv: tokio::time::timeout(Duration::from_secs(1), app.kv.status())
+                .await
+                .unwrap_or_default(),
             compile_cache: app.reloader.runtime().compile_cache_stats(),
         }
     }

@@ -47,6 +47,8 @@ pub use adopt::Adopter;
 pub use config::{DrainerConfig, SpoolConfig};
 pub use drainer::{DrainPublisher, Drainer, DrainerHandle, FnPublisher};
 pub use error::SpoolError;
+/// Primary discovery, shared with the key-value store (`crate::kv`).
+pub(crate) use sentinel::Primary;
 pub use spool::{Adoption, DrainStats, DrainerState, EntryId, Spool, SpoolHandle, SpoolStatus};
 
 /// Metric names (Prometheus), defined in one place. No labels: one spool

@@ -3,10 +3,13 @@
 //!
 //! Per delivery: take the plugin's concurrency permit, invoke a fresh
 //! instance, then
-//! - `ack`: publish the outputs through the outbox, in order, then ack. If
-//!   neither the broker nor the spool takes an output, keep trying (the
-//!   permit stays held, so consumption pauses) until one does, or until the
-//!   delivery's channel is gone (the broker redelivers it);
+//! - `ack`: publish the outputs through the outbox, in order, then commit
+//!   the key-value writes, then ack. If neither the broker nor the spool
+//!   takes an output, or Redis does not take the writes, keep trying (the
+//!   permit stays held, so consumption pauses) until it does, or until the
+//!   delivery's channel is gone (the broker redelivers it). Writes that
+//!   Redis refuses (an increment of a value another delivery made a
+//!   non-integer) settle the delivery like a `retry`;
 //! - `retry`: republish a copy with the next attempt number to the retry
 //!   queue, then ack; past the attempt limit, dead-letter;
 //! - `reject` or a trap: dead-letter with plugin, version, reason and
@@ -169,20 +172,18 @@ async fn handle_in_span(
         Outcome::Ack { .. } | Outcome::Retry { .. } => {}
     }
 
+    let mut writes = crate::kv::Writes::default();
     let mut settle: Vec<OutboundMessage> = match outcome {
-        Outcome::Ack { outputs } => outputs,
+        Outcome::Ack { outputs, writes: w } => {
+            writes = w;
+            outputs
+        }
         Outcome::Retry { reason, delay } if attempt < ctx.max_attempts => {
             vec![retry_copy(ctx, &input, attempt + 1, &reason, delay)]
         }
-        Outcome::Retry { reason, .. } => vec![dead_letter(
-            ctx,
-            plugin,
-            &input,
-            attempt,
-            "retries-exhausted",
-            None,
-            &format!("gave up after {attempt} attempts: {reason}"),
-        )],
+        Outcome::Retry { reason, .. } => {
+            vec![retry_or_dead_letter(ctx, plugin, &input, attempt, &reason)]
+        }
         Outcome::Reject { reason } => {
             vec![dead_letter(
                 ctx, plugin, &input, attempt, "reject", None, &reason,
@@ -201,7 +202,18 @@ async fn handle_in_span(
             )]
         }
     };
-    if publish_all(ctx, &mut settle, &d.properties, trace, &d.acker).await {
+    let mut settled = publish_all(ctx, &mut settle, &d.properties, trace, &d.acker).await;
+    if settled && !writes.is_empty() {
+        settled = match commit_writes(ctx, plugin, &writes, &d.acker).await {
+            Committed::Yes => true,
+            Committed::Gone => false,
+            Committed::Refused(reason) => {
+                let mut again = vec![retry_or_dead_letter(ctx, plugin, &input, attempt, &reason)];
+                publish_all(ctx, &mut again, &d.properties, trace, &d.acker).await
+            }
+        };
+    }
+    if settled {
         if d.acker.ack() == AckOutcome::Stale {
             metric::stale_settle(&ctx.queue);
         }
@@ -262,6 +274,84 @@ async fn publish_all(
         }
     }
     true
+}
+
+/// How a delivery's key-value commit ended.
+enum Committed {
+    Yes,
+    /// Redis refused the writes (nothing written): the reason.
+    Refused(String),
+    /// The delivery's channel went away first; it will be redelivered.
+    Gone,
+}
+
+/// Commit `writes` under a `commit` span: keep trying while Redis cannot
+/// take them (the delivery is held, never acked without its writes).
+async fn commit_writes(
+    ctx: &RouteContext,
+    plugin: &Plugin,
+    writes: &crate::kv::Writes,
+    acker: &amqp::DeliveryAcker,
+) -> Committed {
+    let Some(ns) = plugin.kv() else {
+        // Unreachable in practice: a plugin without a namespace has no
+        // writes. Refused, so the delivery is retried, not acked.
+        return Committed::Refused("key-value state is not available".into());
+    };
+    let span = tracing::debug_span!(
+        "commit",
+        "otel.name" = "commit",
+        "warren.plugin" = plugin.name(),
+        "warren.kv.keys" = writes.len(),
+    );
+    let mut delay = Backoff::new(BackoffConfig {
+        initial: Duration::from_millis(50),
+        max: Duration::from_secs(2),
+    });
+    let mut warned = false;
+    loop {
+        match ns.commit(writes).instrument(span.clone()).await {
+            Ok(()) => return Committed::Yes,
+            Err(crate::kv::KvError::Unavailable(e)) => {
+                if !acker.is_current() {
+                    return Committed::Gone;
+                }
+                if !warned {
+                    warn!(queue = %ctx.queue, plugin = plugin.name(), error = %e, "Redis does not take the delivery's key-value writes; holding the delivery and retrying.");
+                    warned = true;
+                }
+                tokio::time::sleep(delay.next_fixed()).await;
+            }
+            Err(e) => {
+                telemetry::set_error(&span, "kv_commit_refused", &e.to_string());
+                return Committed::Refused(format!("key-value commit refused: {e}"));
+            }
+        }
+    }
+}
+
+/// What a failed delivery becomes: a retry copy while attempts remain,
+/// else a dead letter.
+fn retry_or_dead_letter(
+    ctx: &RouteContext,
+    plugin: &Plugin,
+    d: &plugins::Delivery,
+    attempt: u32,
+    reason: &str,
+) -> OutboundMessage {
+    if attempt < ctx.max_attempts {
+        retry_copy(ctx, d, attempt + 1, reason, None)
+    } else {
+        dead_letter(
+            ctx,
+            plugin,
+            d,
+            attempt,
+            "retries-exhausted",
+            None,
+            &format!("gave up after {attempt} attempts: {reason}"),
+        )
+    }
 }
 
 /// The delivery `d` again, for the retry tier of `requested` (the delay

@@ -11,14 +11,20 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::kv::Writes;
 use crate::message::OutboundMessage;
 
 /// The result of handling one delivery.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum Outcome {
-    /// `handle` returned `ok`: publish `outputs`, then acknowledge.
-    Ack { outputs: Vec<OutboundMessage> },
+    /// `handle` returned `ok`: publish `outputs`, commit `writes` (the
+    /// key-value writes), then acknowledge.
+    Ack {
+        outputs: Vec<OutboundMessage>,
+        #[serde(skip_serializing_if = "Writes::is_empty")]
+        writes: Writes,
+    },
     /// A transient failure: deliver again later (bounded by attempts),
     /// after `delay` if the plugin asked for one, else after the
     /// configured backoff for the next attempt. The delay is honoured to

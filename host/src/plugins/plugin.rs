@@ -17,7 +17,7 @@ use wasmtime::component::{Component, ComponentExportIndex, TypedFunc};
 
 use super::bindings::{self as wit, PluginWorldPre};
 use super::footprint::Footprint;
-use super::instance::{Ident, Invocation, PluginConfig};
+use super::instance::{Ident, Invocation, KvAccess, PluginConfig};
 use super::limits::{Limits, LimitsOverride};
 use super::manifest::Manifest;
 use super::outbound::{Grants, OperatorGrants, Outbound, OutboundDefaults};
@@ -113,6 +113,8 @@ struct PluginInner {
     config: Arc<PluginConfig>,
     /// Outbound HTTP: grants, client pool and limits, shared by instances.
     outbound: Arc<Outbound>,
+    /// Key-value state: the plugin's namespace, or why it has none.
+    kv: KvAccess,
     permits: Arc<Semaphore>,
     /// Shared by every version of the plugin with this name.
     counters: Arc<PluginCounters>,
@@ -166,7 +168,7 @@ impl PluginInner {
         // made of the failed call (even a panic over it): the cause is the
         // time, and another attempt may find the service faster.
         if let Some(reason) = inv.budget_spent() {
-            drop(inv.take_outputs());
+            inv.discard();
             let instance = result.ok().map(|(i, _)| i);
             return (
                 Outcome::Retry {
@@ -176,10 +178,11 @@ impl PluginInner {
                 instance,
             );
         }
-        match result {
+        let outcome = match result {
             Ok((instance, Ok(()))) => (
                 Outcome::Ack {
                     outputs: inv.take_outputs(),
+                    writes: inv.take_writes(),
                 },
                 Some(instance),
             ),
@@ -206,7 +209,11 @@ impl PluginInner {
                 let (kind, message) = inv.classify(&e);
                 (Outcome::Trapped { kind, message }, None)
             }
+        };
+        if !matches!(outcome.0, Outcome::Ack { .. }) {
+            inv.discard();
         }
+        outcome
     }
 }
 
@@ -332,6 +339,7 @@ impl PluginRuntime {
         Ok(Plugin {
             inner: Arc::new(PluginInner {
                 runtime: self.clone(),
+                kv: self.kv_access(&manifest),
                 outbound,
                 pre,
                 handle,
@@ -351,6 +359,21 @@ impl PluginRuntime {
                 config: Arc::new(PluginConfig::new(settings.config.clone())),
             }),
         })
+    }
+
+    /// Key-value state for plugin `manifest`: its namespace when it
+    /// declares `state` and this runtime has a store.
+    fn kv_access(&self, manifest: &Manifest) -> KvAccess {
+        match (&self.inner().kv, manifest.state) {
+            (Some(store), true) => KvAccess::Granted(Arc::new(store.namespace(&manifest.name))),
+            (None, true) => KvAccess::Denied(Arc::from(
+                "key-value state is not available here: no store is configured",
+            )),
+            (_, false) => KvAccess::Denied(Arc::from(format!(
+                "plugin {}'s manifest does not declare `state`, so it has no key-value state",
+                manifest.name
+            ))),
+        }
     }
 
     /// The outbound side of plugin `manifest` under `settings`.
@@ -419,19 +442,6 @@ impl PluginRuntime {
         path: &Path,
         component: &Component,
     ) -> Result<(PluginWorldPre<super::instance::State>, ComponentExportIndex), LoadError> {
-        let engine = &self.inner().engine;
-        if let Some((name, _)) = component
-            .component_type()
-            .imports(engine)
-            .find(|(name, _)| NOT_PROVIDED.iter().any(|p| name.starts_with(p)))
-        {
-            return Err(LoadError::WrongWorld {
-                path: path.to_path_buf(),
-                message: format!(
-                    "imports `{name}`, which this Warren does not provide (key-value state is not available in this build)"
-                ),
-            });
-        }
         let pre = self
             .inner()
             .linker
@@ -471,7 +481,14 @@ impl PluginRuntime {
         // Under the largest limits any plugin may get: the manifest says
         // what the plugin asks for, and what it takes here is its floor.
         let limits = self.config().caps();
-        let mut inv = Invocation::new(self.inner(), ident, Arc::default(), None, &limits);
+        let mut inv = Invocation::new(
+            self.inner(),
+            ident,
+            Arc::default(),
+            None,
+            KvAccess::default(),
+            &limits,
+        );
         let result = async {
             let world = pre.instantiate_async(&mut inv.store).await?;
             world
@@ -523,9 +540,6 @@ fn check_floor(path: &Path, floor: u64, limits: &Limits) -> Result<(), LoadError
 pub const CONTRACT_VERSION: &str = "0.3.0";
 /// The exported interface plugins implement.
 const HANDLER: &str = "warren:plugin/handler@0.3.0";
-/// Interfaces of the contract this Warren does not provide yet: a plugin
-/// importing one is refused at load, naming it.
-const NOT_PROVIDED: &[&str] = &["wasi:keyvalue/"];
 /// What every version of that interface's name starts with.
 const HANDLER_ANY_VERSION: &str = "warren:plugin/handler@";
 
@@ -590,6 +604,7 @@ impl Plugin {
         Ok(Plugin {
             inner: Arc::new(PluginInner {
                 runtime: rt.clone(),
+                kv: self.inner.kv.clone(),
                 outbound,
                 pre: self.inner.pre.clone(),
                 handle: self.inner.handle,
@@ -606,6 +621,15 @@ impl Plugin {
                 counters: self.inner.counters.clone(),
             }),
         })
+    }
+
+    /// The plugin's key-value namespace, when it declares `state` and
+    /// the runtime has a store: where its deliveries' writes commit.
+    pub fn kv(&self) -> Option<&crate::kv::Namespace> {
+        match &self.inner.kv {
+            KvAccess::Granted(ns) => Some(ns),
+            KvAccess::Denied(_) => None,
+        }
     }
 
     /// What the plugin may call (manifest origins granted, and the
@@ -665,6 +689,7 @@ impl Plugin {
                     inner.ident.clone(),
                     inner.config.clone(),
                     Some(inner.outbound.clone()),
+                    inner.kv.clone(),
                     &inner.limits,
                 );
                 (inv, None, 0, slot)
@@ -711,6 +736,7 @@ impl Plugin {
             inner.ident.clone(),
             inner.config.clone(),
             Some(inner.outbound.clone()),
+            inner.kv.clone(),
             &limits,
         );
         let world = inner
@@ -736,6 +762,7 @@ impl Plugin {
                 inner.ident.clone(),
                 inner.config.clone(),
                 Some(inner.outbound.clone()),
+                inner.kv.clone(),
                 &inner.limits,
             );
             let b = std::time::Instant::now();

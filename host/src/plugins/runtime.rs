@@ -288,6 +288,8 @@ pub(super) struct RuntimeInner {
     /// The compile cache, when on (a handle on the engine's; shares its
     /// hit and miss counts).
     cache: Option<Cache>,
+    /// The store of plugins that declare `state`, if this runtime has one.
+    pub(super) kv: Option<crate::kv::Store>,
     /// Outcome counters by plugin name; they outlive reloads.
     counters: std::sync::Mutex<BTreeMap<String, Arc<PluginCounters>>>,
     _ticker: EpochTicker,
@@ -302,8 +304,18 @@ impl std::fmt::Debug for PluginRuntime {
 }
 
 impl PluginRuntime {
-    /// Build the engine, the linker and start the epoch ticker.
+    /// Build the engine, the linker and start the epoch ticker. Plugins
+    /// get no key-value store (see [`PluginRuntime::with_kv`]).
     pub fn new(config: RuntimeConfig) -> Result<Self, RuntimeError> {
+        Self::with_kv(config, None)
+    }
+
+    /// [`PluginRuntime::new`], with `kv` as the store of plugins whose
+    /// manifest declares `state`.
+    pub fn with_kv(
+        config: RuntimeConfig,
+        kv: Option<crate::kv::Store>,
+    ) -> Result<Self, RuntimeError> {
         let problems = config.problems();
         if !problems.is_empty() {
             return Err(RuntimeError::InvalidConfig(problems));
@@ -324,6 +336,11 @@ impl PluginRuntime {
             .map_err(|e| RuntimeError::Link(format!("{e:#}")))?;
         PluginWorld::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s)
             .map_err(|e| RuntimeError::Link(format!("{e:#}")))?;
+        super::bindings::keyvalue::Imports::add_to_linker::<State, HasSelf<State>>(
+            &mut linker,
+            |s| s,
+        )
+        .map_err(|e| RuntimeError::Link(format!("{e:#}")))?;
         let ticker = EpochTicker::start(
             engine.clone(),
             Duration::from_millis(config.epoch_tick_ms.into()),
@@ -338,6 +355,7 @@ impl PluginRuntime {
                 pool,
                 outbound_tls,
                 cache,
+                kv,
                 counters: std::sync::Mutex::default(),
                 _ticker: ticker,
             }),

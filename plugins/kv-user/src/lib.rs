@@ -14,6 +14,11 @@
 //! - `retry`: return a retry (`asked to retry`) after all commands;
 //! - `panic`: panic at once (`asked to panic`).
 //!
+//! This Rust fixture also speaks the standard `wasi:keyvalue` (bucket
+//! `default`), for the host's implementation of it:
+//! - `wasi-get K`, `wasi-inc K N` (N unsigned), `wasi-set K V`: as above;
+//! - `wasi-list`: publish `keys=<the first page's keys, sorted, comma-separated>`.
+//!
 //! A key-value error is published as `error: <kind>: <text>` (`kind` is
 //! `limit-exceeded`, `invalid` or `unavailable`) and the next command
 //! runs. Everything is published through the default exchange with routing
@@ -77,9 +82,46 @@ fn run(command: &str) -> Result<Result<Option<String>, kv::Error>, HandleError> 
             ("big-key", None, None) => done(kv::set(&"k".repeat(100_000), "x")),
             ("big-value", None, None) => done(kv::set("big", "v".repeat(2 * 1024 * 1024))),
             ("panic", None, None) => panic!("asked to panic"),
+            (w, ..) if w.starts_with("wasi-") => return Ok(Ok(Some(wasi(command)))),
             _ => return Err(HandleError::reject(format!("unknown command {command:?}"))),
         },
     )
+}
+
+/// A `wasi-*` command through `wasi:keyvalue`: what to publish, errors
+/// included (as `error: <the wasi error>`).
+fn wasi(command: &str) -> String {
+    use warren_sdk::bindings::wasi::keyvalue::{atomics, store};
+    let run = || -> Result<String, store::Error> {
+        let bucket = store::open("default")?;
+        let mut words = command.splitn(3, ' ');
+        Ok(
+            match (words.next().unwrap_or(""), words.next(), words.next()) {
+                ("wasi-get", Some(k), None) => {
+                    let v = bucket.get(k)?;
+                    let v = v.map_or("(none)".into(), |v| {
+                        String::from_utf8_lossy(&v).into_owned()
+                    });
+                    format!("{k}={v}")
+                }
+                ("wasi-set", Some(k), Some(v)) => {
+                    bucket.set(k, v.as_bytes())?;
+                    format!("{k} set")
+                }
+                ("wasi-inc", Some(k), Some(n)) => {
+                    let n: u64 = n.parse().unwrap_or(0);
+                    format!("{k}+={n} -> {}", atomics::increment(&bucket, k, n)?)
+                }
+                ("wasi-list", None, None) => {
+                    let mut keys = bucket.list_keys(None)?.keys;
+                    keys.sort();
+                    format!("keys={}", keys.join(","))
+                }
+                _ => format!("unknown command {command:?}"),
+            },
+        )
+    };
+    run().unwrap_or_else(|e| format!("error: {e:?}"))
 }
 
 warren_sdk::export_plugin!(KvUser);
