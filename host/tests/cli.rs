@@ -148,6 +148,56 @@ fn invoke_runs_one_delivery_and_prints_outcome_and_outputs() {
 }
 
 #[test]
+fn invoke_runs_against_seeded_state_and_prints_the_writes() {
+    let file = wasm("tally").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let seed = dir.path().join("state.json");
+    std::fs::write(&seed, r#"{"count:a": 41, "note": "kept"}"#).unwrap();
+    let out = warren(&[
+        "invoke",
+        path(&file),
+        "--kv-seed",
+        path(&seed),
+        "--body",
+        r#"{"key":"a"}"#,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["outcome"], "ack");
+    assert_eq!(v["outputs"][0]["body"], r#"{"key":"a","seen":42}"#);
+    assert_eq!(v["writes"]["count:a"]["op"], "increment");
+    assert_eq!(v["writes"]["count:a"]["delta"], 1);
+    assert!(v["writes"].get("note").is_none(), "{v}");
+
+    // A failed delivery has no writes to show.
+    let out = warren(&[
+        "invoke",
+        path(&file),
+        "--body",
+        r#"{"key":"a","fail":"trap"}"#,
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["outcome"], "trapped");
+    assert!(v.get("writes").is_none(), "{v}");
+
+    // A seed that is not an object, and a plugin without state, are named.
+    std::fs::write(&seed, "[1]").unwrap();
+    let out = warren(&["invoke", path(&file), "--kv-seed", path(&seed)]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("must be a JSON object"), "{stderr}");
+    std::fs::write(&seed, "{}").unwrap();
+    let echo = wasm("echo").unwrap();
+    let out = warren(&["invoke", path(&echo), "--kv-seed", path(&seed)]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("does not declare `state`"), "{stderr}");
+}
+
+#[test]
 fn invoke_reports_a_trap_and_exits_non_zero() {
     let file = wasm("spin-loop").unwrap();
     let out = warren(&["invoke", path(&file), "--deadline-ms", "100"]);

@@ -313,3 +313,22 @@ fn the_readme_shows_the_python_and_js_routers_as_they_are() {
         );
     }
 }
+
+/// README's "State" shows `tally`'s `handle` as the file has it.
+#[test]
+fn the_readme_shows_tally_s_handle_as_it_is() {
+    let root = warren_it::plugins::repo_root();
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let text = std::fs::read_to_string(root.join("plugins/tally/src/lib.rs")).unwrap();
+    let start = text.find("    fn handle(d: Delivery)").unwrap();
+    let end = start + text[start..].find("\n    }\n").unwrap() + "\n    }\n".len();
+    let handle: String = text[start..end]
+        .lines()
+        .map(|l| l.strip_prefix("    ").unwrap_or(l))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(
+        readme.contains(&format!("```rust\n{handle}```\n")),
+        "README's State section does not show tally's handle as it is:\n{handle}"
+    );
+}

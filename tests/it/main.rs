@@ -48,4 +48,5 @@ mod refusals;
 mod reload;
 mod retries;
 mod run;
+mod state;
 mod wake;

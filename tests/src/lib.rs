@@ -27,4 +27,5 @@ pub mod process;
 pub mod proxy;
 pub mod rabbit;
 pub mod sentinel;
+pub mod tally;
 pub mod wait;

@@ -73,6 +73,9 @@ pub struct KvConfig {
     pub max_write_bytes: usize,
     /// Most deliveries' commits sent in one script call and one `WAIT`.
     pub max_batch: usize,
+    /// How long a read may wait for Redis (a failover in progress) before
+    /// it fails in the guest as `unavailable`, ms.
+    pub read_timeout_ms: u64,
     /// How long one commit may wait for Redis (queueing, a re-resolved
     /// primary, replicas) before the delivery backs off and tries again,
     /// ms. The delivery stays unacknowledged meanwhile.
@@ -94,6 +97,7 @@ impl Default for KvConfig {
             max_writes: l.max_writes,
             max_write_bytes: l.max_write_bytes,
             max_batch: 256,
+            read_timeout_ms: 5000,
             commit_timeout_ms: 5000,
         }
     }
@@ -146,8 +150,8 @@ impl KvConfig {
         if self.max_batch == 0 {
             out.push("kv.max-batch must be at least 1".into());
         }
-        if self.commit_timeout_ms == 0 {
-            out.push("kv.commit-timeout-ms must be at least 1".into());
+        if self.commit_timeout_ms == 0 || self.read_timeout_ms == 0 {
+            out.push("kv.commit-timeout-ms and kv.read-timeout-ms must be at least 1".into());
         }
         if self.password.is_some() && self.password_file.is_some() {
             out.push("kv: set password or password-file, not both".into());

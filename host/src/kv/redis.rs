@@ -16,7 +16,6 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info};
 
 use super::KvConfig;
-use super::store::READ_TIMEOUT;
 use super::txn::{KvError, Op, Writes};
 use crate::backoff::{Backoff, BackoffConfig};
 use crate::buffer::{Primary, SpoolConfig, SpoolError};
@@ -104,6 +103,7 @@ pub(super) struct RedisKv {
     primary: Arc<Primary>,
     tx: mpsc::Sender<Request>,
     commit_timeout: Duration,
+    read_timeout: Duration,
 }
 
 /// One delivery's commit waiting for the writer.
@@ -138,46 +138,63 @@ impl RedisKv {
                 primary,
                 tx,
                 commit_timeout: Duration::from_millis(cfg.commit_timeout_ms),
+                read_timeout: Duration::from_millis(cfg.read_timeout_ms),
             },
             writer,
         ))
     }
 
-    /// Run `f` on the current primary's connection within the read
-    /// timeout; a failure that may mean a failover drops the link.
+    /// Run `f` on the current primary's connection, trying again (a
+    /// failure that may mean a failover drops the link first) until the
+    /// read timeout: a failover of a few seconds delays a read instead of
+    /// failing it, so a plugin does not retry, and dead-letter, its
+    /// deliveries through one.
     async fn on_primary<T, F, Fut>(&self, f: F) -> Result<T, KvError>
     where
-        F: FnOnce(redis::aio::MultiplexedConnection) -> Fut,
+        F: Fn(redis::aio::MultiplexedConnection) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
-        let attempt = async {
-            let link = self.primary.get().await?;
-            match f(link.conn()).await {
-                Ok(v) => Ok(v),
-                Err(e) => {
-                    let e = SpoolError::from_redis(&link.addr, e);
-                    if e.is_failover() {
-                        self.primary.invalidate(link.generation, &e).await;
+        let deadline = tokio::time::Instant::now() + self.read_timeout;
+        let mut backoff = Backoff::new(BackoffConfig {
+            initial: Duration::from_millis(50),
+            max: Duration::from_millis(500),
+        });
+        loop {
+            let attempt = async {
+                let link = self.primary.get().await?;
+                match f(link.conn()).await {
+                    Ok(v) => Ok(v),
+                    Err(e) => {
+                        let e = SpoolError::from_redis(&link.addr, e);
+                        if e.is_failover() {
+                            self.primary.invalidate(link.generation, &e).await;
+                        }
+                        Err(e)
                     }
-                    Err(e)
                 }
+            };
+            let e = match tokio::time::timeout_at(deadline, attempt).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) => e,
+                Err(_) => {
+                    return Err(KvError::Unavailable(format!(
+                        "the state store did not answer in {} ms",
+                        self.read_timeout.as_millis()
+                    )));
+                }
+            };
+            let wake = tokio::time::Instant::now() + backoff.next_fixed();
+            if !e.is_transient() || wake >= deadline {
+                return Err(KvError::Unavailable(format!("the state store: {e}")));
             }
-        };
-        match tokio::time::timeout(READ_TIMEOUT, attempt).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(KvError::Unavailable(format!("the state store: {e}"))),
-            Err(_) => Err(KvError::Unavailable(format!(
-                "the state store did not answer in {} ms",
-                READ_TIMEOUT.as_millis()
-            ))),
+            tokio::time::sleep_until(wake).await;
         }
     }
 
     pub(super) async fn get(&self, full: &str) -> Result<Option<Vec<u8>>, KvError> {
-        let key = full.to_owned();
         self.on_primary(|mut c| async move {
             redis::cmd("GET")
-                .arg(&key)
+                .arg(full)
                 .query_async::<Option<Vec<u8>>>(&mut c)
                 .await
         })
@@ -189,12 +206,12 @@ impl RedisKv {
         prefix: &str,
         cursor: u64,
     ) -> Result<(Vec<String>, u64), KvError> {
-        let pattern = format!("{prefix}*");
+        let pattern = &format!("{prefix}*");
         self.on_primary(|mut c| async move {
             let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
                 .arg(cursor)
                 .arg("MATCH")
-                .arg(&pattern)
+                .arg(pattern)
                 .arg("COUNT")
                 .arg(200)
                 .query_async(&mut c)
@@ -206,11 +223,10 @@ impl RedisKv {
 
     /// The key and byte counts in `meta`; `None` when Redis cannot say.
     pub(super) async fn meta(&self, meta: &str) -> (Option<i64>, Option<i64>) {
-        let key = meta.to_owned();
         let r = self
             .on_primary(|mut c| async move {
                 redis::cmd("HMGET")
-                    .arg(&key)
+                    .arg(meta)
                     .arg("keys")
                     .arg("bytes")
                     .query_async::<(Option<i64>, Option<i64>)>(&mut c)

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -277,10 +277,6 @@ impl Namespace {
         }
     }
 }
-
-/// How long a read may take before the guest is told the store is
-/// unavailable.
-pub(super) const READ_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// [`Namespace::commit`] on a map: check every increment, then apply.
 fn commit_in_memory(

@@ -1,7 +1,8 @@
 //! Example plugin `tally`: counts deliveries per key in the plugin's
 //! key-value state, and shows that the count follows the delivery. The body
 //! is `{"key": "a", "fail": null}`; the plugin increments `count:a` and
-//! publishes `{"key": "a", "seen": <count>}` to `tally.out`.
+//! publishes `{"key": "a", "seen": <count>}` to `tally.out` (or the queue
+//! named by host config `routing-key`).
 //!
 //! `fail` makes a delivery fail after its increment: `"retry-once"`
 //! retries its first attempt, `"trap"` panics. Neither failure counts: the
@@ -41,7 +42,8 @@ impl Plugin for Tally {
             _ => {}
         }
         let body = serde_json::json!({ "key": req.key, "seen": seen });
-        warren_sdk::publish(Message::new("", "tally.out", body.to_string()))?;
+        let out = warren_sdk::config("routing-key").unwrap_or_else(|| "tally.out".into());
+        warren_sdk::publish(Message::new("", &out, body.to_string()))?;
         Ok(())
     }
 }
