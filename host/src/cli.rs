@@ -358,13 +358,12 @@ pub async fn invoke(args: InvokeArgs) -> ExitCode {
         redelivered: args.redelivered,
         attempt: args.attempt,
     };
-    let outcome = plugin.invoke(&delivery).await;
-    print_json(&outcome_json(
-        plugin.path(),
-        plugin.name(),
-        plugin.version(),
-        &outcome,
-    ));
+    let (outcome, calls) = plugin.invoke_with_calls(&delivery).await;
+    let mut printed = outcome_json(plugin.path(), plugin.name(), plugin.version(), &outcome);
+    if !calls.is_empty() {
+        printed["calls"] = json!(calls);
+    }
+    print_json(&printed);
     match outcome {
         Outcome::Ack { .. } => ExitCode::SUCCESS,
         _ => ExitCode::FAILURE,

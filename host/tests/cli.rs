@@ -303,6 +303,16 @@ fn invoke_calls_out_only_under_allow_outbound() {
         v["reason"].as_str().unwrap().contains("origin-not-granted"),
         "{v}"
     );
+    // Each call is printed beside the outputs, refused ones too.
+    assert_eq!(v["calls"][0]["method"], "GET", "{v}");
+    assert_eq!(v["calls"][0]["url"], url, "{v}");
+    assert!(
+        v["calls"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("origin-not-granted"),
+        "{v}"
+    );
     let out = warren(&[
         "invoke",
         path(&file),
@@ -314,4 +324,6 @@ fn invoke_calls_out_only_under_allow_outbound() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(v["outcome"], "ack", "{v}");
     assert_eq!(v["outputs"][0]["body"], "pong", "{v}");
+    assert_eq!(v["calls"][0]["status"], 200, "{v}");
+    assert!(v["calls"][0]["elapsed_ms"].is_u64(), "{v}");
 }

@@ -407,10 +407,11 @@ async fn wasi_http_calls_meet_the_same_grants() {
     assert!(reject_reason(&o).contains("origin-not-granted"), "{o:?}");
 }
 
-/// A secret given as `{ file = .. }` reaches the plugin through
-/// `wasi:config/store`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_secret_from_a_file_reaches_the_plugin_through_wasi_config() {
+for_every_language!(a_secret_from_a_file_reaches_the_plugin);
+/// A secret given as `{ file = .. }` reaches the plugin: Rust reads it
+/// through `wasi:config/store`, Python and JavaScript through their SDK's
+/// `secret`.
+async fn a_secret_from_a_file_reaches_the_plugin(lang: Option<Lang>) {
     let addr = server().await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("token");
@@ -421,13 +422,20 @@ async fn a_secret_from_a_file_reaches_the_plugin_through_wasi_config() {
         addr.port()
     ))
     .unwrap();
-    let s = PluginSettings {
+    let mut s = PluginSettings {
         config: overrides.config_strings(),
         allow_outbound: overrides.allow_outbound.clone(),
         ..PluginSettings::default()
     };
+    let path = match lang {
+        None => wasm("caller").unwrap(),
+        Some(l) => {
+            s.config.insert("mode".into(), "caller".into());
+            polyglot_wasm(l, "fixture").unwrap()
+        }
+    };
     let rt = runtime();
-    let p = rt.load_file(&wasm("caller").unwrap(), &s).await.unwrap();
+    let p = rt.load_file(&path, &s).await.unwrap();
     let out = p
         .invoke(&delivery(&format!("http://api.test:{}/ok", addr.port())))
         .await;
@@ -516,6 +524,26 @@ async fn a_429_comes_back_after_its_retry_after(target: warren_it::rabbit::Share
     assert!(
         took >= Duration::from_secs(2) && took <= Duration::from_secs(4),
         "came back after {took:?}"
+    );
+    // Each call is counted by plugin, origin and status class, and timed.
+    let m = crate::admin::scrape(app.admin_addr()).await;
+    let origin = format!("http://api.test:{port}");
+    for class in ["4xx", "2xx"] {
+        let labels = [
+            ("plugin", "caller"),
+            ("origin", origin.as_str()),
+            ("status", class),
+        ];
+        assert_eq!(
+            crate::admin::metric(&m, "warren_plugin_outbound_calls_total", &labels),
+            1.0,
+            "{class}"
+        );
+    }
+    let labels = [("plugin", "caller"), ("origin", origin.as_str())];
+    assert_eq!(
+        crate::admin::metric(&m, "warren_plugin_outbound_seconds_count", &labels),
+        2.0
     );
 
     app.shutdown().await;

@@ -99,6 +99,20 @@ struct HttpHooks {
     budget: Option<Budget>,
     /// Set when a call found the budget spent: the delivery is retried.
     spent: Arc<AtomicBool>,
+    /// The calls of the delivery in flight, for `warren invoke`.
+    calls: Arc<std::sync::Mutex<Vec<CallRecord>>>,
+}
+
+/// One outbound call as `warren invoke` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CallRecord {
+    pub method: String,
+    pub url: String,
+    /// The response's status, when there was one.
+    pub status: Option<u16>,
+    /// Why there was none.
+    pub error: Option<String>,
+    pub elapsed_ms: u64,
 }
 
 impl HttpHooks {
@@ -111,17 +125,30 @@ impl HttpHooks {
         let outbound = self.outbound.clone();
         let budget = self.budget;
         let spent = self.spent.clone();
+        let calls = self.calls.clone();
         async move {
-            let Some(outbound) = outbound else {
-                return Err(CallError::Denied(
+            let started = std::time::Instant::now();
+            let (method, url) = (req.method.clone(), req.url.clone());
+            let r = match outbound {
+                None => Err(CallError::Denied(
                     "denied by rule `no-outbound`: outbound calls are not available here".into(),
-                ));
+                )),
+                Some(outbound) => {
+                    let mut now_spent = false;
+                    let r = outbound.call(req, budget, &mut now_spent).await;
+                    if now_spent {
+                        spent.store(true, Ordering::Relaxed);
+                    }
+                    r
+                }
             };
-            let mut now_spent = false;
-            let r = outbound.call(req, budget, &mut now_spent).await;
-            if now_spent {
-                spent.store(true, Ordering::Relaxed);
-            }
+            crate::sync::lock(&calls).push(CallRecord {
+                method,
+                url,
+                status: r.as_ref().ok().map(|r| r.status),
+                error: r.as_ref().err().map(ToString::to_string),
+                elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            });
             r
         }
     }
@@ -154,6 +181,7 @@ impl wasmtime_wasi_http::WasiHttpHooks for HttpHooks {
             wall: self.wall,
             budget: self.budget,
             spent: self.spent.clone(),
+            calls: self.calls.clone(),
         };
         Box::new(async move {
             let (parts, body) = request.into_parts();
@@ -334,6 +362,7 @@ impl Invocation {
                 wall: limits.wall_deadline,
                 budget: None,
                 spent: Arc::default(),
+                calls: Arc::default(),
             },
             kv: KvState {
                 txn: Txn::new(match &kv {
@@ -383,6 +412,12 @@ impl Invocation {
             total: state.http.wall,
         });
         state.http.spent = Arc::default();
+        crate::sync::lock(&state.http.calls).clear();
+    }
+
+    /// The outbound calls the delivery made.
+    pub(crate) fn take_calls(&mut self) -> Vec<CallRecord> {
+        std::mem::take(&mut *crate::sync::lock(&self.store.data().http.calls))
     }
 
     /// Why this delivery must be retried whatever `handle` returned: an

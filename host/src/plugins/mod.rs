@@ -27,6 +27,7 @@ mod properties;
 pub mod runtime;
 
 pub use directory::DirectoryError;
+pub use instance::CallRecord;
 pub use limits::{Limits, LimitsOverride};
 pub use manifest::Manifest;
 pub use outcome::{LoadError, Outcome, TrapKind};

@@ -669,6 +669,23 @@ impl Plugin {
     /// [`InstancePolicy::Reuse`] in an idle one. Never fails: every fault is
     /// an [`Outcome::Trapped`].
     pub async fn invoke(&self, delivery: &Delivery) -> Outcome {
+        self.invoke_recording(delivery, false).await.0
+    }
+
+    /// [`Plugin::invoke`], with the outbound calls the delivery made
+    /// (`warren invoke` prints them).
+    pub async fn invoke_with_calls(
+        &self,
+        delivery: &Delivery,
+    ) -> (Outcome, Vec<super::instance::CallRecord>) {
+        self.invoke_recording(delivery, true).await
+    }
+
+    async fn invoke_recording(
+        &self,
+        delivery: &Delivery,
+        record: bool,
+    ) -> (Outcome, Vec<super::instance::CallRecord>) {
         let inner = &*self.inner;
         let rt = inner.runtime.inner();
         let warm = match inner.policy {
@@ -679,10 +696,11 @@ impl Plugin {
             Some(w) => (w.inv, Some(w.instance), w.served, w._slot),
             None => {
                 let Ok(slot) = rt.pool.admit(&inner.footprint).await else {
-                    return Outcome::Trapped {
+                    let outcome = Outcome::Trapped {
                         kind: super::outcome::TrapKind::Other,
                         message: "plugin runtime is shutting down".into(),
                     };
+                    return (outcome, Vec::new());
                 };
                 let inv = Invocation::new(
                     rt,
@@ -697,6 +715,7 @@ impl Plugin {
         };
         inv.begin_call();
         let (outcome, instance) = inner.call_handle(&mut inv, instance, delivery).await;
+        let calls = if record { inv.take_calls() } else { Vec::new() };
         if let (InstancePolicy::Reuse { max_deliveries }, Some(instance)) = (inner.policy, instance)
             && served + 1 < max_deliveries
         {
@@ -707,7 +726,7 @@ impl Plugin {
                 _slot: slot,
             });
         }
-        outcome
+        (outcome, calls)
     }
 
     /// How deliveries get their instance.

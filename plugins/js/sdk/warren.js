@@ -380,6 +380,20 @@ export function config(key) {
   return host.config(key) ?? null;
 }
 
+/**
+ * A secret the operator gives the plugin in `[plugin.<name>] config` (as
+ * `{ file = ".." }` or `{ env = ".." }`; Warren never shows its value).
+ * Throws Reject, naming the key, when it is not configured: no delivery
+ * can succeed until the operator sets it. Never log it.
+ */
+export function secret(key) {
+  const value = host.config(key);
+  if (value === undefined || value === null) {
+    throw new Reject(`secret "${key}" is not configured ([plugin.<name>] config)`);
+  }
+  return value;
+}
+
 /** Log through the host; lines carry the plugin's name and version. */
 export const log = {
   debug: (text) => host.log("debug", String(text)),

@@ -332,6 +332,17 @@ def config(key: str):
     return host.config(key)
 
 
+def secret(key: str) -> str:
+    """A secret the operator gives the plugin in ``[plugin.<name>] config``
+    (as ``{ file = ".." }`` or ``{ env = ".." }``; Warren never shows its
+    value). Raises Reject, naming the key, when it is not configured: no
+    delivery can succeed until the operator sets it. Never log it."""
+    value = host.config(key)
+    if value is None:
+        raise Reject(f"secret {key!r} is not configured ([plugin.<name>] config)")
+    return value
+
+
 class HttpError(Exception):
     """An outbound call that produced no response: ``kind`` is ``denied``
     (the message names the rule), ``timeout``, ``too-large``, ``invalid``
