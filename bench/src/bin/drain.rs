@@ -7,12 +7,9 @@
 //! 200,000 × 256 bytes). Needs RabbitMQ on 127.0.0.1:5672 and Redis on
 //! 127.0.0.1:6379.
 
-use std::time::{Duration, Instant};
-
 use anyhow::{Context, Result, bail};
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions};
-use lapin::{BasicProperties, Channel};
-use warren_bench::{connect_shared, count_arg, declare_quorum, drain_lapin, start_warren};
+use lapin::options::QueueDeleteOptions;
+use warren_bench::{connect_shared, count_arg, declare_quorum, drain_lapin, drain_warren, fill};
 use warren_it::broker::inspect;
 
 const BODY: usize = 256;
@@ -43,14 +40,22 @@ async fn main() -> Result<()> {
         let ch = conn.create_channel().await?;
         declare_quorum(&ch, &queue).await?;
         eprintln!("{kind}: filling {queue} with {n} messages…");
-        fill(&ch, &queue, n).await?;
+        fill(&ch, &queue, n, BODY).await?;
         eprintln!("{kind}: draining…");
         let secs = match kind {
             "lapin, ack per message" => drain_lapin(&conn, &queue, n, 1, PREFETCH).await?,
             "lapin, batched acks" => drain_lapin(&conn, &queue, n, BATCH, PREFETCH).await?,
             "pika, ack per message" => drain_pika(&queue, n).await?,
-            "Warren, noop plugin" => drain_warren(&queue, n, "fresh").await?,
-            _ => drain_warren(&queue, n, "reuse").await?,
+            "Warren, noop plugin" => {
+                drain_warren("noop", &queue, n, PREFETCH, "fresh", "")
+                    .await?
+                    .secs
+            }
+            _ => {
+                drain_warren("noop", &queue, n, PREFETCH, "reuse", "")
+                    .await?
+                    .secs
+            }
         };
         let (left, _) = inspect(&conn, &queue).await?;
         ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
@@ -111,33 +116,6 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
-async fn fill(ch: &Channel, queue: &str, n: u64) -> Result<()> {
-    ch.confirm_select(ConfirmSelectOptions::default()).await?;
-    let body = vec![b'x'; BODY];
-    let mut pending = Vec::with_capacity(2000);
-    for _ in 0..n {
-        pending.push(
-            ch.basic_publish(
-                "".into(),
-                queue.into(),
-                BasicPublishOptions::default(),
-                &body,
-                BasicProperties::default().with_delivery_mode(2),
-            )
-            .await?,
-        );
-        if pending.len() == 2000 {
-            for c in pending.drain(..) {
-                c.await?;
-            }
-        }
-    }
-    for c in pending.drain(..) {
-        c.await?;
-    }
-    Ok(())
-}
-
 /// The Python peer: `bench/pika_drain.py` (needs `pip install pika`).
 async fn drain_pika(queue: &str, n: u64) -> Result<f64> {
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pika_drain.py");
@@ -157,47 +135,4 @@ async fn drain_pika(queue: &str, n: u64) -> Result<f64> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
-}
-
-/// All of Warren with the noop plugin under instance policy `instance`
-/// (`fresh` or `reuse`); done when it has acked `n` deliveries (read from
-/// its plugin counters).
-async fn drain_warren(queue: &str, n: u64, instance: &str) -> Result<f64> {
-    let warren = start_warren(
-        &["noop"],
-        &format!(
-            r#"
-            [plugin.noop]
-            instance = "{instance}"
-            subscriptions = [{{ queue = "{queue}", prefetch = {PREFETCH} }}]
-            "#
-        ),
-    )
-    .await?;
-    // Loading and compiling the plugin is start-up, not drain: the clock
-    // starts when the consumer is being registered.
-    let started = Instant::now();
-    // Polled every millisecond: the plugin's own atomic counters, not a
-    // Prometheus render, which cost ~4% of the drain when polled this often.
-    let noop = warren
-        .app
-        .handle()
-        .reloader
-        .plugins()
-        .remove("noop")
-        .context("noop plugin not loaded")?;
-    let before = noop.counters().ack;
-    loop {
-        let done = noop.counters().ack - before;
-        if done >= n {
-            break;
-        }
-        if started.elapsed() > Duration::from_secs(600) {
-            bail!("Warren acked only {done} of {n} in 600 s");
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    let secs = started.elapsed().as_secs_f64();
-    warren.shutdown().await;
-    Ok(secs)
 }
