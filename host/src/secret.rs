@@ -52,6 +52,34 @@ pub fn read_secret_file(key: &str, path: &Path) -> Result<Secret, String> {
     Ok(Secret::new(value))
 }
 
+/// `url` (`scheme://user[:old]@host/...`) with `password` as its password,
+/// percent-encoded; an error, naming `key`, when the URL has no user.
+pub fn with_password(key: &str, url: &str, password: &Secret) -> Result<String, String> {
+    let shown = redact_url(url);
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err(format!("{key} {shown:?} is not a URL"));
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let Some((userinfo, host)) = authority.rsplit_once('@') else {
+        return Err(format!(
+            "{key} {shown:?} names no user, so a password file has no password to set"
+        ));
+    };
+    let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+    let mut encoded = String::new();
+    for b in password.expose().bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            encoded.push(char::from(b));
+        } else {
+            encoded.push_str(&format!("%{b:02X}"));
+        }
+    }
+    Ok(format!("{scheme}://{user}:{encoded}@{host}{path}"))
+}
+
 /// `scheme://user:password@host/...` with the password replaced by
 /// `<redacted>`; a URL without one is returned as it is.
 pub fn redact_url(url: &str) -> String {
@@ -121,6 +149,62 @@ mod tests {
         assert!(e.contains("is empty"), "{e}");
         let e = read_secret_file("spool.password-file", &dir.path().join("nope")).unwrap_err();
         assert!(e.starts_with("cannot read spool.password-file"), "{e}");
+    }
+
+    #[test]
+    fn a_password_file_replaces_the_url_s_password_encoded() {
+        let pw = Secret::new("p@ss:w/rd");
+        assert_eq!(
+            with_password("amqp.url", "amqp://warren:old@h:5672/%2f", &pw).unwrap(),
+            "amqp://warren:p%40ss%3Aw%2Frd@h:5672/%2f"
+        );
+        assert_eq!(
+            with_password("amqp.url", "amqps://warren@h", &pw).unwrap(),
+            "amqps://warren:p%40ss%3Aw%2Frd@h"
+        );
+        let e = with_password("amqp.url", "amqp://h:5672", &pw).unwrap_err();
+        assert!(e.contains("names no user"), "{e}");
+    }
+
+    #[test]
+    fn the_password_and_token_files_are_read_into_the_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("amqp-password");
+        std::fs::write(&pw, "guest\n").unwrap();
+        let amqp = crate::amqp::AmqpSection {
+            url: "amqp://guest:wrong@127.0.0.1:5672/%2f".into(),
+            password_file: Some(pw),
+            ..Default::default()
+        };
+        assert!(amqp.problems().is_empty(), "{:?}", amqp.problems());
+        assert_eq!(
+            amqp.supervisor("main").url,
+            "amqp://guest:guest@127.0.0.1:5672/%2f"
+        );
+        let missing = crate::amqp::AmqpSection {
+            password_file: Some(dir.path().join("nope")),
+            ..Default::default()
+        };
+        assert!(
+            missing
+                .problems()
+                .iter()
+                .any(|p| p.contains("amqp.password-file"))
+        );
+
+        let token = dir.path().join("admin-token");
+        std::fs::write(&token, "0123456789abcdef-token\n").unwrap();
+        let mut admin = crate::admin::AdminConfig {
+            token_file: Some(token),
+            ..Default::default()
+        };
+        assert!(admin.problems().is_empty(), "{:?}", admin.problems());
+        assert_eq!(
+            admin.resolved_token().unwrap().unwrap().expose(),
+            "0123456789abcdef-token"
+        );
+        admin.token = Some(Secret::new("another-token-of-16"));
+        assert!(admin.problems().iter().any(|p| p.contains("not both")));
     }
 
     #[test]

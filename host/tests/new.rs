@@ -19,6 +19,21 @@ fn warren(args: &[&str], dir: &Path) -> Output {
         .expect("run warren")
 }
 
+/// `http://127.0.0.1:<port>`, answering every request with 200.
+fn pong_server() -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut sock in listener.incoming().flatten() {
+            let mut buf = [0u8; 4096];
+            let _ = sock.read(&mut buf);
+            let _ = sock.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\npong");
+        }
+    });
+    format!("http://127.0.0.1:{port}")
+}
+
 fn ok(out: &Output, what: &str) -> String {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
@@ -94,6 +109,29 @@ fn new_project_builds_checks_and_invokes(lang: Lang, flag: &str) {
         "{invoked}"
     );
     assert_eq!(invoked["outputs"][0]["body"], "hello", "{invoked}");
+
+    // The template's call, once configured and granted.
+    let api = pong_server();
+    let invoked: serde_json::Value = serde_json::from_str(&ok(
+        &warren(
+            &[
+                "invoke",
+                wasm,
+                "--body",
+                "hello",
+                "--config",
+                &format!("api-url={api}/orders"),
+                "--allow-outbound",
+                &api,
+            ],
+            &dir,
+        ),
+        "warren invoke with api-url",
+    ))
+    .unwrap();
+    assert_eq!(invoked["outcome"], "ack", "{invoked}");
+    assert_eq!(invoked["calls"][0]["method"], "POST", "{invoked}");
+    assert_eq!(invoked["calls"][0]["status"], 200, "{invoked}");
 
     // A second `warren new` into the same directory is refused.
     let again = warren(&["new", &name, "--lang", flag], tmp.path());

@@ -216,16 +216,27 @@ fn kubernetes_recipe_grace_period_and_scaling_fit_warren() {
         .map(|l| l.strip_prefix("    ").unwrap_or(l))
         .collect::<Vec<_>>()
         .join("\n");
-    // The secret file is the pod's; here a stand-in.
-    let secret = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(secret.path(), "pw\n").unwrap();
-    let toml = toml.replace(
-        "/etc/warren/secrets/redis-password",
-        &secret.path().display().to_string(),
-    );
+    // The secret files are the pod's, mounted from the Secret's keys;
+    // here stand-ins.
+    let secrets = tempfile::tempdir().unwrap();
+    let mut toml = toml;
+    for key in ["amqp-password", "admin-token", "redis-password"] {
+        assert!(
+            deployment.contains(&format!("key: {key}")),
+            "the Deployment mounts {key}"
+        );
+        let path = secrets.path().join(key);
+        std::fs::write(&path, "a-stand-in-of-16-characters\n").unwrap();
+        toml = toml.replace(
+            &format!("/etc/warren/secrets/{key}"),
+            &path.display().to_string(),
+        );
+    }
     let c = warren::config::Config::parse(&toml, Vec::new()).unwrap_or_else(|e| panic!("{e:?}"));
     assert_eq!(c.shutdown.grace_period_ms, grace_ms);
     assert!(c.spool.password_file.is_some());
+    assert!(c.amqp.password_file.is_some());
+    assert!(c.admin.token_file.is_some());
     let scaled = read("scaledobject.yaml");
     for gauge in [
         warren::admin::metric::ROUTE_READY,

@@ -59,6 +59,8 @@ pub struct AdminConfig {
     /// and answer 403 on any other; probes, status and metrics never need
     /// it.
     pub token: Option<Secret>,
+    /// File holding the token (a mounted secret); instead of `token`.
+    pub token_file: Option<std::path::PathBuf>,
     /// Largest request body (plugin uploads), bytes.
     pub max_body_bytes: usize,
 }
@@ -68,6 +70,7 @@ impl Default for AdminConfig {
         Self {
             bind: "127.0.0.1:9090".into(),
             token: None,
+            token_file: None,
             max_body_bytes: 32 << 20,
         }
     }
@@ -83,10 +86,26 @@ impl AdminConfig {
                 self.bind
             ));
         }
-        if self.token.as_ref().is_some_and(|t| t.expose().len() < 16) {
-            out.push("admin.token must be at least 16 characters".into());
+        match self.resolved_token() {
+            Ok(Some(t)) if t.expose().len() < 16 => {
+                out.push("admin.token must be at least 16 characters".into());
+            }
+            Ok(_) => {}
+            Err(e) => out.push(e),
         }
         out
+    }
+
+    /// The token: `token`, or the contents of `token-file`.
+    pub fn resolved_token(&self) -> Result<Option<Secret>, String> {
+        match (&self.token, &self.token_file) {
+            (Some(_), Some(_)) => Err("admin: set token or token-file, not both".into()),
+            (Some(t), None) => Ok(Some(t.clone())),
+            (None, Some(path)) => {
+                crate::secret::read_secret_file("admin.token-file", path).map(Some)
+            }
+            (None, None) => Ok(None),
+        }
     }
 }
 
@@ -118,8 +137,14 @@ pub(crate) enum Mutations {
 
 impl Mutations {
     fn new(config: &AdminConfig) -> Self {
-        match &config.token {
-            Some(t) => Self::Token(Arc::new(t.clone())),
+        // Validation refuses a token file that cannot be read; should it
+        // go missing since, mutations are refused rather than opened.
+        let token = match config.resolved_token() {
+            Ok(t) => t,
+            Err(_) => return Self::Disabled,
+        };
+        match token {
+            Some(t) => Self::Token(Arc::new(t)),
             None if is_loopback(&config.bind) => Self::Open,
             None => Self::Disabled,
         }

@@ -46,6 +46,9 @@ pub struct AmqpSection {
     pub refused_retry_ms: u64,
     /// How often consumers compare broker-side consumer counts, ms.
     pub consumer_check_ms: u64,
+    /// File holding the broker password (a mounted secret), set into
+    /// `url` and every one of `urls` in place of theirs; read at start.
+    pub password_file: Option<std::path::PathBuf>,
 }
 
 impl Default for AmqpSection {
@@ -60,6 +63,7 @@ impl Default for AmqpSection {
             backoff_max_ms: 2_000,
             refused_retry_ms: 250,
             consumer_check_ms: 5_000,
+            password_file: None,
         }
     }
 }
@@ -88,6 +92,9 @@ impl AmqpSection {
                 ));
             }
         }
+        if let Err(e) = self.endpoints() {
+            out.push(e);
+        }
         if self.refused_retry_ms == 0 {
             out.push("amqp.refused-retry-ms must be at least 1".into());
         }
@@ -103,6 +110,23 @@ impl AmqpSection {
             );
         }
         out
+    }
+
+    /// The endpoints: `urls`, else `url`, each with the password of
+    /// `password-file` when one is set.
+    fn endpoints(&self) -> Result<Vec<String>, String> {
+        let urls = if self.urls.is_empty() {
+            vec![self.url.clone()]
+        } else {
+            self.urls.clone()
+        };
+        let Some(path) = &self.password_file else {
+            return Ok(urls);
+        };
+        let password = crate::secret::read_secret_file("amqp.password-file", path)?;
+        urls.iter()
+            .map(|u| crate::secret::with_password("amqp.url", u, &password))
+            .collect()
     }
 
     /// The reconnect backoff these settings give.
@@ -134,16 +158,22 @@ impl AmqpSection {
             backoff_max_ms: ms(c.backoff.max),
             refused_retry_ms: ms(c.refused_retry),
             consumer_check_ms: ms(c.consumer_check_interval),
+            password_file: None,
         }
     }
 
     /// The supervisor's settings for connection `role`: these keys, the
     /// first of `urls` (else `url`) as the primary endpoint.
     pub fn supervisor(&self, role: &str) -> AmqpConfig {
-        let mut urls = self.urls.clone();
-        if urls.is_empty() {
-            urls.push(self.url.clone());
-        }
+        // Validation reports an unreadable password file; here the URLs
+        // are then used as written.
+        let mut urls = self.endpoints().unwrap_or_else(|_| {
+            if self.urls.is_empty() {
+                vec![self.url.clone()]
+            } else {
+                self.urls.clone()
+            }
+        });
         AmqpConfig {
             url: urls.remove(0),
             more_urls: urls,

@@ -1,7 +1,10 @@
 // `{{name}}`: republishes each delivery (body, every property and header)
-// to queue `{{name}}.out`. Replace `handle` with your own logic.
+// to queue `{{name}}.out`, after POSTing it to `api-url` when the operator
+// configures one (`[plugin.{{name}}] config = { api-url = ".." }` and
+// grants its origin in `allow-outbound`). Replace `handle` with your own
+// logic.
 
-import { Manifest, Subscription, exportPlugin, forward, publish } from "./warren.js";
+import { Manifest, Subscription, config, exportPlugin, forward, log, post, publish } from "./warren.js";
 
 export const handler = exportPlugin({
   manifest: () =>
@@ -10,6 +13,12 @@ export const handler = exportPlugin({
       .outputQueue("{{name}}.out"),
 
   handle(d) {
+    const url = config("api-url");
+    if (url !== null) {
+      // Refused or failed: throws; 429/503: retry after Retry-After.
+      const r = post(url, { body: d.body }).retryIfBusy();
+      log.info(`${url} answered ${r.status}`);
+    }
     publish(forward(d, "", "{{name}}.out"));
   },
 });
