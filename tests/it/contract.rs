@@ -332,3 +332,16 @@ fn the_readme_shows_tally_s_handle_as_it_is() {
         "README's State section does not show tally's handle as it is:\n{handle}"
     );
 }
+
+/// README's "Calling other services" shows the `pay` example as it is.
+#[test]
+fn the_readme_shows_the_pay_example_as_it_is() {
+    let root = warren_it::plugins::repo_root();
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let text = std::fs::read_to_string(root.join("plugins/pay/src/lib.rs")).unwrap();
+    let code = &text[text.find("use warren_sdk").unwrap()..];
+    assert!(
+        readme.contains(&format!("```rust\n{code}```\n")),
+        "README does not show plugins/pay as it is"
+    );
+}
