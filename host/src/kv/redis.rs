@@ -223,19 +223,19 @@ impl RedisKv {
 
     /// The key and byte counts in `meta`; `None` when Redis cannot say.
     pub(super) async fn meta(&self, meta: &str) -> (Option<i64>, Option<i64>) {
-        let r = self
-            .on_primary(|mut c| async move {
-                redis::cmd("HMGET")
-                    .arg(meta)
-                    .arg("keys")
-                    .arg("bytes")
-                    .query_async::<(Option<i64>, Option<i64>)>(&mut c)
-                    .await
-            })
-            .await;
-        match r {
-            Ok((k, b)) => (Some(k.unwrap_or(0)), Some(b.unwrap_or(0))),
-            Err(_) => (None, None),
+        // Status must answer quickly: one short try, no riding out a
+        // failover as a plugin's read does.
+        let read = self.on_primary(|mut c| async move {
+            redis::cmd("HMGET")
+                .arg(meta)
+                .arg("keys")
+                .arg("bytes")
+                .query_async::<(Option<i64>, Option<i64>)>(&mut c)
+                .await
+        });
+        match tokio::time::timeout(Duration::from_millis(500), read).await {
+            Ok(Ok((k, b))) => (Some(k.unwrap_or(0)), Some(b.unwrap_or(0))),
+            _ => (None, None),
         }
     }
 

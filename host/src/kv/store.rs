@@ -131,12 +131,11 @@ impl Store {
     /// Every plugin's state that has a namespace in this process.
     pub async fn status(&self) -> BTreeMap<String, KvPluginStatus> {
         let names: Vec<String> = lock(&self.inner.stats).keys().cloned().collect();
-        let mut out = BTreeMap::new();
-        for name in names {
-            let ns = self.namespace(&name);
-            out.insert(name, ns.status().await);
-        }
-        out
+        let each = names.into_iter().map(|name| async move {
+            let status = self.namespace(&name).status().await;
+            (name, status)
+        });
+        futures::future::join_all(each).await.into_iter().collect()
     }
 }
 
