@@ -283,19 +283,9 @@ fn check_refuses_a_plugin_whose_memory_floor_exceeds_its_limit() {
 /// refused without `--allow-outbound`, made with it.
 #[test]
 fn invoke_calls_out_only_under_allow_outbound() {
-    use std::io::{Read, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for mut sock in listener.incoming().flatten() {
-            let mut buf = [0u8; 4096];
-            let _ = sock.read(&mut buf);
-            let _ = sock.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\npong");
-        }
-    });
+    let origin = warren_it::http::pong_server().unwrap();
     let file = wasm("caller").unwrap();
-    let url = format!("http://127.0.0.1:{port}/");
-    let origin = format!("http://127.0.0.1:{port}");
+    let url = format!("{origin}/");
     let refused = warren(&["invoke", path(&file), "--body", &url]);
     let v: serde_json::Value = serde_json::from_slice(&refused.stdout).expect("json");
     assert_eq!(v["outcome"], "reject", "{v}");

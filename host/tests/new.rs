@@ -19,21 +19,6 @@ fn warren(args: &[&str], dir: &Path) -> Output {
         .expect("run warren")
 }
 
-/// `http://127.0.0.1:<port>`, answering every request with 200.
-fn pong_server() -> String {
-    use std::io::{Read, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for mut sock in listener.incoming().flatten() {
-            let mut buf = [0u8; 4096];
-            let _ = sock.read(&mut buf);
-            let _ = sock.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\npong");
-        }
-    });
-    format!("http://127.0.0.1:{port}")
-}
-
 fn ok(out: &Output, what: &str) -> String {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
@@ -111,7 +96,7 @@ fn new_project_builds_checks_and_invokes(lang: Lang, flag: &str) {
     assert_eq!(invoked["outputs"][0]["body"], "hello", "{invoked}");
 
     // The template's call, once configured and granted.
-    let api = pong_server();
+    let api = warren_it::http::pong_server().unwrap();
     let invoked: serde_json::Value = serde_json::from_str(&ok(
         &warren(
             &[

@@ -179,3 +179,19 @@ pub fn raw_status(response: &[u8]) -> Option<u16> {
     let text = String::from_utf8_lossy(response.get(..64.min(response.len()))?);
     text.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
 }
+
+/// `http://127.0.0.1:<port>` of a server on a thread of its own that
+/// answers every request with 200 `pong`, for tests without a runtime.
+pub fn pong_server() -> Result<String> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    std::thread::spawn(move || {
+        for mut sock in listener.incoming().flatten() {
+            let mut buf = [0u8; 4096];
+            let _ = sock.read(&mut buf);
+            let _ = sock.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\npong");
+        }
+    });
+    Ok(format!("http://127.0.0.1:{port}"))
+}

@@ -49,6 +49,7 @@ pub use drainer::{DrainPublisher, Drainer, DrainerHandle, FnPublisher};
 pub use error::SpoolError;
 /// Primary discovery, shared with the key-value store (`crate::kv`).
 pub(crate) use sentinel::Primary;
+pub(crate) use spool::replicated;
 pub use spool::{Adoption, DrainStats, DrainerState, EntryId, Spool, SpoolHandle, SpoolStatus};
 
 /// Metric names (Prometheus), defined in one place. No labels: one spool

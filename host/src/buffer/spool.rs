@@ -840,20 +840,31 @@ fn appended_ids(
         }
     };
     if wait_for > 0 {
-        let acked = match values.next() {
-            Some(Value::Int(n)) => n.max(0) as u64,
-            Some(Value::ServerError(e)) => return Err(SpoolError::from_server(addr, e)),
-            _ => 0,
-        };
-        if acked < u64::from(wait_for) {
-            return Err(SpoolError::NotReplicated {
-                addr: addr.to_owned(),
-                acked,
-                required: wait_for,
-            });
-        }
+        replicated(addr, wait_for, values.next())?;
     }
     Ok(ids)
+}
+
+/// `WAIT`'s reply `reply` confirmed `wait_for` replicas; else why the
+/// writes before it are not durable.
+pub(crate) fn replicated(
+    addr: &str,
+    wait_for: u32,
+    reply: Option<Value>,
+) -> Result<(), SpoolError> {
+    let acked = match reply {
+        Some(Value::Int(n)) => n.max(0) as u64,
+        Some(Value::ServerError(e)) => return Err(SpoolError::from_server(addr, e)),
+        _ => 0,
+    };
+    if acked < u64::from(wait_for) {
+        return Err(SpoolError::NotReplicated {
+            addr: addr.to_owned(),
+            acked,
+            required: wait_for,
+        });
+    }
+    Ok(())
 }
 
 /// Keep the connection checked, the depth honest and the status published.

@@ -457,18 +457,7 @@ fn read_reply(
         other => return Err(unexpected(format!("{other:?}"))),
     };
     if wait_for > 0 {
-        let acked = match values.next() {
-            Some(Value::Int(n)) => n.max(0) as u64,
-            Some(Value::ServerError(e)) => return Err(SpoolError::from_server(addr, e)),
-            _ => 0,
-        };
-        if acked < u64::from(wait_for) {
-            return Err(SpoolError::NotReplicated {
-                addr: addr.to_owned(),
-                acked,
-                required: wait_for,
-            });
-        }
+        crate::buffer::replicated(addr, wait_for, values.next())?;
     }
     results
         .into_iter()
