@@ -325,6 +325,11 @@ pub(crate) struct Primary {
     probe_cfg: AsyncConnectionConfig,
     probe_timeout: Duration,
     current: Mutex<Option<Arc<Link>>>,
+    /// A copy of `current` readable without waiting: every caller of
+    /// [`Primary::get`] (each plugin read, each append) takes it from here
+    /// while a link exists, instead of queueing on the async lock, which
+    /// is held across a resolution. Written only under that lock.
+    shown: std::sync::RwLock<Option<Arc<Link>>>,
     /// Fired on `+switch-master`.
     switched: Notify,
     generation: AtomicU64,
@@ -382,6 +387,7 @@ impl Primary {
             probe_cfg,
             probe_timeout: cfg.connect_timeout() + probe_response * 2,
             current: Mutex::new(None),
+            shown: std::sync::RwLock::new(None),
             switched: Notify::new(),
             generation: AtomicU64::new(0),
             last_error: std::sync::Mutex::new(None),
@@ -399,6 +405,9 @@ impl Primary {
     /// The current link, resolving the primary first if there is none.
     /// Concurrent callers wait for one resolution.
     pub(crate) async fn get(&self) -> Result<Arc<Link>, SpoolError> {
+        if let Some(link) = crate::sync::read(&self.shown).as_ref() {
+            return Ok(link.clone());
+        }
         let mut current = self.current.lock().await;
         if let Some(link) = current.as_ref() {
             return Ok(link.clone());
@@ -432,6 +441,7 @@ impl Primary {
                     warnings,
                 });
                 *current = Some(link.clone());
+                *crate::sync::write(&self.shown) = Some(link.clone());
                 self.set_last_error(None);
                 metrics::counter!(super::metric::PRIMARY_RESOLVED).increment(1);
                 Ok(link)
@@ -477,6 +487,7 @@ impl Primary {
     pub(crate) async fn invalidate(&self, generation: u64, why: &SpoolError) {
         let mut current = self.current.lock().await;
         if current.as_ref().is_some_and(|l| l.generation == generation) {
+            *crate::sync::write(&self.shown) = None;
             if let Some(old) = current.take() {
                 warn!(addr = %old.addr, generation, error = %why, "Dropping the Redis primary connection; re-resolving.");
             }
@@ -491,6 +502,7 @@ impl Primary {
         if current.as_ref().is_some_and(|l| l.addr != addr)
             && let Some(old) = current.take()
         {
+            *crate::sync::write(&self.shown) = None;
             info!(addr = %old.addr, generation = old.generation, new = %addr, "Dropping the Redis primary connection after +switch-master.");
         }
     }
