@@ -345,3 +345,19 @@ fn the_readme_shows_the_pay_example_as_it_is() {
         "README does not show plugins/pay as it is"
     );
 }
+
+/// `add` (Rust's `kv::add`): an increment without its answer, folded into
+/// the delivery's other writes, committed with it.
+#[tokio::test]
+async fn add_counts_without_reading_and_reads_see_the_sum() {
+    let rt = runtime_with_state();
+    let p = fixture(&rt, Impl::Rust, "kv", &[]).await;
+    let (said, _) = kv_run(&p, "set n 10; add n 2; add n 3; get n").await;
+    assert_eq!(said, ["n=15"]);
+    let (said, _) = kv_run(&p, "add n 5; add m 1; get n; get m").await;
+    assert_eq!(said, ["n=20", "m=1"]);
+    let (_, o) = kv_run(&p, "add n 100; retry").await;
+    assert!(matches!(o, Outcome::Retry { .. }), "{o:?}");
+    let (said, _) = kv_run(&p, "get n").await;
+    assert_eq!(said, ["n=20"]);
+}

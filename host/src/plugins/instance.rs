@@ -718,6 +718,13 @@ impl wit::KvHost for State {
     async fn increment(&mut self, key: String, delta: i64) -> Result<i64, wit::WitKvError> {
         self.kv_increment(&key, delta).await.map_err(to_wit_kv)
     }
+
+    fn add(&mut self, key: String, delta: i64) -> Result<(), wit::WitKvError> {
+        self.kv
+            .namespace()
+            .and_then(|_| self.kv.txn.add(&key, delta))
+            .map_err(to_wit_kv)
+    }
 }
 
 mod keyvalue {

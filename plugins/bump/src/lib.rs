@@ -18,7 +18,12 @@ impl Plugin for Bump {
     fn handle(d: Delivery) -> Result<(), HandleError> {
         std::hint::black_box((d.body.len(), d.routing_key.len()));
         // Pending until the delivery succeeds; `?` retries if the store is down.
-        kv::increment("count", 1)?;
+        // Host config `op = "add"` counts without reading the key first.
+        if warren_sdk::config("op").as_deref() == Some("add") {
+            kv::add("count", 1)?;
+        } else {
+            kv::increment("count", 1)?;
+        }
         Ok(())
     }
 }

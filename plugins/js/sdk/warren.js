@@ -174,6 +174,8 @@ export const kv = {
    * value this delivery now sees (a number: exact up to 2^53).
    */
   increment: (key, delta = 1) => kvCall(() => kvHost.increment(key, delta)),
+  /** `increment` without its answer: adds at commit, no read of the key. */
+  add: (key, delta = 1) => kvCall(() => kvHost.add(key, delta)),
   /** The value of `key` parsed as JSON, or null when absent. */
   getJson(key) {
     const value = this.get(key);

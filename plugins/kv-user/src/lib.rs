@@ -79,6 +79,13 @@ fn run(command: &str) -> Result<Result<Option<String>, kv::Error>, HandleError> 
                 kv::increment(k, n).map(|v| Some(format!("{k}+={n} -> {v}")))
             }
             ("del", Some(k), None) => done(kv::delete(k)),
+            // Rust only: `add K N`, an increment without its answer.
+            ("add", Some(k), Some(n)) => {
+                let n: i64 = n
+                    .parse()
+                    .map_err(|_| HandleError::reject(format!("not an integer: {n:?}")))?;
+                done(kv::add(k, n))
+            }
             ("big-key", None, None) => done(kv::set(&"k".repeat(100_000), "x")),
             ("big-value", None, None) => done(kv::set("big", "v".repeat(2 * 1024 * 1024))),
             ("panic", None, None) => panic!("asked to panic"),

@@ -48,6 +48,13 @@ pub fn increment(key: &str, delta: i64) -> Result<i64, Error> {
     wit::increment(key, delta)
 }
 
+/// Add `delta` to the integer in `key` when the delivery commits, without
+/// reading it: [`increment`] without the answer, and without its round
+/// trip to Redis. The cheap way to count.
+pub fn add(key: &str, delta: i64) -> Result<(), Error> {
+    wit::add(key, delta)
+}
+
 /// The value of `key` parsed as JSON; a value that does not parse as `T`
 /// is `Error::Invalid`.
 pub fn get_json<T: DeserializeOwned>(key: &str) -> Result<Option<T>, Error> {

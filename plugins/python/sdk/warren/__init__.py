@@ -481,6 +481,11 @@ class _Kv:
         return the value this delivery now sees (kept as decimal text)."""
         return _kv_call(_kv.increment, key, delta)
 
+    def add(self, key: str, delta: int = 1) -> None:
+        """``increment`` without its answer: adds ``delta`` at commit
+        without reading the key first (no round trip to Redis)."""
+        _kv_call(_kv.add, key, delta)
+
     def get_json(self, key: str):
         """The value of ``key`` parsed as JSON, or None when absent."""
         value = self.get(key)
