@@ -145,6 +145,12 @@ async fn caller(rt: &PluginRuntime, lang: Option<Lang>, port: u16, wall_ms: Opti
         ..PluginSettings::default()
     };
     s.limits.wall_deadline_ms = wall_ms;
+    load_caller(rt, lang, s).await
+}
+
+/// The caller of `lang` (the Rust fixture, or the Python or JavaScript
+/// fixture in mode `caller`) loaded with `s`.
+async fn load_caller(rt: &PluginRuntime, lang: Option<Lang>, mut s: PluginSettings) -> Plugin {
     let path = match lang {
         None => wasm("caller").unwrap(),
         Some(l) => {
@@ -422,20 +428,13 @@ async fn a_secret_from_a_file_reaches_the_plugin(lang: Option<Lang>) {
         addr.port()
     ))
     .unwrap();
-    let mut s = PluginSettings {
+    let s = PluginSettings {
         config: overrides.config_strings(),
         allow_outbound: overrides.allow_outbound.clone(),
         ..PluginSettings::default()
     };
-    let path = match lang {
-        None => wasm("caller").unwrap(),
-        Some(l) => {
-            s.config.insert("mode".into(), "caller".into());
-            polyglot_wasm(l, "fixture").unwrap()
-        }
-    };
     let rt = runtime();
-    let p = rt.load_file(&path, &s).await.unwrap();
+    let p = load_caller(&rt, lang, s).await;
     let out = p
         .invoke(&delivery(&format!("http://api.test:{}/ok", addr.port())))
         .await;

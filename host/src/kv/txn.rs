@@ -230,58 +230,35 @@ impl Txn {
         delta: i64,
         committed: Option<&[u8]>,
     ) -> Result<i64, KvError> {
-        self.check_key(key)?;
-        let overflow =
-            || KvError::Invalid(format!("incrementing {key:?} overflows a 64-bit integer"));
-        let (op, now) = match self.writes.ops.get(key) {
-            Some(Op::Set { value }) => {
-                let n = parse_int(key, Some(value))?
-                    .checked_add(delta)
-                    .ok_or_else(overflow)?;
-                (
-                    Op::Set {
-                        value: n.to_string().into_bytes(),
-                    },
-                    n,
-                )
-            }
-            Some(Op::Delete) => (
-                Op::Set {
-                    value: delta.to_string().into_bytes(),
-                },
-                delta,
-            ),
-            Some(Op::Increment { delta: before }) => {
-                let total = before.checked_add(delta).ok_or_else(overflow)?;
-                let n = parse_int(key, committed)?
-                    .checked_add(total)
-                    .ok_or_else(overflow)?;
-                (Op::Increment { delta: total }, n)
-            }
-            None => {
-                let n = parse_int(key, committed)?
-                    .checked_add(delta)
-                    .ok_or_else(overflow)?;
-                (Op::Increment { delta }, n)
-            }
+        let op = self.folded(key, delta)?;
+        let now = match &op {
+            Op::Increment { delta: total } => parse_int(key, committed)?
+                .checked_add(*total)
+                .ok_or_else(|| overflow(key))?,
+            Op::Set { value } => parse_int(key, Some(value))?,
+            Op::Delete => parse_int(key, None)?,
         };
-        self.count(key.len() + 20)?;
-        self.writes.ops.insert(key.to_string(), op);
+        self.record(key, op)?;
         Ok(now)
     }
-}
 
-impl Txn {
     /// Add `delta` to `key` at commit without knowing its committed value
     /// (`increment` without the answer).
     pub fn add(&mut self, key: &str, delta: i64) -> Result<(), KvError> {
+        let op = self.folded(key, delta)?;
+        self.record(key, op)
+    }
+
+    /// `key`'s pending write with `delta` added: a value this delivery
+    /// wrote takes the sum, a deletion becomes `delta`, anything else stays
+    /// a delta for the commit to add.
+    fn folded(&self, key: &str, delta: i64) -> Result<Op, KvError> {
         self.check_key(key)?;
-        let overflow = || KvError::Invalid(format!("adding to {key:?} overflows a 64-bit integer"));
-        let op = match self.writes.ops.get(key) {
+        Ok(match self.writes.ops.get(key) {
             Some(Op::Set { value }) => {
                 let n = parse_int(key, Some(value))?
                     .checked_add(delta)
-                    .ok_or_else(overflow)?;
+                    .ok_or_else(|| overflow(key))?;
                 Op::Set {
                     value: n.to_string().into_bytes(),
                 }
@@ -290,14 +267,22 @@ impl Txn {
                 value: delta.to_string().into_bytes(),
             },
             Some(Op::Increment { delta: before }) => Op::Increment {
-                delta: before.checked_add(delta).ok_or_else(overflow)?,
+                delta: before.checked_add(delta).ok_or_else(|| overflow(key))?,
             },
             None => Op::Increment { delta },
-        };
+        })
+    }
+
+    /// Count and keep an increment's folded write.
+    fn record(&mut self, key: &str, op: Op) -> Result<(), KvError> {
         self.count(key.len() + 20)?;
         self.writes.ops.insert(key.to_string(), op);
         Ok(())
     }
+}
+
+fn overflow(key: &str) -> KvError {
+    KvError::Invalid(format!("incrementing {key:?} overflows a 64-bit integer"))
 }
 
 /// The integer a stored value holds (absent: 0), as `INCRBY` reads it.

@@ -72,8 +72,9 @@ struct HttpHooks {
     budget: Option<Budget>,
     /// Set when a call found the budget spent: the delivery is retried.
     spent: Arc<AtomicBool>,
-    /// The calls of the delivery in flight, for `warren invoke`.
-    calls: Arc<std::sync::Mutex<Vec<CallRecord>>>,
+    /// The calls of the delivery in flight, when it records them
+    /// (`warren invoke`); `None` on the delivery path.
+    calls: Option<Arc<std::sync::Mutex<Vec<CallRecord>>>>,
 }
 
 /// One outbound call as `warren invoke` shows it.
@@ -101,7 +102,7 @@ impl HttpHooks {
         let calls = self.calls.clone();
         async move {
             let started = std::time::Instant::now();
-            let (method, url) = (req.method.clone(), req.url.clone());
+            let record = calls.map(|c| (c, req.method.clone(), req.url.clone()));
             let r = match outbound {
                 None => Err(CallError::Denied(
                     "denied by rule `no-outbound`: outbound calls are not available here".into(),
@@ -115,13 +116,15 @@ impl HttpHooks {
                     r
                 }
             };
-            crate::sync::lock(&calls).push(CallRecord {
-                method,
-                url,
-                status: r.as_ref().ok().map(|r| r.status),
-                error: r.as_ref().err().map(ToString::to_string),
-                elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-            });
+            if let Some((calls, method, url)) = record {
+                crate::sync::lock(&calls).push(CallRecord {
+                    method,
+                    url,
+                    status: r.as_ref().ok().map(|r| r.status),
+                    error: r.as_ref().err().map(ToString::to_string),
+                    elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                });
+            }
             r
         }
     }
@@ -335,7 +338,7 @@ impl Invocation {
                 wall: limits.wall_deadline,
                 budget: None,
                 spent: Arc::default(),
-                calls: Arc::default(),
+                calls: None,
             },
             kv: KvState {
                 txn: Txn::new(match &kv {
@@ -372,8 +375,8 @@ impl Invocation {
     }
 
     /// Ready the store for another call of a reused instance: a new
-    /// deadline, no outputs.
-    pub(crate) fn begin_call(&mut self) {
+    /// deadline, no outputs; its outbound calls recorded if `record`.
+    pub(crate) fn begin_call(&mut self, record: bool) {
         let state = self.store.data_mut();
         state.ticks_left = state.ticks;
         state.outputs.clear();
@@ -385,12 +388,15 @@ impl Invocation {
             total: state.http.wall,
         });
         state.http.spent = Arc::default();
-        crate::sync::lock(&state.http.calls).clear();
+        state.http.calls = record.then(Arc::default);
     }
 
     /// The outbound calls the delivery made.
     pub(crate) fn take_calls(&mut self) -> Vec<CallRecord> {
-        std::mem::take(&mut *crate::sync::lock(&self.store.data().http.calls))
+        match self.store.data_mut().http.calls.take() {
+            Some(calls) => std::mem::take(&mut *crate::sync::lock(&calls)),
+            None => Vec::new(),
+        }
     }
 
     /// Why this delivery must be retried whatever `handle` returned: an

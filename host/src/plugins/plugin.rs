@@ -121,6 +121,18 @@ struct PluginInner {
 }
 
 impl PluginInner {
+    /// A fresh store for one of this plugin's invocations under `limits`.
+    fn invocation(&self, limits: &Limits) -> Invocation {
+        Invocation::new(
+            self.runtime.inner(),
+            self.ident.clone(),
+            self.config.clone(),
+            Some(self.outbound.clone()),
+            self.kv.clone(),
+            limits,
+        )
+    }
+
     /// A fresh instance in `inv`'s store, and its `handle` export.
     async fn instantiate<'a>(
         &self,
@@ -702,20 +714,13 @@ impl Plugin {
                     };
                     return (outcome, Vec::new());
                 };
-                let inv = Invocation::new(
-                    rt,
-                    inner.ident.clone(),
-                    inner.config.clone(),
-                    Some(inner.outbound.clone()),
-                    inner.kv.clone(),
-                    &inner.limits,
-                );
+                let inv = inner.invocation(&inner.limits);
                 (inv, None, 0, slot)
             }
         };
-        inv.begin_call();
+        inv.begin_call(record);
         let (outcome, instance) = inner.call_handle(&mut inv, instance, delivery).await;
-        let calls = if record { inv.take_calls() } else { Vec::new() };
+        let calls = inv.take_calls();
         if let (InstancePolicy::Reuse { max_deliveries }, Some(instance)) = (inner.policy, instance)
             && served + 1 < max_deliveries
         {
@@ -750,14 +755,7 @@ impl Plugin {
         let inner = &*self.inner;
         let mut limits = inner.limits;
         limits.deadline = std::time::Duration::from_secs(3600);
-        let mut inv = Invocation::new(
-            inner.runtime.inner(),
-            inner.ident.clone(),
-            inner.config.clone(),
-            Some(inner.outbound.clone()),
-            inner.kv.clone(),
-            &limits,
-        );
+        let mut inv = inner.invocation(&limits);
         let world = inner
             .pre
             .instantiate_async(&mut inv.store)
@@ -772,18 +770,10 @@ impl Plugin {
     #[doc(hidden)]
     pub async fn bench_phases(&self, delivery: &Delivery, n: u32) -> [f64; 4] {
         let inner = &*self.inner;
-        let rt = inner.runtime.inner();
         let mut t = [std::time::Duration::ZERO; 4];
         for _ in 0..n {
             let a = std::time::Instant::now();
-            let mut inv = Invocation::new(
-                rt,
-                inner.ident.clone(),
-                inner.config.clone(),
-                Some(inner.outbound.clone()),
-                inner.kv.clone(),
-                &inner.limits,
-            );
+            let mut inv = inner.invocation(&inner.limits);
             let b = std::time::Instant::now();
             let Ok(handle) = inner.instantiate(&mut inv).await else {
                 return [f64::NAN; 4];
