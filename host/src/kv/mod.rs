@@ -24,11 +24,13 @@
 //!
 //! - `txn`: one delivery's pending writes and limits ([`Txn`], [`Writes`]).
 //! - `store`: [`Store`] and a plugin's [`Namespace`] in it.
-//! - `redis`: reads and the group-committing writer on Redis.
+//! - `redis`: reads (deduplication lookups batched) on Redis.
+//! - `writer`: the group-committing writer of commits and journal records.
 
 mod redis;
 mod store;
 mod txn;
+mod writer;
 
 use std::path::PathBuf;
 
@@ -38,7 +40,7 @@ use serde::{Deserialize, Serialize};
 use crate::buffer::SpoolConfig;
 use crate::secret::{Secret, redacted_url, redacted_urls};
 
-pub use store::{KvPluginStatus, KvTask, Namespace, Store};
+pub use store::{DONE, DedupKey, KvPluginStatus, KvTask, Namespace, Recorded, Store};
 pub use txn::{KvError, KvLimits, Op, Seen, Txn, Writes, parse_int};
 
 /// `[kv]`: where plugins' key-value state lives and its limits.

@@ -8,7 +8,7 @@ use std::time::Instant;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use super::redis::{RedisKv, Writer};
+use super::redis::{Marker, RedisKv, Tasks};
 use super::txn::{KvError, KvLimits, Op, Writes, parse_int};
 use super::{KvConfig, metric};
 use crate::buffer::SpoolConfig;
@@ -36,12 +36,12 @@ enum Backend {
 /// refreshes and `+switch-master`. Run it until shutdown, after dispatch
 /// stops (in-flight deliveries commit during the grace period).
 pub struct KvTask {
-    writer: Writer,
+    tasks: Tasks,
 }
 
 impl KvTask {
     pub async fn run(self, cancel: CancellationToken) {
-        self.writer.run(cancel).await;
+        self.tasks.run(cancel).await;
     }
 }
 
@@ -53,6 +53,20 @@ struct Stats {
     commits_n: AtomicU64,
     writes_n: AtomicU64,
     discarded_n: AtomicU64,
+}
+
+impl Stats {
+    /// Counters that count nowhere: a done mark without writes.
+    fn unlabelled() -> Stats {
+        Stats {
+            commits: metrics::Counter::noop(),
+            writes: metrics::Counter::noop(),
+            discarded: metrics::Counter::noop(),
+            commits_n: AtomicU64::new(0),
+            writes_n: AtomicU64::new(0),
+            discarded_n: AtomicU64::new(0),
+        }
+    }
 }
 
 /// One plugin's state as `/status` shows it.
@@ -79,9 +93,9 @@ impl Store {
         if !problems.is_empty() {
             return Err(problems.join("; "));
         }
-        let (redis, writer) = RedisKv::new(cfg, &cfg.redis(spool)).map_err(|e| e.to_string())?;
+        let (redis, tasks) = RedisKv::new(cfg, &cfg.redis(spool)).map_err(|e| e.to_string())?;
         let store = Self::with(Backend::Redis(redis), cfg.limits());
-        Ok((store, KvTask { writer }))
+        Ok((store, KvTask { tasks }))
     }
 
     /// A store in memory holding `seed` (full keys), for `warren invoke`
@@ -136,6 +150,108 @@ impl Store {
             (name, status)
         });
         futures::future::join_all(each).await.into_iter().collect()
+    }
+}
+
+/// What a value at a deduplicated message's key holds: a done mark or a
+/// journal record (which never is the done mark's one byte).
+pub const DONE: &[u8] = b"1";
+
+/// What the store holds for a deduplicated message's key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recorded {
+    /// Nothing: the message has not been handled within the window.
+    Nothing,
+    /// A journal record: handled, its effects not yet all applied.
+    Journal(Vec<u8>),
+    /// Done: its effects were applied.
+    Done,
+}
+
+impl Recorded {
+    fn of(value: Option<Vec<u8>>) -> Recorded {
+        match value {
+            None => Recorded::Nothing,
+            Some(v) if v == DONE => Recorded::Done,
+            Some(v) => Recorded::Journal(v),
+        }
+    }
+}
+
+/// A deduplicated message's key and how long its records live.
+#[derive(Debug, Clone)]
+pub struct DedupKey {
+    /// The full Redis key.
+    pub key: String,
+    pub window: std::time::Duration,
+}
+
+impl DedupKey {
+    fn ttl_secs(&self) -> u64 {
+        self.window.as_secs().max(1)
+    }
+}
+
+impl Store {
+    /// What is recorded at `key`, read with other lookups of the moment.
+    pub async fn recorded(&self, key: &DedupKey) -> Result<Recorded, KvError> {
+        let value = match &self.inner.backend {
+            Backend::Redis(r) => r.lookup(&key.key).await?,
+            Backend::Memory(m) => lock(m).get(&key.key).cloned(),
+        };
+        Ok(Recorded::of(value))
+    }
+
+    /// Write the journal `record` at `key` for its window, replicated,
+    /// unless something is recorded there already: `Nothing` when this
+    /// record was written, else what was there (another copy's record, or
+    /// done).
+    pub async fn journal(&self, key: &DedupKey, record: Vec<u8>) -> Result<Recorded, KvError> {
+        let held = match &self.inner.backend {
+            Backend::Redis(r) => r.journal(&key.key, key.ttl_secs(), record).await?,
+            Backend::Memory(m) => {
+                let mut m = lock(m);
+                match m.get(&key.key) {
+                    Some(v) => Some(v.clone()),
+                    None => {
+                        m.insert(key.key.clone(), record);
+                        None
+                    }
+                }
+            }
+        };
+        Ok(Recorded::of(held))
+    }
+
+    /// Apply `writes` in `ns` (none without state) and mark `key` done
+    /// for its window, atomically and once: a second call for the same key
+    /// applies nothing.
+    pub async fn complete(
+        &self,
+        key: &DedupKey,
+        ns: Option<&Namespace>,
+        writes: &Writes,
+    ) -> Result<(), KvError> {
+        let marker = Marker {
+            key: key.key.clone(),
+            ttl_secs: key.ttl_secs(),
+            keep: true,
+        };
+        match ns {
+            Some(ns) => ns.commit_marked(writes, marker).await,
+            None if writes.is_empty() => {
+                let bare = Namespace {
+                    store: self.clone(),
+                    prefix: Arc::from(""),
+                    meta: Arc::from(key.key.as_str()),
+                    stats: Arc::new(Stats::unlabelled()),
+                };
+                bare.commit_marked(writes, marker).await
+            }
+            None => Err(KvError::Invalid(
+                "the plugin serving now has no key-value state for the recorded writes".into(),
+            )),
+        }
     }
 }
 
@@ -208,13 +324,19 @@ impl Namespace {
         if writes.is_empty() {
             return Ok(());
         }
+        self.commit_marked(writes, Marker::of(writes)).await
+    }
+
+    /// [`Namespace::commit`] under `marker`, also with no writes (a done
+    /// mark alone).
+    async fn commit_marked(&self, writes: &Writes, marker: Marker) -> Result<(), KvError> {
         let started = Instant::now();
         let result = match &self.store.inner.backend {
-            Backend::Redis(r) => r.commit(&self.prefix, &self.meta, writes).await,
-            Backend::Memory(m) => commit_in_memory(&mut lock(m), &self.prefix, writes),
+            Backend::Redis(r) => r.commit(&self.prefix, &self.meta, writes, marker).await,
+            Backend::Memory(m) => commit_in_memory(&mut lock(m), &self.prefix, writes, &marker),
         };
         match &result {
-            Ok(()) => {
+            Ok(()) if !writes.is_empty() => {
                 let n = writes.len() as u64;
                 self.stats.commits.increment(1);
                 self.stats.writes.increment(n);
@@ -222,6 +344,7 @@ impl Namespace {
                 self.stats.writes_n.fetch_add(n, Ordering::Relaxed);
                 metrics::histogram!(metric::COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
             }
+            Ok(()) => {}
             Err(_) => metrics::counter!(metric::COMMIT_FAILURES).increment(1),
         }
         result
@@ -277,12 +400,18 @@ impl Namespace {
     }
 }
 
-/// [`Namespace::commit`] on a map: check every increment, then apply.
+/// [`Namespace::commit`] on a map: skip if the marker says applied, check
+/// every increment, then apply and set the marker. Markers never expire
+/// here (tests and `warren invoke` only).
 fn commit_in_memory(
     m: &mut BTreeMap<String, Vec<u8>>,
     prefix: &str,
     writes: &Writes,
+    marker: &Marker,
 ) -> Result<(), KvError> {
+    if m.get(&marker.key).map(Vec::as_slice) == Some(DONE) {
+        return Ok(());
+    }
     for (key, op) in writes.iter() {
         if let Op::Increment { .. } = op {
             parse_int(key, m.get(&format!("{prefix}{key}")).map(Vec::as_slice))?;
@@ -302,6 +431,9 @@ fn commit_in_memory(
                 m.insert(full, n.to_string().into_bytes());
             }
         }
+    }
+    if marker.keep {
+        m.insert(marker.key.clone(), DONE.to_vec());
     }
     Ok(())
 }

@@ -79,6 +79,14 @@ impl Serialize for Writes {
 }
 
 impl Writes {
+    /// Writes as a journal record kept them, to apply again.
+    pub fn from_ops(ops: impl IntoIterator<Item = (String, Op)>) -> Writes {
+        Writes {
+            ops: ops.into_iter().collect(),
+            id: String::new(),
+        }
+    }
+
     /// Unique per delivery attempt: a retried commit carries the same.
     pub fn id(&self) -> &str {
         &self.id
