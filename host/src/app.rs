@@ -171,6 +171,12 @@ impl AppHandle {
         if !self.spool.is_highly_available() {
             out.push("the spool is a single Redis, not highly available".into());
         }
+        for (queue, since) in self.dispatcher.unrecorded() {
+            out.push(format!(
+                "queue {queue:?} is deduplicated but its store has been unreachable for {}s: deliveries run at least once (dedup.on-store-down = \"at-least-once\")",
+                since.elapsed().as_secs()
+            ));
+        }
         out
     }
 
@@ -306,11 +312,9 @@ impl App {
             tasks.spawn(adopter.run(stop.drain.clone()));
         }
 
-        let dispatcher = Arc::new(Dispatcher::new(
-            amqp_handle.clone(),
-            outbox,
-            dispatch_config,
-        ));
+        let dispatcher = Arc::new(
+            Dispatcher::new(amqp_handle.clone(), outbox, dispatch_config).with_store(kv.clone()),
+        );
         dispatcher.declare_base().await;
         let grace = config.shutdown.grace();
         let reloader = Arc::new(Reloader::new(

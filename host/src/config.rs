@@ -97,6 +97,14 @@ pub struct PluginOverride {
     pub config: BTreeMap<String, toml::Value>,
     /// Replaces the manifest's subscriptions when present.
     pub subscriptions: Option<Vec<Subscription>>,
+    /// Effectively-once handling for every subscription of this plugin:
+    /// `{ key = "message-id" | "header:<name>" | "json:<pointer>", window
+    /// = "1h", on-store-down = "pause" | "at-least-once" }`. A delivery
+    /// whose key was handled within the window is acknowledged without
+    /// running the plugin; a redelivery of one handled but not finished
+    /// replays the recorded outputs and writes. Needs the spool's Redis
+    /// (or `[kv]`'s).
+    pub dedup: Option<crate::plugins::manifest::Dedup>,
     /// `fresh` (default): a new instance per delivery; `reuse`: instances
     /// serve deliveries one at a time, up to `reuse-max-deliveries` each,
     /// and are dropped after any trap (see `plugins::InstancePolicy`).
@@ -160,6 +168,13 @@ impl PluginOverride {
                 s.problems()
                     .into_iter()
                     .map(|p| format!("plugin.{name}: {p}")),
+            );
+        }
+        if let Some(d) = &self.dedup {
+            out.extend(
+                d.problems()
+                    .into_iter()
+                    .map(|p| format!("plugin.{name}.{p}")),
             );
         }
         out

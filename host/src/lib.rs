@@ -44,6 +44,7 @@ pub mod buffer;
 pub mod cli;
 pub mod config;
 pub mod config_doc;
+pub mod crash;
 pub mod dispatch;
 pub mod kv;
 pub mod message;

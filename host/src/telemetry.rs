@@ -330,6 +330,7 @@ pub fn process_span(d: &Delivered<'_>) -> tracing::Span {
         "warren.exchange" = d.exchange,
         "warren.plugin.name" = d.plugin,
         "warren.plugin.version" = d.plugin_version,
+        "warren.dedup" = tracing::field::Empty,
         outcome = tracing::field::Empty,
         trace_id = tracing::field::Empty,
         span_id = tracing::field::Empty,

@@ -34,6 +34,7 @@ mod broker_rules;
 mod buffer;
 mod cluster;
 mod contract;
+mod dedup;
 mod deploy;
 mod fidelity;
 mod gauntlet;

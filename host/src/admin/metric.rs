@@ -51,6 +51,7 @@ pub(crate) fn describe_all() {
     crate::buffer::metric::describe();
     crate::kv::metric::describe();
     crate::dispatch::metric::describe();
+    crate::dispatch::dedup::describe();
     describe_gauge!(
         CONNECTION_STATE,
         "1 for the AMQP connection's current state, 0 for the others, by state."

@@ -11,8 +11,10 @@
 //!   letters,
 //! - [`reload`]: the plugin set at start and on reload (overrides, route
 //!   reconciliation, atomic swaps),
+//! - [`dedup`]: effectively once on a deduplicated route,
 //! - [`headers`], [`metric`]: names in one place.
 
+pub mod dedup;
 pub mod headers;
 pub mod metric;
 pub mod outbox;
@@ -45,6 +47,8 @@ pub enum DispatchError {
     Subscribe { queue: String, source: AmqpError },
     #[error("no route for queue {0:?}")]
     UnknownRoute(String),
+    #[error("cannot deduplicate queue {queue:?}: {reason}")]
+    Dedup { queue: String, reason: String },
 }
 
 /// A running route, as status reports it.
@@ -63,12 +67,15 @@ struct RouteEntry {
     stop: CancellationToken,
     inflight: TaskTracker,
     max_attempts: u32,
+    dedup: Option<Arc<dedup::RouteDedup>>,
 }
 
 /// Runs routes. Cheap to share behind an `Arc`.
 pub struct Dispatcher {
     amqp: AmqpHandle,
     outbox: Outbox,
+    /// Where deduplicated routes keep their records.
+    store: Option<crate::kv::Store>,
     config: Arc<DispatchConfig>,
     routes: Mutex<BTreeMap<String, RouteEntry>>,
     tasks: TaskTracker,
@@ -79,6 +86,7 @@ impl Dispatcher {
         Self {
             amqp,
             outbox,
+            store: None,
             config: Arc::new(config),
             routes: Mutex::new(BTreeMap::new()),
             tasks: TaskTracker::new(),
@@ -94,6 +102,21 @@ impl Dispatcher {
                 let plugin = e.plugin.borrow().name().to_string();
                 (queue.clone(), plugin, e.inflight.len())
             })
+            .collect()
+    }
+
+    /// Keep deduplicated routes' records in `store`.
+    pub fn with_store(mut self, store: crate::kv::Store) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// Deduplicated routes handling deliveries at least once because the
+    /// store cannot be reached, and since when.
+    pub fn unrecorded(&self) -> Vec<(String, std::time::Instant)> {
+        self.routes()
+            .iter()
+            .filter_map(|(q, e)| Some((q.clone(), e.dedup.as_ref()?.unrecorded_since()?)))
             .collect()
     }
 
@@ -151,11 +174,29 @@ impl Dispatcher {
         let max_attempts = subscription
             .max_attempts
             .unwrap_or(self.config.max_attempts);
+        let dedup = match (&subscription.dedup, &self.store) {
+            (None, _) => None,
+            (Some(d), Some(store)) => Some(Arc::new(
+                dedup::RouteDedup::new(&queue, d, store.clone()).map_err(|reason| {
+                    DispatchError::Dedup {
+                        queue: queue.clone(),
+                        reason,
+                    }
+                })?,
+            )),
+            (Some(_), None) => {
+                return Err(DispatchError::Dedup {
+                    queue,
+                    reason: "no store for its records here".into(),
+                });
+            }
+        };
         let ctx = Arc::new(route::RouteContext {
             queue: queue.clone(),
             max_attempts,
             outbox: self.outbox.clone(),
             config: self.config.clone(),
+            dedup: dedup.clone(),
         });
         info!(%queue, plugin = plugin.name(), version = plugin.version(), "Route started.");
         let (tx, rx) = watch::channel(plugin);
@@ -171,6 +212,7 @@ impl Dispatcher {
                 stop,
                 inflight,
                 max_attempts,
+                dedup,
             },
         );
         Ok(())

@@ -59,15 +59,22 @@ pub fn plugin_settings(overrides: &BTreeMap<String, PluginOverride>, name: &str)
 }
 
 /// The subscriptions `plugin` serves: `[plugin.<name>] subscriptions` when
-/// configured, else its manifest's.
+/// configured, else its manifest's; each deduplicated as `[plugin.<name>]
+/// dedup` says when it is set.
 pub fn subscriptions_for(
     overrides: &BTreeMap<String, PluginOverride>,
     plugin: &Plugin,
 ) -> Vec<Subscription> {
-    overrides
-        .get(plugin.name())
+    let o = overrides.get(plugin.name());
+    let mut subs = o
         .and_then(|o| o.subscriptions.clone())
-        .unwrap_or_else(|| plugin.manifest().subscriptions.clone())
+        .unwrap_or_else(|| plugin.manifest().subscriptions.clone());
+    if let Some(d) = o.and_then(|o| o.dedup.as_ref()) {
+        for s in &mut subs {
+            s.dedup = Some(d.clone());
+        }
+    }
+    subs
 }
 
 /// A plugin as the directory holds it.

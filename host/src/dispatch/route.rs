@@ -14,6 +14,9 @@
 //!   queue, then ack; past the attempt limit, dead-letter;
 //! - `reject` or a trap: dead-letter with plugin, version, reason and
 //!   attempts, then ack. Outputs of a failed invocation are discarded.
+//!
+//! On a deduplicated route the delivery's key is looked up first, and an
+//! `ack` goes through the journal ([`super::dedup`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, warn};
 
+use super::dedup::{self, Found, Keyed, Record, RouteDedup};
 use super::headers;
 use super::metric;
 use super::outbox::Outbox;
@@ -39,6 +43,8 @@ pub(crate) struct RouteContext {
     pub(crate) max_attempts: u32,
     pub(crate) outbox: Outbox,
     pub(crate) config: Arc<DispatchConfig>,
+    /// Set on a deduplicated route.
+    pub(crate) dedup: Option<Arc<RouteDedup>>,
 }
 
 /// Pull deliveries until `stop`, handing each to a task on `inflight`.
@@ -155,8 +161,24 @@ async fn handle_in_span(
         redelivered: d.redelivered,
         attempt,
     };
+    let h = Handling {
+        ctx,
+        plugin,
+        input: &input,
+        d: &d,
+        trace,
+    };
+    let mut keyed = None;
+    if let Some(dd) = &ctx.dedup {
+        match begin(&h, dd).await {
+            Begun::Settled(settled) => return finish(ctx, d, settled),
+            Begun::Run(k, guard) => keyed = Some((k, guard)),
+            Begun::Plain => {}
+        }
+    }
     let started = Instant::now();
-    let outcome = plugin.invoke(&input).await;
+    let idempotency = keyed.as_ref().map(|(k, _)| k.idempotency_base());
+    let outcome = plugin.invoke_keyed(&input, idempotency).await;
     metrics.handled(plugin, &outcome, started.elapsed());
     let span = tracing::Span::current();
     span.record("outcome", outcome.label());
@@ -175,6 +197,10 @@ async fn handle_in_span(
     let mut writes = crate::kv::Writes::default();
     let mut settle: Vec<OutboundMessage> = match outcome {
         Outcome::Ack { outputs, writes: w } => {
+            if let (Some(dd), Some((k, _guard))) = (&ctx.dedup, &keyed) {
+                let settled = journal_and_apply(&h, dd, k, outputs, w).await;
+                return finish(ctx, d, settled);
+            }
             writes = w;
             outputs
         }
@@ -205,23 +231,165 @@ async fn handle_in_span(
     let mut settled = publish_all(ctx, &mut settle, &d.properties, trace, &d.acker).await;
     if settled && !writes.is_empty() {
         settled = match commit_writes(ctx, plugin, &writes, &d.acker).await {
-            Committed::Yes => true,
-            Committed::Gone => false,
-            Committed::Refused(reason) => {
-                let mut again = vec![retry_or_dead_letter(ctx, plugin, &input, attempt, &reason)];
-                publish_all(ctx, &mut again, &d.properties, trace, &d.acker).await
-            }
+            Stored::Yes(()) => true,
+            Stored::Gone => false,
+            Stored::Refused(reason) => refused(&h, &reason).await,
         };
     }
-    if settled {
-        if d.acker.ack() == AckOutcome::Stale {
-            metric::stale_settle(&ctx.queue);
-        }
-    } else {
-        // The channel the delivery came on is gone: the broker redelivers
-        // it. Dropping the acker unsettled is a counted no-op.
+    finish(ctx, d, settled);
+}
+
+/// Ack a settled delivery; count one whose channel is gone (the broker
+/// redelivers it; dropping its acker unsettled is a counted no-op).
+fn finish(ctx: &RouteContext, d: amqp::Delivery, settled: bool) {
+    if !settled || d.acker.ack() == AckOutcome::Stale {
         metric::stale_settle(&ctx.queue);
     }
+}
+
+/// One delivery being handled: what each step of it needs.
+struct Handling<'a> {
+    ctx: &'a RouteContext,
+    plugin: &'a Plugin,
+    input: &'a plugins::Delivery,
+    d: &'a amqp::Delivery,
+    trace: &'a TraceContext,
+}
+
+/// Settle a delivery whose key-value writes Redis refused like a retry.
+async fn refused(h: &Handling<'_>, reason: &str) -> bool {
+    let mut again = vec![retry_or_dead_letter(
+        h.ctx,
+        h.plugin,
+        h.input,
+        h.input.attempt,
+        reason,
+    )];
+    publish_all(h.ctx, &mut again, &h.d.properties, h.trace, &h.d.acker).await
+}
+
+/// Publish `outputs` for `h`'s delivery.
+async fn publish_for(h: &Handling<'_>, outputs: &mut [OutboundMessage]) -> bool {
+    publish_all(h.ctx, outputs, &h.d.properties, h.trace, &h.d.acker).await
+}
+
+/// How a deduplicated delivery starts.
+enum Begun {
+    /// Settled without invoking (done before, or its record replayed);
+    /// false if its channel went away first.
+    Settled(bool),
+    /// New: invoke the plugin, holding the key.
+    Run(Keyed, dedup::KeyGuard),
+    /// Without a key, or the store down and the route at least once.
+    Plain,
+}
+
+/// Look the delivery's key up, waiting for the store while it cannot
+/// answer (the route pauses: the delivery is held, never acked
+/// unrecorded), unless the route runs at least once then.
+async fn begin(h: &Handling<'_>, dd: &RouteDedup) -> Begun {
+    let span = tracing::Span::current();
+    let Some(raw) = dd.key_of(h.input) else {
+        dd.count_no_key();
+        span.record("warren.dedup", "no-key");
+        return Begun::Plain;
+    };
+    let found = until_stored(h.ctx, &h.d.acker, "look up the delivery's key", || {
+        dd.find(&raw)
+    })
+    .await;
+    match found {
+        Stored::Yes(Found::New(k, guard)) => {
+            span.record("warren.dedup", "new");
+            Begun::Run(k, guard)
+        }
+        Stored::Yes(Found::Plain) => {
+            span.record("warren.dedup", "unrecorded");
+            Begun::Plain
+        }
+        Stored::Yes(Found::Done) => {
+            dd.count_skipped();
+            span.record("warren.dedup", "skipped");
+            span.record("outcome", "skipped");
+            Begun::Settled(true)
+        }
+        Stored::Yes(Found::Journal(k, _guard, record)) => {
+            dd.count_replayed();
+            span.record("warren.dedup", "replayed");
+            span.record("outcome", "replayed");
+            Begun::Settled(apply(h, dd, &k, record).await)
+        }
+        Stored::Refused(reason) => {
+            // A lookup is never refused; if the store says so, handle the
+            // delivery as a route without deduplication would.
+            warn!(queue = %h.ctx.queue, %reason, "Deduplication lookup refused; handling the delivery at least once.");
+            Begun::Plain
+        }
+        Stored::Gone => Begun::Settled(false),
+    }
+}
+
+/// The effects of a new delivery that acked: outputs stamped with
+/// deterministic ids, journalled (if it has outputs), then applied.
+async fn journal_and_apply(
+    h: &Handling<'_>,
+    dd: &RouteDedup,
+    k: &Keyed,
+    mut outputs: Vec<OutboundMessage>,
+    writes: crate::kv::Writes,
+) -> bool {
+    k.stamp(&mut outputs);
+    let mut record = Record::new(outputs, &writes);
+    crate::crash::point("dedup-invoked");
+    // Without outputs, applying the writes with the done mark is one
+    // atomic step: nothing to journal.
+    if !record.outputs.is_empty() {
+        let bytes = match record.encode() {
+            Ok(b) => b,
+            Err(e) => return refused(h, &e).await,
+        };
+        let held = until_stored(h.ctx, &h.d.acker, "journal the delivery", || {
+            dd.store().journal(k.key(), bytes.clone())
+        })
+        .await;
+        match held {
+            Stored::Yes(crate::kv::Recorded::Nothing) => {}
+            Stored::Yes(crate::kv::Recorded::Done) => return true,
+            Stored::Yes(crate::kv::Recorded::Journal(theirs)) => {
+                // Another copy, in another process, journalled first: its
+                // effects are the ones that happen.
+                if let Some(r) = dedup::decode(&theirs) {
+                    record = r;
+                }
+            }
+            Stored::Refused(reason) => return refused(h, &reason).await,
+            Stored::Gone => return false,
+        }
+    }
+    crate::crash::point("dedup-journalled");
+    apply(h, dd, k, record).await
+}
+
+/// Publish a record's outputs, then apply its writes and mark its key done,
+/// once. True when the delivery may be acked.
+async fn apply(h: &Handling<'_>, dd: &RouteDedup, k: &Keyed, mut record: Record) -> bool {
+    if !publish_for(h, &mut record.outputs).await {
+        return false;
+    }
+    crate::crash::point("dedup-published");
+    let writes = record.writes();
+    let ns = dedup::namespace(h.plugin, &writes);
+    let done = until_stored(h.ctx, &h.d.acker, "apply the delivery's writes", || {
+        dd.store().complete(k.key(), ns, &writes)
+    })
+    .await;
+    let settled = match done {
+        Stored::Yes(()) => true,
+        Stored::Gone => false,
+        Stored::Refused(reason) => refused(h, &reason).await,
+    };
+    crate::crash::point("dedup-completed");
+    settled
 }
 
 /// Publish `messages` in order through the outbox, each under a `publish`
@@ -276,27 +444,62 @@ async fn publish_all(
     true
 }
 
-/// How a delivery's key-value commit ended.
-enum Committed {
-    Yes,
-    /// Redis refused the writes (nothing written): the reason.
+/// How a step that needs the store ended.
+enum Stored<T> {
+    Yes(T),
+    /// The store refused (nothing written): the reason.
     Refused(String),
     /// The delivery's channel went away first; it will be redelivered.
     Gone,
 }
 
-/// Commit `writes` under a `commit` span: keep trying while Redis cannot
-/// take them (the delivery is held, never acked without its writes).
+/// Run `step` until the store takes it: while it cannot be reached the
+/// delivery is held (its permit too, so the route pauses), never acked
+/// without it.
+async fn until_stored<T, F, Fut>(
+    ctx: &RouteContext,
+    acker: &amqp::DeliveryAcker,
+    what: &str,
+    mut step: F,
+) -> Stored<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, crate::kv::KvError>>,
+{
+    let mut delay = Backoff::new(BackoffConfig {
+        initial: Duration::from_millis(50),
+        max: Duration::from_secs(2),
+    });
+    let mut warned = false;
+    loop {
+        match step().await {
+            Ok(v) => return Stored::Yes(v),
+            Err(crate::kv::KvError::Unavailable(e)) => {
+                if !acker.is_current() {
+                    return Stored::Gone;
+                }
+                if !warned {
+                    warn!(queue = %ctx.queue, error = %e, "Redis cannot {what}; holding the delivery and retrying.");
+                    warned = true;
+                }
+                tokio::time::sleep(delay.next_fixed()).await;
+            }
+            Err(e) => return Stored::Refused(format!("key-value commit refused: {e}")),
+        }
+    }
+}
+
+/// Commit `writes` under a `commit` span, until Redis takes them.
 async fn commit_writes(
     ctx: &RouteContext,
     plugin: &Plugin,
     writes: &crate::kv::Writes,
     acker: &amqp::DeliveryAcker,
-) -> Committed {
+) -> Stored<()> {
     let Some(ns) = plugin.kv() else {
         // Unreachable in practice: a plugin without a namespace has no
         // writes. Refused, so the delivery is retried, not acked.
-        return Committed::Refused("key-value state is not available".into());
+        return Stored::Refused("key-value state is not available".into());
     };
     let span = tracing::debug_span!(
         "commit",
@@ -304,30 +507,14 @@ async fn commit_writes(
         "warren.plugin" = plugin.name(),
         "warren.kv.keys" = writes.len(),
     );
-    let mut delay = Backoff::new(BackoffConfig {
-        initial: Duration::from_millis(50),
-        max: Duration::from_secs(2),
-    });
-    let mut warned = false;
-    loop {
-        match ns.commit(writes).instrument(span.clone()).await {
-            Ok(()) => return Committed::Yes,
-            Err(crate::kv::KvError::Unavailable(e)) => {
-                if !acker.is_current() {
-                    return Committed::Gone;
-                }
-                if !warned {
-                    warn!(queue = %ctx.queue, plugin = plugin.name(), error = %e, "Redis does not take the delivery's key-value writes; holding the delivery and retrying.");
-                    warned = true;
-                }
-                tokio::time::sleep(delay.next_fixed()).await;
-            }
-            Err(e) => {
-                telemetry::set_error(&span, "kv_commit_refused", &e.to_string());
-                return Committed::Refused(format!("key-value commit refused: {e}"));
-            }
-        }
+    let stored = until_stored(ctx, acker, "take the delivery's key-value writes", || {
+        ns.commit(writes).instrument(span.clone())
+    })
+    .await;
+    if let Stored::Refused(reason) = &stored {
+        telemetry::set_error(&span, "kv_commit_refused", reason);
     }
+    stored
 }
 
 /// What a failed delivery becomes: a retry copy while attempts remain,

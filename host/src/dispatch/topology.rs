@@ -348,6 +348,7 @@ mod tests {
             prefetch: 1,
             message_ttl_ms: None,
             max_attempts: None,
+            dedup: None,
         };
         let both = c.subscription_topology(&sub).with_missing(t);
         assert!(!both.queues["orders.routed.all"].existing_ok);
@@ -370,6 +371,7 @@ mod tests {
                 prefetch: 1,
                 message_ttl_ms: Some(1000),
                 max_attempts: None,
+                dedup: None,
             };
             let t = c
                 .base_topology()

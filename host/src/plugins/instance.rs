@@ -75,7 +75,13 @@ struct HttpHooks {
     /// The calls of the delivery in flight, when it records them
     /// (`warren invoke`); `None` on the delivery path.
     calls: Option<Arc<std::sync::Mutex<Vec<CallRecord>>>>,
+    /// A deduplicated delivery's `Idempotency-Key` base and its calls so
+    /// far (see [`super::Plugin::invoke_keyed`]).
+    idempotency: Option<(Arc<str>, Arc<std::sync::atomic::AtomicU32>)>,
 }
+
+/// The header a deduplicated delivery's calls carry.
+const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
 
 /// One outbound call as `warren invoke` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -100,6 +106,17 @@ impl HttpHooks {
         let budget = self.budget;
         let spent = self.spent.clone();
         let calls = self.calls.clone();
+        let mut req = req;
+        if let Some((base, n)) = &self.idempotency
+            && !req
+                .headers
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case(IDEMPOTENCY_KEY))
+        {
+            let n = n.fetch_add(1, Ordering::Relaxed);
+            req.headers
+                .push((IDEMPOTENCY_KEY.to_string(), format!("{base}-{n}")));
+        }
         async move {
             let started = std::time::Instant::now();
             let record = calls.map(|c| (c, req.method.clone(), req.url.clone()));
@@ -158,6 +175,7 @@ impl wasmtime_wasi_http::WasiHttpHooks for HttpHooks {
             budget: self.budget,
             spent: self.spent.clone(),
             calls: self.calls.clone(),
+            idempotency: self.idempotency.clone(),
         };
         Box::new(async move {
             let (parts, body) = request.into_parts();
@@ -339,6 +357,7 @@ impl Invocation {
                 budget: None,
                 spent: Arc::default(),
                 calls: None,
+                idempotency: None,
             },
             kv: KvState {
                 txn: Txn::new(match &kv {
@@ -375,8 +394,9 @@ impl Invocation {
     }
 
     /// Ready the store for another call of a reused instance: a new
-    /// deadline, no outputs; its outbound calls recorded if `record`.
-    pub(crate) fn begin_call(&mut self, record: bool) {
+    /// deadline, no outputs; its outbound calls recorded if `record`, and
+    /// keyed from `idempotency` if set.
+    pub(crate) fn begin_call(&mut self, record: bool, idempotency: Option<String>) {
         let state = self.store.data_mut();
         state.ticks_left = state.ticks;
         state.outputs.clear();
@@ -389,6 +409,7 @@ impl Invocation {
         });
         state.http.spent = Arc::default();
         state.http.calls = record.then(Arc::default);
+        state.http.idempotency = idempotency.map(|base| (Arc::from(base), Arc::default()));
     }
 
     /// The outbound calls the delivery made.

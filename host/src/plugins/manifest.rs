@@ -74,6 +74,101 @@ pub struct Subscription {
     pub message_ttl_ms: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_attempts: Option<u32>,
+    /// Effectively-once handling of this subscription's deliveries (set
+    /// by the operator's config; a component's manifest cannot ask for it
+    /// in contract 0.3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dedup: Option<Dedup>,
+}
+
+/// `dedup`: a subscription's deliveries keyed, and each key's effects
+/// applied once within the window (DESIGN.md §10).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Dedup {
+    /// Where a delivery's key is: `message-id`, `header:<name>` or
+    /// `json:<pointer>` (an RFC 6901 pointer into a JSON body, such as
+    /// `json:/order/id`).
+    pub key: String,
+    /// How long a handled key is remembered: a number and `s`, `m`, `h`
+    /// or `d` (`90s`, `15m`, `1h`, `7d`).
+    #[serde(default = "default_dedup_window")]
+    pub window: String,
+    /// When the store cannot be reached: `pause` (hold deliveries until
+    /// it can; the default) or `at-least-once` (handle them without
+    /// deduplication, reported as degraded).
+    #[serde(default)]
+    pub on_store_down: OnStoreDown,
+}
+
+fn default_dedup_window() -> String {
+    "1h".into()
+}
+
+/// `dedup.on-store-down`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnStoreDown {
+    #[default]
+    Pause,
+    AtLeastOnce,
+}
+
+/// Where a delivery's deduplication key is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DedupSource {
+    MessageId,
+    Header(String),
+    JsonPointer(String),
+}
+
+impl Dedup {
+    /// Where the key is, or why `key` names no place.
+    pub fn source(&self) -> Result<DedupSource, String> {
+        match self.key.split_once(':') {
+            None if self.key == "message-id" => Ok(DedupSource::MessageId),
+            Some(("header", name)) if !name.is_empty() => Ok(DedupSource::Header(name.into())),
+            Some(("json", p)) if p.is_empty() || p.starts_with('/') => {
+                Ok(DedupSource::JsonPointer(p.into()))
+            }
+            _ => Err(format!(
+                "dedup.key {:?} is not `message-id`, `header:<name>` or `json:<pointer starting with />`",
+                self.key
+            )),
+        }
+    }
+
+    /// The window as a duration, or why it is not one.
+    pub fn window(&self) -> Result<std::time::Duration, String> {
+        let w = self.window.trim();
+        let bad = || {
+            format!(
+                "dedup.window {:?} is not a number of seconds, minutes, hours or days, such as `90s`, `15m`, `1h` or `7d`, of at least 1s",
+                self.window
+            )
+        };
+        let split = w.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+        let n: u64 = w[..split].parse().map_err(|_| bad())?;
+        let unit = match &w[split..] {
+            "s" => 1,
+            "m" => 60,
+            "h" => 3600,
+            "d" => 86_400,
+            _ => return Err(bad()),
+        };
+        match n.checked_mul(unit) {
+            Some(secs) if secs > 0 => Ok(std::time::Duration::from_secs(secs)),
+            _ => Err(bad()),
+        }
+    }
+
+    /// Every problem with these settings.
+    pub fn problems(&self) -> Vec<String> {
+        [self.source().err(), self.window().err()]
+            .into_iter()
+            .flatten()
+            .collect()
+    }
 }
 
 fn default_prefetch() -> u16 {
@@ -281,6 +376,13 @@ impl Subscription {
         if let Some(b) = &self.bind {
             out.extend(b.problems(&format!("subscription {q:?}")));
         }
+        if let Some(d) = &self.dedup {
+            out.extend(
+                d.problems()
+                    .into_iter()
+                    .map(|p| format!("subscription {q:?}: {p}")),
+            );
+        }
         out
     }
 }
@@ -360,6 +462,7 @@ impl From<wit::Subscription> for Subscription {
             prefetch: s.prefetch,
             message_ttl_ms: s.message_ttl_ms,
             max_attempts: s.max_attempts,
+            dedup: None,
         }
     }
 }
@@ -413,6 +516,7 @@ mod tests {
                 prefetch: 10,
                 message_ttl_ms: None,
                 max_attempts: Some(3),
+                dedup: None,
             }],
             outputs: Outputs {
                 exchanges: vec![OutputExchange {

@@ -681,7 +681,15 @@ impl Plugin {
     /// [`InstancePolicy::Reuse`] in an idle one. Never fails: every fault is
     /// an [`Outcome::Trapped`].
     pub async fn invoke(&self, delivery: &Delivery) -> Outcome {
-        self.invoke_recording(delivery, false).await.0
+        self.invoke_recording(delivery, false, None).await.0
+    }
+
+    /// [`Plugin::invoke`] for a deduplicated delivery: each outbound call
+    /// without an `Idempotency-Key` of its own gets `<base>-<n>`, `n`
+    /// counting the delivery's calls from 0, so a second run of the same
+    /// delivery sends the same keys.
+    pub async fn invoke_keyed(&self, delivery: &Delivery, idempotency: Option<String>) -> Outcome {
+        self.invoke_recording(delivery, false, idempotency).await.0
     }
 
     /// [`Plugin::invoke`], with the outbound calls the delivery made
@@ -690,13 +698,14 @@ impl Plugin {
         &self,
         delivery: &Delivery,
     ) -> (Outcome, Vec<super::instance::CallRecord>) {
-        self.invoke_recording(delivery, true).await
+        self.invoke_recording(delivery, true, None).await
     }
 
     async fn invoke_recording(
         &self,
         delivery: &Delivery,
         record: bool,
+        idempotency: Option<String>,
     ) -> (Outcome, Vec<super::instance::CallRecord>) {
         let inner = &*self.inner;
         let rt = inner.runtime.inner();
@@ -718,7 +727,7 @@ impl Plugin {
                 (inv, None, 0, slot)
             }
         };
-        inv.begin_call(record);
+        inv.begin_call(record, idempotency);
         let (outcome, instance) = inner.call_handle(&mut inv, instance, delivery).await;
         let calls = inv.take_calls();
         if let (InstancePolicy::Reuse { max_deliveries }, Some(instance)) = (inner.policy, instance)
