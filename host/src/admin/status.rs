@@ -137,12 +137,9 @@ impl Status {
             degraded,
         } = app.readiness();
         let amqp = app.amqp.status_now();
-        // A fresh snapshot, unless the spool is too slow to answer: then
-        // the last published one.
-        let spool = match tokio::time::timeout(Duration::from_secs(1), app.spool.status()).await {
-            Ok(s) => s,
-            Err(_) => app.spool.subscribe().borrow().clone(),
-        };
+        // A fresh snapshot: it never waits for Redis (the primary is read
+        // from its watch).
+        let spool = app.spool.status().await;
         let consumers = app
             .amqp
             .consumers()
