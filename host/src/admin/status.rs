@@ -5,10 +5,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
+use super::{AdminView, Readiness};
 use crate::amqp::{ConnectionState, ConsumerState, Failure};
-use crate::app::{AppHandle, FailedPlugin, Readiness};
 use crate::buffer::SpoolStatus;
 use crate::dispatch::RouteInfo;
+use crate::dispatch::reload::FailedPlugin;
 
 #[derive(Serialize)]
 pub(crate) struct Status {
@@ -130,7 +131,7 @@ pub(crate) fn consumer_state(s: &ConsumerState) -> &'static str {
 }
 
 impl Status {
-    pub(crate) async fn collect(app: &AppHandle) -> Status {
+    pub(crate) async fn collect(app: &AdminView) -> Status {
         let Readiness {
             ready,
             reasons,
