@@ -46,6 +46,8 @@ pub mod config;
 pub mod config_doc;
 pub mod dispatch;
 pub mod kv;
+#[cfg(test)]
+mod layers;
 pub mod message;
 pub mod new;
 pub mod plugins;
