@@ -29,6 +29,7 @@ use crate::dispatch::reload::{self, Reloader};
 use crate::dispatch::{Dispatcher, Outbox};
 use crate::plugins::{DirectoryError, PluginRuntime, RuntimeError};
 
+pub use crate::admin::Readiness;
 pub use crate::dispatch::reload::FailedPlugin;
 
 /// Why Warren could not start at all. (A broker or Redis that is down is
@@ -58,19 +59,6 @@ impl StartError {
             Self::PluginsDir(_) | Self::Amqp(_) | Self::Spool(_) | Self::Kv(_)
         )
     }
-}
-
-/// Whether Warren should receive work, and if not, why; and what works
-/// but not as it should.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct Readiness {
-    pub ready: bool,
-    /// Empty when ready.
-    pub reasons: Vec<String>,
-    /// Working, but worse than it should: outputs waiting in the spool, a
-    /// drain that makes no progress while the broker is up, a spool that
-    /// is not highly available. Never makes `ready` false.
-    pub degraded: Vec<String>,
 }
 
 /// Read-only views of a running Warren, for the admin API and tests.
@@ -205,6 +193,34 @@ impl AppHandle {
     /// Plugin files that failed to load at start or at the last reload.
     pub fn failed_plugins(&self) -> Vec<FailedPlugin> {
         self.reloader.failed()
+    }
+
+    /// What the admin API reads: the handles, and this handle for what
+    /// only the running app can answer.
+    fn admin_view(&self) -> admin::AdminView {
+        admin::AdminView {
+            amqp: self.amqp.clone(),
+            spool: self.spool.clone(),
+            kv: self.kv.clone(),
+            dispatcher: self.dispatcher.clone(),
+            reloader: self.reloader.clone(),
+            metrics: self.metrics.clone(),
+            wiring: Arc::new(self.clone()),
+        }
+    }
+}
+
+impl admin::Wiring for AppHandle {
+    fn readiness(&self) -> Readiness {
+        AppHandle::readiness(self)
+    }
+
+    fn drain_stalled(&self, amqp: &crate::amqp::AmqpStatus) -> Option<Duration> {
+        AppHandle::drain_stalled(self, amqp)
+    }
+
+    fn config_text(&self) -> String {
+        crate::config_doc::render(&self.effective_config(), "this running Warren")
     }
 }
 
@@ -354,7 +370,7 @@ impl App {
             .map_err(|e| AdminError::Bind(config.admin.bind.clone(), e))?;
         admin_tasks.spawn(admin::serve(
             admin_listener,
-            admin::router(handle.clone(), &config.admin),
+            admin::router(handle.admin_view(), &config.admin),
             stop.admin.clone(),
         ));
         info!(addr = %admin_addr, "Admin API listening.");
@@ -487,6 +503,31 @@ async fn wake_drainer_with_session(
             biased;
             _ = stop.cancelled() => return,
             r = status.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+/// On each SIGHUP (`hangups`), reload the plugins as `POST /plugins/reload`
+/// does (the reload logs each file that fails). Runs until dropped.
+pub async fn reload_on_hangup(
+    hangups: Option<tokio::signal::unix::Signal>,
+    reloader: Arc<Reloader>,
+) {
+    let Some(mut hup) = hangups else {
+        return std::future::pending().await;
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!("SIGHUP: reloading plugins.");
+        match reloader.reload(None).await {
+            Ok(r) => tracing::info!(
+                loaded = r.loaded.len(),
+                replaced = r.replaced.len(),
+                removed = r.removed.len(),
+                unchanged = r.unchanged.len(),
+                failed = r.failed.len(),
+                "Plugins reloaded."
+            ),
+            Err(e) => tracing::warn!(error = %e, "Reload on SIGHUP failed."),
         }
     }
 }

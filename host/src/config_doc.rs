@@ -13,7 +13,8 @@ use std::fmt::Write as _;
 use documented::{DocumentedFieldsOpt, DocumentedOpt};
 use serde::Serialize;
 
-use crate::config::{Config, PluginOverride};
+use crate::config::Config;
+use crate::plugins::PluginOverride;
 
 /// `config` as commented TOML. `source` says where it came from (the
 /// first comment line).

@@ -47,6 +47,8 @@ pub mod config_doc;
 pub mod crash;
 pub mod dispatch;
 pub mod kv;
+#[cfg(test)]
+mod layers;
 pub mod message;
 pub mod new;
 pub mod plugins;

@@ -223,7 +223,7 @@ fn run(config_path: Option<PathBuf>, plugins: Option<PathBuf>, watch: bool) -> E
         let hangups = shutdown::hangups();
         App::start(config).await.map(|app| {
             let reloader = app.handle().reloader.clone();
-            let hangup = tokio::spawn(shutdown::reload_on_hangup(hangups, reloader));
+            let hangup = tokio::spawn(warren::app::reload_on_hangup(hangups, reloader));
             (app, hangup)
         })
     });

@@ -16,7 +16,9 @@
 //! its own, so plugins that keep the app's workers busy delay neither;
 //! at the deadline it abandons the stop where it is. A second signal ends
 //! the process at once with status 130. SIGHUP does not stop
-//! anything: it reloads the plugins ([`reload_on_hangup`]).
+//! anything: it reloads the plugins (`app::reload_on_hangup`). A leaf: it
+//! knows signals and its own section, nothing of what a stop or a reload
+//! does.
 
 use documented::{DocumentedFieldsOpt, DocumentedOpt};
 use serde::{Deserialize, Serialize};
@@ -90,29 +92,4 @@ pub fn hangups() -> Option<tokio::signal::unix::Signal> {
         tracing::warn!("Cannot install the SIGHUP handler; reload plugins through the admin API.");
     }
     hup
-}
-
-/// On each SIGHUP (`hangups`), reload the plugins as `POST /plugins/reload`
-/// does (the reload logs each file that fails). Runs until dropped.
-pub async fn reload_on_hangup(
-    hangups: Option<tokio::signal::unix::Signal>,
-    reloader: std::sync::Arc<crate::dispatch::reload::Reloader>,
-) {
-    let Some(mut hup) = hangups else {
-        return std::future::pending().await;
-    };
-    while hup.recv().await.is_some() {
-        tracing::info!("SIGHUP: reloading plugins.");
-        match reloader.reload(None).await {
-            Ok(r) => tracing::info!(
-                loaded = r.loaded.len(),
-                replaced = r.replaced.len(),
-                removed = r.removed.len(),
-                unchanged = r.unchanged.len(),
-                failed = r.failed.len(),
-                "Plugins reloaded."
-            ),
-            Err(e) => tracing::warn!(error = %e, "Reload on SIGHUP failed."),
-        }
-    }
 }

@@ -153,7 +153,7 @@ pub(crate) async fn live() -> Json<serde_json::Value> {
 }
 
 pub(crate) async fn ready(State(state): State<AdminState>) -> Response {
-    let r = state.app.readiness();
+    let r = state.view.readiness();
     let code = if r.ready {
         StatusCode::OK
     } else {
@@ -163,25 +163,25 @@ pub(crate) async fn ready(State(state): State<AdminState>) -> Response {
 }
 
 pub(crate) async fn status(State(state): State<AdminState>) -> Json<super::status::Status> {
-    Json(super::status::Status::collect(&state.app).await)
+    Json(super::status::Status::collect(&state.view).await)
 }
 
 /// The configuration this process runs with, read back from its
 /// subsystems, as commented TOML (secrets redacted).
 pub(crate) async fn config(State(state): State<AdminState>) -> Response {
-    let text = crate::config_doc::render(&state.app.effective_config(), "this running Warren");
+    let text = state.view.wiring.config_text();
     ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response()
 }
 
 pub(crate) async fn metrics(State(state): State<AdminState>) -> Response {
-    let Some(handle) = &state.app.metrics else {
+    let Some(handle) = &state.view.metrics else {
         return ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "no Prometheus recorder is installed in this process",
         )
         .into_response();
     };
-    super::metric::sample(&state.app);
+    super::metric::sample(&state.view);
     handle.run_upkeep();
     (
         [(
@@ -213,7 +213,7 @@ pub(crate) struct PluginView {
     pub state: bool,
 }
 
-pub(crate) fn plugin_views(app: &crate::app::AppHandle) -> Vec<PluginView> {
+pub(crate) fn plugin_views(app: &super::AdminView) -> Vec<PluginView> {
     let routes = app.dispatcher.route_info();
     app.reloader
         .plugins()
@@ -239,8 +239,8 @@ pub(crate) fn plugin_views(app: &crate::app::AppHandle) -> Vec<PluginView> {
 
 pub(crate) async fn plugins(State(state): State<AdminState>) -> Json<serde_json::Value> {
     Json(serde_json::json!({
-        "plugins": plugin_views(&state.app),
-        "failed": state.app.failed_plugins(),
+        "plugins": plugin_views(&state.view),
+        "failed": state.view.failed_plugins(),
     }))
 }
 
@@ -255,7 +255,7 @@ fn reload_error(e: ReloadError) -> ApiError {
 
 pub(crate) async fn reload(State(state): State<AdminState>) -> ApiResult<Json<ReloadReport>> {
     let report = state
-        .app
+        .view
         .reloader
         .reload(None)
         .await
@@ -270,7 +270,7 @@ pub(crate) async fn put_plugin(
 ) -> ApiResult<Json<ReloadReport>> {
     let name = plugin_name(name)?;
     let body = body.map_err(|e| body_error(e, state.max_body_bytes))?;
-    let reloader = &state.app.reloader;
+    let reloader = &state.view.reloader;
     let path = reloader.dir().join(format!("{name}.wasm"));
     // Check before writing: a bad upload never reaches the directory. A
     // component compiled from these bytes before (a rollback) is reused.
@@ -335,7 +335,7 @@ pub(crate) async fn delete_plugin(
     name: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<ReloadReport>> {
     let name = plugin_name(name)?;
-    let reloader = &state.app.reloader;
+    let reloader = &state.view.reloader;
     let mut files: Vec<PathBuf> = reloader
         .plugins()
         .get(&name)
@@ -472,7 +472,7 @@ pub(crate) async fn publish(
         properties,
         body,
     };
-    match state.app.dispatcher.outbox().publish(&msg).await {
+    match state.view.dispatcher.outbox().publish(&msg).await {
         Ok(p) => Ok(Json(Published {
             placement: match p {
                 Placement::Broker => "broker",

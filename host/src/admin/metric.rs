@@ -5,8 +5,8 @@
 //! `buffer::metric`, `dispatch::metric`, `dispatch::reload::RELOADS`); the
 //! spool's depth, bytes and oldest age are gauges the spool keeps current.
 
+use super::AdminView;
 use crate::amqp::ConnectionState;
-use crate::app::AppHandle;
 
 /// Gauge: 1 for the connection's current state, 0 for the others, by
 /// `state` (connecting, declaring, running, blocked, recovering,
@@ -104,7 +104,7 @@ const STATES: [&str; 8] = [
 ];
 
 /// Set every gauge from the current state of `app`.
-pub(crate) fn sample(app: &AppHandle) {
+pub(crate) fn sample(app: &AdminView) {
     let status = app.amqp.status_now();
     let current = status.state.name();
     for s in STATES {
@@ -135,7 +135,7 @@ pub(crate) fn sample(app: &AppHandle) {
 /// The backlog gauges of every route: what waits at the broker (the
 /// consumer check's counts) and what Warren handles now. The spool's depth
 /// is the host's (`warren_spool_depth`): outputs of every route share it.
-fn sample_backlog(app: &AppHandle) {
+fn sample_backlog(app: &AdminView) {
     let checks: std::collections::HashMap<String, (Option<u32>, Option<u32>)> = app
         .amqp
         .consumers()

@@ -1,7 +1,7 @@
 //! The admin HTTP API (axum): health, readiness, status, metrics, plugin
 //! management and publishing.
 //!
-//! Reads handles ([`AppHandle`]) and never owns state: plugin changes go
+//! Reads handles (an [`AdminView`] the wiring fills) and never owns state: plugin changes go
 //! through the [`crate::dispatch::reload::Reloader`], publishes through the
 //! outbox. Files in the plugins directory are the one thing it writes
 //! (uploads, atomically) and removes.
@@ -28,11 +28,13 @@
 //!
 //! - `handlers`: the endpoints,
 //! - `status`: the `/status` document,
-//! - [`metric`]: gauges sampled when `/metrics` is scraped.
+//! - [`metric`]: gauges sampled when `/metrics` is scraped,
+//! - `view`: what it reads ([`AdminView`], [`Wiring`]).
 
 mod handlers;
 pub mod metric;
 mod status;
+mod view;
 
 use std::sync::Arc;
 
@@ -45,8 +47,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::app::AppHandle;
 use crate::secret::Secret;
+pub use view::{AdminView, Readiness, Wiring};
 
 /// `[admin]`: the admin HTTP API.
 #[derive(Debug, Clone, Deserialize, Serialize, DocumentedOpt, DocumentedFieldsOpt)]
@@ -119,7 +121,7 @@ pub enum AdminError {
 /// What the handlers share.
 #[derive(Clone)]
 pub(crate) struct AdminState {
-    pub(crate) app: AppHandle,
+    pub(crate) view: AdminView,
     pub(crate) mutations: Mutations,
     pub(crate) max_body_bytes: usize,
 }
@@ -166,8 +168,8 @@ pub async fn bind(addr: &str) -> Result<TcpListener, AdminError> {
         .map_err(|e| AdminError::Bind(addr.to_string(), e))
 }
 
-/// The admin API over `app`.
-pub fn router(app: AppHandle, config: &AdminConfig) -> Router {
+/// The admin API over `view`.
+pub fn router(view: AdminView, config: &AdminConfig) -> Router {
     let mutations = Mutations::new(config);
     if matches!(mutations, Mutations::Disabled) {
         warn!(
@@ -176,7 +178,7 @@ pub fn router(app: AppHandle, config: &AdminConfig) -> Router {
         );
     }
     let state = AdminState {
-        app,
+        view,
         mutations,
         max_body_bytes: config.max_body_bytes,
     };

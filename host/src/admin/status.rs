@@ -5,10 +5,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
+use super::{AdminView, Readiness};
 use crate::amqp::{ConnectionState, ConsumerState, Failure};
-use crate::app::{AppHandle, FailedPlugin, Readiness};
 use crate::buffer::SpoolStatus;
 use crate::dispatch::RouteInfo;
+use crate::dispatch::reload::FailedPlugin;
 
 #[derive(Serialize)]
 pub(crate) struct Status {
@@ -130,19 +131,16 @@ pub(crate) fn consumer_state(s: &ConsumerState) -> &'static str {
 }
 
 impl Status {
-    pub(crate) async fn collect(app: &AppHandle) -> Status {
+    pub(crate) async fn collect(app: &AdminView) -> Status {
         let Readiness {
             ready,
             reasons,
             degraded,
         } = app.readiness();
         let amqp = app.amqp.status_now();
-        // A fresh snapshot, unless the spool is too slow to answer: then
-        // the last published one.
-        let spool = match tokio::time::timeout(Duration::from_secs(1), app.spool.status()).await {
-            Ok(s) => s,
-            Err(_) => app.spool.subscribe().borrow().clone(),
-        };
+        // A fresh snapshot: it never waits for Redis (the primary is read
+        // from its watch).
+        let spool = app.spool.status().await;
         let consumers = app
             .amqp
             .consumers()

@@ -11,7 +11,11 @@
 //! (a stream of [`Delivery`] with a [`DeliveryAcker`]), and
 //! [`AmqpHandle::consumers`] (per-queue [`SubscriptionStatus`]).
 //!
-//! Files: `config` (the `[amqp]` section), `supervisor` (connection owner, state, handle), `consumer`
+//! Files: `config` (the `[amqp]` section), `supervisor` (connection owner
+//! and reconnect loop), `session` (one live connection's tasks and events),
+//! `status` (what the supervisor publishes), `shared` (state shared with
+//! its tasks and handles), `handle` (the clonable handle and
+//! subscriptions), `declare` (declaring the topology), `consumer`
 //! (subscriptions and deliveries), `ack` (ack coalescing), `publisher`
 //! (confirm channel), `refusal` (permanent refusals, told apart from
 //! transient failures and remembered per session), `topology` (registry and declarations), `failure`
@@ -22,12 +26,17 @@ pub mod ack;
 pub mod config;
 pub mod consumer;
 pub mod convert;
+mod declare;
 pub mod failure;
+mod handle;
 pub mod metrics;
 mod outage_log;
 pub mod publisher;
 pub mod refusal;
 pub mod server;
+mod session;
+mod shared;
+pub mod status;
 pub mod supervisor;
 pub mod topology;
 
@@ -38,10 +47,12 @@ pub use consumer::{
 };
 pub use convert::{from_basic_properties, to_basic_properties};
 pub use failure::{AmqpError, Failure, FailureClass};
+pub use handle::{AmqpHandle, Subscription};
 pub use publisher::{NackSnapshot, PublishError, Publisher};
 pub use refusal::{Refusal, RefusalKind};
 pub use server::ServerInfo;
-pub use supervisor::{Amqp, AmqpConfig, AmqpHandle, AmqpStatus, ConnectionState, Subscription};
+pub use status::{AmqpStatus, ConnectionState};
+pub use supervisor::{Amqp, AmqpConfig};
 pub use topology::{
     ArgumentDiff, BindingSpec, ExchangeSpec, ExchangeType, QueueSpec, QueueType, Topology,
     TopologyRegistry,

@@ -34,7 +34,7 @@ use super::convert::{short, to_basic_properties};
 use super::failure::{Failure, FailureClass, classify, is_connection_level};
 use super::metrics;
 use super::refusal::{Refusal, Screen, Subject, attribute};
-use super::supervisor::AmqpStatus;
+use super::status::AmqpStatus;
 use crate::backoff::{Backoff, BackoffConfig};
 use crate::message::OutboundMessage;
 

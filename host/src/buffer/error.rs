@@ -282,3 +282,39 @@ mod tests {
         ));
     }
 }
+
+/// A Redis call that failed, and the generation of the primary link it
+/// used (0 when no link was had), so a failover repair drops that link and
+/// never a newer one.
+#[derive(Debug)]
+pub(crate) struct RedisFailure {
+    pub(crate) error: SpoolError,
+    pub(crate) generation: u64,
+}
+
+impl RedisFailure {
+    /// No link could be had: resolving the primary failed.
+    pub(crate) fn resolving(error: SpoolError) -> Self {
+        RedisFailure {
+            error,
+            generation: 0,
+        }
+    }
+
+    /// A command on `link` failed.
+    pub(crate) fn on(link: &super::sentinel::Link, e: RedisError) -> Self {
+        RedisFailure {
+            error: SpoolError::from_redis(&link.addr, e),
+            generation: link.generation,
+        }
+    }
+
+    /// Drop the link the failure happened on if the failure may mean the
+    /// primary changed; the next caller resolves again. Without a link
+    /// (generation 0) there is nothing to drop.
+    pub(crate) async fn repair(&self, primary: &super::sentinel::Primary) {
+        if self.generation != 0 && self.error.is_failover() {
+            primary.invalidate(self.generation, &self.error).await;
+        }
+    }
+}

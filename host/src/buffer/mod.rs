@@ -33,7 +33,9 @@
 //!   deadpool's sentinel pool is explained there).
 //! - `spool`: [`Spool`], [`SpoolHandle`], the group-committing writer,
 //!   status.
-//! - `drainer`: [`Drainer`], [`DrainerHandle`], [`DrainPublisher`].
+//! - `drainer`: [`Drainer`], [`DrainerHandle`], [`DrainPublisher`]; its
+//!   window, its Redis side, one pass, and the record it keeps for status
+//!   ([`DrainerState`], [`DrainStats`]), each in a file of its own.
 //! - `adopt`: [`Adopter`], which drains the streams of hosts that are gone.
 
 mod adopt;
@@ -45,12 +47,12 @@ mod spool;
 
 pub use adopt::Adopter;
 pub use config::{DrainerConfig, SpoolConfig};
-pub use drainer::{DrainPublisher, Drainer, DrainerHandle, FnPublisher};
+pub use drainer::{DrainPublisher, DrainStats, Drainer, DrainerHandle, DrainerState, FnPublisher};
 pub use error::SpoolError;
 /// Primary discovery, shared with the key-value store (`crate::kv`).
 pub(crate) use sentinel::Primary;
 pub(crate) use spool::replicated;
-pub use spool::{Adoption, DrainStats, DrainerState, EntryId, Spool, SpoolHandle, SpoolStatus};
+pub use spool::{Adoption, EntryId, Spool, SpoolHandle, SpoolStatus};
 
 /// Metric names (Prometheus), defined in one place. No labels: one spool
 /// per process.

@@ -28,7 +28,7 @@ use serde::Serialize;
 use tracing::{error, info, warn};
 
 use super::Dispatcher;
-use crate::config::PluginOverride;
+use crate::plugins::PluginOverride;
 use crate::plugins::directory::wasm_files;
 use crate::plugins::manifest::Subscription;
 use crate::plugins::{DirectoryError, Plugin, PluginRuntime, PluginSettings};

@@ -22,6 +22,7 @@ pub mod limits;
 pub mod manifest;
 pub mod outbound;
 pub mod outcome;
+mod overrides;
 pub mod plugin;
 mod properties;
 pub mod runtime;
@@ -31,6 +32,7 @@ pub use instance::CallRecord;
 pub use limits::{Limits, LimitsOverride};
 pub use manifest::Manifest;
 pub use outcome::{LoadError, Outcome, TrapKind};
+pub use overrides::{InstanceSetting, PluginOverride};
 pub use plugin::{
     Delivery, InstancePolicy, Plugin, PluginCounters, PluginCountersSnapshot, PluginSettings,
 };

@@ -70,180 +70,20 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-use futures::StreamExt as _;
 use futures::future::join_all;
 use redis::aio::MultiplexedConnection;
-use redis::{
-    AsyncConnectionConfig, Client, ClientTlsConfig, ConnectionInfo, IntoConnectionInfo,
-    RedisConnectionInfo, Role, TlsCertificates,
-};
-use tokio::sync::{Mutex, Notify};
-use tokio_util::sync::CancellationToken;
+use redis::{AsyncConnectionConfig, Client};
+use tokio::sync::{Mutex, Notify, watch};
 use tracing::{debug, info, warn};
+
+mod checks;
+mod dialer;
+mod switch;
 
 use super::error::AUTH_RETRY;
 use super::{SpoolConfig, SpoolError};
-use crate::backoff::{Backoff, BackoffConfig};
-use crate::secret::{Secret, read_secret_file};
-
-/// Builds the spool's Redis clients: TLS material shared by every node, and
-/// the credentials of the data nodes (the sentinels' are baked into their
-/// clients at start).
-struct Dialer {
-    /// `rediss` or `redis`, for the data nodes Sentinel names.
-    scheme: &'static str,
-    /// CA and client certificate, when configured (else the system's roots).
-    certificates: Option<TlsCertificates>,
-    /// Credentials of the data nodes (and of `url`).
-    data: Credentials,
-    /// Credentials of the sentinels.
-    sentinel: Credentials,
-}
-
-/// A user and password that replace whatever a URL carries, where set.
-#[derive(Default)]
-struct Credentials {
-    username: Option<String>,
-    password: Option<Secret>,
-}
-
-impl Credentials {
-    /// `base` with these credentials put in where set.
-    fn apply(&self, mut base: RedisConnectionInfo) -> RedisConnectionInfo {
-        if let Some(u) = &self.username {
-            base = base.set_username(u);
-        }
-        if let Some(p) = &self.password {
-            base = base.set_password(p.expose());
-        }
-        base
-    }
-}
-
-impl Dialer {
-    /// Read the TLS files and password files of `cfg`; every problem at once.
-    fn new(cfg: &SpoolConfig, problems: &mut Vec<String>) -> Dialer {
-        let tls = match cfg.plain_url() {
-            Some(url) => url.starts_with("rediss://"),
-            None => cfg.sentinels.iter().any(|s| s.starts_with("rediss://")),
-        };
-        let read = |key: &str, path: &std::path::Path, problems: &mut Vec<String>| {
-            std::fs::read(path)
-                .map_err(|e| problems.push(format!("cannot read {key} {}: {e}", path.display())))
-                .ok()
-        };
-        let root_cert = cfg
-            .tls_ca_file
-            .as_ref()
-            .and_then(|p| read("tls_ca_file", p, problems));
-        let client_tls = match (&cfg.tls_cert_file, &cfg.tls_key_file) {
-            (Some(cert), Some(key)) => {
-                match (
-                    read("tls_cert_file", cert, problems),
-                    read("tls_key_file", key, problems),
-                ) {
-                    (Some(client_cert), Some(client_key)) => Some(ClientTlsConfig {
-                        client_cert,
-                        client_key,
-                    }),
-                    _ => None,
-                }
-            }
-            (None, None) => None,
-            _ => {
-                problems.push("`tls_cert_file` and `tls_key_file` go together".into());
-                None
-            }
-        };
-        let certificates =
-            (root_cert.is_some() || client_tls.is_some()).then_some(TlsCertificates {
-                client_tls,
-                root_cert,
-            });
-        if certificates.is_some() && !tls {
-            problems.push("TLS files are set but the addresses use redis://, not rediss://".into());
-        }
-        let data = Credentials::read(
-            "password_file",
-            &cfg.username,
-            &cfg.password,
-            &cfg.password_file,
-            problems,
-        );
-        let sentinel = Credentials::read(
-            "sentinel_password_file",
-            &cfg.sentinel_username,
-            &cfg.sentinel_password,
-            &cfg.sentinel_password_file,
-            problems,
-        );
-        Dialer {
-            scheme: if tls { "rediss" } else { "redis" },
-            certificates,
-            data,
-            sentinel,
-        }
-    }
-
-    /// A client for a configured URL; `credentials`, where set, replace the
-    /// URL's own. The error never holds the URL (it may carry a password).
-    fn for_url(&self, url: &str, credentials: &Credentials) -> Result<Client, String> {
-        let info = url
-            .into_connection_info()
-            .map_err(|e| format!("bad redis url: {e}"))?;
-        let redis = credentials.apply(info.redis_settings().clone());
-        self.build(info.set_redis_settings(redis))
-            .map_err(|e| format!("bad redis url: {e}"))
-    }
-
-    /// A client for the data node at `addr` (`ip:port` as Sentinel names it).
-    fn data_node(&self, addr: &str) -> Result<Client, SpoolError> {
-        let fail = |source| SpoolError::ConnectFailed {
-            addr: addr.to_owned(),
-            source,
-        };
-        let host_port = match addr.rsplit_once(':') {
-            Some((host, port)) if host.contains(':') => format!("[{host}]:{port}"),
-            _ => addr.to_owned(),
-        };
-        let info = format!("{}://{host_port}", self.scheme)
-            .into_connection_info()
-            .map_err(fail)?
-            .set_redis_settings(self.data.apply(RedisConnectionInfo::default()));
-        self.build(info).map_err(fail)
-    }
-
-    fn build(&self, info: ConnectionInfo) -> redis::RedisResult<Client> {
-        match &self.certificates {
-            Some(certificates) => Client::build_with_tls(info, certificates.clone()),
-            None => Client::open(info),
-        }
-    }
-}
-
-impl Credentials {
-    /// A user and the password given inline or in a file (`file_key`
-    /// names the file's setting in a problem).
-    fn read(
-        file_key: &str,
-        username: &Option<String>,
-        inline: &Option<Secret>,
-        file: &Option<std::path::PathBuf>,
-        problems: &mut Vec<String>,
-    ) -> Credentials {
-        let password = match (inline, file) {
-            (Some(s), _) => Some(s.clone()),
-            (None, Some(path)) => read_secret_file(file_key, path)
-                .map_err(|e| problems.push(e))
-                .ok(),
-            (None, None) => None,
-        };
-        Credentials {
-            username: username.clone(),
-            password,
-        }
-    }
-}
+use checks::{ReplInfo, check_primary, field, repl_info, startup_checks, too_few};
+use dialer::Dialer;
 
 /// A connection to the current primary, tagged with its generation.
 pub(crate) struct Link {
@@ -302,15 +142,6 @@ struct SentinelAnswer {
     replicas: Vec<String>,
 }
 
-/// What `INFO replication` on a data node says.
-#[derive(Debug, Default)]
-struct ReplInfo {
-    role: String,
-    replid: String,
-    replid2: String,
-    online_replicas: u32,
-}
-
 /// The current primary and how to find the next one.
 pub(crate) struct Primary {
     target: Target,
@@ -324,12 +155,15 @@ pub(crate) struct Primary {
     probe_response: Duration,
     probe_cfg: AsyncConnectionConfig,
     probe_timeout: Duration,
+    /// The link, guarded by the lock one resolution at a time holds across
+    /// `resolve()`: concurrent callers of [`Primary::get`] wait for that
+    /// one resolution instead of starting their own.
     current: Mutex<Option<Arc<Link>>>,
-    /// A copy of `current` readable without waiting: every caller of
-    /// [`Primary::get`] (each plugin read, each append) takes it from here
-    /// while a link exists, instead of queueing on the async lock, which
-    /// is held across a resolution. Written only under that lock.
-    shown: std::sync::RwLock<Option<Arc<Link>>>,
+    /// `current`, published: readable without waiting, so a caller with a
+    /// link to use (each append, each plugin read) and the status (see
+    /// [`Primary::peek`]) never queue behind a resolution. Written only
+    /// under the lock, together with `current`.
+    shown: watch::Sender<Option<Arc<Link>>>,
     /// Fired on `+switch-master`.
     switched: Notify,
     generation: AtomicU64,
@@ -387,7 +221,7 @@ impl Primary {
             probe_cfg,
             probe_timeout: cfg.connect_timeout() + probe_response * 2,
             current: Mutex::new(None),
-            shown: std::sync::RwLock::new(None),
+            shown: watch::Sender::new(None),
             switched: Notify::new(),
             generation: AtomicU64::new(0),
             last_error: std::sync::Mutex::new(None),
@@ -405,8 +239,8 @@ impl Primary {
     /// The current link, resolving the primary first if there is none.
     /// Concurrent callers wait for one resolution.
     pub(crate) async fn get(&self) -> Result<Arc<Link>, SpoolError> {
-        if let Some(link) = crate::sync::read(&self.shown).as_ref() {
-            return Ok(link.clone());
+        if let Some(link) = self.peek() {
+            return Ok(link);
         }
         let mut current = self.current.lock().await;
         if let Some(link) = current.as_ref() {
@@ -441,7 +275,7 @@ impl Primary {
                     warnings,
                 });
                 *current = Some(link.clone());
-                *crate::sync::write(&self.shown) = Some(link.clone());
+                self.shown.send_replace(Some(link.clone()));
                 self.set_last_error(None);
                 metrics::counter!(super::metric::PRIMARY_RESOLVED).increment(1);
                 Ok(link)
@@ -475,9 +309,10 @@ impl Primary {
         }
     }
 
-    /// The current link without resolving.
-    pub(crate) async fn peek(&self) -> Option<Arc<Link>> {
-        self.current.lock().await.clone()
+    /// The current link without resolving, and without waiting for a
+    /// resolution under way.
+    pub(crate) fn peek(&self) -> Option<Arc<Link>> {
+        self.shown.borrow().clone()
     }
 
     /// Drop the link of `generation` (if it is still current): its
@@ -487,7 +322,7 @@ impl Primary {
     pub(crate) async fn invalidate(&self, generation: u64, why: &SpoolError) {
         let mut current = self.current.lock().await;
         if current.as_ref().is_some_and(|l| l.generation == generation) {
-            *crate::sync::write(&self.shown) = None;
+            self.shown.send_replace(None);
             if let Some(old) = current.take() {
                 warn!(addr = %old.addr, generation, error = %why, "Dropping the Redis primary connection; re-resolving.");
             }
@@ -502,7 +337,7 @@ impl Primary {
         if current.as_ref().is_some_and(|l| l.addr != addr)
             && let Some(old) = current.take()
         {
-            *crate::sync::write(&self.shown) = None;
+            self.shown.send_replace(None);
             info!(addr = %old.addr, generation = old.generation, new = %addr, "Dropping the Redis primary connection after +switch-master.");
         }
     }
@@ -524,7 +359,7 @@ impl Primary {
     /// Re-check the current link: still a primary (else invalidate), and
     /// raise the WAIT count if more replicas came online.
     pub(crate) async fn refresh(&self) {
-        let Some(link) = self.peek().await else {
+        let Some(link) = self.peek() else {
             return;
         };
         let mut conn = link.conn();
@@ -745,245 +580,5 @@ impl Primary {
             .await
             .ok()
             .flatten()
-    }
-
-    /// Listen for `+switch-master` on the sentinels (one at a time, moving on
-    /// when one goes away) and drop the current link when it fires.
-    pub(crate) async fn watch_switch_master(self: Arc<Self>, cancel: CancellationToken) {
-        let Target::Sentinel { master, sentinels } = &self.target else {
-            return;
-        };
-        let mut i = 0usize;
-        // After a failed subscription: short while another sentinel is left
-        // to try, doubled after each round in which every one failed (a
-        // password they all refuse must not be retried five times a second).
-        let mut pause = Backoff::new(BackoffConfig {
-            initial: Duration::from_millis(200),
-            max: AUTH_RETRY,
-        });
-        let mut failed_in_row = 0usize;
-        loop {
-            let Some((addr, client)) = sentinels.get(i % sentinels.len().max(1)) else {
-                return;
-            };
-            i = i.wrapping_add(1);
-            let ps = tokio::select! {
-                biased;
-                _ = cancel.cancelled() => return,
-                r = self.subscribe_switch_master(client) => r,
-            };
-            match ps {
-                Ok(ps) => {
-                    pause.reset();
-                    failed_in_row = 0;
-                    debug!(sentinel = %addr, "Subscribed to +switch-master.");
-                    if !self.follow_switches(ps, addr, master, &cancel).await {
-                        return;
-                    }
-                    debug!(sentinel = %addr, "Sentinel subscription ended; trying the next.");
-                }
-                Err(e) => {
-                    debug!(sentinel = %addr, error = %e, "Cannot subscribe on sentinel.");
-                    failed_in_row += 1;
-                    if failed_in_row.is_multiple_of(sentinels.len()) {
-                        pause.grow();
-                    }
-                }
-            }
-            tokio::select! {
-                biased;
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(pause.ceiling()) => {}
-            }
-        }
-    }
-
-    /// A pub/sub connection to one sentinel, subscribed to `+switch-master`.
-    async fn subscribe_switch_master(
-        &self,
-        client: &Client,
-    ) -> Result<redis::aio::PubSub, Box<dyn std::error::Error + Send + Sync>> {
-        let mut ps = tokio::time::timeout(self.probe_timeout, client.get_async_pubsub()).await??;
-        ps.subscribe("+switch-master").await?;
-        Ok(ps)
-    }
-
-    /// Act on `master`'s switches announced on `ps` until the subscription
-    /// ends (true) or `cancel` (false).
-    async fn follow_switches(
-        &self,
-        ps: redis::aio::PubSub,
-        sentinel: &str,
-        master: &str,
-        cancel: &CancellationToken,
-    ) -> bool {
-        let mut stream = ps.into_on_message();
-        loop {
-            // Cancel-safe: a pub/sub message lost at shutdown does not
-            // matter.
-            let msg = tokio::select! {
-                biased;
-                _ = cancel.cancelled() => return false,
-                m = stream.next() => m,
-            };
-            let Some(msg) = msg else { return true };
-            // "<name> <old-ip> <old-port> <new-ip> <new-port>"
-            let payload: String = msg.get_payload().unwrap_or_default();
-            let parts: Vec<&str> = payload.split(' ').collect();
-            if let [name, _, _, ip, port] = parts[..]
-                && name == master
-            {
-                info!(%sentinel, %payload, "Sentinel switched the primary.");
-                metrics::counter!(super::metric::SWITCH_MASTER).increment(1);
-                self.switched.notify_waiters();
-                self.invalidate_unless(&format!("{ip}:{port}")).await;
-            }
-        }
-    }
-}
-
-fn too_few(addr: &str, online: u32, required: u32) -> SpoolError {
-    SpoolError::NoReplicas {
-        addr: addr.to_owned(),
-        detail: format!("{online} online, {required} required"),
-    }
-}
-
-/// Value of `name` in a flat `[name, value, ...]` reply.
-fn field<'a>(flat: &'a [String], name: &str) -> Option<&'a str> {
-    flat.chunks(2)
-        .find(|c| c.first().map(String::as_str) == Some(name))
-        .and_then(|c| c.get(1))
-        .map(String::as_str)
-}
-
-/// `ROLE` must say primary; then `INFO replication` for ids and replicas.
-async fn check_primary(
-    conn: &mut MultiplexedConnection,
-    addr: &str,
-) -> Result<ReplInfo, SpoolError> {
-    let role: Role = redis::cmd("ROLE")
-        .query_async(conn)
-        .await
-        .map_err(|e| SpoolError::from_redis(addr, e))?;
-    match role {
-        Role::Primary { .. } => repl_info(conn, addr).await,
-        Role::Replica { .. } => Err(SpoolError::NotPrimary {
-            addr: addr.to_owned(),
-            role: "replica".into(),
-        }),
-        _ => Err(SpoolError::NotPrimary {
-            addr: addr.to_owned(),
-            role: "sentinel".into(),
-        }),
-    }
-}
-
-async fn repl_info(conn: &mut MultiplexedConnection, addr: &str) -> Result<ReplInfo, SpoolError> {
-    let text: String = redis::cmd("INFO")
-        .arg("replication")
-        .query_async(conn)
-        .await
-        .map_err(|e| SpoolError::from_redis(addr, e))?;
-    Ok(parse_repl_info(&text))
-}
-
-fn parse_repl_info(text: &str) -> ReplInfo {
-    let mut info = ReplInfo::default();
-    for line in text.lines() {
-        let Some((k, v)) = line.trim().split_once(':') else {
-            continue;
-        };
-        match k {
-            "role" => info.role = v.to_owned(),
-            "master_replid" => info.replid = v.to_owned(),
-            "master_replid2" => info.replid2 = v.to_owned(),
-            k if k.starts_with("slave") && v.contains("state=online") => {
-                info.online_replicas += 1;
-            }
-            _ => {}
-        }
-    }
-    info
-}
-
-/// Start-up checks of the primary's durability settings (`appendonly`,
-/// `min-replicas-to-write`, `maxmemory-policy`): findings are reported, not
-/// fatal.
-async fn startup_checks(conn: &mut MultiplexedConnection, addr: &str) -> Vec<String> {
-    let mut p = redis::pipe();
-    p.cmd("CONFIG")
-        .arg("GET")
-        .arg("appendonly")
-        .cmd("CONFIG")
-        .arg("GET")
-        .arg("min-replicas-to-write")
-        .cmd("CONFIG")
-        .arg("GET")
-        .arg("maxmemory-policy");
-    let replies: Result<(Vec<String>, Vec<String>, Vec<String>), _> = p.query_async(conn).await;
-    match replies {
-        Ok((aof, minrep, policy)) => check_findings(
-            field(&aof, "appendonly"),
-            field(&minrep, "min-replicas-to-write"),
-            field(&policy, "maxmemory-policy"),
-        ),
-        Err(e) => vec![format!("could not read the configuration of {addr}: {e}")],
-    }
-}
-
-fn check_findings(aof: Option<&str>, minrep: Option<&str>, policy: Option<&str>) -> Vec<String> {
-    let mut findings = Vec::new();
-    if aof != Some("yes") {
-        findings.push(format!(
-            "appendonly is {} (want yes: a restart loses the spool)",
-            aof.unwrap_or("unknown")
-        ));
-    }
-    if minrep.and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) == 0 {
-        findings.push(format!(
-            "min-replicas-to-write is {} (want >= 1: an isolated primary accepts writes a failover discards)",
-            minrep.unwrap_or("unknown")
-        ));
-    }
-    if policy != Some("noeviction") {
-        findings.push(format!(
-            "maxmemory-policy is {} (want noeviction: Redis may evict spooled messages)",
-            policy.unwrap_or("unknown")
-        ));
-    }
-    findings
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_info_replication() {
-        let text = "# Replication\r\nrole:master\r\nconnected_slaves:2\r\n\
-            slave0:ip=127.0.0.1,port=7001,state=online,offset=1,lag=0\r\n\
-            slave1:ip=127.0.0.1,port=7002,state=wait_bgsave,offset=0,lag=0\r\n\
-            master_failover_state:no-failover\r\nmaster_replid:abc\r\nmaster_replid2:def\r\n";
-        let i = parse_repl_info(text);
-        assert_eq!(i.role, "master");
-        assert_eq!(i.replid, "abc");
-        assert_eq!(i.replid2, "def");
-        assert_eq!(i.online_replicas, 1);
-    }
-
-    #[test]
-    fn findings_flag_unsafe_settings() {
-        assert!(check_findings(Some("yes"), Some("1"), Some("noeviction")).is_empty());
-        let f = check_findings(Some("no"), Some("0"), Some("allkeys-lru"));
-        assert_eq!(f.len(), 3, "{f:?}");
-        assert!(f[0].starts_with("appendonly is no"));
-    }
-
-    #[test]
-    fn field_reads_flat_maps() {
-        let flat: Vec<String> = ["ip", "1.2.3.4", "port", "7"].map(String::from).to_vec();
-        assert_eq!(field(&flat, "port"), Some("7"));
-        assert_eq!(field(&flat, "nope"), None);
     }
 }
