@@ -19,6 +19,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "secret",
             "telemetry",
             "shutdown",
+            "crash",
         ],
     ),
     ("subsystems", &["amqp", "buffer", "kv", "plugins"]),

@@ -100,7 +100,11 @@ impl PluginOverride {
             );
         }
         if let Some(d) = &self.dedup {
-            out.extend(d.problems().into_iter().map(|p| format!("plugin.{name}.{p}")));
+            out.extend(
+                d.problems()
+                    .into_iter()
+                    .map(|p| format!("plugin.{name}.{p}")),
+            );
         }
         out
     }
