@@ -596,7 +596,7 @@ fn report(bench: &Bench, run: &Run, seen: &Seen) -> String {
     format!(
         "dedup gauntlet: messages={} faults={} counter_sum={} counters={} outputs={} output_copies={} same_id_copies={} invocations={} (first {} + second {}) invocations_minus_messages={extra} replayed={} skipped={} spooled={} unacked={} dead_lettered={} sink_missing={} handled_by_reloaded={} took={:.0}s (publishing {:.0}s)\n\
          dedup gauntlet faults: {}\n\
-         dedup gauntlet: the {extra} invocations beyond the messages are deliveries the first Warren had run but not journalled when it was killed (at most {PREFETCH} in flight): the second ran them again; the {} it had journalled and not finished were replayed without running tally; an invocation that ended between the last scrape and the kill is counted by neither\n",
+         dedup gauntlet: invocations - messages = {extra}: deliveries the first Warren had run but not yet journalled when it was killed (at most {PREFETCH} in flight), which the second ran again; the {} it had journalled but not finished were replayed without running tally; an invocation that ended between the last scrape and the kill is counted by neither\n",
         run.n,
         bench.faults.len(),
         seen.counts.values().sum::<i64>(),
