@@ -13,90 +13,23 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
-use warren_it::rabbit::Shared;
 
+use lapin::BasicProperties;
 use warren::app::{App, AppHandle};
 use warren_it::broker::{Broker, unique};
 use warren_it::config::WarrenToml;
+use warren_it::gauntlet::{self, Hold, new_primary_then_pass, until_published};
 use warren_it::plugins::wasm;
 use warren_it::proxy::{Mode, Proxy};
-use warren_it::rabbit::RabbitNode;
+use warren_it::rabbit::{RabbitNode, Shared};
 use warren_it::sentinel::Topology;
-use warren_it::wait;
-
-fn messages() -> u64 {
-    std::env::var("WARREN_GAUNTLET_N")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20_000)
-}
-
-/// Publish `n` numbered messages (even to `echo_in`, odd to `router_in`)
-/// with confirms, reconnecting and republishing the unconfirmed chunk after
-/// any failure: what a careful producer does across broker restarts.
-///
-/// From message `hold_at` on it waits until `release` turns true, so the
-/// last fault (the hot reload) is sure to land before the stream ends
-/// however long the earlier faults took.
-async fn publish_resilient(
-    url: String,
-    echo_in: String,
-    router_in: String,
-    region: String,
-    n: u64,
-    published: Arc<AtomicU64>,
-    (hold_at, mut release): (u64, tokio::sync::watch::Receiver<bool>),
-) {
-    const CHUNK: u64 = 100;
-    let mut next = 0;
-    while next < n {
-        let Ok(broker) = Broker::connect(&url).await else {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            continue;
-        };
-        while next < n {
-            if next >= hold_at && release.wait_for(|r| *r).await.is_err() {
-                return;
-            }
-            let end = (next + CHUNK).min(n);
-            let (even, odd): (Vec<u64>, Vec<u64>) = (next..end).partition(|i| i % 2 == 0);
-            let bodies = |ids: Vec<u64>| -> Vec<String> {
-                ids.into_iter()
-                    .map(|i| format!(r#"{{"id":{i},"region":"{region}"}}"#))
-                    .collect()
-            };
-            let ok = broker.publish_all("", &echo_in, bodies(even)).await.is_ok()
-                && broker
-                    .publish_all("", &router_in, bodies(odd))
-                    .await
-                    .is_ok();
-            if !ok {
-                break; // reconnect, republish this chunk (duplicates are fine)
-            }
-            next = end;
-            published.store(next, Ordering::SeqCst);
-            // About 2,000 messages a second: the faults land mid-stream.
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
 
 async fn until_ready(handle: &AppHandle, what: &str) {
     crate::host::until_ready(handle, what, Duration::from_secs(120))
         .await
         .unwrap();
-}
-
-async fn until_published(published: &AtomicU64, at_least: u64) {
-    wait::until_true(
-        &format!("{at_least} messages published"),
-        Duration::from_secs(300),
-        || async { published.load(Ordering::SeqCst) >= at_least },
-    )
-    .await
-    .unwrap();
 }
 
 /// Blackhole the proxy and publish `SPOOLED` messages to `sink` through
@@ -128,23 +61,9 @@ async fn spool_some(proxy: &Proxy, handle: &AppHandle, sink: &str, round: u32) -
     bodies
 }
 
-/// Wait until a replica has taken over from the primary on port `old`,
-/// give the spool a second on it, and let the broker back.
-async fn new_primary_then_pass(redis: &Topology, old: u16, proxy: &Proxy) {
-    redis
-        .wait_new_primary(old, Duration::from_secs(30))
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    proxy.set_mode(Mode::Pass);
-}
-
 each_version!(gauntlet_loses_nothing);
 async fn gauntlet_loses_nothing(target: Shared) {
-    // One gauntlet at a time: two at once (one per RabbitMQ version) on two
-    // cores starved a Sentinel topology until a SENTINEL FAILOVER aborted.
-    static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-    let _turn = ONE_AT_A_TIME.lock().await;
+    let _turn = gauntlet::one_at_a_time().await.unwrap();
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -152,7 +71,7 @@ async fn gauntlet_loses_nothing(target: Shared) {
         )
         .with_test_writer()
         .try_init();
-    let n = messages();
+    let n = gauntlet::messages("WARREN_GAUNTLET_N", 20_000);
     let started = Instant::now();
     let (rabbit, redis) = tokio::join!(
         RabbitNode::start_version(target.version, ""),
@@ -217,25 +136,40 @@ async fn gauntlet_loses_nothing(target: Shared) {
     let published = Arc::new(AtomicU64::new(0));
     let step = n / 8;
     let (release, hold) = tokio::sync::watch::channel(false);
-    let publisher = tokio::spawn(publish_resilient(
+    // Even-numbered messages to `echo_in`, odd ones to `router_in`.
+    let message = {
+        let (echo_in, router_in, region) = (echo_in.clone(), router_in.clone(), region.clone());
+        move |i: u64| {
+            let queue = if i.is_multiple_of(2) {
+                &echo_in
+            } else {
+                &router_in
+            };
+            let body = format!(r#"{{"id":{i},"region":"{region}"}}"#);
+            let props = BasicProperties::default().with_delivery_mode(2);
+            (queue.clone(), body.into_bytes(), props)
+        }
+    };
+    let publisher = tokio::spawn(gauntlet::publish_resilient(
         rabbit.amqp_url(),
-        echo_in.clone(),
-        router_in.clone(),
-        region.clone(),
         n,
+        message,
         published.clone(),
-        (7 * step, hold),
+        Hold {
+            at: 7 * step,
+            release: hold,
+        },
     ));
     let mut faults: Vec<&str> = Vec::new();
 
     // 1. The broker force-closes every connection (320).
-    until_published(&published, step).await;
+    until_published(&published, step).await.unwrap();
     rabbit.close_all_connections("gauntlet").await.unwrap();
     faults.push("close_all_connections");
     until_ready(&handle, "ready after forced close").await;
 
     // 2. A partition: the proxy forwards nothing for several heartbeats.
-    until_published(&published, 2 * step).await;
+    until_published(&published, 2 * step).await.unwrap();
     proxy.set_mode(Mode::Blackhole);
     tokio::time::sleep(Duration::from_secs(4)).await;
     proxy.set_mode(Mode::Pass);
@@ -243,7 +177,7 @@ async fn gauntlet_loses_nothing(target: Shared) {
     until_ready(&handle, "ready after blackhole").await;
 
     // 3. The broker dies (kill -9) and comes back.
-    until_published(&published, 3 * step).await;
+    until_published(&published, 3 * step).await.unwrap();
     rabbit.kill9().await.unwrap();
     rabbit.spawn_again().unwrap();
     rabbit.wait_booted().await.unwrap();
@@ -251,11 +185,11 @@ async fn gauntlet_loses_nothing(target: Shared) {
     until_ready(&handle, "ready after broker restart").await;
 
     // 4. While outputs are being spooled, the Redis primary dies.
-    until_published(&published, 4 * step).await;
+    until_published(&published, 4 * step).await.unwrap();
     let mut sunk = spool_some(&proxy, &handle, &sink, 1).await;
     let old = redis.primary_port().await.unwrap();
     redis.kill9(old).await.unwrap();
-    new_primary_then_pass(&redis, old, &proxy).await;
+    new_primary_then_pass(&redis, old, &proxy).await.unwrap();
     redis.restart_node(old).await.unwrap();
     redis
         .wait_rejoined(old, Duration::from_secs(60))
@@ -265,16 +199,16 @@ async fn gauntlet_loses_nothing(target: Shared) {
     until_ready(&handle, "ready after redis primary kill").await;
 
     // 5. While outputs are being spooled, a manual Sentinel failover.
-    until_published(&published, 5 * step).await;
+    until_published(&published, 5 * step).await.unwrap();
     sunk.extend(spool_some(&proxy, &handle, &sink, 2).await);
     let old = redis.primary_port().await.unwrap();
     redis.failover().await.unwrap();
-    new_primary_then_pass(&redis, old, &proxy).await;
+    new_primary_then_pass(&redis, old, &proxy).await.unwrap();
     faults.push("SENTINEL FAILOVER while spooling");
     until_ready(&handle, "ready after sentinel failover").await;
 
     // 6. Hot reload: a new version of the plugin serving the first queue.
-    until_published(&published, 6 * step).await;
+    until_published(&published, 6 * step).await.unwrap();
     let v2 = std::fs::read(wasm("stamp-v2").unwrap()).unwrap();
     let tmp = dir.path().join("stamp.wasm.tmp");
     std::fs::write(&tmp, &v2).unwrap();

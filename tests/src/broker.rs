@@ -252,17 +252,50 @@ impl Broker {
             .with_delivery_mode(2)
             .with_headers(headers);
         let mut pending = Vec::new();
+        let mut sent = 0;
         for body in bodies {
             let confirm = self
                 .send(exchange, routing_key, body.as_ref(), props.clone())
                 .await?;
-            pending.push(confirm);
-            if pending.len() >= 1000 {
-                Self::await_confirms(&mut pending).await?;
-            }
+            sent += 1;
+            Self::pipeline(&mut pending, confirm).await?;
         }
         Self::await_confirms(&mut pending).await?;
-        Ok(pending.len())
+        Ok(sent)
+    }
+
+    /// Publish `(routing key, body, properties)` messages to `exchange`
+    /// with confirms, pipelined; fails unless every one was confirmed (and
+    /// routed). Returns how many were published.
+    pub async fn publish_each<I, K, B>(&self, exchange: &str, messages: I) -> Result<usize>
+    where
+        I: IntoIterator<Item = (K, B, BasicProperties)>,
+        K: AsRef<str>,
+        B: AsRef<[u8]>,
+    {
+        let mut pending = Vec::new();
+        let mut sent = 0;
+        for (routing_key, body, props) in messages {
+            let confirm = self
+                .send(exchange, routing_key.as_ref(), body.as_ref(), props)
+                .await?;
+            sent += 1;
+            Self::pipeline(&mut pending, confirm).await?;
+        }
+        Self::await_confirms(&mut pending).await?;
+        Ok(sent)
+    }
+
+    /// Add `confirm` to `pending`, awaiting them all once 1,000 are open.
+    async fn pipeline(
+        pending: &mut Vec<lapin::PublisherConfirm>,
+        confirm: lapin::PublisherConfirm,
+    ) -> Result<()> {
+        pending.push(confirm);
+        if pending.len() >= 1000 {
+            Self::await_confirms(pending).await?;
+        }
+        Ok(())
     }
 
     async fn await_confirms(pending: &mut Vec<lapin::PublisherConfirm>) -> Result<()> {

@@ -195,3 +195,57 @@ pub fn pong_server() -> Result<String> {
     });
     Ok(format!("http://127.0.0.1:{port}"))
 }
+
+/// `GET /metrics` of the admin API at `addr`: the Prometheus text.
+pub async fn metrics(addr: SocketAddr) -> Result<String> {
+    let r = request(addr, "GET", "/metrics", &[], None).await?;
+    if r.status != 200 {
+        bail!("GET /metrics: {} {}", r.status, r.text());
+    }
+    Ok(r.text())
+}
+
+/// The sum of the samples of `name` in the Prometheus text `text` whose
+/// labels include each of `labels` (all of its samples when `labels` is
+/// empty); 0 when there are none. For a histogram, name the series
+/// (`warren_handle_seconds_count`).
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(name)?;
+            let (labelled, value) = match rest.strip_prefix('{') {
+                Some(r) => r.split_once("} ")?,
+                None => ("", rest.strip_prefix(' ')?),
+            };
+            labels
+                .iter()
+                .all(|(k, v)| {
+                    let pair = format!("{k}=\"{v}\"");
+                    labelled.starts_with(&pair) || labelled.contains(&format!(",{pair}"))
+                })
+                .then(|| value.trim().parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::metric_sum;
+
+    #[test]
+    fn metric_sums_match_the_name_and_labels_only() {
+        let text = "# TYPE a_count counter\n\
+                    a_count{queue=\"q\",outcome=\"ack\"} 3\n\
+                    a_count{queue=\"q\",outcome=\"retry\"} 2\n\
+                    a_count{queue=\"other\",outcome=\"ack\"} 7\n\
+                    a_count_more{queue=\"q\"} 100\n\
+                    a_count{xqueue=\"q\"} 1000\n\
+                    b 4.5\n";
+        assert_eq!(metric_sum(text, "a_count", &[("queue", "q")]), 5.0);
+        assert_eq!(metric_sum(text, "a_count", &[]), 1012.0);
+        assert_eq!(metric_sum(text, "a_count", &[("queue", "none")]), 0.0);
+        assert_eq!(metric_sum(text, "b", &[]), 4.5);
+    }
+}
