@@ -3,20 +3,20 @@
 //! the `crash-points` feature (the host's own tests turn it on); without
 //! it [`point`] is empty and costs nothing.
 //!
-//! With the feature, `WARREN_CRASH_AT=<name>` aborts the process the first
+//! With the feature, `CRASH_AT=<name>` aborts the process the first
 //! time the point `<name>` is reached: no destructor runs, nothing is
 //! flushed, no acknowledgement is sent.
 
-/// Abort here if `WARREN_CRASH_AT` names `name`.
+/// Abort here if `CRASH_AT` names `name`.
 #[cfg(feature = "crash-points")]
 pub fn point(name: &str) {
-    if std::env::var("WARREN_CRASH_AT").is_ok_and(|v| v == name) {
+    if std::env::var("CRASH_AT").is_ok_and(|v| v == name) {
         eprintln!("warren: crash point {name} reached; aborting");
         std::process::abort();
     }
 }
 
-/// Abort here if `WARREN_CRASH_AT` names `name` (not compiled in).
+/// Abort here if `CRASH_AT` names `name` (not compiled in).
 #[cfg(not(feature = "crash-points"))]
 #[inline(always)]
 pub fn point(_name: &str) {}

@@ -1,5 +1,5 @@
 //! Effectively once through a crash at each step of a deduplicated
-//! delivery (DESIGN.md §10): Warren is started with `WARREN_CRASH_AT`
+//! delivery (DESIGN.md §10): Warren is started with `CRASH_AT`
 //! naming a crash point (compiled in for these tests only), dies there as
 //! `kill -9` would, and is started again without it. Per point, what the
 //! design promises: the plugin runs again only when Warren died before the
@@ -33,11 +33,11 @@ fn start(cfg: &std::path::Path, log: &std::path::Path, crash_at: Option<&str>) -
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_warren"));
     cmd.args(["run", "--config"])
         .arg(cfg)
-        .env_remove("WARREN_CRASH_AT")
+        .env_remove("CRASH_AT")
         .stdout(log.try_clone().unwrap())
         .stderr(log);
     if let Some(point) = crash_at {
-        cmd.env("WARREN_CRASH_AT", point);
+        cmd.env("CRASH_AT", point);
     }
     cmd.spawn().unwrap()
 }
