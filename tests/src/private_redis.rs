@@ -24,19 +24,31 @@ impl PrivateRedis {
             .prefix("warren-it-redis-")
             .tempdir()?;
         let port = ports::free_port()?;
-        let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--save", "", "--appendonly", "no", "--dir"])
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .spawn()
-            .context("cannot start redis-server")?;
+        let child = spawn(port, dir.path())?;
         let redis = PrivateRedis {
             child,
             _dir: dir,
             port,
         };
-        let url = redis.url();
+        redis.answers().await?;
+        Ok(redis)
+    }
+
+    /// Kill it (`kill -9`): every connection breaks, nothing listens.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Start it again on the same port (empty: it keeps nothing).
+    pub async fn restart(&mut self) -> Result<()> {
+        self.kill();
+        self.child = spawn(self.port, self._dir.path())?;
+        self.answers().await
+    }
+
+    async fn answers(&self) -> Result<()> {
+        let url = self.url();
         wait::until_true("private redis answers", Duration::from_secs(10), || async {
             async {
                 let client = redis::Client::open(url.as_str())?;
@@ -46,8 +58,7 @@ impl PrivateRedis {
             .await
             .is_ok()
         })
-        .await?;
-        Ok(redis)
+        .await
     }
 
     /// `redis://127.0.0.1:<port>`.
@@ -60,6 +71,16 @@ impl PrivateRedis {
         let client = redis::Client::open(self.url())?;
         Ok(client.get_multiplexed_async_connection().await?)
     }
+}
+
+fn spawn(port: u16, dir: &std::path::Path) -> Result<Child> {
+    Command::new("redis-server")
+        .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--save", "", "--appendonly", "no", "--dir"])
+        .arg(dir)
+        .stdout(Stdio::null())
+        .spawn()
+        .context("cannot start redis-server")
 }
 
 impl Drop for PrivateRedis {
