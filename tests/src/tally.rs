@@ -63,6 +63,13 @@ impl Load {
             .collect()
     }
 
+    /// The request bodies with no failure asked for: every one acks.
+    pub fn plain_bodies(&self) -> Vec<String> {
+        (0..self.n)
+            .map(|i| serde_json::json!({ "key": self.key(i) }).to_string())
+            .collect()
+    }
+
     /// Requests that end acknowledged (not trapped).
     pub fn acked(&self) -> usize {
         (0..self.n).filter(|i| Self::fate(*i) != Fate::Trap).count()
