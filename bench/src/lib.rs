@@ -73,14 +73,18 @@ pub async fn fill(ch: &Channel, queue: &str, n: u64, body: usize) -> Result<()> 
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     let body = vec![b'x'; body];
     let mut pending = Vec::with_capacity(2000);
-    for _ in 0..n {
+    for i in 0..n {
+        // A message id of its own each, for the deduplicated drain's key.
+        let props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_message_id(format!("m{i}").into());
         pending.push(
             ch.basic_publish(
                 "".into(),
                 queue.into(),
                 BasicPublishOptions::default(),
                 &body,
-                BasicProperties::default().with_delivery_mode(2),
+                props,
             )
             .await?,
         );
