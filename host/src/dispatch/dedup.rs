@@ -73,6 +73,9 @@ pub(crate) fn describe() {
     );
 }
 
+/// Slots in [`RouteDedup::busy`] past which released ones are swept.
+const BUSY_SWEEP_AT: usize = 4096;
+
 /// A deduplicated route's settings, store and keys in flight.
 pub(crate) struct RouteDedup {
     queue: String,
@@ -233,8 +236,11 @@ impl RouteDedup {
     async fn hold(&self, hash: [u8; 16]) -> KeyGuard {
         let slot = {
             let mut busy = lock(&self.busy);
-            // Drop slots nobody holds or waits for.
-            busy.retain(|_, m| Arc::strong_count(m) > 1);
+            // Drop slots nobody holds or waits for, now and then rather
+            // than on every delivery: the map is at most a few prefetches.
+            if busy.len() >= BUSY_SWEEP_AT {
+                busy.retain(|_, m| Arc::strong_count(m) > 1);
+            }
             busy.entry(hash).or_default().clone()
         };
         KeyGuard {
@@ -330,18 +336,13 @@ pub(crate) fn namespace<'a>(
 
 fn header_text(v: &HeaderValue) -> Option<String> {
     match v {
-        HeaderValue::String(s) => Some(s.clone()),
         HeaderValue::Bytes(b) => Some(String::from_utf8_lossy(b).into_owned()),
         HeaderValue::Bool(b) => Some(b.to_string()),
-        HeaderValue::I8(n) => Some(n.to_string()),
-        HeaderValue::U8(n) => Some(n.to_string()),
-        HeaderValue::I16(n) => Some(n.to_string()),
-        HeaderValue::U16(n) => Some(n.to_string()),
-        HeaderValue::I32(n) => Some(n.to_string()),
-        HeaderValue::U32(n) => Some(n.to_string()),
-        HeaderValue::I64(n) => Some(n.to_string()),
         HeaderValue::U64(n) => Some(n.to_string()),
-        _ => None,
+        _ => v
+            .as_str()
+            .map(str::to_owned)
+            .or_else(|| v.as_i64().map(|n| n.to_string())),
     }
 }
 

@@ -15,7 +15,7 @@ use tokio_util::task::TaskTracker;
 
 use super::KvConfig;
 use super::txn::{KvError, Op, Writes};
-use super::writer::{Commit, Item, Request, Writer, Written};
+use super::writer::{Commit, Item, Request, Writer, Written, next_batch};
 use crate::backoff::{Backoff, BackoffConfig};
 use crate::buffer::{Primary, SpoolConfig, SpoolError};
 
@@ -303,22 +303,7 @@ struct Reader {
 
 impl Reader {
     async fn run(mut self, cancel: CancellationToken) {
-        loop {
-            let first = tokio::select! {
-                biased;
-                _ = cancel.cancelled() => break,
-                r = self.rx.recv() => match r {
-                    Some(r) => r,
-                    None => break,
-                },
-            };
-            let mut batch = vec![first];
-            while batch.len() < self.max_batch {
-                match self.rx.try_recv() {
-                    Ok(r) => batch.push(r),
-                    Err(_) => break,
-                }
-            }
+        while let Some(batch) = next_batch(&mut self.rx, self.max_batch, &cancel).await {
             let keys: Vec<&str> = batch.iter().map(|l| l.key.as_str()).collect();
             let keys = &keys;
             let values = on_primary(&self.primary, self.read_timeout, |mut c| async move {
@@ -328,20 +313,18 @@ impl Reader {
                     .await
             })
             .await;
+            let values = match values {
+                Ok(v) if v.len() != batch.len() => Err(KvError::Unavailable(format!(
+                    "the state store answered {} values for {} keys",
+                    v.len(),
+                    batch.len()
+                ))),
+                other => other,
+            };
             match values {
-                Ok(values) if values.len() == batch.len() => {
+                Ok(values) => {
                     for (l, v) in batch.into_iter().zip(values) {
                         let _ = l.reply.send(Ok(v));
-                    }
-                }
-                Ok(values) => {
-                    let e = KvError::Unavailable(format!(
-                        "the state store answered {} values for {} keys",
-                        values.len(),
-                        batch.len()
-                    ));
-                    for l in batch {
-                        let _ = l.reply.send(Err(e.clone()));
                     }
                 }
                 Err(e) => {

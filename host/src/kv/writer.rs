@@ -143,6 +143,29 @@ pub(super) struct Request {
     pub(super) reply: oneshot::Sender<Result<Written, KvError>>,
 }
 
+/// What is queued on `rx`, at least one and at most `max`, waiting for the
+/// first; `None` once cancelled or closed. Cancel-safe: `recv` loses
+/// nothing when cancellation wins.
+pub(super) async fn next_batch<T>(
+    rx: &mut mpsc::Receiver<T>,
+    max: usize,
+    cancel: &CancellationToken,
+) -> Option<Vec<T>> {
+    let first = tokio::select! {
+        biased;
+        _ = cancel.cancelled() => return None,
+        r = rx.recv() => r?,
+    };
+    let mut batch = vec![first];
+    while batch.len() < max {
+        match rx.try_recv() {
+            Ok(r) => batch.push(r),
+            Err(_) => break,
+        }
+    }
+    Some(batch)
+}
+
 /// Commits queued entries in batches.
 pub(super) struct Writer {
     pub(super) primary: Arc<Primary>,
@@ -156,23 +179,7 @@ pub(super) struct Writer {
 impl Writer {
     pub(super) async fn run(mut self, cancel: CancellationToken, tasks: TaskTracker) {
         info!("Key-value store starting.");
-        loop {
-            // Cancel-safe: `recv` loses nothing when another branch wins.
-            let first = tokio::select! {
-                biased;
-                _ = cancel.cancelled() => break,
-                r = self.rx.recv() => match r {
-                    Some(r) => r,
-                    None => break,
-                },
-            };
-            let mut batch = vec![first];
-            while batch.len() < self.max_batch {
-                match self.rx.try_recv() {
-                    Ok(r) => batch.push(r),
-                    Err(_) => break,
-                }
-            }
+        while let Some(batch) = next_batch(&mut self.rx, self.max_batch, &cancel).await {
             self.commit(batch).await;
         }
         // What was queued before shutdown: each bounded by its deadline.
