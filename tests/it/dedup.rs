@@ -1,6 +1,7 @@
 //! Effectively once on a deduplicated route: copies of a message run the
-//! plugin once and count once; when the operator chose so, a store that
-//! cannot be reached lets the route run at least once, said in `/ready`. (Warren killed at each step of the journal is in
+//! plugin once and count once; a store that cannot be reached pauses the
+//! route, or, when the operator chose so, lets it run at least once and
+//! says so in `/ready`. (Warren killed at each step of the journal is in
 //! `host/tests/dedup.rs`; the deduplicated chaos gauntlet in
 //! `host/tests/dedup_gauntlet.rs`.)
 
@@ -170,6 +171,63 @@ async fn each_message_published_twice_runs_the_plugin_once_and_counts_once() {
         .map(|g| g.properties.message_id().as_ref().unwrap().to_string())
         .collect();
     assert_eq!(ids.len(), n, "each output has an id of its own");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deduplicated_route_holds_deliveries_while_its_store_is_down() {
+    let broker = Broker::shared().await.unwrap();
+    let (input, out) = (unique("dedup-pause-in"), unique("dedup-pause-out"));
+    broker.declare_queue(&out).await.unwrap();
+    // The store (state and records) on a Redis of its own; the spool on
+    // the shared one.
+    let mut store = PrivateRedis::start().await.unwrap();
+    let dir = plugins_dir_of(&[("tally", wasm("tally").unwrap())]).unwrap();
+    let cfg = config(dir.path(), &input, &out, r#"{ key = "message-id" }"#)
+        .set("kv.url", store.url())
+        .set("kv.read-timeout-ms", 200);
+    let (app, handle) = start_ready(parse(&cfg)).await.unwrap();
+    let load = Load::new(20, None);
+    store.kill();
+    publish_copies(&broker, &input, &input, &load.plain_bodies(), 1).await;
+    // Taken by Warren and held: none ready in the queue, none acked.
+    let held = wait::until_true(
+        "deliveries taken and held",
+        Duration::from_secs(30),
+        || async { broker.message_count(&input).await.unwrap_or(u32::MAX) == 0 },
+    )
+    .await;
+    let early = broker
+        .collect(&out, 1, Duration::from_secs(2))
+        .await
+        .unwrap();
+    let ready = handle.readiness();
+    store.restart().await.unwrap();
+    let got = broker
+        .collect(&out, 20, Duration::from_secs(60))
+        .await
+        .unwrap();
+    // A delivery's writes commit after its outputs are confirmed: the last
+    // ones may still be on their way.
+    let url = store.url();
+    let counts = wait::until("every count committed", Duration::from_secs(30), || async {
+        let c = load.counts(&url).await.ok()?;
+        (c.values().sum::<i64>() == 20).then_some(c)
+    })
+    .await;
+    app.shutdown().await;
+    let _ = broker.delete_queue(&input).await;
+    let _ = broker.delete_queue(&out).await;
+    let _ = broker.delete_queue("tally.out").await;
+
+    held.unwrap();
+    assert!(
+        early.is_empty(),
+        "nothing is handled without its record: {}",
+        early.len()
+    );
+    assert!(ready.ready, "a paused route is not unready: {ready:?}");
+    assert_eq!(got.len(), 20, "all handled once the store is back");
+    assert_eq!(counts.unwrap().values().sum::<i64>(), 20);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
